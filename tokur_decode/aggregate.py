@@ -64,7 +64,7 @@ def _prepare(values: torch.Tensor, lengths: torch.Tensor | None):
 
 
 def _finish(x: torch.Tensor, lengths: torch.Tensor, empty: float) -> torch.Tensor:
-    return torch.where(lengths > 0, x, empty).to(torch.float32)
+    return torch.where(lengths > 0, x, empty).to(torch.float32) + 0.0
 
 
 def sum(values: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:  # noqa: A001
@@ -151,7 +151,7 @@ def naive(max_prob: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.
     """
     v, _, mask = _prepare(max_prob, lengths)
     log_prod = torch.where(mask, torch.log(v.clamp_min(1e-300)), 0.0).sum(dim=-1)
-    return (-torch.expm1(log_prod)).to(torch.float32)
+    return (-torch.expm1(log_prod)).to(torch.float32) + 0.0
 
 
 def vanilla(max_prob: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -55,10 +55,13 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CHOSEN_SIGNALS",
+    "CONFIDENCE_KEYS",
     "LOGPROB_FLOOR",
     "SIGNALS",
     "SignalSpec",
     "bayesian_decomposition",
+    "chosen_from_logprobs",
     "chosen_logprob",
     "compute_signals",
     "deepconf_confidence",
@@ -89,6 +92,11 @@ SIGNALS: dict[str, tuple[str, ...]] = {
 
 #: Signals that need the emitted token, known only after sampling.
 CHOSEN_SIGNALS = frozenset({"chosen_prob", "chosen_logprob"})
+
+#: Output keys where a larger value means *more* confident (all others: more uncertain).
+CONFIDENCE_KEYS = frozenset(
+    {"max_prob", "chosen_prob", "chosen_logprob", "margin", "self_certainty", "deepconf"}
+)
 
 _EVIDENCE = ("relu", "shifted")
 
@@ -123,7 +131,8 @@ def _entropy_from_logprobs(lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _out(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32)
+    """float32 result; ``+ 0.0`` turns IEEE negative zeros into plain zeros."""
+    return x.to(torch.float32) + 0.0
 
 
 # --------------------------------------------------------------------------- fused entry
@@ -336,7 +345,7 @@ def _logtoku_from_top(
     alpha0 = alpha.sum(dim=-1, keepdim=True)
     weights = alpha / alpha0.clamp_min(torch.finfo(torch.float64).tiny)
     digamma_gap = torch.special.digamma(alpha + 1) - torch.special.digamma(alpha0 + 1)
-    aleatoric = -(weights * digamma_gap).sum(dim=-1).clamp_min(0.0)
+    aleatoric = (-(weights * digamma_gap).sum(dim=-1)).clamp_min(0.0)
     # Candidates beyond V have alpha = 0, i.e. they add 1 each to sum(alpha + 1).
     epistemic = k / (alpha0.squeeze(-1) + k)
     return _out(aleatoric), _out(epistemic)

@@ -1,0 +1,210 @@
+"""A transformers ``LogitsProcessor`` that records uncertainty signals at every step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from ..signals import CHOSEN_SIGNALS, SignalSpec, chosen_from_logprobs
+from ..trace import StepBuffer, Trace
+
+__all__ = ["DEFAULT_SIGNALS", "UncertaintyMonitor"]
+
+#: What the monitor records when no signals are named: what the CLI table shows.
+DEFAULT_SIGNALS = ("max_prob", "chosen_prob", "entropy", "logtoku")
+
+
+class UncertaintyMonitor(LogitsProcessor):
+    r"""Record token-level uncertainty signals during ``model.generate``.
+
+    The monitor returns the scores unchanged; it computes the requested signals of
+    every row at every step in one fused pass (:class:`~tokur_decode.signals.SignalSpec`)
+    into preallocated buffers on the logits' device, with no host synchronisation.
+    After generation, :meth:`trace` turns them into a :class:`~tokur_decode.trace.Trace`.
+
+    **Place it first** in ``logits_processor`` to measure the model's raw distribution.
+    transformers runs user processors after its own non-warping ones (repetition
+    penalty, ``min_new_tokens``, bad words, ...) and before temperature / top-k / top-p;
+    a monitor placed after a masking processor (e.g. a grammar) measures the masked
+    distribution instead (masked entries count as probability 0).
+
+    Alignment: step ``t`` of the trace holds the distribution the ``t``-th generated
+    token was drawn from; step 0 is the first token after the prompt. The chosen-token
+    signals (``chosen_prob``, ``chosen_logprob``) are completed at the next step, when
+    the emitted token appears in ``input_ids``, and for the last step by :meth:`trace`.
+
+    Works with batches (left padding), greedy and sampling, ``num_return_sequences``
+    (rows in the order of ``sequences``), and rows that finish early (steps after a
+    row's EOS are excluded by the trace's ``lengths``). A new ``generate`` call
+    starts a fresh record (detected from the shape of ``input_ids``; call
+    :meth:`reset` to force it). Beam search and assisted decoding reorder or rewind
+    rows and are not supported.
+
+    Args:
+        signals: names from :data:`tokur_decode.signals.SIGNALS` or ``"all"``.
+        eos_token_id: id(s) that end a response; when ``None``, :meth:`trace` takes the
+            tokenizer's ``eos_token_id``.
+        deepconf_k, logtoku_k, logtoku_evidence: see :class:`~tokur_decode.signals.SignalSpec`.
+        capacity: initial number of steps preallocated (grows by doubling).
+
+    Raises:
+        ValueError: naming the parameter, for unknown signals or invalid values.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> from tokur_decode.hf import UncertaintyMonitor
+        >>> from tokur_decode.models import tiny_model
+        >>> import torch
+        >>> model = tiny_model("llama")
+        >>> monitor = UncertaintyMonitor(["entropy", "chosen_prob"], eos_token_id=255)
+        >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False,
+        ...                      logits_processor=[monitor], return_dict_in_generate=True)
+        >>> trace = monitor.trace(out)
+        >>> trace.signals["entropy"].shape[1] == out.sequences.shape[1] - 3
+        True
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(
+        self,
+        signals: Iterable[str] | str = DEFAULT_SIGNALS,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        deepconf_k: int = 20,
+        logtoku_k: int = 2,
+        logtoku_evidence: str = "relu",
+        capacity: int = 256,
+    ) -> None:
+        self.spec = SignalSpec(
+            signals, deepconf_k=deepconf_k, logtoku_k=logtoku_k, logtoku_evidence=logtoku_evidence
+        )
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.eos_token_ids = _as_id_list(eos_token_id, "eos_token_id")
+        self.capacity = capacity
+        self._computed = tuple(n for n in self.spec.signals if n not in CHOSEN_SIGNALS)
+        self._chosen = tuple(n for n in self.spec.signals if n in CHOSEN_SIGNALS)
+        self._step_spec = (
+            SignalSpec(
+                self._computed,
+                deepconf_k=deepconf_k,
+                logtoku_k=logtoku_k,
+                logtoku_evidence=logtoku_evidence,
+            )
+            if self._computed
+            else None
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current record; the next call starts a new one."""
+        self._buffer: StepBuffer | None = None
+        self._prompt_len = 0
+        self._steps = 0
+        self._last_logprobs: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ hot path
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        batch, length = input_ids.shape
+        buf = self._buffer
+        if buf is None or batch != buf.batch_size or length != self._prompt_len + self._steps:
+            self._start(batch, length, scores.device)
+            buf = self._buffer
+        step = self._steps
+        if self._chosen and step > 0:
+            buf.write(step - 1, chosen_from_logprobs(self._last_logprobs, input_ids[:, -1], self._chosen))
+        if self._step_spec is not None:
+            values, logprobs = self._step_spec.compute(scores)
+            buf.write(step, values)
+        else:
+            logprobs = torch.log_softmax(scores.float(), dim=-1)
+        if self._chosen:
+            self._last_logprobs = logprobs
+        self._steps = step + 1
+        return scores
+
+    def _start(self, batch: int, prompt_len: int, device: torch.device) -> None:
+        self.reset()
+        self._buffer = StepBuffer(self.spec.output_names, batch, device, self.capacity)
+        self._prompt_len = prompt_len
+
+    # ------------------------------------------------------------------ result
+
+    def trace(self, output, tokenizer=None) -> Trace:
+        """The trace of the last ``generate`` call.
+
+        Args:
+            output: what ``generate`` returned: the ``sequences`` tensor or the
+                ``GenerateOutput`` (``return_dict_in_generate=True``).
+            tokenizer: to decode each token's text and the responses (optional);
+                also supplies ``eos_token_id`` when the monitor was built without one.
+
+        Raises:
+            ValueError: when ``output`` is not the output of the recorded generation.
+        """
+        sequences = getattr(output, "sequences", output)
+        if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+            raise ValueError("output: expected generate()'s sequences [B, L] or its output object")
+        if self._buffer is None:
+            raise ValueError("output: the monitor has not recorded any generation yet")
+        steps, buf = self._steps, self._buffer
+        if sequences.shape != (buf.batch_size, self._prompt_len + steps):
+            raise ValueError(
+                f"output: sequences of shape {tuple(sequences.shape)} do not match the recorded "
+                f"generation (batch {buf.batch_size}, prompt {self._prompt_len}, {steps} steps)"
+            )
+        generated = sequences[:, self._prompt_len :].to(buf.device)
+        if self._chosen:
+            buf.write(steps - 1, chosen_from_logprobs(self._last_logprobs, generated[:, -1], self._chosen))
+
+        eos = self.eos_token_ids or _as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
+        lengths = _lengths_until_eos(generated, eos)
+        signals = {name: value.clone() for name, value in buf.view(steps).items()}
+        tokens = texts = None
+        if tokenizer is not None:
+            ids = generated.cpu().tolist()
+            n = lengths.cpu().tolist()
+            tokens = [[tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)]
+            texts = [
+                tokenizer.decode(row[:k], skip_special_tokens=True) for row, k in zip(ids, n, strict=True)
+            ]
+        return Trace(
+            signals=signals,
+            token_ids=generated,
+            lengths=lengths,
+            tokens=tokens,
+            texts=texts,
+            meta={
+                "backend": "transformers",
+                "measured_on": "logits as passed to the monitor (raw when it is first in the list)",
+                "signal_params": {
+                    "deepconf_k": self.spec.deepconf_k,
+                    "logtoku_k": self.spec.logtoku_k,
+                    "logtoku_evidence": self.spec.logtoku_evidence,
+                },
+            },
+        )
+
+
+def _as_id_list(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    ids = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a non-negative int or a list of them, got {value!r}")
+    return ids
+
+
+def _lengths_until_eos(generated: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Tokens per row up to and including the first EOS (all of them without EOS)."""
+    steps = generated.shape[1]
+    if not eos:
+        return torch.full((generated.shape[0],), steps, dtype=torch.long, device=generated.device)
+    is_eos = torch.isin(generated, torch.tensor(eos, device=generated.device))
+    position = torch.arange(steps, device=generated.device)
+    first = torch.where(is_eos, position, steps).amin(dim=1) if steps else position.new_zeros(len(generated))
+    return torch.clamp(first + 1, max=steps)

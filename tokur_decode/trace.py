@@ -1,0 +1,271 @@
+"""Per-sequence records of every decoding step's signals.
+
+:class:`StepBuffer` is the recording side: preallocated ``[B, capacity]`` float32
+buffers on the logits' device, written by column with a Python step index (no host
+synchronisation), grown by doubling when a generation outlasts them.
+
+:class:`Trace` is the result: for ``B`` responses, ``signals[name]`` ``[B, T]``, the
+generated ``token_ids`` ``[B, T]`` and ``lengths`` ``[B]`` (tokens up to and including
+EOS; padding after it is not part of the response). It computes response-level
+aggregates with :mod:`tokur_decode.aggregate`, exports to dict/JSON/pandas, and renders
+in a notebook as tokens coloured by uncertainty.
+
+Example:
+    >>> import torch
+    >>> trace = Trace(
+    ...     signals={"entropy": torch.tensor([[0.1, 2.0, 0.3]])},
+    ...     token_ids=torch.tensor([[5, 6, 7]]),
+    ...     lengths=torch.tensor([2]),
+    ... )
+    >>> trace.aggregate("entropy", "mean")
+    tensor([1.0500])
+    >>> trace.to_dict()["rows"][0]["values"]["entropy"]
+    [0.10000000149011612, 2.0]
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import aggregate
+from .signals import CONFIDENCE_KEYS
+
+__all__ = ["StepBuffer", "Trace", "uncertainty_scale"]
+
+#: Signals with a fixed [0, 1] range: coloured on that absolute scale.
+_UNIT_RANGE = frozenset({"max_prob", "chosen_prob", "margin", "logtoku_epistemic"})
+
+
+class StepBuffer:
+    """Preallocated per-step storage of named float32 values for ``batch_size`` rows.
+
+    Example:
+        >>> import torch
+        >>> buf = StepBuffer(["entropy"], batch_size=2, device="cpu", capacity=1)
+        >>> buf.write(0, {"entropy": torch.tensor([0.5, 1.0])})
+        >>> buf.write(1, {"entropy": torch.tensor([0.25, 0.0])})   # grows to 2 columns
+        >>> buf.view(2)["entropy"]
+        tensor([[0.5000, 0.2500],
+                [1.0000, 0.0000]])
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        batch_size: int,
+        device: torch.device | str,
+        capacity: int = 256,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.names = tuple(names)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self._data = torch.zeros(len(self.names), batch_size, capacity, device=self.device)
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    @property
+    def capacity(self) -> int:
+        return self._data.shape[-1]
+
+    def _ensure(self, step: int) -> None:
+        if step >= self.capacity:
+            new_cap = max(2 * self.capacity, step + 1)
+            grown = self._data.new_zeros(len(self.names), self.batch_size, new_cap)
+            grown[..., : self.capacity] = self._data
+            self._data = grown
+
+    def write(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
+        """Store ``values[name]`` ``[B]`` at column ``step`` (a Python int)."""
+        self._ensure(step)
+        for name, value in values.items():
+            self._data[self._index[name], :, step] = value
+
+    def view(self, steps: int) -> dict[str, torch.Tensor]:
+        """The first ``steps`` columns of every name, ``{name: [B, steps]}`` (views)."""
+        return {name: self._data[i, :, :steps] for name, i in self._index.items()}
+
+
+@dataclass
+class Trace:
+    """Token-level signals of ``B`` generated responses.
+
+    Attributes:
+        signals: ``{name: [B, T]}`` float32 values; step ``t`` is the distribution the
+            ``t``-th generated token was drawn from.
+        token_ids: ``[B, T]`` generated token ids (padding after EOS included).
+        lengths: ``[B]`` valid tokens per row, EOS included.
+        tokens: per row, the text of each valid token (when a tokenizer was given).
+        texts: per row, the decoded response without special tokens.
+        meta: free-form facts about how the trace was measured (e.g. ``measured_on``).
+    """
+
+    signals: dict[str, torch.Tensor]
+    token_ids: torch.Tensor
+    lengths: torch.Tensor
+    tokens: list[list[str]] | None = None
+    texts: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ access
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def __iter__(self) -> Iterator[Trace]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: int) -> Trace:
+        """The trace of one response, trimmed to its length."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"trace has {len(self)} rows, got index {index}")
+        index %= len(self)
+        n = int(self.lengths[index])
+        return Trace(
+            signals={k: v[index : index + 1, :n] for k, v in self.signals.items()},
+            token_ids=self.token_ids[index : index + 1, :n],
+            lengths=self.lengths[index : index + 1],
+            tokens=None if self.tokens is None else [self.tokens[index]],
+            texts=None if self.texts is None else [self.texts[index]],
+            meta=dict(self.meta),
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.signals)
+
+    def values(self, name: str) -> list[list[float]]:
+        """Valid values of signal ``name`` per row, as Python floats."""
+        if name not in self.signals:
+            raise KeyError(f"signal {name!r} not recorded; have {list(self.signals)}")
+        rows = self.signals[name].detach().cpu().tolist()
+        return [row[:n] for row, n in zip(rows, self.lengths.tolist(), strict=True)]
+
+    # ------------------------------------------------------------------ aggregates
+
+    def aggregate(self, name: str, reducer: str = "mean", **params) -> torch.Tensor:
+        """Response-level value ``[B]`` of signal ``name`` by ``reducer`` (see
+        :data:`tokur_decode.aggregate.REDUCERS`)."""
+        if name not in self.signals:
+            raise KeyError(f"signal {name!r} not recorded; have {list(self.signals)}")
+        return aggregate.reduce(reducer, self.signals[name], self.lengths, **params)
+
+    def summary(self, *, logtoku_k: int = 25) -> list[dict[str, float]]:
+        """Standard response-level scores per row.
+
+        ``n_tokens``; ``naive`` and ``vanilla`` uncertainty (from ``max_prob``);
+        ``mean_<signal>`` of every recorded signal; ``logtoku_topk_mean`` (mean of the
+        ``logtoku_k`` most unreliable tokens, LogTokU's response score);
+        ``deepconf_lowest_group`` (DeepConf, window 2048).
+        """
+        columns: dict[str, torch.Tensor] = {"n_tokens": self.lengths.float()}
+        if "max_prob" in self.signals:
+            columns["naive"] = aggregate.naive(self.signals["max_prob"], self.lengths)
+            columns["vanilla"] = aggregate.vanilla(self.signals["max_prob"], self.lengths)
+        for name in self.signals:
+            columns[f"mean_{name}"] = self.aggregate(name, "mean")
+        if "logtoku_unreliability" in self.signals:
+            columns["logtoku_topk_mean"] = self.aggregate(
+                "logtoku_unreliability", "topk_mean", k=logtoku_k
+            )
+        if "deepconf" in self.signals:
+            columns["deepconf_lowest_group"] = self.aggregate("deepconf", "deepconf_lowest_group")
+        table = {k: v.detach().cpu().tolist() for k, v in columns.items()}
+        return [
+            {k: (int(v[i]) if k == "n_tokens" else float(v[i])) for k, v in table.items()}
+            for i in range(len(self))
+        ]
+
+    # ------------------------------------------------------------------ export
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python structure (JSON-serialisable)."""
+        ids = self.token_ids.detach().cpu().tolist()
+        values = {name: self.values(name) for name in self.signals}
+        summaries = self.summary()
+        rows = []
+        for i, n in enumerate(self.lengths.tolist()):
+            row: dict[str, Any] = {"n_tokens": n, "token_ids": ids[i][:n]}
+            if self.texts is not None:
+                row["text"] = self.texts[i]
+            if self.tokens is not None:
+                row["tokens"] = self.tokens[i]
+            row["values"] = {name: values[name][i] for name in self.signals}
+            row["summary"] = summaries[i]
+            rows.append(row)
+        return {"signals": list(self.signals), "meta": self.meta, "rows": rows}
+
+    def to_json(self, **kwargs) -> str:
+        """JSON text of :meth:`to_dict` (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_pandas(self):
+        """Long-format ``pandas.DataFrame``: one row per (response, step)."""
+        import pandas as pd
+
+        records = []
+        for i, row in enumerate(self.to_dict()["rows"]):
+            for t in range(row["n_tokens"]):
+                rec = {"row": i, "step": t, "token_id": row["token_ids"][t]}
+                if "tokens" in row:
+                    rec["token"] = row["tokens"][t]
+                rec.update({name: vals[t] for name, vals in row["values"].items()})
+                records.append(rec)
+        return pd.DataFrame.from_records(records)
+
+    def _repr_html_(self, color_by: str | None = None) -> str:
+        """Tokens coloured from green (confident) to red (uncertain) by ``color_by``
+        (default: ``chosen_prob``, else ``max_prob``, else the first signal)."""
+        name = color_by or next(
+            (n for n in ("chosen_prob", "max_prob") if n in self.signals), self.names[0]
+        )
+        ids = self.token_ids.detach().cpu().tolist()
+        parts = [f"<div><small>coloured by <b>{html.escape(name)}</b></small></div>"]
+        for i, vals in enumerate(self.values(name)):
+            scale = uncertainty_scale(name, vals)
+            toks = self.tokens[i] if self.tokens is not None else [str(t) for t in ids[i]]
+            spans = []
+            for tok, v, u in zip(toks, vals, scale, strict=True):
+                spans.append(
+                    f'<span title="{html.escape(name)}={v:.4g}" style="background:{_rgb(u)};'
+                    f'padding:0 1px;border-radius:2px">{html.escape(tok)}</span>'
+                )
+            parts.append(f'<div style="font-family:monospace;white-space:pre-wrap;margin:4px 0">'
+                         f'{"".join(spans)}</div>')
+        return "".join(parts)
+
+
+def uncertainty_scale(name: str, values: Sequence[float]) -> list[float]:
+    """Map values of signal ``name`` to ``[0, 1]`` where 1 is the most uncertain.
+
+    Probabilities and LogTokU's epistemic use their absolute [0, 1] scale; other
+    signals are min-max scaled over ``values``. Confidence-like signals
+    (:data:`tokur_decode.signals.CONFIDENCE_KEYS`) are flipped.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return []
+    if name in _UNIT_RANGE:
+        scaled = [min(max(v, 0.0), 1.0) for v in vals]
+    else:
+        lo, hi = min(vals), max(vals)
+        span = hi - lo
+        scaled = [(v - lo) / span if span > 0 and math.isfinite(span) else 0.0 for v in vals]
+    if name in CONFIDENCE_KEYS:
+        scaled = [1.0 - s for s in scaled]
+    return scaled
+
+
+def _rgb(u: float) -> str:
+    """Green (u = 0) through yellow to red (u = 1), light enough to read text on."""
+    u = min(max(u, 0.0), 1.0)
+    red = int(120 + 135 * min(1.0, 2 * u))
+    green = int(120 + 135 * min(1.0, 2 * (1 - u)))
+    return f"rgb({red},{green},130)"
