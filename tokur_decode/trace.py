@@ -83,10 +83,18 @@ class StepBuffer:
             self._data = grown
 
     def write(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
-        """Store ``values[name]`` ``[B]`` at column ``step`` (a Python int)."""
+        """Store ``values[name]`` ``[B]`` at column ``step`` (a Python int).
+
+        Names that are consecutive in :attr:`names` (in that order) are written with a
+        single copy.
+        """
         self._ensure(step)
-        for name, value in values.items():
-            self._data[self._index[name], :, step] = value
+        start = self._index[next(iter(values))]
+        if tuple(values) == self.names[start : start + len(values)]:
+            self._data[start : start + len(values), :, step] = torch.stack(tuple(values.values()))
+        else:
+            for name, value in values.items():
+                self._data[self._index[name], :, step] = value
 
     def view(self, steps: int) -> dict[str, torch.Tensor]:
         """The first ``steps`` columns of every name, ``{name: [B, steps]}`` (views)."""

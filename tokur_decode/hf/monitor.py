@@ -129,7 +129,9 @@ class UncertaintyMonitor(LogitsProcessor):
 
     def _start(self, batch: int, prompt_len: int, device: torch.device) -> None:
         self.reset()
-        self._buffer = StepBuffer(self.spec.output_names, batch, device, self.capacity)
+        # Computed signals first, chosen ones after: each group is written in one copy.
+        names = (self._step_spec.output_names if self._step_spec else ()) + self._chosen
+        self._buffer = StepBuffer(names, batch, device, self.capacity)
         self._prompt_len = prompt_len
 
     # ------------------------------------------------------------------ result
@@ -163,7 +165,8 @@ class UncertaintyMonitor(LogitsProcessor):
 
         eos = self.eos_token_ids or _as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
         lengths = _lengths_until_eos(generated, eos)
-        signals = {name: value.clone() for name, value in buf.view(steps).items()}
+        recorded = buf.view(steps)
+        signals = {name: recorded[name].clone() for name in self.spec.output_names}
         tokens = texts = None
         if tokenizer is not None:
             ids = generated.cpu().tolist()
