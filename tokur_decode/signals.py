@@ -110,20 +110,31 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _sanitize(logits: torch.Tensor) -> torch.Tensor:
-    """Copy of ``logits`` in the compute dtype with the module's non-finite conventions.
+def _sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(evidence, z)``: copies of ``logits`` in the compute dtype.
 
-    After this, entries are finite or ``-inf`` and every row has a finite entry.
+    ``evidence`` only maps ``NaN -> -inf`` and ``+inf -> dtype max``: LogTokU reads the
+    logits' magnitudes from it (a ``+inf`` logit is huge evidence). ``z`` also has the
+    module's non-finite conventions applied: entries are finite or ``-inf`` and every
+    row has a finite entry.
     Arithmetic only (boolean masks are several times slower on CPU) and no host
-    synchronisation: ``NaN -> -inf``, ``+inf -> dtype max`` (the row becomes uniform
-    over those entries after softmax), and rows with no finite entry are raised to 0.
+    synchronisation:
+
+    * ``NaN -> -inf``;
+    * ``+inf -> dtype max``; in such a row ``(z - max) * 2`` keeps those entries at 0 and
+      overflows every other one to ``-inf`` (a finite logit equal to the dtype max
+      counts as ``+inf``); other rows are shifted by 0 and scaled by 1, exactly;
+    * rows with no finite entry are raised to 0 (uniform).
     """
     dtype = _compute_dtype(logits)
-    z = torch.nan_to_num(
-        logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf
-    )
-    row_max = z.amax(dim=-1, keepdim=True)
-    return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf))
+    big = torch.finfo(dtype).max
+    evidence = torch.nan_to_num(logits.to(dtype), nan=-math.inf, posinf=big, neginf=-math.inf)
+    row_max = evidence.amax(dim=-1, keepdim=True)
+    has_pos_inf = row_max == big
+    shift = torch.where(has_pos_inf, big, 0.0).to(dtype)
+    scale = torch.where(has_pos_inf, 2.0, 1.0).to(dtype)
+    floor = torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype)
+    return evidence, torch.maximum((evidence - shift) * scale, floor)
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -258,7 +269,7 @@ class SignalSpec:
         with :func:`chosen_from_logprobs`.
         """
         wanted = set(self.signals)
-        z = _sanitize(logits)
+        evidence, z = _sanitize(logits)
         lp = torch.log_softmax(z, dim=-1)
         out: dict[str, torch.Tensor] = {}
 
@@ -291,8 +302,8 @@ class SignalSpec:
             out["deepconf"] = _out(_deepconf_from_top(top_lp[..., : self.deepconf_k]))
         if "logtoku" in wanted:
             kk = min(self.logtoku_k, k)
-            top_z = z.gather(-1, top_idx[..., :kk])
-            shift = _mean_finite(z) if self.logtoku_evidence == "shifted" else None
+            top_z = evidence.gather(-1, top_idx[..., :kk])
+            shift = _mean_finite(evidence) if self.logtoku_evidence == "shifted" else None
             au, eu = _logtoku_from_top(top_z, self.logtoku_k, shift)
             out["logtoku_aleatoric"], out["logtoku_epistemic"] = au, eu
             out["logtoku_unreliability"] = au * eu
@@ -351,7 +362,7 @@ def _self_certainty(lp: torch.Tensor) -> torch.Tensor:
     n_masked = -(lp * 0.0).nan_to_num(nan=-1.0).sum(dim=-1)
     n = lp.shape[-1] - n_masked
     mean_lp = torch.nan_to_num(lp, neginf=0.0).sum(dim=-1) / n
-    return (-torch.log(n) - mean_lp).clamp_min(0.0)
+    return (0.0 - torch.log(n) - mean_lp).clamp_min(0.0)  # 0.0 - ...: no negative zero
 
 
 def _deepconf_from_top(top_lp: torch.Tensor) -> torch.Tensor:
@@ -359,8 +370,8 @@ def _deepconf_from_top(top_lp: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_finite(z: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(z)
-    return torch.where(finite, z, 0.0).sum(dim=-1) / finite.sum(dim=-1)
+    finite = torch.isfinite(z)  # "shifted" evidence only; float64 sum cannot overflow
+    return torch.where(finite, z, 0.0).sum(dim=-1, dtype=torch.float64) / finite.sum(dim=-1)
 
 
 def _logtoku_from_top(
@@ -513,8 +524,7 @@ def bayesian_decomposition(
     """
     if sample_logits.dim() < 2:
         raise ValueError("sample_logits: expected shape [..., M, V]")
-    z = _sanitize(sample_logits)
-    lp = torch.log_softmax(z, dim=-1)  # [..., M, V]
+    lp = torch.log_softmax(_sanitize(sample_logits)[1], dim=-1)  # [..., M, V]
     p, lp_c, h = _entropy_terms(lp)
     m = lp.shape[-2]
     aleatoric = h.mean(dim=-1)
