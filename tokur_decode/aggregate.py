@@ -54,6 +54,9 @@ def _prepare(values: torch.Tensor, lengths: torch.Tensor | None):
     """float64 values, int64 lengths clamped to [0, T], and the validity mask."""
     if values.dim() != 2:
         raise ValueError(f"values: expected shape [B, T], got {tuple(values.shape)}")
+    if values.shape[1] == 0:  # no step at all: one padding column keeps reductions defined
+        values = values.new_zeros(values.shape[0], 1)
+        lengths = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
     b, t = values.shape
     if lengths is None:
         lengths = torch.full((b,), t, dtype=torch.long, device=values.device)

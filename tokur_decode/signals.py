@@ -130,9 +130,8 @@ def _sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     big = torch.finfo(dtype).max
     evidence = torch.nan_to_num(logits.to(dtype), nan=-math.inf, posinf=big, neginf=-math.inf)
     row_max = evidence.amax(dim=-1, keepdim=True)
-    has_pos_inf = row_max == big
-    shift = torch.where(has_pos_inf, big, 0.0).to(dtype)
-    scale = torch.where(has_pos_inf, 2.0, 1.0).to(dtype)
+    has_pos_inf = (row_max == big).to(dtype)  # [..., 1]
+    shift, scale = has_pos_inf * big, has_pos_inf + 1.0
     floor = torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype)
     return evidence, torch.maximum((evidence - shift) * scale, floor)
 

@@ -159,9 +159,13 @@ class UncertaintyMonitor(LogitsProcessor):
                 f"output: sequences of shape {tuple(sequences.shape)} do not match the recorded "
                 f"generation (batch {buf.batch_size}, prompt {self._prompt_len}, {steps} steps)"
             )
-        generated = sequences[:, self._prompt_len :].to(buf.device)
+        generated = sequences[:, self._prompt_len :].to(buf.device).clone()
         if self._chosen:
-            buf.write(steps - 1, chosen_from_logprobs(self._last_logprobs, generated[:, -1], self._chosen))
+            # The buffers may be inference tensors (generate under inference_mode);
+            # the clones below, made outside it, are normal tensors again.
+            with torch.inference_mode():
+                last = chosen_from_logprobs(self._last_logprobs, generated[:, -1], self._chosen)
+                buf.write(steps - 1, last)
 
         eos = self.eos_token_ids or _as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
         lengths = _lengths_until_eos(generated, eos)

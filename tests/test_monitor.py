@@ -1,0 +1,232 @@
+"""The transformers monitor: alignment, batching, padding, sampling, finished rows,
+reuse, and no host synchronisation in the hot path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tokur_decode.hf import UncertaintyMonitor
+from tokur_decode.signals import compute_signals
+
+EOS = 127  # tiny_model(vocab_size=128)
+ALL = "all"
+
+
+def run(model, input_ids, monitor, attention_mask=None, **kw):
+    kw.setdefault("max_new_tokens", 12)
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            logits_processor=[monitor],
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=EOS,
+            eos_token_id=EOS,
+            **kw,
+        )
+
+
+def test_trace_equals_signals_of_raw_logits_at_every_step(tiny_llama):
+    monitor = UncertaintyMonitor(ALL, eos_token_id=EOS)
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    out = run(tiny_llama, prompt, monitor, do_sample=False)
+    trace = monitor.trace(out)
+    generated = out.sequences[:, prompt.shape[1] :]
+    assert trace.token_ids.tolist() == generated.tolist()
+    ref = compute_signals(torch.stack(out.logits, dim=1), ALL, generated)
+    for key, value in ref.items():
+        torch.testing.assert_close(trace.signals[key], value)
+    # the first generated token's chosen prob is its probability under step 0's logits
+    p0 = torch.softmax(out.logits[0][0], -1)[generated[0, 0]]
+    assert trace.signals["chosen_prob"][0, 0].item() == pytest.approx(p0.item(), rel=1e-5)
+
+
+def test_batched_padded_sampled_trace_equals_per_prompt_traces(tiny_llama):
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[EOS] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    monitor = UncertaintyMonitor(ALL, eos_token_id=EOS)
+    torch.manual_seed(1)
+    batch = run(tiny_llama, ids, monitor, attention_mask=mask, do_sample=True, temperature=1.3)
+    batch_trace = monitor.trace(batch)
+    for i, p in enumerate(prompts):
+        # Replay each prompt alone, forcing the batch's sampled continuation with a
+        # processor placed after the monitor: the monitor must see the same logits.
+        n = int(batch_trace.lengths[i])
+        tokens = batch.sequences[i, width : width + n]
+        single = UncertaintyMonitor(ALL, eos_token_id=EOS)
+        trace = single.trace(_run_forced(tiny_llama, torch.tensor([p]), single, _ForceTokens(tokens), n))
+        assert trace.token_ids[0].tolist() == tokens.tolist()
+        for key in batch_trace.names:
+            torch.testing.assert_close(
+                batch_trace.signals[key][i, :n], trace.signals[key][0, :n], atol=2e-4, rtol=2e-4
+            )
+
+
+class _ForceTokens:
+    """A processor that forces a given continuation (runs after the monitor)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+        self.prompt_len = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        step = input_ids.shape[1] - self.prompt_len
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[step]] = 0.0
+        return forced
+
+
+def _run_forced(model, prompt, monitor, forced, n):
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            logits_processor=[monitor, forced],
+            return_dict_in_generate=True,
+            pad_token_id=EOS,
+            eos_token_id=EOS,
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=0,
+        )
+
+
+def test_finished_rows_and_eos_are_in_the_trace_lengths(tiny_llama):
+    # Force row 0 to emit EOS at step 2; row 1 runs to the budget.
+    class EosAt:
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - 3
+            if step == 2:
+                scores = scores.clone()
+                scores[0] = -float("inf")
+                scores[0, EOS] = 0.0
+            scores[1, EOS] = -float("inf")
+            return scores
+
+    monitor = UncertaintyMonitor(ALL, eos_token_id=EOS)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.inference_mode():
+        out = tiny_llama.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            logits_processor=[monitor, EosAt()],
+            return_dict_in_generate=True,
+            pad_token_id=EOS,
+            eos_token_id=EOS,
+            do_sample=False,
+            max_new_tokens=8,
+        )
+    trace = monitor.trace(out)
+    assert trace.lengths.tolist() == [3, 8]
+    assert trace.token_ids[0, 2].item() == EOS
+    row0 = trace[0]
+    assert row0.signals["entropy"].shape == (1, 3)
+    # the EOS step's chosen prob is measured before the forcing processor: finite, not 1
+    assert 0 < row0.signals["chosen_prob"][0, 2].item() < 1
+    summary = trace.summary()
+    assert summary[0]["n_tokens"] == 3 and summary[1]["n_tokens"] == 8
+    for row in summary:
+        assert all(v == v for v in row.values())  # no NaN
+
+
+def test_num_return_sequences_rows_follow_sequences(tiny_llama):
+    monitor = UncertaintyMonitor(["chosen_logprob", "entropy"], eos_token_id=EOS)
+    prompt = torch.tensor([[1, 2, 3], [7, 8, 9]])
+    torch.manual_seed(0)
+    out = run(tiny_llama, prompt, monitor, do_sample=True, num_return_sequences=3)
+    trace = monitor.trace(out)
+    assert len(trace) == 6
+    generated = out.sequences[:, 3:]
+    ref = compute_signals(torch.stack(out.logits, 1), ["chosen_logprob", "entropy"], generated)
+    n = trace.lengths
+    for i in range(6):
+        torch.testing.assert_close(trace.signals["chosen_logprob"][i, : n[i]], ref["chosen_logprob"][i, : n[i]])
+
+
+def test_monitor_is_reusable_across_generate_calls(tiny_llama):
+    monitor = UncertaintyMonitor(["entropy"], eos_token_id=EOS, capacity=2)  # forces growth
+    first = run(tiny_llama, torch.tensor([[1, 2]]), monitor, do_sample=False, max_new_tokens=9)
+    t1 = monitor.trace(first)
+    second = run(tiny_llama, torch.tensor([[5, 6, 7], [8, 9, 10]]), monitor, do_sample=False, max_new_tokens=5)
+    t2 = monitor.trace(second)
+    assert t1.signals["entropy"].shape == (1, 9)
+    assert t2.signals["entropy"].shape == (2, 5)
+    with pytest.raises(ValueError, match="output"):
+        monitor.trace(first)  # not the last generation
+
+
+def test_monitor_returns_scores_unchanged(tiny_llama):
+    monitor = UncertaintyMonitor(ALL)
+    scores = torch.randn(2, 128)
+    assert monitor(torch.ones(2, 3, dtype=torch.long), scores) is scores
+
+
+def test_bf16_model(tiny_llama):
+    model = tiny_llama.to(torch.bfloat16)
+    monitor = UncertaintyMonitor(ALL, eos_token_id=EOS)
+    out = run(model, torch.tensor([[1, 2, 3]]), monitor, do_sample=False)
+    trace = monitor.trace(out)
+    for value in trace.signals.values():
+        assert torch.isfinite(value).all()
+
+
+def test_invalid_monitor_parameters():
+    with pytest.raises(ValueError, match="signals"):
+        UncertaintyMonitor(["entropyy"])
+    with pytest.raises(ValueError, match="eos_token_id"):
+        UncertaintyMonitor(eos_token_id=-3)
+    with pytest.raises(ValueError, match="capacity"):
+        UncertaintyMonitor(capacity=0)
+
+
+# --------------------------------------------------------------------------- host sync
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on every op that reads tensor data back to the host."""
+
+    FORBIDDEN = {
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::nonzero",
+        "aten::is_nonzero",
+        "aten::equal",
+        "aten::allclose",
+    }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.FORBIDDEN:
+            raise AssertionError(f"host synchronisation in the hot path: {name}")
+        if name == "aten::_to_copy" and kwargs and str(kwargs.get("device", "")) == "cpu":
+            if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+                raise AssertionError("device-to-host copy in the hot path")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_monitor_call_performs_no_host_synchronisation(device):
+    """On ``meta`` any data access (item, tolist, nonzero, printing) raises; on CPU the
+    dispatch mode catches scalar reads. Several steps, so growth and chosen-token
+    completion are covered."""
+    monitor = UncertaintyMonitor(ALL, eos_token_id=[2, 3], capacity=2)
+    ids = torch.ones(3, 4, dtype=torch.long, device=device)
+    with _NoHostSync():
+        for _ in range(5):
+            scores = torch.randn(3, 9000, device=device)
+            monitor(ids, scores)
+            ids = torch.cat([ids, ids[:, :1]], dim=1)
+    assert monitor._steps == 5
+
+
+def test_dispatch_guard_catches_item():
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        with _NoHostSync():
+            torch.ones(2).sum().item()

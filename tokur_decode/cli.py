@@ -1,0 +1,279 @@
+"""The ``tokur-decode`` command line.
+
+    tokur-decode generate "What is the capital of France?"      # table of per-token signals
+    tokur-decode generate --json --signals all "What is 2+2?"   # the same as JSON
+    tokur-decode bench overhead                                # monitor cost, ratio to plain generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+#: Columns of the per-token table: (signal key, header).
+TABLE_COLUMNS = (
+    ("chosen_prob", "p(token)"),
+    ("entropy", "entropy"),
+    ("logtoku_aleatoric", "LogTokU AU"),
+    ("logtoku_epistemic", "LogTokU EU"),
+    ("logtoku_unreliability", "AU x EU"),
+)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        metavar="PATH_OR_NAME",
+        help="a local transformers causal LM folder (or a name in the local HF cache); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    group.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model folder's own Python code to run (off unless given)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .signals import SIGNALS
+
+    parser = argparse.ArgumentParser(
+        prog="tokur-decode",
+        description="Uncertainty-guided decoding: measure token-level uncertainty while an LLM "
+        "generates, and act on it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="answer a question and show every token's uncertainty",
+        description="Generate an answer with the uncertainty monitor and print the answer, a "
+        "per-token table coloured by uncertainty, and response-level scores.",
+    )
+    gen.add_argument("question", help="the question or prompt")
+    _model_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (default 64)")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 decodes greedily (default); > 0 samples"
+    )
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the question in the model's chat template (default: when it has one)",
+    )
+    gen.add_argument(
+        "--signals",
+        default="max_prob,chosen_prob,entropy,logtoku",
+        help=f"comma-separated signals, or 'all' ({', '.join(SIGNALS)})",
+    )
+    gen.add_argument("--logtoku-k", type=int, default=2, help="LogTokU top-K evidence (default 2)")
+    gen.add_argument(
+        "--logtoku-evidence",
+        choices=("relu", "shifted"),
+        default="relu",
+        help="relu of raw logits (faithful) or of logits minus the row mean (robust)",
+    )
+    gen.add_argument(
+        "--topk", type=int, default=25, help="LogTokU response score: mean of the k most unreliable tokens"
+    )
+    gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline of the same run)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    over = bench_sub.add_parser(
+        "overhead",
+        help="generate with the monitor (all signals) over generate without it",
+        description="Time greedy generation with and without the uncertainty monitor on the same "
+        "prompts in the same run; print seconds per token and the median ratio.",
+    )
+    _model_args(over)
+    over.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    over.add_argument("--max-new-tokens", type=int, default=64)
+    over.add_argument("--repeats", type=int, default=7, help="timed pairs per batch size (default 7)")
+    over.add_argument("--signals", default="all")
+    over.add_argument("--json", action="store_true")
+    return parser
+
+
+def _load(args):
+    from transformers.utils import logging as hf_logging
+
+    from .models import load_default, load_model
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if args.model:
+        return load_model(
+            args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        )
+    return load_default(device=args.device, dtype=args.dtype)
+
+
+def _signal_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--signals: at least one signal is required")
+    return names
+
+
+def _cmd_generate(args) -> int:
+    from .hf.generate import generate
+
+    model, tokenizer = _load(args)
+    result = generate(
+        model,
+        tokenizer,
+        args.question,
+        signals=_signal_list(args.signals),
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        logtoku_k=args.logtoku_k,
+        logtoku_evidence=args.logtoku_evidence,
+    )
+    row = result.trace.to_dict()["rows"][0]
+    row["summary"] = result.trace.summary(logtoku_k=args.topk)[0]
+    report = {
+        "question": args.question,
+        "answer": result.texts[0],
+        "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
+        "settings": {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "chat": args.chat,
+            "logtoku_k": args.logtoku_k,
+            "logtoku_evidence": args.logtoku_evidence,
+            "topk": args.topk,
+        },
+        "signals": result.trace.names,
+        "tokens": [
+            {"index": i, "token": tok, "token_id": tid, **{k: v[i] for k, v in row["values"].items()}}
+            for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
+        ],
+        "summary": row["summary"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    from .trace import uncertainty_scale
+
+    console = Console()
+    console.print(Panel(report["answer"] or "(empty answer)", title=report["question"], title_align="left"))
+    columns = [(key, head) for key, head in TABLE_COLUMNS if key in report["signals"]]
+    columns += [(key, key) for key in report["signals"] if key not in dict(TABLE_COLUMNS)]
+    table = Table(title="Per-token uncertainty (green: confident, red: uncertain)", title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("token")
+    for _, head in columns:
+        table.add_column(head, justify="right")
+    scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
+    for i, tok in enumerate(report["tokens"]):
+        cells = [
+            Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in columns
+        ]
+        table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
+    console.print(table)
+    summary = Table(title="Response-level scores", title_justify="left")
+    summary.add_column("score")
+    summary.add_column("value", justify="right")
+    for key, value in report["summary"].items():
+        summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(summary)
+
+
+def _style(u: float) -> str:
+    """Rich colour from green (0, confident) over yellow to red (1, uncertain)."""
+    if u < 0.33:
+        return "green"
+    if u < 0.66:
+        return "yellow"
+    return "bold red"
+
+
+def _cmd_bench(args) -> int:
+    from .bench import monitor_overhead
+
+    model, tokenizer = _load(args)
+    rows = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        res = monitor_overhead(
+            model,
+            tokenizer,
+            signals=_signal_list(args.signals),
+            batch_size=batch,
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+        )
+        rows.append(
+            {
+                "batch_size": batch,
+                "tokens": args.max_new_tokens,
+                "baseline_ms_per_token": 1e3 * sorted(res.baseline)[len(res.baseline) // 2],
+                "monitored_ms_per_token": 1e3 * sorted(res.monitored)[len(res.monitored) // 2],
+                "median_ratio": res.median_ratio,
+                "ratios": res.ratios,
+            }
+        )
+    if args.json:
+        print(json.dumps({"signals": list(res.signals), "results": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Monitor overhead ({len(res.signals)} signal outputs, greedy, {args.repeats} pairs)")
+    for head in ("batch", "plain ms/token", "monitored ms/token", "median ratio", "min-max ratio"):
+        table.add_column(head, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["batch_size"]),
+            f"{r['baseline_ms_per_token']:.2f}",
+            f"{r['monitored_ms_per_token']:.2f}",
+            f"{r['median_ratio']:.3f}",
+            f"{min(r['ratios']):.3f}-{max(r['ratios']):.3f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokur-decode`` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _cmd_generate(args)
+        return _cmd_bench(args)
+    except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
+        print(f"tokur-decode: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
