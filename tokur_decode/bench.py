@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hf.generate import encode_prompts
+from .hf.generation import encode_prompts
 from .hf.monitor import UncertaintyMonitor
 
 __all__ = ["OverheadResult", "monitor_overhead"]

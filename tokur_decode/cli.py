@@ -130,7 +130,7 @@ def _signal_list(text: str) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    from .hf.generate import generate
+    from .hf.generation import generate
 
     model, tokenizer = _load(args)
     result = generate(

@@ -1,4 +1,4 @@
-"""transformers adapters: logits processors (and, later, the controller loop).
+"""transformers adapters: the monitoring logits processor and monitored generation.
 
 Example:
     >>> from tokur_decode.hf import UncertaintyMonitor
@@ -6,6 +6,7 @@ Example:
     ('entropy',)
 """
 
+from .generation import GenerationResult, encode_prompts, generate
 from .monitor import DEFAULT_SIGNALS, UncertaintyMonitor
 
-__all__ = ["DEFAULT_SIGNALS", "UncertaintyMonitor"]
+__all__ = ["DEFAULT_SIGNALS", "GenerationResult", "UncertaintyMonitor", "encode_prompts", "generate"]

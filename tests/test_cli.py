@@ -1,0 +1,83 @@
+"""The command line on the embedded model: JSON fields, the rich table, options, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tokur_decode.cli import main
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.mark.slow
+def test_generate_json_carries_every_field(capsys, embedded):
+    assert main(["generate", "--json", "--max-new-tokens", "24", QUESTION]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "Paris" in report["answer"]
+    assert report["question"] == QUESTION
+    for key in ("max_new_tokens", "temperature", "top_p", "seed", "chat"):
+        assert key in report["settings"]
+    assert report["tokens"], "no tokens"
+    for tok in report["tokens"]:
+        for key in ("index", "token", "token_id", "chosen_prob", "entropy", "logtoku_aleatoric",
+                    "logtoku_epistemic", "logtoku_unreliability"):
+            assert key in tok, key
+        assert 0 < tok["chosen_prob"] <= 1 and tok["logtoku_aleatoric"] >= 0
+    for key in ("naive", "vanilla", "mean_entropy", "logtoku_topk_mean", "n_tokens"):
+        assert key in report["summary"], key
+    assert report["summary"]["n_tokens"] == len(report["tokens"])
+
+
+@pytest.mark.slow
+def test_generate_table_sampling_and_model_path(capsys, monkeypatch, embedded):
+    from tokur_decode.models import default_model_path
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps headers on narrow terminals
+
+    args = ["generate", "--model", str(default_model_path()), "--temperature", "0.8", "--seed", "3",
+            "--max-new-tokens", "8", "--no-chat", "--signals", "all", QUESTION]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for header in ("p(token)", "entropy", "LogTokU", "naive", "vanilla", "deepconf"):
+        assert header in out, header
+    assert main(args) == 0
+    assert capsys.readouterr().out == out  # same seed, same sampled answer
+
+
+def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
+    assert main(["generate", "--signals", "bogus", QUESTION]) == 2
+    assert "signals" in capsys.readouterr().err
+    assert main(["generate", "--max-new-tokens", "0", QUESTION]) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_console_script_help_documents_the_options():
+    exe = [sys.executable, "-m", "tokur_decode.cli"]
+    out = subprocess.run([*exe, "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--json", "--model", "--device", "--dtype", "--max-new-tokens", "--temperature",
+                   "--seed", "--chat", "--no-chat", "--trust-remote-code", "--signals"):
+        assert option in out, option
+    top = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "generate" in top and "bench" in top
+
+
+def test_remote_code_is_not_trusted_by_default(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokur_decode import cli
+
+    seen = {}
+
+    def record(name, **kwargs):
+        seen.setdefault(name, []).append(kwargs.get("trust_remote_code"))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, **kw: record("tok", **kw))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kw: record("model", **kw))
+    assert cli.main(["generate", "--model", "/nonexistent", "hi"]) == 2
+    assert cli.main(["generate", "--model", "/nonexistent", "--trust-remote-code", "hi"]) == 2
+    assert seen["tok"] == [False, True]
