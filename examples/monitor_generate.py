@@ -1,6 +1,6 @@
 """Monitor a plain `model.generate` call and print every token's uncertainty.
 
-    python examples/monitor_generate.py [--max-new-tokens N]
+python examples/monitor_generate.py [--max-new-tokens N]
 """
 
 import argparse
@@ -25,7 +25,9 @@ def main() -> None:
     )
 
     # Place the monitor first: it then measures the model's raw distribution.
-    monitor = UncertaintyMonitor(["max_prob", "chosen_prob", "entropy", "logtoku"], eos_token_id=tokenizer.eos_token_id)
+    monitor = UncertaintyMonitor(
+        ["max_prob", "chosen_prob", "entropy", "logtoku"], eos_token_id=tokenizer.eos_token_id
+    )
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -46,8 +48,10 @@ def main() -> None:
             strict=True,
         ):
             print(f"  {token!r:>14}  p={p:.3f}  H={h:.3f}  EU={eu:.3f}")
-        print(f"  naive={summary['naive']:.3f}  mean entropy={summary['mean_entropy']:.3f}  "
-              f"LogTokU top-k={summary['logtoku_topk_mean']:.4f}\n")
+        print(
+            f"  naive={summary['naive']:.3f}  mean entropy={summary['mean_entropy']:.3f}  "
+            f"LogTokU top-k={summary['logtoku_topk_mean']:.4f}\n"
+        )
 
 
 if __name__ == "__main__":

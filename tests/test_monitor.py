@@ -19,7 +19,9 @@ def run(model, input_ids, monitor, attention_mask=None, **kw):
     with torch.inference_mode():
         return model.generate(
             input_ids=input_ids,
-            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            attention_mask=attention_mask
+            if attention_mask is not None
+            else torch.ones_like(input_ids),
             logits_processor=[monitor],
             return_dict_in_generate=True,
             output_logits=True,
@@ -59,7 +61,9 @@ def test_batched_padded_sampled_trace_equals_per_prompt_traces(tiny_llama):
         n = int(batch_trace.lengths[i])
         tokens = batch.sequences[i, width : width + n]
         single = UncertaintyMonitor(ALL, eos_token_id=EOS)
-        trace = single.trace(_run_forced(tiny_llama, torch.tensor([p]), single, _ForceTokens(tokens), n))
+        trace = single.trace(
+            _run_forced(tiny_llama, torch.tensor([p]), single, _ForceTokens(tokens), n)
+        )
         assert trace.token_ids[0].tolist() == tokens.tolist()
         for key in batch_trace.names:
             torch.testing.assert_close(
@@ -147,14 +151,22 @@ def test_num_return_sequences_rows_follow_sequences(tiny_llama):
     ref = compute_signals(torch.stack(out.logits, 1), ["chosen_logprob", "entropy"], generated)
     n = trace.lengths
     for i in range(6):
-        torch.testing.assert_close(trace.signals["chosen_logprob"][i, : n[i]], ref["chosen_logprob"][i, : n[i]])
+        torch.testing.assert_close(
+            trace.signals["chosen_logprob"][i, : n[i]], ref["chosen_logprob"][i, : n[i]]
+        )
 
 
 def test_monitor_is_reusable_across_generate_calls(tiny_llama):
     monitor = UncertaintyMonitor(["entropy"], eos_token_id=EOS, capacity=2)  # forces growth
     first = run(tiny_llama, torch.tensor([[1, 2]]), monitor, do_sample=False, max_new_tokens=9)
     t1 = monitor.trace(first)
-    second = run(tiny_llama, torch.tensor([[5, 6, 7], [8, 9, 10]]), monitor, do_sample=False, max_new_tokens=5)
+    second = run(
+        tiny_llama,
+        torch.tensor([[5, 6, 7], [8, 9, 10]]),
+        monitor,
+        do_sample=False,
+        max_new_tokens=5,
+    )
     t2 = monitor.trace(second)
     assert t1.signals["entropy"].shape == (1, 9)
     assert t2.signals["entropy"].shape == (2, 5)

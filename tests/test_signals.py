@@ -181,7 +181,9 @@ def test_non_finite_conventions():
     for key, value in out.items():
         assert not torch.isnan(value).any(), key
         assert torch.isfinite(value).all(), key
-    assert out["entropy"].tolist() == pytest.approx([math.log(2), math.log(2), math.log(4), math.log(4)])
+    assert out["entropy"].tolist() == pytest.approx(
+        [math.log(2), math.log(2), math.log(4), math.log(4)]
+    )
     assert out["max_prob"].tolist() == pytest.approx([0.5, 0.5, 0.25, 0.25])
     assert out["self_certainty"].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0], abs=1e-6)
     # +inf is infinite evidence: no epistemic uncertainty left.
@@ -206,7 +208,9 @@ def test_public_single_signal_functions_agree_with_fused_pass():
     torch.testing.assert_close(S.margin(logits), fused["margin"])
     torch.testing.assert_close(S.self_certainty(logits), fused["self_certainty"])
     torch.testing.assert_close(S.deepconf_confidence(logits, k=7), fused["deepconf"])
-    torch.testing.assert_close(S.chosen_logprob(logits, torch.tensor([1, 2, 3])), fused["chosen_logprob"])
+    torch.testing.assert_close(
+        S.chosen_logprob(logits, torch.tensor([1, 2, 3])), fused["chosen_logprob"]
+    )
     torch.testing.assert_close(S.logtoku(logits)["epistemic"], fused["logtoku_epistemic"])
 
 
@@ -325,7 +329,9 @@ def test_invariants_of_bayesian_decomposition(arr):
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays(np.float32, (2, 9), elements=st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 3.0, -2.0])))
+@given(
+    arrays(np.float32, (2, 9), elements=st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 3.0, -2.0]))
+)
 def test_no_nan_for_any_mixture_of_non_finite_logits(arr):
     out = S.compute_signals(torch.from_numpy(arr), "all", torch.tensor([0, 8]))
     for key, value in out.items():

@@ -181,13 +181,15 @@ def group_confidences(
     csum = torch.nn.functional.pad(v.cumsum(dim=-1), (1, 0))  # [B, T+1]
     g = builtins.max(t - window + 1, 1)  # this module shadows max()
     if t >= window:
-        groups = (csum[:, window:] - csum[:, : g]) / window
+        groups = (csum[:, window:] - csum[:, :g]) / window
     else:
         groups = v.new_zeros(b, 1)
     short = n < window
     plain_mean = v.sum(dim=-1) / n.clamp_min(1)
     groups = torch.where(
-        short.unsqueeze(-1) & (torch.arange(g, device=v.device) == 0), plain_mean.unsqueeze(-1), groups
+        short.unsqueeze(-1) & (torch.arange(g, device=v.device) == 0),
+        plain_mean.unsqueeze(-1),
+        groups,
     )
     group_lengths = torch.where(short, (n > 0).long(), n - window + 1)
     return groups, group_lengths

@@ -88,4 +88,6 @@ def monitor_overhead(
         times = {flag: timed(flag) for flag in order}
         baseline.append(times[False])
         monitored.append(times[True])
-    return OverheadResult(baseline, monitored, max_new_tokens, batch_size, monitor.spec.output_names)
+    return OverheadResult(
+        baseline, monitored, max_new_tokens, batch_size, monitor.spec.output_names
+    )

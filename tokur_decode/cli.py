@@ -1,8 +1,8 @@
 """The ``tokur-decode`` command line.
 
-    tokur-decode generate "What is the capital of France?"      # table of per-token signals
-    tokur-decode generate --json --signals all "What is 2+2?"   # the same as JSON
-    tokur-decode bench overhead                                # monitor cost, ratio to plain generate
+tokur-decode generate "What is the capital of France?"      # table of per-token signals
+tokur-decode generate --json --signals all "What is 2+2?"   # the same as JSON
+tokur-decode bench overhead                                # monitor cost, ratio to plain generate
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         help="a local transformers causal LM folder (or a name in the local HF cache); "
         "default: the embedded SmolLM2-135M-Instruct",
     )
-    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     group.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"
+        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ..."
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16",
     )
     group.add_argument(
         "--trust-remote-code",
@@ -62,11 +66,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("question", help="the question or prompt")
     _model_args(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="generation budget (default 64)")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="generation budget (default 64)"
+    )
     gen.add_argument(
         "--temperature", type=float, default=0.0, help="0 decodes greedily (default); > 0 samples"
     )
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0"
+    )
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument(
         "--chat",
@@ -87,7 +95,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="relu of raw logits (faithful) or of logits minus the row mean (robust)",
     )
     gen.add_argument(
-        "--topk", type=int, default=25, help="LogTokU response score: mean of the k most unreliable tokens"
+        "--topk",
+        type=int,
+        default=25,
+        help="LogTokU response score: mean of the k most unreliable tokens",
     )
     gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -100,9 +111,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "prompts in the same run; print seconds per token and the median ratio.",
     )
     _model_args(over)
-    over.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    over.add_argument(
+        "--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)"
+    )
     over.add_argument("--max-new-tokens", type=int, default=64)
-    over.add_argument("--repeats", type=int, default=7, help="timed pairs per batch size (default 7)")
+    over.add_argument(
+        "--repeats", type=int, default=7, help="timed pairs per batch size (default 7)"
+    )
     over.add_argument("--signals", default="all")
     over.add_argument("--json", action="store_true")
     return parser
@@ -117,7 +132,10 @@ def _load(args):
     hf_logging.set_verbosity_error()
     if args.model:
         return load_model(
-            args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
         )
     return load_default(device=args.device, dtype=args.dtype)
 
@@ -164,7 +182,12 @@ def _cmd_generate(args) -> int:
         },
         "signals": result.trace.names,
         "tokens": [
-            {"index": i, "token": tok, "token_id": tid, **{k: v[i] for k, v in row["values"].items()}}
+            {
+                "index": i,
+                "token": tok,
+                "token_id": tid,
+                **{k: v[i] for k, v in row["values"].items()},
+            }
             for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
         ],
         "summary": row["summary"],
@@ -185,19 +208,21 @@ def _print_report(report: dict) -> None:
     from .trace import uncertainty_scale
 
     console = Console()
-    console.print(Panel(report["answer"] or "(empty answer)", title=report["question"], title_align="left"))
+    console.print(
+        Panel(report["answer"] or "(empty answer)", title=report["question"], title_align="left")
+    )
     columns = [(key, head) for key, head in TABLE_COLUMNS if key in report["signals"]]
     columns += [(key, key) for key in report["signals"] if key not in dict(TABLE_COLUMNS)]
-    table = Table(title="Per-token uncertainty (green: confident, red: uncertain)", title_justify="left")
+    table = Table(
+        title="Per-token uncertainty (green: confident, red: uncertain)", title_justify="left"
+    )
     table.add_column("#", justify="right", style="dim")
     table.add_column("token")
     for _, head in columns:
         table.add_column(head, justify="right")
     scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
     for i, tok in enumerate(report["tokens"]):
-        cells = [
-            Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in columns
-        ]
+        cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in columns]
         table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
     console.print(table)
     summary = Table(title="Response-level scores", title_justify="left")
@@ -247,7 +272,9 @@ def _cmd_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Monitor overhead ({len(res.signals)} signal outputs, greedy, {args.repeats} pairs)")
+    table = Table(
+        title=f"Monitor overhead ({len(res.signals)} signal outputs, greedy, {args.repeats} pairs)"
+    )
     for head in ("batch", "plain ms/token", "monitored ms/token", "median ratio", "min-max ratio"):
         table.add_column(head, justify="right")
     for r in rows:

@@ -49,7 +49,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -235,7 +235,9 @@ class SignalSpec:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{pname} must be a positive integer, got {value!r}")
         if logtoku_evidence not in _EVIDENCE:
-            raise ValueError(f"logtoku_evidence must be one of {_EVIDENCE}, got {logtoku_evidence!r}")
+            raise ValueError(
+                f"logtoku_evidence must be one of {_EVIDENCE}, got {logtoku_evidence!r}"
+            )
         object.__setattr__(self, "signals", tuple(dict.fromkeys(names)))
         object.__setattr__(self, "deepconf_k", deepconf_k)
         object.__setattr__(self, "logtoku_k", logtoku_k)
@@ -478,9 +480,7 @@ def deepconf_confidence(logits: torch.Tensor, k: int = 20) -> torch.Tensor:
     return compute_signals(logits, "deepconf", deepconf_k=k)["deepconf"]
 
 
-def logtoku(
-    logits: torch.Tensor, k: int = 2, evidence: str = "relu"
-) -> dict[str, torch.Tensor]:
+def logtoku(logits: torch.Tensor, k: int = 2, evidence: str = "relu") -> dict[str, torch.Tensor]:
     """LogTokU (Ma et al. 2025): top-``k`` logits as Dirichlet evidence.
 
     ``alpha = ReLU(top-k logits)``, ``alpha_0 = sum alpha``;
@@ -543,4 +543,3 @@ def bayesian_decomposition(
         lp_y = lp_y.clamp_min(LOGPROB_FLOOR)
         out["reward"] = _out((lpbar_y.clamp_min(LOGPROB_FLOOR) - lp_y.mean(dim=-1)).clamp_min(0.0))
     return out
-

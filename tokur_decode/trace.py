@@ -245,8 +245,10 @@ class Trace:
                     f'<span title="{html.escape(name)}={v:.4g}" style="background:{_rgb(u)};'
                     f'padding:0 1px;border-radius:2px">{html.escape(tok)}</span>'
                 )
-            parts.append(f'<div style="font-family:monospace;white-space:pre-wrap;margin:4px 0">'
-                         f'{"".join(spans)}</div>')
+            parts.append(
+                f'<div style="font-family:monospace;white-space:pre-wrap;margin:4px 0">'
+                f"{''.join(spans)}</div>"
+            )
         return "".join(parts)
 
 

@@ -9,4 +9,10 @@ Example:
 from .generation import GenerationResult, encode_prompts, generate
 from .monitor import DEFAULT_SIGNALS, UncertaintyMonitor
 
-__all__ = ["DEFAULT_SIGNALS", "GenerationResult", "UncertaintyMonitor", "encode_prompts", "generate"]
+__all__ = [
+    "DEFAULT_SIGNALS",
+    "GenerationResult",
+    "UncertaintyMonitor",
+    "encode_prompts",
+    "generate",
+]

@@ -116,7 +116,9 @@ class UncertaintyMonitor(LogitsProcessor):
             buf = self._buffer
         step = self._steps
         if self._chosen and step > 0:
-            buf.write(step - 1, chosen_from_logprobs(self._last_logprobs, input_ids[:, -1], self._chosen))
+            buf.write(
+                step - 1, chosen_from_logprobs(self._last_logprobs, input_ids[:, -1], self._chosen)
+            )
         if self._step_spec is not None:
             values, logprobs = self._step_spec.compute(scores)
             buf.write(step, values)
@@ -175,9 +177,12 @@ class UncertaintyMonitor(LogitsProcessor):
         if tokenizer is not None:
             ids = generated.cpu().tolist()
             n = lengths.cpu().tolist()
-            tokens = [[tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)]
+            tokens = [
+                [tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)
+            ]
             texts = [
-                tokenizer.decode(row[:k], skip_special_tokens=True) for row, k in zip(ids, n, strict=True)
+                tokenizer.decode(row[:k], skip_special_tokens=True)
+                for row, k in zip(ids, n, strict=True)
             ]
         return Trace(
             signals=signals,
@@ -213,5 +218,9 @@ def _lengths_until_eos(generated: torch.Tensor, eos: list[int]) -> torch.Tensor:
         return torch.full((generated.shape[0],), steps, dtype=torch.long, device=generated.device)
     is_eos = torch.isin(generated, torch.tensor(eos, device=generated.device))
     position = torch.arange(steps, device=generated.device)
-    first = torch.where(is_eos, position, steps).amin(dim=1) if steps else position.new_zeros(len(generated))
+    first = (
+        torch.where(is_eos, position, steps).amin(dim=1)
+        if steps
+        else position.new_zeros(len(generated))
+    )
     return torch.clamp(first + 1, max=steps)
