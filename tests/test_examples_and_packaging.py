@@ -59,6 +59,7 @@ def test_overhead_benchmark_reports_ratios_against_same_run_baseline():
     tok = _tiny_tokenizer(PreTrainedTokenizerFast)
     res = monitor_overhead(model, tok, batch_size=2, max_new_tokens=4, repeats=2)
     assert len(res.ratios) == 2 and all(r > 0 for r in res.ratios)
+    assert res.monitor_step > 0 and res.step_ratio > 1
     assert res.median_ratio == pytest.approx(sorted(res.ratios)[0] / 2 + sorted(res.ratios)[1] / 2)
 
 

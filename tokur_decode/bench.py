@@ -23,10 +23,12 @@ BENCH_PROMPTS = (
 
 @dataclass
 class OverheadResult:
-    """Seconds per generated token with and without the monitor, per repetition."""
+    """Seconds per generated token with and without the monitor, per repetition, and
+    the monitor's own cost per step (timed alone on logits of the model's shape)."""
 
     baseline: list[float]
     monitored: list[float]
+    monitor_step: float
     tokens_per_run: int
     batch_size: int
     signals: tuple[str, ...]
@@ -40,6 +42,12 @@ class OverheadResult:
     def median_ratio(self) -> float:
         return statistics.median(self.ratios)
 
+    @property
+    def step_ratio(self) -> float:
+        """``1 + monitor cost per step / median plain time per token``: the overhead with
+        the machine's run-to-run noise taken out."""
+        return 1.0 + self.monitor_step / statistics.median(self.baseline)
+
 
 def monitor_overhead(
     model,
@@ -47,8 +55,8 @@ def monitor_overhead(
     *,
     signals="all",
     batch_size: int = 1,
-    max_new_tokens: int = 64,
-    repeats: int = 7,
+    max_new_tokens: int = 32,
+    repeats: int = 15,
 ) -> OverheadResult:
     """Time ``model.generate`` with the monitor (``signals``) against plain ``generate``.
 
@@ -88,6 +96,26 @@ def monitor_overhead(
         times = {flag: timed(flag) for flag in order}
         baseline.append(times[False])
         monitored.append(times[True])
+    step = _monitor_step_seconds(monitor, enc["input_ids"], model.config.vocab_size, model.device)
     return OverheadResult(
-        baseline, monitored, max_new_tokens, batch_size, monitor.spec.output_names
+        baseline, monitored, step, max_new_tokens, batch_size, monitor.spec.output_names
     )
+
+
+def _monitor_step_seconds(monitor, prompt_ids, vocab_size: int, device, steps: int = 200) -> float:
+    """Median seconds of one monitor call (signals + trace write) over ``steps`` steps."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    scores = torch.randn(prompt_ids.shape[0], vocab_size, generator=gen, device=device) * 3
+    ids = prompt_ids
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            monitor(ids, scores)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            ids = torch.cat([ids, ids[:, -1:]], dim=1)
+    return statistics.median(times[10:])

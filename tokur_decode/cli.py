@@ -114,9 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     over.add_argument(
         "--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)"
     )
-    over.add_argument("--max-new-tokens", type=int, default=64)
+    over.add_argument("--max-new-tokens", type=int, default=32, help="tokens per run (default 32)")
     over.add_argument(
-        "--repeats", type=int, default=7, help="timed pairs per batch size (default 7)"
+        "--repeats", type=int, default=15, help="timed pairs per batch size (default 15)"
     )
     over.add_argument("--signals", default="all")
     over.add_argument("--json", action="store_true")
@@ -264,6 +264,8 @@ def _cmd_bench(args) -> int:
                 "monitored_ms_per_token": 1e3 * sorted(res.monitored)[len(res.monitored) // 2],
                 "median_ratio": res.median_ratio,
                 "ratios": res.ratios,
+                "monitor_ms_per_step": 1e3 * res.monitor_step,
+                "step_ratio": res.step_ratio,
             }
         )
     if args.json:
@@ -275,7 +277,16 @@ def _cmd_bench(args) -> int:
     table = Table(
         title=f"Monitor overhead ({len(res.signals)} signal outputs, greedy, {args.repeats} pairs)"
     )
-    for head in ("batch", "plain ms/token", "monitored ms/token", "median ratio", "min-max ratio"):
+    heads = (
+        "batch",
+        "plain ms/token",
+        "monitored ms/token",
+        "median ratio",
+        "min-max ratio",
+        "monitor ms/step",
+        "1 + step/plain",
+    )
+    for head in heads:
         table.add_column(head, justify="right")
     for r in rows:
         table.add_row(
@@ -284,6 +295,8 @@ def _cmd_bench(args) -> int:
             f"{r['monitored_ms_per_token']:.2f}",
             f"{r['median_ratio']:.3f}",
             f"{min(r['ratios']):.3f}-{max(r['ratios']):.3f}",
+            f"{r['monitor_ms_per_step']:.3f}",
+            f"{r['step_ratio']:.3f}",
         )
     Console().print(table)
     return 0

@@ -25,7 +25,9 @@ Non-finite logits never produce NaN:
   ``V'`` in self-certainty.
 * ``NaN`` entries are treated as masked.
 * A row containing ``+inf`` is the limit of a distribution concentrated on its
-  ``+inf`` entries: it becomes uniform over them.
+  ``+inf`` entries: it becomes uniform over them; its other entries have probability
+  0 but stay finite (so ``self_certainty``, ``KL(U || p)``, is huge there, as its limit
+  is ``+inf``), and LogTokU reads the ``+inf`` entries as huge evidence.
 * A row with no finite entry at all carries no information: it is treated as uniform
   over the vocabulary (maximal uncertainty; LogTokU sees zero evidence).
 * Log-probabilities entering ``deepconf`` and ``chosen_logprob`` are floored at
@@ -110,30 +112,20 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _sanitize(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(evidence, z)``: copies of ``logits`` in the compute dtype.
+def _sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """Copy of ``logits`` in the compute dtype with the module's non-finite conventions:
+    ``NaN -> -inf``, ``+inf -> dtype max``, and rows with no finite entry raised to 0.
 
-    ``evidence`` only maps ``NaN -> -inf`` and ``+inf -> dtype max``: LogTokU reads the
-    logits' magnitudes from it (a ``+inf`` logit is huge evidence). ``z`` also has the
-    module's non-finite conventions applied: entries are finite or ``-inf`` and every
-    row has a finite entry.
-    Arithmetic only (boolean masks are several times slower on CPU) and no host
-    synchronisation:
-
-    * ``NaN -> -inf``;
-    * ``+inf -> dtype max``; in such a row ``(z - max) * 2`` keeps those entries at 0 and
-      overflows every other one to ``-inf`` (a finite logit equal to the dtype max
-      counts as ``+inf``); other rows are shifted by 0 and scaled by 1, exactly;
-    * rows with no finite entry are raised to 0 (uniform).
+    After this, entries are finite or ``-inf`` and every row has a finite entry.
+    Three arithmetic passes (boolean masks are several times slower on CPU) and no host
+    synchronisation.
     """
     dtype = _compute_dtype(logits)
-    big = torch.finfo(dtype).max
-    evidence = torch.nan_to_num(logits.to(dtype), nan=-math.inf, posinf=big, neginf=-math.inf)
-    row_max = evidence.amax(dim=-1, keepdim=True)
-    has_pos_inf = (row_max == big).to(dtype)  # [..., 1]
-    shift, scale = has_pos_inf * big, has_pos_inf + 1.0
-    floor = torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype)
-    return evidence, torch.maximum((evidence - shift) * scale, floor)
+    z = torch.nan_to_num(
+        logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf
+    )
+    row_max = z.amax(dim=-1, keepdim=True)
+    return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype))
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -168,14 +160,16 @@ _TOPK_CHUNK = 128
 
 
 def _entropy_terms(lp: torch.Tensor):
-    """``(p, lp clamped at the floor, H)``; masked entries have ``p = 0`` and add 0.
+    """``(p, lp clamped at the floor, p * lp_clamped, H)``; masked entries have ``p = 0``
+    and add 0.
 
     Clamping instead of masking: a token below the floor has ``p < 1.2e-38`` and a
     contribution far below float32 resolution.
     """
     p = lp.exp()
     lp_c = lp.clamp_min(_floor(lp.dtype))
-    return p, lp_c, 0.0 - (p * lp_c).sum(dim=-1)  # 0.0 - s: no IEEE negative zero
+    plp = p * lp_c
+    return p, lp_c, plp, 0.0 - plp.sum(dim=-1)  # 0.0 - s: no IEEE negative zero
 
 
 def _out(x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +264,7 @@ class SignalSpec:
         with :func:`chosen_from_logprobs`.
         """
         wanted = set(self.signals)
-        evidence, z = _sanitize(logits)
+        z = _sanitize(logits)
         lp = torch.log_softmax(z, dim=-1)
         out: dict[str, torch.Tensor] = {}
 
@@ -291,20 +285,21 @@ class SignalSpec:
         if "margin" in wanted:
             out["margin"] = _out(_margin_from_top(top_lp))
         if wanted & {"entropy", "varentropy"}:
-            p, lp_c, h = _entropy_terms(lp)
+            _, lp_c, plp, h = _entropy_terms(lp)
             if "entropy" in wanted:
                 out["entropy"] = _out(h)
             if "varentropy" in wanted:
-                dev = lp_c + h.unsqueeze(-1)
-                out["varentropy"] = _out((p * dev * dev).sum(dim=-1))
+                # E[lp^2] - H^2 (one pass instead of three; clamped against rounding)
+                second_moment = (plp * lp_c).sum(dim=-1)
+                out["varentropy"] = _out((second_moment - h * h).clamp_min(0.0))
         if "self_certainty" in wanted:
             out["self_certainty"] = _out(_self_certainty(lp))
         if "deepconf" in wanted:
             out["deepconf"] = _out(_deepconf_from_top(top_lp[..., : self.deepconf_k]))
         if "logtoku" in wanted:
             kk = min(self.logtoku_k, k)
-            top_z = evidence.gather(-1, top_idx[..., :kk])
-            shift = _mean_finite(evidence) if self.logtoku_evidence == "shifted" else None
+            top_z = z.gather(-1, top_idx[..., :kk])
+            shift = _mean_finite(z) if self.logtoku_evidence == "shifted" else None
             au, eu = _logtoku_from_top(top_z, self.logtoku_k, shift)
             out["logtoku_aleatoric"], out["logtoku_epistemic"] = au, eu
             out["logtoku_unreliability"] = au * eu
@@ -363,7 +358,8 @@ def _self_certainty(lp: torch.Tensor) -> torch.Tensor:
     n_masked = -(lp * 0.0).nan_to_num(nan=-1.0).sum(dim=-1)
     n = lp.shape[-1] - n_masked
     mean_lp = torch.nan_to_num(lp, neginf=0.0).sum(dim=-1) / n
-    return (0.0 - torch.log(n) - mean_lp).clamp_min(0.0)  # 0.0 - ...: no negative zero
+    # 0.0 - ...: no negative zero; the cap keeps the +inf limit (rows with +inf logits) finite
+    return (0.0 - torch.log(n) - mean_lp).clamp(0.0, torch.finfo(lp.dtype).max)
 
 
 def _deepconf_from_top(top_lp: torch.Tensor) -> torch.Tensor:
@@ -523,8 +519,8 @@ def bayesian_decomposition(
     """
     if sample_logits.dim() < 2:
         raise ValueError("sample_logits: expected shape [..., M, V]")
-    lp = torch.log_softmax(_sanitize(sample_logits)[1], dim=-1)  # [..., M, V]
-    p, lp_c, h = _entropy_terms(lp)
+    lp = torch.log_softmax(_sanitize(sample_logits), dim=-1)  # [..., M, V]
+    p, lp_c, _, h = _entropy_terms(lp)
     m = lp.shape[-2]
     aleatoric = h.mean(dim=-1)
     log_pbar = torch.logsumexp(lp, dim=-2, keepdim=True) - math.log(m)  # [..., 1, V]
