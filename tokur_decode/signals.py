@@ -63,11 +63,13 @@ __all__ = [
     "SIGNALS",
     "SignalSpec",
     "bayesian_decomposition",
+    "bayesian_terms",
     "chosen_from_logprobs",
     "chosen_logprob",
     "compute_signals",
     "deepconf_confidence",
     "entropy",
+    "implicit_reward",
     "logtoku",
     "margin",
     "max_prob",
@@ -517,13 +519,26 @@ def bayesian_decomposition(
         >>> float(out["epistemic"]) < 1e-6
         True
     """
+    out, lp, log_pbar = bayesian_terms(sample_logits)
+    if token_ids is not None:
+        out["reward"] = implicit_reward(lp, log_pbar, token_ids)
+    return out
+
+
+def bayesian_terms(
+    sample_logits: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(total/aleatoric/epistemic, lp [..., M, V], log p_bar [..., 1, V])``.
+
+    The log-probabilities let a caller that learns the emitted token later (a logits
+    processor) compute :func:`implicit_reward` then, without recomputing them.
+    """
     if sample_logits.dim() < 2:
         raise ValueError("sample_logits: expected shape [..., M, V]")
     lp = torch.log_softmax(_sanitize(sample_logits), dim=-1)  # [..., M, V]
     p, lp_c, _, h = _entropy_terms(lp)
-    m = lp.shape[-2]
     aleatoric = h.mean(dim=-1)
-    log_pbar = torch.logsumexp(lp, dim=-2, keepdim=True) - math.log(m)  # [..., 1, V]
+    log_pbar = torch.logsumexp(lp, dim=-2, keepdim=True) - math.log(lp.shape[-2])
     # Masked in every sample: both floors cancel; masked in some: p = 0 there.
     kl = (p * (lp_c - log_pbar.clamp_min(_floor(lp.dtype)))).sum(dim=-1).clamp_min(0.0)
     epistemic = kl.mean(dim=-1) + 0.0  # + 0.0: no IEEE negative zero
@@ -532,10 +547,13 @@ def bayesian_decomposition(
         "aleatoric": _out(aleatoric),
         "epistemic": _out(epistemic),
     }
-    if token_ids is not None:
-        idx = token_ids.long()[..., None, None]
-        lp_y = lp.gather(-1, idx.expand(*lp.shape[:-1], 1)).squeeze(-1)  # [..., M]
-        lpbar_y = log_pbar.gather(-1, idx).squeeze(-1).squeeze(-1)
-        lp_y = lp_y.clamp_min(LOGPROB_FLOOR)
-        out["reward"] = _out((lpbar_y.clamp_min(LOGPROB_FLOOR) - lp_y.mean(dim=-1)).clamp_min(0.0))
-    return out
+    return out, lp, log_pbar
+
+
+def implicit_reward(lp: torch.Tensor, log_pbar: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """TokUR's implicit reward ``log p_bar(y) - mean_m lp_m(y)`` of tokens ``y`` ``[...]``,
+    from the outputs of :func:`bayesian_terms`; never negative (Jensen)."""
+    idx = token_ids.long()[..., None, None]
+    lp_y = lp.gather(-1, idx.expand(*lp.shape[:-1], 1)).squeeze(-1).clamp_min(LOGPROB_FLOOR)
+    lpbar_y = log_pbar.gather(-1, idx).squeeze(-1).squeeze(-1).clamp_min(LOGPROB_FLOOR)
+    return _out((lpbar_y - lp_y.mean(dim=-1)).clamp_min(0.0))

@@ -1,4 +1,5 @@
-"""transformers adapters: the monitoring logits processor and monitored generation.
+"""transformers adapters: the monitoring logits processor, monitored generation, and
+TokUR's perturbed samples.
 
 Example:
     >>> from tokur_decode.hf import UncertaintyMonitor
@@ -7,12 +8,16 @@ Example:
 """
 
 from .generation import GenerationResult, encode_prompts, generate
-from .monitor import DEFAULT_SIGNALS, UncertaintyMonitor
+from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor
+from .tokur import PerturbedModel, perturbed
 
 __all__ = [
     "DEFAULT_SIGNALS",
+    "SAMPLE_SIGNALS",
     "GenerationResult",
+    "PerturbedModel",
     "UncertaintyMonitor",
     "encode_prompts",
     "generate",
+    "perturbed",
 ]

@@ -7,13 +7,18 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from ..signals import CHOSEN_SIGNALS, SignalSpec, chosen_from_logprobs
+from ..signals import CHOSEN_SIGNALS, SignalSpec, bayesian_terms, chosen_from_logprobs, implicit_reward
 from ..trace import StepBuffer, Trace
 
-__all__ = ["DEFAULT_SIGNALS", "UncertaintyMonitor"]
+__all__ = ["DEFAULT_SIGNALS", "SAMPLE_SIGNALS", "UncertaintyMonitor"]
 
 #: What the monitor records when no signals are named: what the CLI table shows.
 DEFAULT_SIGNALS = ("max_prob", "chosen_prob", "entropy", "logtoku")
+
+#: Signals computed from several predictive samples per step (TokUR), with their outputs;
+#: they need a ``sample_source`` (see :func:`tokur_decode.hf.perturbed`).
+SAMPLE_SIGNALS = {"tokur": ("tokur_total", "tokur_aleatoric", "tokur_epistemic", "tokur_reward")}
+_TOKUR_STEP = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
 
 
 class UncertaintyMonitor(LogitsProcessor):
@@ -43,11 +48,16 @@ class UncertaintyMonitor(LogitsProcessor):
     rows and are not supported.
 
     Args:
-        signals: names from :data:`tokur_decode.signals.SIGNALS` or ``"all"``.
+        signals: names from :data:`tokur_decode.signals.SIGNALS`, ``"all"``, or
+            ``"tokur"`` (with a ``sample_source``: total, aleatoric and epistemic
+            uncertainty and the implicit reward of TokUR).
         eos_token_id: id(s) that end a response; when ``None``, :meth:`trace` takes the
             tokenizer's ``eos_token_id``.
         deepconf_k, logtoku_k, logtoku_evidence: see :class:`~tokur_decode.signals.SignalSpec`.
         capacity: initial number of steps preallocated (grows by doubling).
+        sample_source: an object whose ``last_samples`` holds the ``[B, M, V]`` logits of
+            the current step's predictive samples and ``forward_count`` counts forward
+            passes (a :class:`~tokur_decode.hf.PerturbedModel`; use its ``processor()``).
 
     Raises:
         ValueError: naming the parameter, for unknown signals or invalid values.
@@ -77,26 +87,47 @@ class UncertaintyMonitor(LogitsProcessor):
         logtoku_k: int = 2,
         logtoku_evidence: str = "relu",
         capacity: int = 256,
+        sample_source=None,
     ) -> None:
+        names = (signals,) if isinstance(signals, str) else tuple(signals)
+        self.sample_signals = tuple(n for n in names if n in SAMPLE_SIGNALS)
+        if self.sample_signals and sample_source is None:
+            raise ValueError(
+                "signals: 'tokur' needs perturbed samples; use "
+                "`with tokur_decode.hf.perturbed(model) as pm: pm.processor([...])`"
+            )
+        self.sample_source = sample_source
+        logit_signals = tuple(n for n in names if n not in SAMPLE_SIGNALS)
         self.spec = SignalSpec(
-            signals, deepconf_k=deepconf_k, logtoku_k=logtoku_k, logtoku_evidence=logtoku_evidence
+            logit_signals or ("max_prob",),
+            deepconf_k=deepconf_k,
+            logtoku_k=logtoku_k,
+            logtoku_evidence=logtoku_evidence,
         )
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.eos_token_ids = _as_id_list(eos_token_id, "eos_token_id")
         self.capacity = capacity
-        self._computed = tuple(n for n in self.spec.signals if n not in CHOSEN_SIGNALS)
         self._chosen = tuple(n for n in self.spec.signals if n in CHOSEN_SIGNALS)
+        computed = tuple(n for n in self.spec.signals if n not in CHOSEN_SIGNALS)
         self._step_spec = (
             SignalSpec(
-                self._computed,
+                computed,
                 deepconf_k=deepconf_k,
                 logtoku_k=logtoku_k,
                 logtoku_evidence=logtoku_evidence,
             )
-            if self._computed
+            if computed
             else None
         )
+        self._tokur = bool(self.sample_signals)
+        # Values of step t known at step t, then those that need its emitted token
+        # (written at step t + 1): each group is one contiguous block of the buffer.
+        self._step_names = (self._step_spec.output_names if self._step_spec else ()) + (
+            _TOKUR_STEP if self._tokur else ()
+        )
+        self._deferred_names = self._chosen + (("tokur_reward",) if self._tokur else ())
+        self.output_names = self.spec.output_names + (SAMPLE_SIGNALS["tokur"] if self._tokur else ())
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +136,8 @@ class UncertaintyMonitor(LogitsProcessor):
         self._prompt_len = 0
         self._steps = 0
         self._last_logprobs: torch.Tensor | None = None
+        self._last_bayes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last_forward = -1
 
     # ------------------------------------------------------------------ hot path
 
@@ -115,25 +148,47 @@ class UncertaintyMonitor(LogitsProcessor):
             self._start(batch, length, scores.device)
             buf = self._buffer
         step = self._steps
-        if self._chosen and step > 0:
-            buf.write(
-                step - 1, chosen_from_logprobs(self._last_logprobs, input_ids[:, -1], self._chosen)
-            )
+        if step > 0 and self._deferred_names:
+            buf.write(step - 1, self._deferred(input_ids[:, -1]))
+        values: dict[str, torch.Tensor] = {}
         if self._step_spec is not None:
             values, logprobs = self._step_spec.compute(scores)
-            buf.write(step, values)
-        else:
+        elif self._chosen:
             logprobs = torch.log_softmax(scores.float(), dim=-1)
         if self._chosen:
             self._last_logprobs = logprobs
+        if self._tokur:
+            values = {**values, **self._tokur_step(batch)}
+        if values:
+            buf.write(step, values)
         self._steps = step + 1
         return scores
 
+    def _tokur_step(self, batch: int) -> dict[str, torch.Tensor]:
+        source = self.sample_source
+        samples = source.last_samples
+        if samples is None or source.forward_count == self._last_forward:
+            raise RuntimeError(
+                "tokur: no perturbed samples for this step; call generate inside "
+                "`with perturbed(model) as pm:` and use pm.processor(...)"
+            )
+        if samples.shape[0] != batch:
+            raise RuntimeError(f"tokur: samples for {samples.shape[0]} rows, scores for {batch}")
+        self._last_forward = source.forward_count
+        out, lp, log_pbar = bayesian_terms(samples)
+        self._last_bayes = (lp, log_pbar)
+        return {f"tokur_{k}": v for k, v in out.items()}
+
+    def _deferred(self, emitted: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Values of the previous step that need its emitted tokens ``[B]``."""
+        values = chosen_from_logprobs(self._last_logprobs, emitted, self._chosen) if self._chosen else {}
+        if self._tokur:
+            values["tokur_reward"] = implicit_reward(*self._last_bayes, emitted)
+        return values
+
     def _start(self, batch: int, prompt_len: int, device: torch.device) -> None:
         self.reset()
-        # Computed signals first, chosen ones after: each group is written in one copy.
-        names = (self._step_spec.output_names if self._step_spec else ()) + self._chosen
-        self._buffer = StepBuffer(names, batch, device, self.capacity)
+        self._buffer = StepBuffer(self._step_names + self._deferred_names, batch, device, self.capacity)
         self._prompt_len = prompt_len
 
     # ------------------------------------------------------------------ result
@@ -162,17 +217,16 @@ class UncertaintyMonitor(LogitsProcessor):
                 f"generation (batch {buf.batch_size}, prompt {self._prompt_len}, {steps} steps)"
             )
         generated = sequences[:, self._prompt_len :].to(buf.device).clone()
-        if self._chosen:
+        if self._deferred_names:
             # The buffers may be inference tensors (generate under inference_mode);
             # the clones below, made outside it, are normal tensors again.
             with torch.inference_mode():
-                last = chosen_from_logprobs(self._last_logprobs, generated[:, -1], self._chosen)
-                buf.write(steps - 1, last)
+                buf.write(steps - 1, self._deferred(generated[:, -1]))
 
         eos = self.eos_token_ids or _as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
         lengths = _lengths_until_eos(generated, eos)
         recorded = buf.view(steps)
-        signals = {name: recorded[name].clone() for name in self.spec.output_names}
+        signals = {name: recorded[name].clone() for name in self.output_names}
         tokens = texts = None
         if tokenizer is not None:
             ids = generated.cpu().tolist()
