@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -10,8 +13,9 @@ import torch
 
 from .hf.generation import encode_prompts
 from .hf.monitor import UncertaintyMonitor
+from .hf.tokur import perturbed
 
-__all__ = ["OverheadResult", "monitor_overhead"]
+__all__ = ["OverheadResult", "TokurCostResult", "monitor_overhead", "tokur_cost"]
 
 BENCH_PROMPTS = (
     "What is the capital of France?",
@@ -64,30 +68,11 @@ def monitor_overhead(
     set for both) on the same prompts; the order of the pair alternates between
     repetitions, and one warm-up pair is discarded.
     """
-    prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(batch_size)]
-    enc = encode_prompts(tokenizer, prompts, device=model.device)
-    common = dict(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    eos = model.generation_config.eos_token_id
-    monitor = UncertaintyMonitor(signals, eos_token_id=eos)
+    timer = _GenerateTimer(model, tokenizer, batch_size, max_new_tokens)
+    monitor = UncertaintyMonitor(signals, eos_token_id=model.generation_config.eos_token_id)
 
     def timed(with_monitor: bool) -> float:
-        kwargs = {"logits_processor": [monitor]} if with_monitor else {}
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(**enc, **common, **kwargs)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / max_new_tokens
+        return timer(logits_processor=[monitor] if with_monitor else None)
 
     timed(False), timed(True)  # warm-up
     baseline, monitored = [], []
@@ -96,7 +81,9 @@ def monitor_overhead(
         times = {flag: timed(flag) for flag in order}
         baseline.append(times[False])
         monitored.append(times[True])
-    step = _monitor_step_seconds(monitor, enc["input_ids"], model.config.vocab_size, model.device)
+    step = _monitor_step_seconds(
+        monitor, timer.enc["input_ids"], model.config.vocab_size, model.device
+    )
     return OverheadResult(
         baseline, monitored, step, max_new_tokens, batch_size, monitor.spec.output_names
     )
@@ -119,3 +106,129 @@ def _monitor_step_seconds(monitor, prompt_ids, vocab_size: int, device, steps: i
             times.append(time.perf_counter() - start)
             ids = torch.cat([ids, ids[:, -1:]], dim=1)
     return statistics.median(times[10:])
+
+
+class _GenerateTimer:
+    """Seconds per token of greedy ``generate`` of exactly ``max_new_tokens`` tokens on
+    ``batch_size`` fixed prompts."""
+
+    def __init__(self, model, tokenizer, batch_size: int, max_new_tokens: int) -> None:
+        prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(batch_size)]
+        self.model = model
+        self.enc = encode_prompts(tokenizer, prompts, device=model.device)
+        self.tokens = max_new_tokens
+        self.common = dict(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def __call__(self, **kwargs) -> float:
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(**self.enc, **self.common, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / self.tokens
+
+
+@dataclass
+class TokurCostResult:
+    """Median seconds per token and peak extra memory (bytes) of each way of decoding."""
+
+    seconds: dict[str, float]
+    peak_bytes: dict[str, int]
+    samples: int
+    batch_size: int
+    memory_kind: str
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Seconds per token over plain greedy's."""
+        return {k: v / self.seconds["plain"] for k, v in self.seconds.items()}
+
+
+def tokur_cost(
+    model,
+    tokenizer,
+    *,
+    samples: int = 10,
+    batch_size: int = 1,
+    max_new_tokens: int = 16,
+    repeats: int = 3,
+) -> TokurCostResult:
+    """Time greedy decoding without TokUR (``plain``), with ``samples`` TokUR samples in
+    one forward per step (``batched``) and as ``samples`` passes per step
+    (``sequential``, the official implementation's cost), interleaved over ``repeats``
+    rounds after a warm-up round; and the peak memory each adds (CUDA: allocator peak;
+    CPU: peak resident-set growth, sampled every millisecond)."""
+    timer = _GenerateTimer(model, tokenizer, batch_size, max_new_tokens)
+    eos = model.generation_config.eos_token_id
+
+    def run(mode: str | None) -> tuple[float, int]:
+        if mode is None:
+            return _with_peak_memory(model.device, timer)
+        with perturbed(model, samples=samples, mode=mode) as pm:
+            monitor = pm.processor(["tokur"], eos_token_id=eos)
+            return _with_peak_memory(model.device, lambda: timer(logits_processor=[monitor]))
+
+    modes = {"plain": None, "batched": "batched", "sequential": "sequential"}
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    peaks: dict[str, int] = dict.fromkeys(modes, 0)
+    for rnd in range(repeats + 1):
+        for name, mode in modes.items():
+            seconds, peak = run(mode)
+            if rnd:  # round 0 warms up (and computes or loads the SVD bases)
+                times[name].append(seconds)
+                peaks[name] = max(peaks[name], peak)
+    kind = "cuda allocator peak" if model.device.type == "cuda" else "peak RSS growth"
+    return TokurCostResult(
+        {k: statistics.median(v) for k, v in times.items()}, peaks, samples, batch_size, kind
+    )
+
+
+def _with_peak_memory(device: torch.device, fn) -> tuple[float, int]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        result = fn()
+        return result, torch.cuda.max_memory_allocated(device) - start
+    with _RssSampler() as sampler:
+        result = fn()
+    return result, sampler.peak - sampler.start
+
+
+class _RssSampler(contextlib.AbstractContextManager):
+    """Peak resident set size of this process while the block runs (Linux /proc)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: no sampling
+        return 0

@@ -22,6 +22,9 @@ TABLE_COLUMNS = (
     ("logtoku_aleatoric", "LogTokU AU"),
     ("logtoku_epistemic", "LogTokU EU"),
     ("logtoku_unreliability", "AU x EU"),
+    ("tokur_total", "TokUR TU"),
+    ("tokur_aleatoric", "TokUR AU"),
+    ("tokur_epistemic", "TokUR EU"),
 )
 
 
@@ -85,7 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--signals",
         default="max_prob,chosen_prob,entropy,logtoku",
-        help=f"comma-separated signals, or 'all' ({', '.join(SIGNALS)})",
+        help=f"comma-separated signals, or 'all' ({', '.join(SIGNALS)}), plus 'tokur' "
+        "(TokUR total/aleatoric/epistemic from perturbed samples)",
     )
     gen.add_argument("--logtoku-k", type=int, default=2, help="LogTokU top-K evidence (default 2)")
     gen.add_argument(
@@ -101,6 +105,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="LogTokU response score: mean of the k most unreliable tokens",
     )
     gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    tok = gen.add_argument_group("TokUR (with --signals ...,tokur)")
+    tok.add_argument("--tokur-rank", type=int, default=8, help="perturbed singular directions (8)")
+    tok.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
+    tok.add_argument(
+        "--tokur-samples", type=int, default=10, help="predictive samples M, clean included (10)"
+    )
+    tok.add_argument("--tokur-seed", type=int, default=0, help="noise seed (0)")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline of the same run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -120,6 +131,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     over.add_argument("--signals", default="all")
     over.add_argument("--json", action="store_true")
+
+    tok = bench_sub.add_parser(
+        "tokur",
+        help="TokUR: plain greedy vs M samples in one forward vs M sequential passes",
+        description="Time per generated token and peak extra memory of plain greedy decoding, "
+        "of TokUR with M samples per step computed in one forward (ours), and of M sequential "
+        "passes per step (the official implementation's cost), as ratios to plain greedy.",
+    )
+    _model_args(tok)
+    tok.add_argument("--samples", type=int, default=10, help="M (default 10)")
+    tok.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
+    tok.add_argument("--max-new-tokens", type=int, default=16, help="tokens per run (default 16)")
+    tok.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    tok.add_argument("--json", action="store_true")
     return parser
 
 
@@ -147,15 +172,27 @@ def _signal_list(text: str) -> list[str]:
     return names
 
 
+def _tokur_options(args, signals) -> dict | None:
+    if "tokur" not in signals:
+        return None
+    return {
+        "rank": args.tokur_rank,
+        "sigma": args.tokur_sigma,
+        "samples": args.tokur_samples,
+        "seed": args.tokur_seed,
+    }
+
+
 def _cmd_generate(args) -> int:
     from .hf.generation import generate
 
     model, tokenizer = _load(args)
+    signals = _signal_list(args.signals)
     result = generate(
         model,
         tokenizer,
         args.question,
-        signals=_signal_list(args.signals),
+        signals=signals,
         chat=args.chat,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -163,6 +200,7 @@ def _cmd_generate(args) -> int:
         seed=args.seed,
         logtoku_k=args.logtoku_k,
         logtoku_evidence=args.logtoku_evidence,
+        tokur=_tokur_options(args, signals),
     )
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(logtoku_k=args.topk)[0]
@@ -179,6 +217,7 @@ def _cmd_generate(args) -> int:
             "logtoku_k": args.logtoku_k,
             "logtoku_evidence": args.logtoku_evidence,
             "topk": args.topk,
+            "tokur": _tokur_options(args, signals),
         },
         "signals": result.trace.names,
         "tokens": [
@@ -243,6 +282,8 @@ def _style(u: float) -> str:
 
 
 def _cmd_bench(args) -> int:
+    if args.bench == "tokur":
+        return _cmd_bench_tokur(args)
     from .bench import monitor_overhead
 
     model, tokenizer = _load(args)
@@ -297,6 +338,64 @@ def _cmd_bench(args) -> int:
             f"{min(r['ratios']):.3f}-{max(r['ratios']):.3f}",
             f"{r['monitor_ms_per_step']:.3f}",
             f"{r['step_ratio']:.3f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_bench_tokur(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import tokur_cost
+
+    model, tokenizer = _load(args)
+    results = [
+        tokur_cost(
+            model,
+            tokenizer,
+            samples=args.samples,
+            batch_size=int(batch),
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+        )
+        for batch in args.batch_sizes.split(",")
+    ]
+    rows = [
+        {
+            "batch_size": r.batch_size,
+            "mode": mode,
+            "ms_per_token": 1e3 * r.seconds[mode],
+            "ratio_to_plain": r.ratios[mode],
+            "peak_extra_mib": r.peak_bytes[mode] / 2**20,
+        }
+        for r in results
+        for mode in r.seconds
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                {"samples": args.samples, "memory": results[0].memory_kind, "results": rows},
+                indent=2,
+            )
+        )
+        return 0
+    memory = results[0].memory_kind
+    table = Table(title=f"TokUR cost, M = {args.samples} ({model.device.type}; memory: {memory})")
+    for head in ("batch", "decoding", "ms/token", "x plain", "peak extra MiB"):
+        table.add_column(head, justify="right")
+    names = {
+        "plain": "plain greedy",
+        "batched": "TokUR, one forward",
+        "sequential": "TokUR, M passes",
+    }
+    for r in rows:
+        table.add_row(
+            str(r["batch_size"]),
+            names[r["mode"]],
+            f"{r['ms_per_token']:.1f}",
+            f"{r['ratio_to_plain']:.2f}",
+            f"{r['peak_extra_mib']:.1f}",
         )
     Console().print(table)
     return 0

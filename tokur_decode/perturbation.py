@@ -164,7 +164,9 @@ def bases_for(
         from .models import cache_dir
 
         cache = cache_dir()
-    path = Path(cache) / "tokur-bases" / f"{weights_fingerprint(weights, rank, direction)}.safetensors"
+    path = (
+        Path(cache) / "tokur-bases" / f"{weights_fingerprint(weights, rank, direction)}.safetensors"
+    )
     if path.is_file():
         loaded = load_file(str(path))
         if set(loaded) == set(weights):

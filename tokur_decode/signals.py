@@ -550,7 +550,9 @@ def bayesian_terms(
     return out, lp, log_pbar
 
 
-def implicit_reward(lp: torch.Tensor, log_pbar: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def implicit_reward(
+    lp: torch.Tensor, log_pbar: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
     """TokUR's implicit reward ``log p_bar(y) - mean_m lp_m(y)`` of tokens ``y`` ``[...]``,
     from the outputs of :func:`bayesian_terms`; never negative (Jensen)."""
     idx = token_ids.long()[..., None, None]

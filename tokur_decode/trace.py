@@ -171,7 +171,8 @@ class Trace:
         ``n_tokens``; ``naive`` and ``vanilla`` uncertainty (from ``max_prob``);
         ``mean_<signal>`` of every recorded signal; ``logtoku_topk_mean`` (mean of the
         ``logtoku_k`` most unreliable tokens, LogTokU's response score);
-        ``deepconf_lowest_group`` (DeepConf, window 2048).
+        ``deepconf_lowest_group`` (DeepConf, window 2048); ``sum_tokur_*`` (TokUR's
+        detection scores; its selection scores are the means).
         """
         columns: dict[str, torch.Tensor] = {"n_tokens": self.lengths.float()}
         if "max_prob" in self.signals:
@@ -185,6 +186,9 @@ class Trace:
             )
         if "deepconf" in self.signals:
             columns["deepconf_lowest_group"] = self.aggregate("deepconf", "deepconf_lowest_group")
+        for name in ("tokur_total", "tokur_aleatoric", "tokur_epistemic"):
+            if name in self.signals:  # TokUR's detection aggregate is the sum
+                columns[f"sum_{name}"] = self.aggregate(name, "sum")
         table = {k: v.detach().cpu().tolist() for k, v in columns.items()}
         return [
             {k: (int(v[i]) if k == "n_tokens" else float(v[i])) for k, v in table.items()}

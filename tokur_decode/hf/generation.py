@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..trace import Trace
-from .monitor import DEFAULT_SIGNALS, UncertaintyMonitor
+from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor
+from .tokur import perturbed
 
 __all__ = ["GenerationResult", "encode_prompts", "generate"]
 
@@ -60,12 +62,15 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = 0,
+    tokur: dict | None = None,
     **signal_params,
 ) -> GenerationResult:
     """Generate answers to ``prompts`` while recording uncertainty signals.
 
     ``temperature=0`` decodes greedily; otherwise samples (with ``top_p``), reproducibly
-    under ``seed``. ``signal_params`` go to :class:`UncertaintyMonitor`.
+    under ``seed``. ``signal_params`` go to :class:`UncertaintyMonitor`. When
+    ``signals`` include ``"tokur"``, generation runs inside :func:`perturbed` with the
+    options in ``tokur`` (e.g. ``{"rank": 8, "sigma": 0.1, "samples": 10}``).
 
     Example:
         >>> from tokur_decode.models import load_default
@@ -83,10 +88,13 @@ def generate(
     if not prompt_list:
         raise ValueError("prompts: at least one prompt is required")
 
+    names = (signals,) if isinstance(signals, str) else tuple(signals)
+    wants_tokur = any(n in SAMPLE_SIGNALS for n in names)
+    if tokur and not wants_tokur:
+        raise ValueError("tokur: options given but 'tokur' is not among the signals")
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
-    monitor = UncertaintyMonitor(signals, eos_token_id=eos, **signal_params)
     enc = encode_prompts(tokenizer, prompt_list, chat=chat, device=model.device)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -95,7 +103,9 @@ def generate(
     )
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.inference_mode():
+    context = perturbed(model, **(tokur or {})) if wants_tokur else contextlib.nullcontext()
+    with context as source, torch.inference_mode():
+        monitor = UncertaintyMonitor(names, eos_token_id=eos, sample_source=source, **signal_params)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

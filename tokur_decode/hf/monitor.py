@@ -7,7 +7,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from ..signals import CHOSEN_SIGNALS, SignalSpec, bayesian_terms, chosen_from_logprobs, implicit_reward
+from ..signals import (
+    CHOSEN_SIGNALS,
+    SignalSpec,
+    bayesian_terms,
+    chosen_from_logprobs,
+    implicit_reward,
+)
 from ..trace import StepBuffer, Trace
 
 __all__ = ["DEFAULT_SIGNALS", "SAMPLE_SIGNALS", "UncertaintyMonitor"]
@@ -127,7 +133,9 @@ class UncertaintyMonitor(LogitsProcessor):
             _TOKUR_STEP if self._tokur else ()
         )
         self._deferred_names = self._chosen + (("tokur_reward",) if self._tokur else ())
-        self.output_names = self.spec.output_names + (SAMPLE_SIGNALS["tokur"] if self._tokur else ())
+        self.output_names = self.spec.output_names + (
+            SAMPLE_SIGNALS["tokur"] if self._tokur else ()
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -181,14 +189,18 @@ class UncertaintyMonitor(LogitsProcessor):
 
     def _deferred(self, emitted: torch.Tensor) -> dict[str, torch.Tensor]:
         """Values of the previous step that need its emitted tokens ``[B]``."""
-        values = chosen_from_logprobs(self._last_logprobs, emitted, self._chosen) if self._chosen else {}
+        values = (
+            chosen_from_logprobs(self._last_logprobs, emitted, self._chosen) if self._chosen else {}
+        )
         if self._tokur:
             values["tokur_reward"] = implicit_reward(*self._last_bayes, emitted)
         return values
 
     def _start(self, batch: int, prompt_len: int, device: torch.device) -> None:
         self.reset()
-        self._buffer = StepBuffer(self._step_names + self._deferred_names, batch, device, self.capacity)
+        self._buffer = StepBuffer(
+            self._step_names + self._deferred_names, batch, device, self.capacity
+        )
         self._prompt_len = prompt_len
 
     # ------------------------------------------------------------------ result

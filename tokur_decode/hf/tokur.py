@@ -117,17 +117,24 @@ class PerturbedModel:
         if self._rows is None:
             return output
         start, samples = self._rows
-        x = args[0][:, start:]
-        eps = self._eps[index][:, samples].to(output.dtype)
-        noise = low_rank_noise(x, self.bases[self.modules[index][0]], eps, self.config.sigma,
-                               self.config.direction)
-        return torch.cat([output[:, :start], output[:, start:] + noise], dim=1)
+        basis = self.bases[self.modules[index][0]]
+        noise = low_rank_noise(
+            args[0][:, start:], basis, self._eps[index][:, samples], 1.0, self.config.direction
+        )
+        output[:, start:] += noise  # the layer's fresh output; not needed by autograd
+        return output
 
     def _draw(self, batch: int) -> None:
-        m = self.config.samples
-        flat = torch.randn(batch, m, sum(self._noise_sizes), generator=self._generator,
-                           device=self.model.device)
-        self._eps = split_noise(flat, self._noise_sizes)
+        """One RNG call per step: eps for every module, row and sample, times sigma."""
+        flat = torch.randn(
+            batch,
+            self.config.samples,
+            sum(self._noise_sizes),
+            generator=self._generator,
+            device=self.model.device,
+        )
+        dtype = next(self.model.parameters()).dtype
+        self._eps = split_noise((flat * self.config.sigma).to(dtype), self._noise_sizes)
 
     # ------------------------------------------------------------------ forward
 
@@ -186,7 +193,11 @@ class PerturbedModel:
                 ~mask, torch.finfo(dtype).min
             )
 
-        call = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        call = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("input_ids", "attention_mask", "position_ids")
+        }
         call.update(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         if "cache_position" in kwargs:
             call["cache_position"] = torch.arange(past, past + q, device=device)
@@ -198,8 +209,7 @@ class PerturbedModel:
         return out, out.logits[:, -m:]
 
     def _sequential(self, original, input_ids, cache, kwargs):
-        b, s = input_ids.shape
-        past = cache.get_seq_length()
+        s = input_ids.shape[1]
         mask2d = kwargs.get("attention_mask")
         positions = kwargs.get("position_ids")
         rest = {
@@ -220,8 +230,11 @@ class PerturbedModel:
                 position_ids=part(positions, slice(None, -1)),
                 **rest,
             )
-        last = {"input_ids": input_ids[:, -1:], "attention_mask": mask2d,
-                "position_ids": part(positions, slice(-1, None))}
+        last = {
+            "input_ids": input_ids[:, -1:],
+            "attention_mask": mask2d,
+            "position_ids": part(positions, slice(-1, None)),
+        }
         logits = [None] * self.config.samples
         for sample in [*range(1, self.config.samples), 0]:  # clean pass last: its K/V stay
             self._rows = (0, slice(sample, sample + 1)) if sample else None
@@ -274,7 +287,9 @@ def perturbed(
         sigma=sigma,
         samples=samples,
         seed=seed,
-        target_modules=tuple(target_modules) if not isinstance(target_modules, str) else target_modules,
+        target_modules=tuple(target_modules)
+        if not isinstance(target_modules, str)
+        else target_modules,
         direction=direction,
         decode=decode,
         mode=mode,
@@ -296,5 +311,7 @@ def _find_targets(model, config: PerturbationConfig):
     for name, module in modules:
         limit = min(module.out_features, module.in_features)
         if config.rank > limit:
-            raise ValueError(f"rank must be <= min(d_out, d_in) = {limit} of {name}, got {config.rank}")
+            raise ValueError(
+                f"rank must be <= min(d_out, d_in) = {limit} of {name}, got {config.rank}"
+            )
     return modules
