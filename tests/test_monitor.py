@@ -242,3 +242,38 @@ def test_dispatch_guard_catches_item():
     with pytest.raises(AssertionError, match="host synchronisation"):
         with _NoHostSync():
             torch.ones(2).sum().item()
+
+
+class _FakeSamples:
+    """A sample source as PerturbedModel exposes it: new [B, M, V] logits per forward."""
+
+    def __init__(self, device):
+        self.device = device
+        self.forward_count = 0
+        self.last_samples = None
+
+    def forward(self, batch):
+        self.last_samples = torch.randn(batch, 4, 9000, device=self.device)
+        self.forward_count += 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_tokur_recording_performs_no_host_synchronisation(device):
+    source = _FakeSamples(device)
+    monitor = UncertaintyMonitor(["tokur", "chosen_prob"], eos_token_id=2, sample_source=source)
+    ids = torch.ones(3, 4, dtype=torch.long, device=device)
+    with _NoHostSync():
+        for _ in range(4):
+            source.forward(3)
+            monitor(ids, torch.randn(3, 9000, device=device))
+            ids = torch.cat([ids, ids[:, :1]], dim=1)
+    assert monitor._steps == 4
+
+
+def test_tokur_recording_refuses_stale_samples():
+    source = _FakeSamples("cpu")
+    monitor = UncertaintyMonitor(["tokur"], sample_source=source)
+    source.forward(2)
+    monitor(torch.ones(2, 3, dtype=torch.long), torch.randn(2, 9000))
+    with pytest.raises(RuntimeError, match="no perturbed samples"):
+        monitor(torch.ones(2, 4, dtype=torch.long), torch.randn(2, 9000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import statistics
 import threading
@@ -207,9 +208,14 @@ def _with_peak_memory(device: torch.device, fn) -> tuple[float, int]:
 
 
 class _RssSampler(contextlib.AbstractContextManager):
-    """Peak resident set size of this process while the block runs (Linux /proc)."""
+    """Peak resident set size of this process while the block runs (Linux /proc).
+
+    Freed heap memory is first returned to the OS (glibc ``malloc_trim``), so that the
+    growth measured is what the block itself needs, not what earlier runs left cached.
+    """
 
     def __enter__(self):
+        _malloc_trim()
         self.start = self.peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -224,6 +230,13 @@ class _RssSampler(contextlib.AbstractContextManager):
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS growth may undercount
+        pass
 
 
 def _rss() -> int:
