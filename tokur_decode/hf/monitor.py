@@ -105,7 +105,7 @@ class UncertaintyMonitor(LogitsProcessor):
         self.sample_source = sample_source
         logit_signals = tuple(n for n in names if n not in SAMPLE_SIGNALS)
         self.spec = SignalSpec(
-            logit_signals or ("max_prob",),
+            logit_signals or ("max_prob",),  # with only "tokur": max_prob too, for naive/vanilla
             deepconf_k=deepconf_k,
             logtoku_k=logtoku_k,
             logtoku_evidence=logtoku_evidence,
