@@ -235,7 +235,7 @@ def test_monitor_call_performs_no_host_synchronisation(device):
             scores = torch.randn(3, 9000, device=device)
             monitor(ids, scores)
             ids = torch.cat([ids, ids[:, :1]], dim=1)
-    assert monitor._steps == 5
+    assert monitor._clock.steps == 5
 
 
 def test_dispatch_guard_catches_item():
@@ -267,7 +267,7 @@ def test_tokur_recording_performs_no_host_synchronisation(device):
             source.forward(3)
             monitor(ids, torch.randn(3, 9000, device=device))
             ids = torch.cat([ids, ids[:, :1]], dim=1)
-    assert monitor._steps == 4
+    assert monitor._clock.steps == 4
 
 
 def test_tokur_recording_refuses_stale_samples():

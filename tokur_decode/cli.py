@@ -86,10 +86,16 @@ def _build_parser() -> argparse.ArgumentParser:
         help="wrap the question in the model's chat template (default: when it has one)",
     )
     gen.add_argument(
+        "--strategy",
+        metavar="NAME_OR_TOML",
+        help="act on the signals: a shipped recipe (see `tokur-decode strategies`) or a .toml path",
+    )
+    gen.add_argument(
         "--signals",
-        default="max_prob,chosen_prob,entropy,logtoku",
+        default=None,
         help=f"comma-separated signals, or 'all' ({', '.join(SIGNALS)}), plus 'tokur' "
-        "(TokUR total/aleatoric/epistemic from perturbed samples)",
+        "(TokUR total/aleatoric/epistemic from perturbed samples); default: the strategy's, "
+        "else max_prob,chosen_prob,entropy,logtoku",
     )
     gen.add_argument("--logtoku-k", type=int, default=2, help="LogTokU top-K evidence (default 2)")
     gen.add_argument(
@@ -112,6 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tokur-samples", type=int, default=10, help="predictive samples M, clean included (10)"
     )
     tok.add_argument("--tokur-seed", type=int, default=0, help="noise seed (0)")
+
+    sub.add_parser("strategies", help="list the shipped strategy recipes, one line each")
 
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline of the same run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -165,7 +173,9 @@ def _load(args):
     return load_default(device=args.device, dtype=args.dtype)
 
 
-def _signal_list(text: str) -> list[str]:
+def _signal_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise ValueError("--signals: at least one signal is required")
@@ -173,7 +183,7 @@ def _signal_list(text: str) -> list[str]:
 
 
 def _tokur_options(args, signals) -> dict | None:
-    if "tokur" not in signals:
+    if not signals or "tokur" not in signals:
         return None
     return {
         "rank": args.tokur_rank,
@@ -192,6 +202,7 @@ def _cmd_generate(args) -> int:
         model,
         tokenizer,
         args.question,
+        strategy=args.strategy,
         signals=signals,
         chat=args.chat,
         max_new_tokens=args.max_new_tokens,
@@ -207,6 +218,8 @@ def _cmd_generate(args) -> int:
     report = {
         "question": args.question,
         "answer": result.texts[0],
+        "strategy": args.strategy,
+        "actions": result.actions[0],
         "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
         "settings": {
             "max_new_tokens": args.max_new_tokens,
@@ -260,16 +273,39 @@ def _print_report(report: dict) -> None:
     for _, head in columns:
         table.add_column(head, justify="right")
     scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
+    step_actions = {e["step"]: e for e in report["actions"] if "step" in e}
+    if step_actions:
+        table.add_column("action")
     for i, tok in enumerate(report["tokens"]):
         cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in columns]
+        if step_actions:
+            cells.append(
+                Text(_describe(step_actions[i]) if i in step_actions else "", style="bold")
+            )
         table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
     console.print(table)
+    for event in report["actions"]:
+        if event["action"] == "best-of-n":
+            console.print(
+                f"best-of-{event['n']}: chose candidate {event['chosen']} by {event['reducer']} of "
+                f"{event['score']} ({event['method']}, eta {event['eta']}); scores "
+                + ", ".join(f"{s:.3f}" for s in event["scores"])
+            )
     summary = Table(title="Response-level scores", title_justify="left")
     summary.add_column("score")
     summary.add_column("value", justify="right")
     for key, value in report["summary"].items():
         summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(summary)
+
+
+def _describe(event: dict) -> str:
+    """One cell: which action, which signal crossed which threshold."""
+    sign = ">" if event["direction"] == "above" else "<"
+    text = (
+        f"{event['action']}: {event['signal']} {event['value']:.3f} {sign} {event['threshold']:g}"
+    )
+    return text + (" (blocked)" if "blocked" in event else "")
 
 
 def _style(u: float) -> str:
@@ -279,6 +315,16 @@ def _style(u: float) -> str:
     if u < 0.66:
         return "yellow"
     return "bold red"
+
+
+def _cmd_strategies() -> int:
+    from .strategy import available
+
+    recipes = available()
+    width = max(map(len, recipes))
+    for name, description in recipes.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
 
 
 def _cmd_bench(args) -> int:
@@ -408,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "strategies":
+            return _cmd_strategies()
         return _cmd_bench(args)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)

@@ -145,6 +145,19 @@ class Trace:
             meta=dict(self.meta),
         )
 
+    def select(self, rows) -> Trace:
+        """A trace of the given rows (indices, in that order), padding kept."""
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.token_ids.device)
+        return Trace(
+            signals={k: v.index_select(0, index) for k, v in self.signals.items()},
+            token_ids=self.token_ids.index_select(0, index),
+            lengths=self.lengths.index_select(0, index.to(self.lengths.device)),
+            tokens=None if self.tokens is None else [self.tokens[i] for i in rows],
+            texts=None if self.texts is None else [self.texts[i] for i in rows],
+            meta=dict(self.meta),
+        )
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.signals)

@@ -15,6 +15,7 @@ from ..signals import (
     implicit_reward,
 )
 from ..trace import StepBuffer, Trace
+from .clock import StepClock
 
 __all__ = ["DEFAULT_SIGNALS", "SAMPLE_SIGNALS", "UncertaintyMonitor"]
 
@@ -141,8 +142,7 @@ class UncertaintyMonitor(LogitsProcessor):
     def reset(self) -> None:
         """Forget the current record; the next call starts a new one."""
         self._buffer: StepBuffer | None = None
-        self._prompt_len = 0
-        self._steps = 0
+        self._clock = StepClock()
         self._last_logprobs: torch.Tensor | None = None
         self._last_bayes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_forward = -1
@@ -150,12 +150,11 @@ class UncertaintyMonitor(LogitsProcessor):
     # ------------------------------------------------------------------ hot path
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
+        step, new = self._clock.tick(input_ids)
+        if new:
+            self._start(batch, scores.device)
         buf = self._buffer
-        if buf is None or batch != buf.batch_size or length != self._prompt_len + self._steps:
-            self._start(batch, length, scores.device)
-            buf = self._buffer
-        step = self._steps
         if step > 0 and self._deferred_names:
             buf.write(step - 1, self._deferred(input_ids[:, -1]))
         values: dict[str, torch.Tensor] = {}
@@ -169,7 +168,6 @@ class UncertaintyMonitor(LogitsProcessor):
             values = {**values, **self._tokur_step(batch)}
         if values:
             buf.write(step, values)
-        self._steps = step + 1
         return scores
 
     def _tokur_step(self, batch: int) -> dict[str, torch.Tensor]:
@@ -196,12 +194,13 @@ class UncertaintyMonitor(LogitsProcessor):
             values["tokur_reward"] = implicit_reward(*self._last_bayes, emitted)
         return values
 
-    def _start(self, batch: int, prompt_len: int, device: torch.device) -> None:
-        self.reset()
+    def _start(self, batch: int, device: torch.device) -> None:
+        """A new generation (the clock has already restarted): fresh buffers and state."""
+        self._last_logprobs = self._last_bayes = None
+        self._last_forward = -1
         self._buffer = StepBuffer(
             self._step_names + self._deferred_names, batch, device, self.capacity
         )
-        self._prompt_len = prompt_len
 
     # ------------------------------------------------------------------ result
 
@@ -222,13 +221,13 @@ class UncertaintyMonitor(LogitsProcessor):
             raise ValueError("output: expected generate()'s sequences [B, L] or its output object")
         if self._buffer is None:
             raise ValueError("output: the monitor has not recorded any generation yet")
-        steps, buf = self._steps, self._buffer
-        if sequences.shape != (buf.batch_size, self._prompt_len + steps):
+        steps, buf, prompt_len = self._clock.steps, self._buffer, self._clock.prompt_len
+        if sequences.shape != (buf.batch_size, prompt_len + steps):
             raise ValueError(
                 f"output: sequences of shape {tuple(sequences.shape)} do not match the recorded "
-                f"generation (batch {buf.batch_size}, prompt {self._prompt_len}, {steps} steps)"
+                f"generation (batch {buf.batch_size}, prompt {prompt_len}, {steps} steps)"
             )
-        generated = sequences[:, self._prompt_len :].to(buf.device).clone()
+        generated = sequences[:, prompt_len:].to(buf.device).clone()
         if self._deferred_names:
             # The buffers may be inference tensors (generate under inference_mode);
             # the clones below, made outside it, are normal tensors again.

@@ -1,0 +1,219 @@
+"""Processor-level actions: logits processors that act on rows whose trigger fires.
+
+Both work in a plain ``model.generate(logits_processor=[...])``; put an
+:class:`~tokur_decode.hf.UncertaintyMonitor` first in the list to record the raw
+signals, then the action. Each action computes the one signal its trigger reads (one
+fused pass), keeps its state as tensors on the logits' device (no host
+synchronisation), and records, per row and step, whether it fired and the value that
+was compared (:meth:`TriggeredAction.events` after generation).
+
+* :class:`StopOnTrigger`: force EOS (every other logit ``-inf``) for rows whose trigger
+  fired. A row whose EOS an earlier processor (a grammar) forbids is left alone and
+  recorded as ``blocked``.
+* :class:`ResampleOnTrigger`: change the fired rows' distribution for that step:
+  ``"veto"`` removes the argmax; ``"adaptive"`` (entropix-style) divides the logits by
+  ``clamp(temperature + entropy_coef * H + varentropy_coef * varentropy, min, max)`` and
+  drops tokens below ``min_p * p_max``. ``"adaptive"`` only matters when sampling
+  (``do_sample=True``; deterministic under ``torch.manual_seed``); greedy decoding keeps
+  the argmax of a rescaled row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from ..policy import Trigger, TriggerState, signal_of_output
+from ..signals import SignalSpec
+from ..trace import StepBuffer
+from .clock import StepClock
+
+__all__ = ["ResampleOnTrigger", "StopOnTrigger", "TriggeredAction"]
+
+
+class TriggeredAction(LogitsProcessor):
+    """Base class: evaluates ``trigger`` on the step's logits, calls :meth:`act`."""
+
+    supports_continuous_batching = False
+    action = "none"
+
+    def __init__(
+        self, trigger: Trigger, extra_signals: Sequence[str] = (), **signal_params
+    ) -> None:
+        if not isinstance(trigger, Trigger):
+            raise ValueError(f"trigger must be a Trigger, got {type(trigger).__name__}")
+        if trigger.threshold is None:
+            raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
+        name = signal_of_output(trigger.signal)
+        if name == "tokur":
+            raise ValueError(
+                "trigger: TokUR signals need perturbed samples; use them for selection"
+            )
+        self.trigger = trigger
+        self.spec = SignalSpec([name, *extra_signals], **signal_params)
+        self.clock = StepClock()
+        self._state: TriggerState | None = None
+        self._record: StepBuffer | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step, new = self.clock.tick(input_ids)
+        if new:
+            self._state = TriggerState(self.trigger, input_ids.shape[0], scores.device)
+            self._record = StepBuffer(("fired", "value"), input_ids.shape[0], scores.device)
+            self._start(input_ids.shape[0], scores.device)
+        values = self.spec(scores)
+        value = values[self.trigger.signal]
+        fired = self._state.update(value, step)
+        scores = self.act(scores, fired, values)
+        self._record.write(step, {"fired": fired.float(), "value": self._state.smoothed_value})
+        return scores
+
+    def _start(self, batch: int, device) -> None:
+        """Per-generation state of a subclass."""
+
+    def act(self, scores, fired, values):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def events(self, lengths: torch.Tensor | None = None) -> list[list[dict]]:
+        """Per row, the steps where the action fired (within ``lengths`` if given), with the
+        signal, the compared value, the threshold and the action."""
+        if self._record is None:
+            return []
+        view = self._record.view(self.clock.steps)
+        fired = view["fired"].bool().cpu()
+        value = view["value"].cpu()
+        limit = lengths.cpu().tolist() if lengths is not None else [fired.shape[1]] * fired.shape[0]
+        return [
+            [
+                self._event(i, step, float(value[i, step]))
+                for step in fired[i, : limit[i]].nonzero().flatten().tolist()
+            ]
+            for i in range(fired.shape[0])
+        ]
+
+    def _event(self, row: int, step: int, value: float) -> dict:
+        t = self.trigger
+        return {
+            "action": self.action,
+            "step": step,
+            "signal": t.signal,
+            "value": value,
+            "threshold": t.threshold,
+            "direction": t.direction,
+        }
+
+
+class StopOnTrigger(TriggeredAction):
+    """Force EOS for rows whose trigger fired (stop / abstain).
+
+    Example:
+        >>> import torch
+        >>> from tokur_decode.policy import Trigger
+        >>> stop = StopOnTrigger(Trigger("entropy", threshold=0.5), eos_token_id=3)
+        >>> scores = torch.tensor([[0.0] * 5, [9.0, 0, 0, 0, 0]])
+        >>> out = stop(torch.ones(2, 4, dtype=torch.long), scores)
+        >>> out[0].tolist()     # high entropy: only EOS remains
+        [-inf, -inf, -inf, 0.0, -inf]
+        >>> out[1, 0].item()    # confident row untouched
+        9.0
+    """
+
+    action = "stop"
+
+    def __init__(
+        self, trigger: Trigger, eos_token_id: int | Sequence[int], **signal_params
+    ) -> None:
+        super().__init__(trigger, **signal_params)
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(
+                f"eos_token_id must be a non-negative int or list, got {eos_token_id!r}"
+            )
+        self.eos_token_ids = ids
+
+    def _start(self, batch: int, device) -> None:
+        self._eos = torch.tensor(self.eos_token_ids, device=device)
+        self.blocked = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def act(self, scores, fired, values):
+        eos_allowed = scores.index_select(-1, self._eos).amax(dim=-1) > -math.inf
+        self.blocked = self.blocked | (fired & ~eos_allowed)
+        forced = torch.full_like(scores, -math.inf).index_fill(-1, self._eos, 0.0)
+        return torch.where((fired & eos_allowed).unsqueeze(-1), forced, scores)
+
+    def _event(self, row: int, step: int, value: float) -> dict:
+        event = super()._event(row, step, value)
+        if bool(self.blocked[row]):
+            event["blocked"] = "EOS forbidden by an earlier processor"
+        return event
+
+
+class ResampleOnTrigger(TriggeredAction):
+    """Change the distribution of rows whose trigger fired, for that step.
+
+    Args:
+        trigger: when to act.
+        mode: ``"veto"`` (remove the argmax) or ``"adaptive"`` (entropix-style
+            temperature from entropy and varentropy, then min-p).
+        temperature, entropy_coef, varentropy_coef, min_temperature, max_temperature,
+            min_p: the adaptive rule (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from tokur_decode.policy import Trigger
+        >>> veto = ResampleOnTrigger(Trigger("max_prob", threshold=0.9, direction="below"))
+        >>> veto(torch.ones(1, 2, dtype=torch.long), torch.tensor([[2.0, 1.0, 0.0]])).tolist()
+        [[-inf, 1.0, 0.0]]
+    """
+
+    action = "resample"
+
+    def __init__(
+        self,
+        trigger: Trigger,
+        mode: str = "veto",
+        *,
+        temperature: float = 1.0,
+        entropy_coef: float = 0.3,
+        varentropy_coef: float = 0.1,
+        min_temperature: float = 0.5,
+        max_temperature: float = 2.0,
+        min_p: float = 0.05,
+        **signal_params,
+    ) -> None:
+        if mode not in ("veto", "adaptive"):
+            raise ValueError(f"mode must be 'veto' or 'adaptive', got {mode!r}")
+        for name, value in (("temperature", temperature), ("min_temperature", min_temperature)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not max_temperature >= min_temperature:
+            raise ValueError("max_temperature must be >= min_temperature")
+        if not 0 <= min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+        extra = ("entropy", "varentropy") if mode == "adaptive" else ()
+        super().__init__(trigger, extra_signals=extra, **signal_params)
+        self.mode = mode
+        self.rule = (
+            temperature,
+            entropy_coef,
+            varentropy_coef,
+            min_temperature,
+            max_temperature,
+            min_p,
+        )
+
+    def act(self, scores, fired, values):
+        if self.mode == "veto":
+            top = scores.argmax(dim=-1, keepdim=True)
+            vetoed = scores.scatter(-1, top, -math.inf)
+            return torch.where(fired.unsqueeze(-1), vetoed, scores)
+        t0, a, b, t_min, t_max, min_p = self.rule
+        temp = (t0 + a * values["entropy"] + b * values["varentropy"]).clamp(t_min, t_max)
+        scaled = scores / temp.unsqueeze(-1)
+        lp = torch.log_softmax(scaled.float(), dim=-1)
+        keep = lp >= lp.amax(dim=-1, keepdim=True) + math.log(max(min_p, 1e-30))
+        adapted = scaled.masked_fill(~keep, -math.inf)
+        return torch.where(fired.unsqueeze(-1), adapted, scores)

@@ -1,0 +1,153 @@
+"""Triggers: when a token-level signal says "act now", per row, as device tensors.
+
+A :class:`Trigger` reads one signal output (e.g. ``"logtoku_epistemic"``), optionally
+averaged over a moving window of the last ``window`` steps (DeepConf's group
+confidence), and fires for a row once the value has been above (or below) the
+threshold for ``patience`` consecutive steps, not before the row has ``min_tokens``
+tokens. Thresholds are fixed, or calibrated from scores (:meth:`Trigger.calibrated`)
+or from warm-up traces (:func:`calibrate_from_traces`, DeepConf-style percentiles).
+
+:class:`TriggerState` evaluates a trigger step by step for a batch: pure tensor code,
+no host synchronisation.
+
+Example:
+    >>> import torch
+    >>> trig = Trigger("entropy", threshold=1.0, patience=2)
+    >>> state = TriggerState(trig, batch_size=2, device="cpu")
+    >>> steps = [[2.0, 0.5], [3.0, 2.0]]
+    >>> [state.update(torch.tensor(v), step).tolist() for step, v in enumerate(steps)]
+    [[False, False], [True, False]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from . import aggregate
+from .signals import SIGNALS
+
+__all__ = ["Trigger", "TriggerState", "calibrate_from_traces", "signal_of_output"]
+
+_OUTPUT_TO_SIGNAL = {key: name for name, keys in SIGNALS.items() for key in keys} | {
+    key: "tokur" for key in ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
+}
+
+
+def signal_of_output(key: str) -> str:
+    """The signal name that produces output ``key`` (``"logtoku_epistemic" -> "logtoku"``)."""
+    if key not in _OUTPUT_TO_SIGNAL:
+        raise ValueError(f"signal: unknown output {key!r}; choose from {sorted(_OUTPUT_TO_SIGNAL)}")
+    return _OUTPUT_TO_SIGNAL[key]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A per-row condition on one signal output.
+
+    Args:
+        signal: an output key, e.g. ``"entropy"``, ``"logtoku_epistemic"``, ``"deepconf"``.
+        threshold: the value to cross; ``None`` until calibrated.
+        direction: ``"above"`` (fire when value > threshold) or ``"below"``.
+        patience: consecutive crossing steps needed (>= 1).
+        min_tokens: never fire before the row has generated this many tokens.
+        window: compare the mean of the last ``window`` steps (1: the step's own value).
+
+    Raises:
+        ValueError: naming the parameter.
+    """
+
+    signal: str
+    threshold: float | None = None
+    direction: str = "above"
+    patience: int = 1
+    min_tokens: int = 0
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        signal_of_output(self.signal)
+        if self.threshold is not None and not (
+            isinstance(self.threshold, int | float) and math.isfinite(self.threshold)
+        ):
+            raise ValueError(f"threshold must be a finite number or None, got {self.threshold!r}")
+        if self.direction not in ("above", "below"):
+            raise ValueError(f"direction must be 'above' or 'below', got {self.direction!r}")
+        for name, low in (("patience", 1), ("min_tokens", 0), ("window", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    def calibrated(self, scores: Sequence[float], percentile: float) -> Trigger:
+        """A copy whose threshold is the ``percentile`` (0-100) of ``scores``.
+
+        Example:
+            >>> Trigger("deepconf", direction="below").calibrated([1, 2, 3, 4, 5], 10).threshold
+            1.4
+        """
+        values = np.asarray(list(scores), dtype=np.float64)
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise ValueError("scores: need at least one finite score to calibrate")
+        if not 0 <= percentile <= 100:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        return replace(self, threshold=float(np.percentile(values, percentile)))
+
+
+def calibrate_from_traces(
+    trigger: Trigger, traces, percentile: float, reducer: str = "deepconf_lowest_group", **params
+) -> Trigger:
+    """Calibrate ``trigger`` from warm-up traces: the ``percentile`` of each trace's
+    ``reducer`` statistic of ``trigger.signal`` (DeepConf: lowest group confidence,
+    ``window`` = the trigger's window).
+
+    ``traces``: one :class:`~tokur_decode.trace.Trace` or several.
+    """
+    traces = [traces] if hasattr(traces, "signals") else list(traces)
+    if reducer.startswith("deepconf") and "window" not in params:
+        params["window"] = trigger.window
+    scores = [
+        value
+        for trace in traces
+        for value in aggregate.reduce(
+            reducer, trace.signals[trigger.signal], trace.lengths, **params
+        ).tolist()
+    ]
+    return trigger.calibrated(scores, percentile)
+
+
+class TriggerState:
+    """Step-by-step evaluation of a :class:`Trigger` for ``batch_size`` rows on ``device``.
+
+    :meth:`update` takes the step's values ``[B]`` and a Python step index and returns
+    a boolean tensor ``[B]``: whether the trigger fires for the row at this step.
+    """
+
+    def __init__(self, trigger: Trigger, batch_size: int, device) -> None:
+        if trigger.threshold is None:
+            raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
+        self.trigger = trigger
+        self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.ring = torch.zeros(batch_size, trigger.window, device=device)
+        #: The value compared with the threshold at the last update, ``[B]``.
+        self.smoothed_value = torch.zeros(batch_size, device=device)
+
+    def smoothed(self, values: torch.Tensor, step: int) -> torch.Tensor:
+        """The value the threshold is compared with: the mean of the last ``window`` steps."""
+        window = self.trigger.window
+        if window == 1:
+            return values.float()
+        self.ring[:, step % window] = values.float()
+        return self.ring.sum(dim=-1) / min(step + 1, window)
+
+    def update(self, values: torch.Tensor, step: int) -> torch.Tensor:
+        trig = self.trigger
+        value = self.smoothed_value = self.smoothed(values, step)
+        crossed = value > trig.threshold if trig.direction == "above" else value < trig.threshold
+        self.count = torch.where(crossed, self.count + 1, 0)
+        fired = self.count >= trig.patience
+        if step + 1 < trig.min_tokens:
+            fired = torch.zeros_like(fired)
+        return fired

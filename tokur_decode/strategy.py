@@ -1,0 +1,224 @@
+"""Strategy recipes: signals + trigger + action + parameters, as TOML or a dict.
+
+Shipped recipes live in the top-level ``strategies/`` folder (inside the wheel as
+``tokur_decode/strategies``) and load by name; a path to a ``.toml`` file or a dict works
+too. Unknown keys and invalid values are rejected with a message naming the key.
+
+Recipe format::
+
+    name = "logtoku-abstain"
+    description = "one line"
+    signals = ["max_prob", "chosen_prob", "entropy", "logtoku"]   # what is recorded
+
+    [trigger]            # for action types "stop" and "resample" (see tokur_decode.policy)
+    signal = "logtoku_epistemic"
+    threshold = 0.1
+    direction = "above"
+    patience = 2
+    min_tokens = 1
+    window = 1
+
+    [action]
+    type = "stop"        # "none" | "stop" | "resample" | "best-of-n"
+    # stop:       abstain_text = "I don't know."
+    # resample:   mode = "veto" | "adaptive", temperature, entropy_coef, varentropy_coef,
+    #             min_temperature, max_temperature, min_p
+    # best-of-n:  n, temperature, top_p, score (a signal output), reducer, higher_is_better,
+    #             method ("argmax" | "majority" | "weighted" | "weighted-softmax"), eta
+
+    [tokur]              # optional: perturbed() options when signals include "tokur"
+    samples = 10
+
+Example:
+    >>> s = Strategy.load("logtoku-abstain")
+    >>> s.action, s.trigger.signal
+    ('stop', 'logtoku_epistemic')
+    >>> Strategy.from_dict(s.to_dict()) == s
+    True
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import aggregate
+from .policy import Trigger, signal_of_output
+from .select import METHODS
+
+__all__ = ["Strategy", "available", "strategies_dir"]
+
+_ACTION_KEYS = {
+    "none": {},
+    "stop": {"abstain_text": (str, type(None))},
+    "resample": {
+        "mode": (str,),
+        "temperature": (int, float),
+        "entropy_coef": (int, float),
+        "varentropy_coef": (int, float),
+        "min_temperature": (int, float),
+        "max_temperature": (int, float),
+        "min_p": (int, float),
+    },
+    "best-of-n": {
+        "n": (int,),
+        "temperature": (int, float),
+        "top_p": (int, float),
+        "score": (str,),
+        "reducer": (str,),
+        "higher_is_better": (bool,),
+        "method": (str,),
+        "eta": (int, float),
+    },
+}
+_BEST_OF_N_DEFAULTS = {
+    "n": 8,
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "reducer": "mean",
+    "higher_is_better": True,
+    "method": "argmax",
+    "eta": 1.0,
+}
+_TOP_KEYS = {"name", "description", "signals", "trigger", "action", "tokur"}
+_TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
+
+
+def strategies_dir() -> Path:
+    """The folder of shipped recipes (in a source checkout or inside the wheel)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "strategies", package.parent / "strategies"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the shipped strategies/ folder is missing from the installation")
+
+
+def available() -> dict[str, str]:
+    """Shipped recipe names with their one-line descriptions."""
+    return {
+        path.stem: Strategy.load(path).description
+        for path in sorted(strategies_dir().glob("*.toml"))
+    }
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A validated recipe (see the module docstring for the format)."""
+
+    name: str
+    description: str = ""
+    signals: tuple[str, ...] = ()
+    action: str = "none"
+    trigger: Trigger | None = None
+    params: dict = field(default_factory=dict)
+    tokur: dict | None = None
+
+    @classmethod
+    def load(cls, spec) -> Strategy:
+        """A :class:`Strategy` from a shipped name, a ``.toml`` path, a dict or itself."""
+        if isinstance(spec, Strategy):
+            return spec
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        path = Path(spec)
+        if path.suffix != ".toml":
+            path = strategies_dir() / f"{spec}.toml"
+            if not path.is_file():
+                raise ValueError(
+                    f"strategy: no recipe named {spec!r}; shipped: {sorted(available())}"
+                )
+        with path.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"strategy: {path}: invalid TOML: {exc}") from exc
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Strategy:
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise ValueError(
+                f"strategy: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}"
+            )
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name: a recipe needs a non-empty name")
+        signals = data.get("signals", [])
+        if isinstance(signals, str) or not all(isinstance(s, str) for s in signals):
+            raise ValueError("signals: must be a list of signal names")
+        action = dict(data.get("action", {"type": "none"}))
+        kind = action.pop("type", "none")
+        if kind not in _ACTION_KEYS:
+            raise ValueError(f"action.type: unknown {kind!r}; choose from {sorted(_ACTION_KEYS)}")
+        for key, value in action.items():
+            allowed = _ACTION_KEYS[kind]
+            if key not in allowed:
+                raise ValueError(
+                    f"action.{key}: not a parameter of {kind!r} (allowed: {sorted(allowed)})"
+                )
+            if not isinstance(value, allowed[key]) or (
+                isinstance(value, bool) and bool not in allowed[key]
+            ):
+                raise ValueError(f"action.{key}: invalid value {value!r}")
+        trigger = None
+        if "trigger" in data:
+            try:
+                trigger = Trigger(**data["trigger"])
+            except TypeError as exc:
+                raise ValueError(f"trigger: {exc}") from exc
+        if kind in ("stop", "resample") and trigger is None:
+            raise ValueError(f"trigger: action {kind!r} needs a [trigger] table")
+        if kind == "best-of-n":
+            action = {**_BEST_OF_N_DEFAULTS, **action}
+            _check_best_of_n(action)
+        tokur = data.get("tokur")
+        if tokur is not None:
+            bad = set(tokur) - _TOKUR_KEYS
+            if bad:
+                raise ValueError(
+                    f"tokur: unknown key(s) {sorted(bad)}; allowed: {sorted(_TOKUR_KEYS)}"
+                )
+        return cls(
+            name=name,
+            description=str(data.get("description", "")),
+            signals=tuple(signals),
+            action=kind,
+            trigger=trigger,
+            params=action,
+            tokur=dict(tokur) if tokur is not None else None,
+        )
+
+    def to_dict(self) -> dict:
+        """The recipe as a plain dict (``Strategy.from_dict(s.to_dict()) == s``)."""
+        data = {
+            "name": self.name,
+            "description": self.description,
+            "signals": list(self.signals),
+            "action": {"type": self.action, **self.params},
+        }
+        if self.trigger is not None:
+            data["trigger"] = asdict(self.trigger)
+        if self.tokur is not None:
+            data["tokur"] = dict(self.tokur)
+        return data
+
+
+def _check_best_of_n(p: dict) -> None:
+    if p["n"] < 1:
+        raise ValueError(f"action.n: must be >= 1, got {p['n']}")
+    if not p["temperature"] > 0:
+        raise ValueError("action.temperature: best-of-n samples, so it must be > 0")
+    if "score" not in p:
+        raise ValueError("action.score: best-of-n needs a score (a signal output)")
+    signal_of_output(p["score"])
+    if p["reducer"] not in aggregate.REDUCERS:
+        raise ValueError(
+            f"action.reducer: unknown {p['reducer']!r}; choose from {sorted(aggregate.REDUCERS)}"
+        )
+    if p["method"] not in METHODS:
+        raise ValueError(f"action.method: unknown {p['method']!r}; choose from {METHODS}")
+    if not 0 < p["eta"] <= 1:
+        raise ValueError(f"action.eta: must be in (0, 1], got {p['eta']}")
