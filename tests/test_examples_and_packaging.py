@@ -70,3 +70,22 @@ def _tiny_tokenizer(cls):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return cls(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_strategy_recipes(tmp_path):
+    import zipfile
+
+    from tokur_decode.strategy import available
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for recipe in available():
+        assert f"tokur_decode/strategies/{recipe}.toml" in names, recipe
