@@ -40,9 +40,8 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
     )
     event = best.actions[0][0]
-    print(
-        f"\nbest of {event['n']} by mean self-certainty: candidate {event['chosen']}: {best.texts[0]}"
-    )
+    print(f"\nbest of {event['n']} by mean self-certainty: candidate {event['chosen']}:")
+    print(f"   {best.texts[0]}")
     print("   scores:", ", ".join(f"{s:.2f}" for s in event["scores"]))
 
 

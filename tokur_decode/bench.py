@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hf.generation import encode_prompts
+from .hf.generation import encode_prompts, sampling_kwargs
 from .hf.monitor import UncertaintyMonitor
 from .hf.tokur import perturbed
 
@@ -121,11 +121,8 @@ class _GenerateTimer:
         self.common = dict(
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
             pad_token_id=tokenizer.pad_token_id,
+            **sampling_kwargs(0.0),
         )
 
     def __call__(self, **kwargs) -> float:

@@ -17,7 +17,7 @@ from .actions import ResampleOnTrigger, StopOnTrigger
 from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor
 from .tokur import perturbed
 
-__all__ = ["GenerationResult", "encode_prompts", "generate", "normalize_answer"]
+__all__ = ["GenerationResult", "encode_prompts", "generate", "normalize_answer", "sampling_kwargs"]
 
 
 @dataclass
@@ -71,6 +71,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool | None = Non
     else:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     return enc.to(device) if device is not None else enc
+
+
+def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
+    """``generate`` keywords for sampling at ``temperature`` (> 0) or greedy decoding (0;
+    the model's own sampling defaults are switched off)."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 def normalize_answer(text: str) -> str:
@@ -192,11 +200,7 @@ def _run(
 ):
     """One batched ``generate`` with the monitor first and the action (if any) after it."""
     enc = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
+    sampling = sampling_kwargs(temperature, top_p)
     if seed is not None:
         torch.manual_seed(seed)
     context = perturbed(model, **tokur) if tokur is not None else contextlib.nullcontext()
