@@ -1,8 +1,9 @@
 """tokur-decode: uncertainty-guided decoding for LLMs.
 
 Token-level uncertainty signals (:mod:`tokur_decode.signals`), response-level
-aggregates (:mod:`tokur_decode.aggregate`), traces (:mod:`tokur_decode.trace`) and the
-transformers monitor (:mod:`tokur_decode.hf`). The names below are imported lazily, so
+aggregates (:mod:`tokur_decode.aggregate`), traces (:mod:`tokur_decode.trace`), the
+transformers monitor, TokUR and actions (:mod:`tokur_decode.hf`), triggers
+(:mod:`tokur_decode.policy`) and strategy recipes (:mod:`tokur_decode.strategy`). The names below are imported lazily, so
 ``import tokur_decode`` stays cheap.
 
 Example:
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SignalSpec": "tokur_decode.signals",
     "compute_signals": "tokur_decode.signals",
+    "Strategy": "tokur_decode.strategy",
     "Trace": "tokur_decode.trace",
     "UncertaintyMonitor": "tokur_decode.hf",
     "generate": "tokur_decode.hf",

@@ -43,6 +43,7 @@ __all__ = [
     "bases_for",
     "low_rank_basis",
     "low_rank_noise",
+    "split_noise",
     "weights_fingerprint",
 ]
 
