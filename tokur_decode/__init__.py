@@ -3,8 +3,8 @@
 Token-level uncertainty signals (:mod:`tokur_decode.signals`), response-level
 aggregates (:mod:`tokur_decode.aggregate`), traces (:mod:`tokur_decode.trace`), the
 transformers monitor, TokUR and actions (:mod:`tokur_decode.hf`), triggers
-(:mod:`tokur_decode.policy`) and strategy recipes (:mod:`tokur_decode.strategy`). The names below are imported lazily, so
-``import tokur_decode`` stays cheap.
+(:mod:`tokur_decode.policy`) and strategy recipes (:mod:`tokur_decode.strategy`).
+The names below are imported lazily, so ``import tokur_decode`` stays cheap.
 
 Example:
     >>> import tokur_decode
