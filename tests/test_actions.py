@@ -170,6 +170,26 @@ def test_stop_respects_a_grammar_that_forbids_eos():
     assert all(e.get("blocked") for e in stop.events()[0])
 
 
+def test_blocked_is_recorded_per_step_not_per_row():
+    """EOS forbidden for the first 3 steps only: the trigger fires blocked, then stops."""
+
+    class NoEosEarly:
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - PROMPT.shape[1] < 3:
+                scores = scores.clone()
+                scores[:, EOS] = -math.inf
+            return scores
+
+    model = tiny_model("llama", vocab_size=128)
+    stop = StopOnTrigger(Trigger("entropy", threshold=0.0), eos_token_id=EOS)
+    out = run(model, [NoEosEarly(), stop])
+    for row, events in enumerate(stop.events()):
+        assert [e["step"] for e in events] == [0, 1, 2, 3]
+        assert all("blocked" in e for e in events[:3])
+        assert "blocked" not in events[3]  # the real stop
+        assert out.sequences[row, PROMPT.shape[1] + 3] == EOS
+
+
 def test_veto_changes_the_output_exactly_at_the_first_fired_step():
     model = tiny_model("qwen2", vocab_size=128)
     plain = run(model, [], output_logits=True)

@@ -30,6 +30,7 @@ from ..policy import Trigger, TriggerState, signal_of_output
 from ..signals import SignalSpec
 from ..trace import StepBuffer
 from .clock import StepClock
+from .monitor import as_id_list
 
 __all__ = ["ResampleOnTrigger", "StopOnTrigger", "TriggeredAction"]
 
@@ -39,6 +40,8 @@ class TriggeredAction(LogitsProcessor):
 
     supports_continuous_batching = False
     action = "none"
+    #: Extra per-step 0/1 facts a subclass records beside ``fired`` and ``value``.
+    record_names: tuple[str, ...] = ()
 
     def __init__(
         self, trigger: Trigger, extra_signals: Sequence[str] = (), **signal_params
@@ -62,19 +65,22 @@ class TriggeredAction(LogitsProcessor):
         step, new = self.clock.tick(input_ids)
         if new:
             self._state = TriggerState(self.trigger, input_ids.shape[0], scores.device)
-            self._record = StepBuffer(("fired", "value"), input_ids.shape[0], scores.device)
+            names = ("fired", "value", *self.record_names)
+            self._record = StepBuffer(names, input_ids.shape[0], scores.device)
             self._start(input_ids.shape[0], scores.device)
         values = self.spec(scores)
         value = values[self.trigger.signal]
         fired = self._state.update(value, step)
-        scores = self.act(scores, fired, values)
-        self._record.write(step, {"fired": fired.float(), "value": self._state.smoothed_value})
+        scores, facts = self.act(scores, fired, values)
+        record = {"fired": fired.float(), "value": self._state.smoothed_value}
+        self._record.write(step, {**record, **{k: v.float() for k, v in facts.items()}})
         return scores
 
     def _start(self, batch: int, device) -> None:
         """Per-generation state of a subclass."""
 
     def act(self, scores, fired, values):  # pragma: no cover - abstract
+        """``(new scores, {name in record_names: bool [B]})`` for this step."""
         raise NotImplementedError
 
     def events(self, lengths: torch.Tensor | None = None) -> list[list[dict]]:
@@ -83,24 +89,24 @@ class TriggeredAction(LogitsProcessor):
         if self._record is None:
             return []
         view = self._record.view(self.clock.steps)
-        fired = view["fired"].bool().cpu()
-        value = view["value"].cpu()
+        record = {name: values.cpu() for name, values in view.items()}
+        fired = record["fired"].bool()
         limit = lengths.cpu().tolist() if lengths is not None else [fired.shape[1]] * fired.shape[0]
         return [
             [
-                self._event(i, step, float(value[i, step]))
+                self._event({name: float(v[i, step]) for name, v in record.items()}, step)
                 for step in fired[i, : limit[i]].nonzero().flatten().tolist()
             ]
             for i in range(fired.shape[0])
         ]
 
-    def _event(self, row: int, step: int, value: float) -> dict:
+    def _event(self, facts: dict[str, float], step: int) -> dict:
         t = self.trigger
         return {
             "action": self.action,
             "step": step,
             "signal": t.signal,
-            "value": value,
+            "value": facts["value"],
             "threshold": t.threshold,
             "direction": t.direction,
         }
@@ -122,31 +128,28 @@ class StopOnTrigger(TriggeredAction):
     """
 
     action = "stop"
+    record_names = ("blocked",)
 
     def __init__(
         self, trigger: Trigger, eos_token_id: int | Sequence[int], **signal_params
     ) -> None:
         super().__init__(trigger, **signal_params)
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise ValueError(
-                f"eos_token_id must be a non-negative int or list, got {eos_token_id!r}"
-            )
-        self.eos_token_ids = ids
+        self.eos_token_ids = as_id_list(eos_token_id, "eos_token_id")
+        if not self.eos_token_ids:
+            raise ValueError("eos_token_id: a stop needs at least one EOS id")
 
     def _start(self, batch: int, device) -> None:
         self._eos = torch.tensor(self.eos_token_ids, device=device)
-        self.blocked = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def act(self, scores, fired, values):
         eos_allowed = scores.index_select(-1, self._eos).amax(dim=-1) > -math.inf
-        self.blocked = self.blocked | (fired & ~eos_allowed)
         forced = torch.full_like(scores, -math.inf).index_fill(-1, self._eos, 0.0)
-        return torch.where((fired & eos_allowed).unsqueeze(-1), forced, scores)
+        stopped = torch.where((fired & eos_allowed).unsqueeze(-1), forced, scores)
+        return stopped, {"blocked": fired & ~eos_allowed}
 
-    def _event(self, row: int, step: int, value: float) -> dict:
-        event = super()._event(row, step, value)
-        if bool(self.blocked[row]):
+    def _event(self, facts: dict[str, float], step: int) -> dict:
+        event = super()._event(facts, step)
+        if facts["blocked"]:
             event["blocked"] = "EOS forbidden by an earlier processor"
         return event
 
@@ -209,11 +212,11 @@ class ResampleOnTrigger(TriggeredAction):
         if self.mode == "veto":
             top = scores.argmax(dim=-1, keepdim=True)
             vetoed = scores.scatter(-1, top, -math.inf)
-            return torch.where(fired.unsqueeze(-1), vetoed, scores)
+            return torch.where(fired.unsqueeze(-1), vetoed, scores), {}
         t0, a, b, t_min, t_max, min_p = self.rule
         temp = (t0 + a * values["entropy"] + b * values["varentropy"]).clamp(t_min, t_max)
         scaled = scores / temp.unsqueeze(-1)
         lp = torch.log_softmax(scaled.float(), dim=-1)
         keep = lp >= lp.amax(dim=-1, keepdim=True) + math.log(max(min_p, 1e-30))
         adapted = scaled.masked_fill(~keep, -math.inf)
-        return torch.where(fired.unsqueeze(-1), adapted, scores)
+        return torch.where(fired.unsqueeze(-1), adapted, scores), {}

@@ -113,7 +113,7 @@ class UncertaintyMonitor(LogitsProcessor):
         )
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.eos_token_ids = _as_id_list(eos_token_id, "eos_token_id")
+        self.eos_token_ids = as_id_list(eos_token_id, "eos_token_id")
         self.capacity = capacity
         self._chosen = tuple(n for n in self.spec.signals if n in CHOSEN_SIGNALS)
         computed = tuple(n for n in self.spec.signals if n not in CHOSEN_SIGNALS)
@@ -143,6 +143,10 @@ class UncertaintyMonitor(LogitsProcessor):
         """Forget the current record; the next call starts a new one."""
         self._buffer: StepBuffer | None = None
         self._clock = StepClock()
+        self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        """Forget what the previous step left for the next one."""
         self._last_logprobs: torch.Tensor | None = None
         self._last_bayes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_forward = -1
@@ -196,8 +200,7 @@ class UncertaintyMonitor(LogitsProcessor):
 
     def _start(self, batch: int, device: torch.device) -> None:
         """A new generation (the clock has already restarted): fresh buffers and state."""
-        self._last_logprobs = self._last_bayes = None
-        self._last_forward = -1
+        self._clear_pending()
         self._buffer = StepBuffer(
             self._step_names + self._deferred_names, batch, device, self.capacity
         )
@@ -234,7 +237,7 @@ class UncertaintyMonitor(LogitsProcessor):
             with torch.inference_mode():
                 buf.write(steps - 1, self._deferred(generated[:, -1]))
 
-        eos = self.eos_token_ids or _as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
+        eos = self.eos_token_ids or as_id_list(getattr(tokenizer, "eos_token_id", None), "eos")
         lengths = _lengths_until_eos(generated, eos)
         recorded = buf.view(steps)
         signals = {name: recorded[name].clone() for name in self.output_names}
@@ -267,7 +270,8 @@ class UncertaintyMonitor(LogitsProcessor):
         )
 
 
-def _as_id_list(value, name: str) -> list[int]:
+def as_id_list(value, name: str) -> list[int]:
+    """Token id(s) as a list (``None``: empty); ``ValueError`` naming ``name`` otherwise."""
     if value is None:
         return []
     ids = [value] if isinstance(value, int) else list(value)
