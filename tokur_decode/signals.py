@@ -244,11 +244,6 @@ class SignalSpec:
         """The keys of the dictionary returned by :meth:`__call__`, in order."""
         return tuple(key for name in self.signals for key in SIGNALS[name])
 
-    @property
-    def needs_chosen(self) -> bool:
-        """Whether a signal needs the emitted token (``chosen_prob``/``chosen_logprob``)."""
-        return any(name in CHOSEN_SIGNALS for name in self.signals)
-
     def __call__(
         self, logits: torch.Tensor, token_ids: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

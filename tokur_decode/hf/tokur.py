@@ -63,9 +63,9 @@ class PerturbedModel:
             )
         self._eager = attn == "eager"
         weights = {name: mod.weight for name, mod in self.modules}
-        device, dtype = model.device, next(model.parameters()).dtype
+        self._dtype = next(model.parameters()).dtype  # the compute dtype of noise and masks
         self.bases = {
-            name: basis.to(device=device, dtype=dtype)
+            name: basis.to(device=model.device, dtype=self._dtype)
             for name, basis in bases_for(weights, config.rank, config.direction, cache_dir).items()
         }
         self._noise_sizes = [
@@ -133,8 +133,7 @@ class PerturbedModel:
             generator=self._generator,
             device=self.model.device,
         )
-        dtype = next(self.model.parameters()).dtype
-        self._eps = split_noise((flat * self.config.sigma).to(dtype), self._noise_sizes)
+        self._eps = split_noise((flat * self.config.sigma).to(self._dtype), self._noise_sizes)
 
     # ------------------------------------------------------------------ forward
 
@@ -188,9 +187,8 @@ class PerturbedModel:
         allowed = allowed | (keys == own.unsqueeze(-1))  # a padded query still sees itself
         mask = allowed.expand(b, q, past + q).unsqueeze(1)
         if self._eager:
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-                ~mask, torch.finfo(dtype).min
+            mask = torch.zeros(mask.shape, dtype=self._dtype, device=device).masked_fill(
+                ~mask, torch.finfo(self._dtype).min
             )
 
         call = {
