@@ -48,10 +48,20 @@ class OverheadResult:
         return statistics.median(self.ratios)
 
     @property
+    def median_baseline(self) -> float:
+        """Median seconds per token of plain ``generate``."""
+        return statistics.median(self.baseline)
+
+    @property
+    def median_monitored(self) -> float:
+        """Median seconds per token with the monitor."""
+        return statistics.median(self.monitored)
+
+    @property
     def step_ratio(self) -> float:
         """``1 + monitor cost per step / median plain time per token``: the overhead with
         the machine's run-to-run noise taken out."""
-        return 1.0 + self.monitor_step / statistics.median(self.baseline)
+        return 1.0 + self.monitor_step / self.median_baseline
 
 
 def monitor_overhead(

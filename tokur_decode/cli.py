@@ -347,8 +347,8 @@ def _cmd_bench(args) -> int:
             {
                 "batch_size": batch,
                 "tokens": args.max_new_tokens,
-                "baseline_ms_per_token": 1e3 * sorted(res.baseline)[len(res.baseline) // 2],
-                "monitored_ms_per_token": 1e3 * sorted(res.monitored)[len(res.monitored) // 2],
+                "baseline_ms_per_token": 1e3 * res.median_baseline,
+                "monitored_ms_per_token": 1e3 * res.median_monitored,
                 "median_ratio": res.median_ratio,
                 "ratios": res.ratios,
                 "monitor_ms_per_step": 1e3 * res.monitor_step,
