@@ -123,31 +123,74 @@ class TriggerState:
 
     :meth:`update` takes the step's values ``[B]`` and a Python step index and returns
     a boolean tensor ``[B]``: whether the trigger fires for the row at this step.
+    ``thresholds`` (``[B]``) gives each row its own threshold (DeepConf online
+    calibrates one per prompt); otherwise every row uses ``trigger.threshold``.
+
+    A decoding controller that forks or rewinds rows keeps the state in step with
+    :meth:`select_rows` and :meth:`reset_rows`; each row's window counts the values it
+    was fed since its last reset.
     """
 
-    def __init__(self, trigger: Trigger, batch_size: int, device) -> None:
-        if trigger.threshold is None:
+    def __init__(
+        self, trigger: Trigger, batch_size: int, device, thresholds: Sequence[float] | None = None
+    ) -> None:
+        if thresholds is not None:
+            if len(thresholds) != batch_size:
+                raise ValueError(f"thresholds: {len(thresholds)} for {batch_size} rows")
+            self.threshold = torch.tensor(list(thresholds), dtype=torch.float32, device=device)
+        elif trigger.threshold is None:
             raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
+        else:
+            self.threshold = trigger.threshold
         self.trigger = trigger
         self.count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.ring = torch.zeros(batch_size, trigger.window, device=device)
         #: The value compared with the threshold at the last update, ``[B]``.
         self.smoothed_value = torch.zeros(batch_size, device=device)
 
-    def smoothed(self, values: torch.Tensor, step: int) -> torch.Tensor:
-        """The value the threshold is compared with: the mean of the last ``window`` steps."""
+    def smoothed(self, values: torch.Tensor) -> torch.Tensor:
+        """The value the threshold is compared with: the mean of the row's last
+        ``window`` values (fewer right after the start or a reset)."""
         window = self.trigger.window
         if window == 1:
             return values.float()
-        self.ring[:, step % window] = values.float()
-        return self.ring.sum(dim=-1) / min(step + 1, window)
+        slot = (self.seen % window).unsqueeze(-1)
+        self.ring = self.ring.scatter(-1, slot, values.float().unsqueeze(-1))
+        return self.ring.sum(dim=-1) / (self.seen + 1).clamp(max=window)
 
-    def update(self, values: torch.Tensor, step: int) -> torch.Tensor:
+    def update(
+        self, values: torch.Tensor, step: int, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feed the step's ``values``; ``active`` (``[B]`` bool) limits the update to
+        those rows (the others keep their state and do not fire)."""
         trig = self.trigger
-        value = self.smoothed_value = self.smoothed(values, step)
-        crossed = value > trig.threshold if trig.direction == "above" else value < trig.threshold
+        before = (self.count, self.seen, self.ring)
+        value = self.smoothed(values)
+        crossed = value > self.threshold if trig.direction == "above" else value < self.threshold
         self.count = torch.where(crossed, self.count + 1, 0)
+        self.seen = self.seen + 1
+        if active is not None:
+            self.count = torch.where(active, self.count, before[0])
+            self.seen = torch.where(active, self.seen, before[1])
+            self.ring = torch.where(active.unsqueeze(-1), self.ring, before[2])
+        self.smoothed_value = value
         fired = self.count >= trig.patience
+        if active is not None:
+            fired = fired & active
         if step + 1 < trig.min_tokens:
             fired = torch.zeros_like(fired)
         return fired
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (``[B']``, repeats allowed), in that order."""
+        for name in ("count", "seen", "ring", "smoothed_value"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        if isinstance(self.threshold, torch.Tensor):
+            self.threshold = self.threshold.index_select(0, index)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Start the rows where ``rows`` (``[B]`` bool) is true afresh."""
+        self.count = self.count.masked_fill(rows, 0)
+        self.seen = self.seen.masked_fill(rows, 0)
+        self.ring = self.ring.masked_fill(rows.unsqueeze(-1), 0.0)

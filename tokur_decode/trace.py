@@ -96,6 +96,11 @@ class StepBuffer:
             for name, value in values.items():
                 self._data[self._index[name], :, step] = value
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (``[B']``, repeats allowed), in that order."""
+        self._data = self._data.index_select(1, index)
+        self.batch_size = len(index)
+
     def view(self, steps: int) -> dict[str, torch.Tensor]:
         """The first ``steps`` columns of every name, ``{name: [B, steps]}`` (views)."""
         return {name: self._data[i, :, :steps] for name, i in self._index.items()}
@@ -156,6 +161,41 @@ class Trace:
             tokens=None if self.tokens is None else [self.tokens[i] for i in rows],
             texts=None if self.texts is None else [self.texts[i] for i in rows],
             meta=dict(self.meta),
+        )
+
+    @classmethod
+    def concat(cls, traces: Sequence[Trace]) -> Trace:
+        """The rows of ``traces`` (same signals) one after another, padded to the longest.
+
+        Example:
+            >>> a = Trace({"entropy": torch.ones(1, 2)}, torch.ones(1, 2, dtype=torch.long),
+            ...           torch.tensor([2]))
+            >>> b = Trace({"entropy": torch.ones(2, 3)}, torch.ones(2, 3, dtype=torch.long),
+            ...           torch.tensor([3, 1]))
+            >>> Trace.concat([a, b]).lengths.tolist()
+            [2, 3, 1]
+        """
+        if not traces:
+            raise ValueError("traces: at least one trace is required")
+        names = traces[0].names
+        if any(t.names != names for t in traces):
+            raise ValueError("traces: every trace must record the same signals")
+        width = max(t.token_ids.shape[1] for t in traces)
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+        def joined(attr: str):
+            lists = [getattr(t, attr) for t in traces]
+            return None if any(x is None for x in lists) else [r for x in lists for r in x]
+
+        return cls(
+            signals={n: torch.cat([padded(t.signals[n]) for t in traces]) for n in names},
+            token_ids=torch.cat([padded(t.token_ids) for t in traces]),
+            lengths=torch.cat([t.lengths for t in traces]),
+            tokens=joined("tokens"),
+            texts=joined("texts"),
+            meta=dict(traces[0].meta),
         )
 
     @property

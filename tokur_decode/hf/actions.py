@@ -36,7 +36,11 @@ __all__ = ["ResampleOnTrigger", "StopOnTrigger", "TriggeredAction"]
 
 
 class TriggeredAction(LogitsProcessor):
-    """Base class: evaluates ``trigger`` on the step's logits, calls :meth:`act`."""
+    """Base class: evaluates ``trigger`` on the step's logits, calls :meth:`act`.
+
+    ``thresholds`` (one per row of the batch) overrides ``trigger.threshold`` row by
+    row, e.g. thresholds calibrated per prompt for DeepConf online.
+    """
 
     supports_continuous_batching = False
     action = "none"
@@ -44,18 +48,26 @@ class TriggeredAction(LogitsProcessor):
     record_names: tuple[str, ...] = ()
 
     def __init__(
-        self, trigger: Trigger, extra_signals: Sequence[str] = (), **signal_params
+        self,
+        trigger: Trigger,
+        extra_signals: Sequence[str] = (),
+        *,
+        thresholds: Sequence[float] | None = None,
+        **signal_params,
     ) -> None:
         if not isinstance(trigger, Trigger):
             raise ValueError(f"trigger must be a Trigger, got {type(trigger).__name__}")
-        if trigger.threshold is None:
+        if trigger.threshold is None and thresholds is None:
             raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
+        if thresholds is not None and not all(math.isfinite(t) for t in thresholds):
+            raise ValueError("thresholds: must be finite numbers, one per row")
         name = signal_of_output(trigger.signal)
         if name == "tokur":
             raise ValueError(
                 "trigger: TokUR signals need perturbed samples; use them for selection"
             )
         self.trigger = trigger
+        self.thresholds = None if thresholds is None else [float(t) for t in thresholds]
         self.spec = SignalSpec([name, *extra_signals], **signal_params)
         self.clock = StepClock()
         self._state: TriggerState | None = None
@@ -64,7 +76,9 @@ class TriggeredAction(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step, new = self.clock.tick(input_ids)
         if new:
-            self._state = TriggerState(self.trigger, input_ids.shape[0], scores.device)
+            self._state = TriggerState(
+                self.trigger, input_ids.shape[0], scores.device, self.thresholds
+            )
             names = ("fired", "value", *self.record_names)
             self._record = StepBuffer(names, input_ids.shape[0], scores.device)
             self._start(input_ids.shape[0], scores.device)
@@ -94,20 +108,20 @@ class TriggeredAction(LogitsProcessor):
         limit = lengths.cpu().tolist() if lengths is not None else [fired.shape[1]] * fired.shape[0]
         return [
             [
-                self._event({name: float(v[i, step]) for name, v in record.items()}, step)
+                self._event({name: float(v[i, step]) for name, v in record.items()}, step, i)
                 for step in fired[i, : limit[i]].nonzero().flatten().tolist()
             ]
             for i in range(fired.shape[0])
         ]
 
-    def _event(self, facts: dict[str, float], step: int) -> dict:
+    def _event(self, facts: dict[str, float], step: int, row: int) -> dict:
         t = self.trigger
         return {
             "action": self.action,
             "step": step,
             "signal": t.signal,
             "value": facts["value"],
-            "threshold": t.threshold,
+            "threshold": t.threshold if self.thresholds is None else self.thresholds[row],
             "direction": t.direction,
         }
 
@@ -147,8 +161,8 @@ class StopOnTrigger(TriggeredAction):
         stopped = torch.where((fired & eos_allowed).unsqueeze(-1), forced, scores)
         return stopped, {"blocked": fired & ~eos_allowed}
 
-    def _event(self, facts: dict[str, float], step: int) -> dict:
-        event = super()._event(facts, step)
+    def _event(self, facts: dict[str, float], step: int, row: int) -> dict:
+        event = super()._event(facts, step, row)
         if facts["blocked"]:
             event["blocked"] = "EOS forbidden by an earlier processor"
         return event

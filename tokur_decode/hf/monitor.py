@@ -174,6 +174,35 @@ class UncertaintyMonitor(LogitsProcessor):
             buf.write(step, values)
         return scores
 
+    def check_step_output(self, name: str) -> None:
+        """``ValueError`` unless ``name`` is an output this monitor knows at its step (not
+        ``chosen_*`` or ``tokur_reward``, which wait for the emitted token)."""
+        if name not in self._step_names:
+            raise ValueError(
+                f"signal: {name!r} is not a step-time output of this monitor "
+                f"(have {list(self._step_names)})"
+            )
+
+    def values(self, name: str) -> torch.Tensor:
+        """Output ``name`` of every step so far, ``[B, steps]`` (a view; see
+        :meth:`check_step_output` for which outputs are complete)."""
+        self.check_step_output(name)
+        return self._buffer.view(self._clock.steps)[name]
+
+    def latest(self, name: str) -> torch.Tensor:
+        """Output ``name`` at the last step, ``[B]``."""
+        return self.values(name)[:, -1]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (``[B']``, repeats allowed) for the rest of the record, as a
+        decoding controller forks rows (see :mod:`tokur_decode.hf.controller`)."""
+        self._buffer.select_rows(index)
+        self._clock.batch_size = len(index)
+        if self._last_logprobs is not None:
+            self._last_logprobs = self._last_logprobs.index_select(0, index)
+        if self._last_bayes is not None:
+            self._last_bayes = tuple(t.index_select(0, index) for t in self._last_bayes)
+
     def _tokur_step(self, batch: int) -> dict[str, torch.Tensor]:
         source = self.sample_source
         samples = source.last_samples
@@ -241,17 +270,7 @@ class UncertaintyMonitor(LogitsProcessor):
         lengths = _lengths_until_eos(generated, eos)
         recorded = buf.view(steps)
         signals = {name: recorded[name].clone() for name in self.output_names}
-        tokens = texts = None
-        if tokenizer is not None:
-            ids = generated.cpu().tolist()
-            n = lengths.cpu().tolist()
-            tokens = [
-                [tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)
-            ]
-            texts = [
-                tokenizer.decode(row[:k], skip_special_tokens=True)
-                for row, k in zip(ids, n, strict=True)
-            ]
+        tokens, texts = decode_rows(tokenizer, generated, lengths)
         return Trace(
             signals=signals,
             token_ids=generated,
@@ -268,6 +287,20 @@ class UncertaintyMonitor(LogitsProcessor):
                 },
             },
         )
+
+
+def decode_rows(tokenizer, token_ids: torch.Tensor, lengths: torch.Tensor):
+    """``(tokens, texts)``: each valid token's text and each response without special
+    tokens; ``(None, None)`` without a tokenizer."""
+    if tokenizer is None:
+        return None, None
+    ids = token_ids.cpu().tolist()
+    n = lengths.cpu().tolist()
+    tokens = [[tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)]
+    texts = [
+        tokenizer.decode(row[:k], skip_special_tokens=True) for row, k in zip(ids, n, strict=True)
+    ]
+    return tokens, texts
 
 
 def as_id_list(value, name: str) -> list[int]:
