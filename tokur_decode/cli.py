@@ -273,7 +273,7 @@ def _print_report(report: dict) -> None:
     for _, head in columns:
         table.add_column(head, justify="right")
     scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
-    step_actions = {e["step"]: e for e in report["actions"] if "step" in e}
+    step_actions = {_event_step(e): e for e in report["actions"] if "step" in e}
     if step_actions:
         table.add_column("action")
     for i, tok in enumerate(report["tokens"]):
@@ -285,11 +285,17 @@ def _print_report(report: dict) -> None:
         table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
     console.print(table)
     for event in report["actions"]:
-        if event["action"] == "best-of-n":
+        if event["action"] == "deepconf-online":
             console.print(
-                f"best-of-{event['n']}: chose candidate {event['chosen']} by {event['reducer']} of "
-                f"{event['score']} ({event['method']}, eta {event['eta']}); scores "
-                + ", ".join(f"{s:.3f}" for s in event["scores"])
+                f"deepconf-online: threshold {event['threshold']:.3f} from {event['warmup']} "
+                f"warm-up traces; stopped {len(event['stopped'])} of "
+                f"{event['n'] - event['warmup']} later ones; {event['tokens']} tokens in all"
+            )
+        if "scores" in event:
+            console.print(
+                f"{event['action']} of {len(event['scores'])}: chose candidate {event['chosen']} "
+                f"by {event['reducer']} of {event['score']} ({event['method']}, eta "
+                f"{event['eta']}); scores " + ", ".join(f"{s:.3f}" for s in event["scores"])
             )
     summary = Table(title="Response-level scores", title_justify="left")
     summary.add_column("score")
@@ -299,12 +305,23 @@ def _print_report(report: dict) -> None:
     console.print(summary)
 
 
+def _event_step(event: dict) -> int:
+    """The answer token an event is shown at: a rollback at the first regenerated token."""
+    return event["step"] - event.get("rewound", 0)
+
+
 def _describe(event: dict) -> str:
     """One cell: which action, which signal crossed which threshold."""
+    if event.get("threshold") is None:  # a branch at the first token
+        return f"{event['action']}: {len(event['alternatives'])} first tokens"
     sign = ">" if event["direction"] == "above" else "<"
     text = (
         f"{event['action']}: {event['signal']} {event['value']:.3f} {sign} {event['threshold']:g}"
     )
+    if event["action"] == "branch":
+        text += f", {len(event['alternatives'])} alternatives"
+    if event["action"] == "rollback":
+        text += f", took back {event['rewound']}, kept {event.get('kept', 'new')}"
     return text + (" (blocked)" if "blocked" in event else "")
 
 

@@ -19,11 +19,18 @@ Recipe format::
     window = 1
 
     [action]
-    type = "stop"        # "none" | "stop" | "resample" | "best-of-n"
+    type = "stop"        # "none" | "stop" | "resample" | "best-of-n" | "branch" | "rollback"
+                         # | "deepconf-online"
     # stop:       abstain_text = "I don't know."
     # resample:   mode = "veto" | "adaptive", temperature, entropy_coef, varentropy_coef,
     #             min_temperature, max_temperature, min_p
-    # best-of-n:  n, temperature, top_p, score (a signal output), reducer, higher_is_better,
+    # best-of-n:  n, temperature, top_p, + selection keys
+    # branch:     k, at = "first" | "trigger", max_branch_points, token_budget (0: none),
+    #             + selection keys
+    # rollback:   rewind, temperature, max_retries
+    # deepconf-online: n, warmup, keep (percent of warm-up traces above the threshold),
+    #             window, temperature, top_p, + selection keys (score: deepconf)
+    # selection keys: score (a signal output), reducer, higher_is_better,
     #             method ("argmax" | "majority" | "weighted" | "weighted-softmax"), eta
 
     [tokur]              # optional: perturbed() options when signals include "tokur"
@@ -49,6 +56,14 @@ from .select import METHODS
 
 __all__ = ["Strategy", "available", "strategies_dir"]
 
+_SELECTION_KEYS = {
+    "score": (str,),
+    "reducer": (str,),
+    "higher_is_better": (bool,),
+    "method": (str,),
+    "eta": (int, float),
+}
+_SAMPLING_KEYS = {"n": (int,), "temperature": (int, float), "top_p": (int, float)}
 _ACTION_KEYS = {
     "none": {},
     "stop": {"abstain_text": (str, type(None))},
@@ -61,26 +76,50 @@ _ACTION_KEYS = {
         "max_temperature": (int, float),
         "min_p": (int, float),
     },
-    "best-of-n": {
-        "n": (int,),
-        "temperature": (int, float),
-        "top_p": (int, float),
-        "score": (str,),
-        "reducer": (str,),
-        "higher_is_better": (bool,),
-        "method": (str,),
-        "eta": (int, float),
+    "best-of-n": {**_SAMPLING_KEYS, **_SELECTION_KEYS},
+    "branch": {
+        "k": (int,),
+        "at": (str,),
+        "max_branch_points": (int,),
+        "token_budget": (int,),
+        **_SELECTION_KEYS,
+    },
+    "rollback": {"rewind": (int,), "temperature": (int, float), "max_retries": (int,)},
+    "deepconf-online": {
+        **_SAMPLING_KEYS,
+        "warmup": (int,),
+        "keep": (int, float),
+        "window": (int,),
+        **_SELECTION_KEYS,
     },
 }
-_BEST_OF_N_DEFAULTS = {
-    "n": 8,
-    "temperature": 0.7,
-    "top_p": 1.0,
-    "reducer": "mean",
-    "higher_is_better": True,
-    "method": "argmax",
-    "eta": 1.0,
+_SELECTION_DEFAULTS = {"reducer": "mean", "higher_is_better": True, "method": "argmax", "eta": 1.0}
+_DEFAULTS = {
+    "best-of-n": {"n": 8, "temperature": 0.7, "top_p": 1.0, **_SELECTION_DEFAULTS},
+    "branch": {
+        "k": 5,
+        "at": "first",
+        "max_branch_points": 1,
+        "token_budget": 0,
+        **_SELECTION_DEFAULTS,
+        "score": "margin",
+    },
+    "rollback": {"rewind": 4, "temperature": 1.0, "max_retries": 2},
+    "deepconf-online": {
+        "n": 8,
+        "warmup": 4,
+        "keep": 90,
+        "window": 16,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        **_SELECTION_DEFAULTS,
+        "score": "deepconf",
+        "reducer": "deepconf_lowest_group",
+        "method": "weighted",
+    },
 }
+#: Actions that need a [trigger] table (branch only with at = "trigger").
+_NEEDS_TRIGGER = ("stop", "resample", "rollback")
 _TOP_KEYS = {"name", "description", "signals", "trigger", "action", "tokur"}
 _TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
 
@@ -169,11 +208,13 @@ class Strategy:
                 trigger = Trigger(**data["trigger"])
             except TypeError as exc:
                 raise ValueError(f"trigger: {exc}") from exc
-        if kind in ("stop", "resample") and trigger is None:
+        action = {**_DEFAULTS.get(kind, {}), **action}
+        needs_trigger = kind in _NEEDS_TRIGGER or (kind == "branch" and action["at"] == "trigger")
+        if needs_trigger and trigger is None:
             raise ValueError(f"trigger: action {kind!r} needs a [trigger] table")
-        if kind == "best-of-n":
-            action = {**_BEST_OF_N_DEFAULTS, **action}
-            _check_best_of_n(action)
+        if trigger is not None and not needs_trigger:
+            raise ValueError(f"trigger: action {kind!r} does not use a [trigger] table")
+        _check_action(kind, action)
         tokur = data.get("tokur")
         if tokur is not None:
             bad = set(tokur) - _TOKUR_KEYS
@@ -206,13 +247,34 @@ class Strategy:
         return data
 
 
-def _check_best_of_n(p: dict) -> None:
-    if p["n"] < 1:
-        raise ValueError(f"action.n: must be >= 1, got {p['n']}")
-    if not p["temperature"] > 0:
-        raise ValueError("action.temperature: best-of-n samples, so it must be > 0")
+def _check_action(kind: str, p: dict) -> None:
+    """Value checks beyond the types, naming the key."""
+    for key in ("n", "k", "max_branch_points", "rewind", "max_retries", "warmup", "window"):
+        if key in p and p[key] < 1:
+            raise ValueError(f"action.{key}: must be >= 1, got {p[key]}")
+    if "temperature" in p and not p["temperature"] > 0:
+        raise ValueError(f"action.temperature: must be > 0, got {p['temperature']}")
+    if "top_p" in p and not 0 < p["top_p"] <= 1:
+        raise ValueError(f"action.top_p: must be in (0, 1], got {p['top_p']}")
+    if kind == "branch":
+        if p["at"] not in ("first", "trigger"):
+            raise ValueError(f"action.at: 'first' or 'trigger', got {p['at']!r}")
+        if p["token_budget"] < 0:
+            raise ValueError(
+                f"action.token_budget: must be >= 0 (0: no cap), got {p['token_budget']}"
+            )
+    if kind == "deepconf-online":
+        if p["warmup"] >= p["n"]:
+            raise ValueError(f"action.warmup: must be < n ({p['n']}), got {p['warmup']}")
+        if not 0 < p["keep"] <= 100:
+            raise ValueError(f"action.keep: a percentage in (0, 100], got {p['keep']}")
+    if set(_SELECTION_KEYS) <= set(_ACTION_KEYS[kind]):
+        _check_selection(p)
+
+
+def _check_selection(p: dict) -> None:
     if "score" not in p:
-        raise ValueError("action.score: best-of-n needs a score (a signal output)")
+        raise ValueError("action.score: selection needs a score (a signal output)")
     signal_of_output(p["score"])
     if p["reducer"] not in aggregate.REDUCERS:
         raise ValueError(

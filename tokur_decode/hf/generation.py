@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import aggregate
-from ..policy import signal_of_output
+from ..policy import Trigger, signal_of_output
 from ..select import choose
 from ..strategy import Strategy
 from ..trace import Trace
 from .actions import ResampleOnTrigger, StopOnTrigger
-from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor
+from .controller import Branch, Controller, Rollback
+from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor, as_id_list
 from .tokur import perturbed
 
 __all__ = ["GenerationResult", "encode_prompts", "generate", "normalize_answer", "sampling_kwargs"]
@@ -31,7 +32,10 @@ class GenerationResult:
         actions: per prompt, every action taken and why (signal, value, threshold, step;
             for best-of-N the candidates' scores and the choice).
         prompts: the prompts as given.
-        candidates: best-of-N only: the trace of all ``N`` candidates per prompt.
+        candidates: best-of-N, branch and DeepConf online: the trace of every
+            candidate per prompt.
+        tokens_generated: tokens the model decoded for all prompts: every candidate's
+            and branch's, and tokens a rollback took back (the cost of the strategy).
     """
 
     texts: list[str]
@@ -39,6 +43,7 @@ class GenerationResult:
     prompts: list[str]
     actions: list[list[dict]] = field(default_factory=list)
     candidates: list[Trace] | None = None
+    tokens_generated: int = 0
 
     @property
     def traces(self) -> list[Trace]:
@@ -134,8 +139,8 @@ def generate(
     if signals is None:
         signals = (strat.signals if strat and strat.signals else None) or DEFAULT_SIGNALS
     names = (signals,) if isinstance(signals, str) else tuple(signals)
-    if strat and strat.action == "best-of-n":  # record the signal that scores candidates
-        needed = signal_of_output(strat.params["score"])
+    for output in _outputs_needed(strat):  # record what selects candidates or triggers
+        needed = signal_of_output(output)
         if needed not in names and not (needed != "tokur" and "all" in names):
             names = (*names, needed)
     wants_tokur = any(n in SAMPLE_SIGNALS for n in names)
@@ -156,6 +161,10 @@ def generate(
     )
     if strat and strat.action == "best-of-n":
         return _best_of_n(strat, extract=extract, top_p=top_p, **run)
+    if strat and strat.action == "deepconf-online":
+        return _deepconf_online(strat, extract=extract, **run)
+    if strat and strat.action in ("branch", "rollback"):
+        return _controlled(strat, extract=extract, temperature=temperature, top_p=top_p, **run)
     action = _action_processor(strat, model, tokenizer, signal_params)
     out, trace = _run(**run, temperature=temperature, top_p=top_p, action=action)
     texts = list(trace.texts or [])
@@ -165,7 +174,23 @@ def generate(
         for i, events in enumerate(actions):
             if any("blocked" not in e for e in events):
                 texts[i] = abstain
-    return GenerationResult(texts=texts, trace=trace, prompts=prompt_list, actions=actions)
+    return GenerationResult(
+        texts=texts,
+        trace=trace,
+        prompts=prompt_list,
+        actions=actions,
+        tokens_generated=int(trace.lengths.sum()),
+    )
+
+
+def _outputs_needed(strat: Strategy | None) -> list[str]:
+    """Signal outputs an action reads from the monitor's record."""
+    if strat is None:
+        return []
+    needed = [strat.params["score"]] if "score" in strat.params else []
+    if strat.trigger is not None and strat.action in ("branch", "rollback"):
+        needed.append(strat.trigger.signal)
+    return needed
 
 
 def _action_processor(strat, model, tokenizer, signal_params):
@@ -180,6 +205,16 @@ def _action_processor(strat, model, tokenizer, signal_params):
 def _eos(model, tokenizer):
     eos = model.generation_config.eos_token_id
     return tokenizer.eos_token_id if eos is None else eos
+
+
+@contextlib.contextmanager
+def _monitoring(model, tokenizer, names, tokur, signal_params):
+    """A fresh monitor, inside :func:`perturbed` when TokUR is recorded, in inference mode."""
+    context = perturbed(model, **tokur) if tokur is not None else contextlib.nullcontext()
+    with context as source, torch.inference_mode():
+        yield UncertaintyMonitor(
+            names, eos_token_id=_eos(model, tokenizer), sample_source=source, **signal_params
+        )
 
 
 def _run(
@@ -200,14 +235,9 @@ def _run(
 ):
     """One batched ``generate`` with the monitor first and the action (if any) after it."""
     enc = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
-    sampling = sampling_kwargs(temperature, top_p)
     if seed is not None:
         torch.manual_seed(seed)
-    context = perturbed(model, **tokur) if tokur is not None else contextlib.nullcontext()
-    with context as source, torch.inference_mode():
-        monitor = UncertaintyMonitor(
-            names, eos_token_id=_eos(model, tokenizer), sample_source=source, **signal_params
-        )
+    with _monitoring(model, tokenizer, names, tokur, signal_params) as monitor:
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -215,9 +245,54 @@ def _run(
             pad_token_id=tokenizer.pad_token_id,
             return_dict_in_generate=True,
             num_return_sequences=num_return_sequences,
-            **sampling,
+            **sampling_kwargs(temperature, top_p),
         )
     return out, monitor.trace(out, tokenizer)
+
+
+def _select(trace: Trace, groups: list[list[int]], p: dict, extract, **reducer_params):
+    """Per group of candidate rows, the row chosen by the recipe's selection keys.
+
+    Returns ``(chosen rows, one record per group, candidate traces per group)``.
+    """
+    raw = aggregate.reduce(p["reducer"], trace.signals[p["score"]], trace.lengths, **reducer_params)
+    raw = raw.tolist()
+    scores = raw if p["higher_is_better"] else [-x for x in raw]
+    answers = [extract(text) for text in trace.texts]
+    chosen, records, candidates = [], [], []
+    for rows in groups:
+        pick = rows[
+            choose([answers[i] for i in rows], [scores[i] for i in rows], p["method"], p["eta"])
+        ]
+        chosen.append(pick)
+        candidates.append(trace.select(rows))
+        records.append(
+            {
+                "chosen": rows.index(pick),
+                "score": p["score"],
+                "reducer": p["reducer"],
+                "higher_is_better": p["higher_is_better"],
+                "method": p["method"],
+                "eta": p["eta"],
+                "scores": [raw[i] for i in rows],
+                "answers": [answers[i] for i in rows],
+            }
+        )
+    return chosen, records, candidates
+
+
+def _result(trace: Trace, prompts, chosen, actions, candidates, tokens=None) -> GenerationResult:
+    """The chosen rows of ``trace`` as the result; ``tokens``: what was decoded in all
+    (default: every row of ``trace``)."""
+    final = trace.select(chosen)
+    return GenerationResult(
+        texts=list(final.texts or []),
+        trace=final,
+        prompts=prompts,
+        actions=actions,
+        candidates=candidates,
+        tokens_generated=int(trace.lengths.sum()) if tokens is None else tokens,
+    )
 
 
 def _best_of_n(strat: Strategy, *, extract, top_p, **run) -> GenerationResult:
@@ -226,38 +301,127 @@ def _best_of_n(strat: Strategy, *, extract, top_p, **run) -> GenerationResult:
     _, trace = _run(
         **run, temperature=p["temperature"], top_p=p.get("top_p", top_p), num_return_sequences=n
     )
-    raw = aggregate.reduce(p["reducer"], trace.signals[p["score"]], trace.lengths)
-    scores = (raw if p["higher_is_better"] else -raw).tolist()
-    answers = [extract(text) for text in trace.texts]
-    chosen, actions, candidates = [], [], []
-    for b in range(len(run["prompts"])):
-        rows = list(range(b * n, (b + 1) * n))
-        pick = rows[
-            choose([answers[i] for i in rows], [scores[i] for i in rows], p["method"], p["eta"])
-        ]
-        chosen.append(pick)
-        candidates.append(trace.select(rows))
-        actions.append(
-            [
-                {
-                    "action": "best-of-n",
-                    "n": n,
-                    "chosen": pick - b * n,
-                    "score": p["score"],
-                    "reducer": p["reducer"],
-                    "higher_is_better": p["higher_is_better"],
-                    "method": p["method"],
-                    "eta": p["eta"],
-                    "scores": [raw.tolist()[i] for i in rows],
-                    "answers": [answers[i] for i in rows],
-                }
-            ]
+    groups = [list(range(b * n, (b + 1) * n)) for b in range(len(run["prompts"]))]
+    chosen, records, candidates = _select(trace, groups, p, extract)
+    actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
+    return _result(trace, run["prompts"], chosen, actions, candidates)
+
+
+def _controlled(
+    strat: Strategy,
+    *,
+    extract,
+    temperature,
+    top_p,
+    model,
+    tokenizer,
+    prompts,
+    names,
+    chat,
+    max_new_tokens,
+    seed,
+    tokur,
+    signal_params,
+) -> GenerationResult:
+    """Branch or roll back with our own decoding loop (:mod:`~tokur_decode.hf.controller`)."""
+    p = strat.params
+    if strat.action == "branch":
+        policy = Branch(
+            p["k"],
+            strat.trigger,
+            max_branch_points=p["max_branch_points"],
+            token_budget=p["token_budget"] or None,
         )
-    final = trace.select(chosen)
-    return GenerationResult(
-        texts=list(final.texts or []),
-        trace=final,
-        prompts=run["prompts"],
-        actions=actions,
-        candidates=candidates,
+    else:
+        policy = Rollback(
+            strat.trigger,
+            rewind=p["rewind"],
+            temperature=p["temperature"],
+            max_retries=p["max_retries"],
+        )
+    enc = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
+    with _monitoring(model, tokenizer, names, tokur, signal_params) as monitor:
+        controller = Controller(
+            model,
+            monitor,
+            eos_token_ids=as_id_list(_eos(model, tokenizer), "eos_token_id"),
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
+        trace = controller.run(enc, policy, tokenizer)
+    tokens = int(controller.generated)
+    if strat.action == "rollback":
+        return GenerationResult(
+            texts=list(trace.texts),
+            trace=trace,
+            prompts=prompts,
+            actions=policy.events,
+            tokens_generated=tokens,
+        )
+    groups = [[i for i, o in enumerate(policy.origin) if o == b] for b in range(len(prompts))]
+    chosen, records, candidates = _select(trace, groups, p, extract)
+    actions = [
+        [*events, {"action": "select", "k": p["k"], **record}]
+        for events, record in zip(policy.events, records, strict=True)
+    ]
+    return _result(trace, prompts, chosen, actions, candidates, tokens)
+
+
+def _deepconf_online(strat: Strategy, *, extract, **run) -> GenerationResult:
+    """DeepConf online (Fu et al. 2025): ``warmup`` traces per prompt set a threshold (the
+    ``100 - keep`` percentile of their lowest group confidence); the other ``n - warmup``
+    traces stop as soon as their window confidence falls below it; the vote counts the
+    warm-up traces and the traces that were not stopped."""
+    p = strat.params
+    n, warmup, window = p["n"], p["warmup"], p["window"]
+    sampling = {"temperature": p["temperature"], "top_p": p["top_p"]}
+    prompts = run["prompts"]
+    _, warm = _run(**run, **sampling, num_return_sequences=warmup)
+    lowest = aggregate.reduce(
+        "deepconf_lowest_group", warm.signals["deepconf"], warm.lengths, window=window
+    ).tolist()
+    base = Trigger("deepconf", direction="below", window=window, min_tokens=window)
+    thresholds = [
+        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - p["keep"]).threshold
+        for b in range(len(prompts))
+    ]
+    online = n - warmup
+    stop = StopOnTrigger(
+        base,
+        eos_token_id=_eos(run["model"], run["tokenizer"]),
+        thresholds=[t for t in thresholds for _ in range(online)],
+        **run["signal_params"],
     )
+    seed = run["seed"]
+    _, later = _run(
+        **{**run, "seed": None if seed is None else seed + 1},
+        **sampling,
+        action=stop,
+        num_return_sequences=online,
+    )
+    stopped = [bool(events) for events in stop.events(later.lengths)]
+    trace = Trace.concat([warm, later])
+    groups, actions = [], []
+    for b, threshold in enumerate(thresholds):
+        mine_warm = list(range(b * warmup, (b + 1) * warmup))
+        mine_later = [len(warm) + b * online + j for j in range(online)]
+        kept = mine_warm + [r for r in mine_later if not stopped[r - len(warm)]]
+        groups.append(kept)
+        actions.append(
+            {
+                "action": "deepconf-online",
+                "n": n,
+                "warmup": warmup,
+                "threshold": threshold,
+                "window": window,
+                "stopped": [j for j in range(online) if stopped[b * online + j]],
+                "tokens": int(sum(trace.lengths[r] for r in mine_warm + mine_later)),
+            }
+        )
+    chosen, records, candidates = _select(trace, groups, p, extract, window=window)
+    for action, record, rows in zip(actions, records, groups, strict=True):
+        action.update(record, voters=len(rows))
+    return _result(trace, prompts, chosen, [[a] for a in actions], candidates)
