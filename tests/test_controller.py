@@ -272,3 +272,33 @@ def test_controller_rejects_bad_parameters(tiny_llama):
     enc = {"input_ids": torch.tensor([[3, 4]]), "attention_mask": torch.ones(1, 2)}
     with pytest.raises(ValueError, match="chosen_prob"):
         ctrl.run(enc, Rollback(Trigger("chosen_prob", threshold=0.5, direction="below")))
+
+
+def test_bench_actions_reports_cost_against_greedy(capsys):
+    import json
+
+    from tokur_decode.cli import main
+
+    assert (
+        main(
+            [
+                "bench",
+                "actions",
+                "--strategies",
+                "monitor,cot-branch",
+                "--max-new-tokens",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    greedy, monitor, branch = json.loads(capsys.readouterr().out)
+    assert greedy["strategy"] == "greedy" and monitor["strategy"] == "monitor"
+    assert monitor["tokens"] == greedy["tokens"] and monitor["token_ratio"] == 1.0
+    assert monitor["correct"] == greedy["correct"]  # no action: the same answers
+    assert 1.0 < branch["token_ratio"] <= 5.0  # at most k = 5 paths per question
+    assert all(
+        r["seconds"] > 0 and 0 <= r["correct"] <= r["questions"] == 8
+        for r in (greedy, monitor, branch)
+    )

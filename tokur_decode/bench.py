@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import statistics
 import threading
 import time
@@ -16,7 +17,14 @@ from .hf.generation import encode_prompts, sampling_kwargs
 from .hf.monitor import UncertaintyMonitor
 from .hf.tokur import perturbed
 
-__all__ = ["OverheadResult", "TokurCostResult", "monitor_overhead", "tokur_cost"]
+__all__ = [
+    "ActionCost",
+    "OverheadResult",
+    "TokurCostResult",
+    "actions_cost",
+    "monitor_overhead",
+    "tokur_cost",
+]
 
 BENCH_PROMPTS = (
     "What is the capital of France?",
@@ -252,3 +260,78 @@ def _rss() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux: no sampling
         return 0
+
+
+#: Questions with short known answers for ``bench actions`` (accepted spellings).
+BENCH_QA = (
+    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Australia?", ("canberra",)),
+    ("How many legs does a spider have?", ("8", "eight")),
+    ("What is 17 + 25?", ("42",)),
+    ("What is 9 times 8?", ("72",)),
+    ("What is the chemical symbol for gold?", ("au",)),
+)
+
+
+@dataclass
+class ActionCost:
+    """One strategy on :data:`BENCH_QA`: wall time, tokens the model decoded (every
+    candidate, branch and taken-back token) and answers that mention the right one,
+    with time and tokens as ratios to a plain greedy run right before it."""
+
+    strategy: str
+    seconds: float
+    tokens: int
+    correct: int
+    questions: int
+    time_ratio: float
+    token_ratio: float
+
+
+def actions_cost(
+    model, tokenizer, strategies, *, max_new_tokens: int = 32, seed: int = 0, qa=BENCH_QA
+) -> list[ActionCost]:
+    """Run each strategy (recipe name or object) on the questions of ``qa``, batched,
+    right after a run of plain greedy decoding (its own baseline, adjacent in time); a
+    warm-up run comes first. The first row is greedy itself (median of its runs).
+
+    A response counts as correct when it mentions an accepted answer as a whole word; a
+    coarse check, enough to see whether a strategy changes answers.
+    """
+    from .hf.generation import generate
+
+    questions = [q for q, _ in qa]
+
+    def run(strategy) -> tuple[float, int, int]:
+        start = time.perf_counter()
+        result = generate(
+            model, tokenizer, questions, strategy=strategy, max_new_tokens=max_new_tokens, seed=seed
+        )
+        seconds = time.perf_counter() - start
+        correct = sum(
+            any(re.search(rf"\b{re.escape(a)}\b", text.lower()) for a in accepted)
+            for text, (_, accepted) in zip(result.texts, qa, strict=True)
+        )
+        return seconds, result.tokens_generated, correct
+
+    run(None)  # warm-up
+    rows, base_times = [], []
+    for strategy in strategies:
+        base = run(None)
+        seconds, tokens, correct = run(strategy)
+        base_times.append(base[0])
+        rows.append(
+            ActionCost(
+                strategy=str(getattr(strategy, "name", strategy)),
+                seconds=seconds,
+                tokens=tokens,
+                correct=correct,
+                questions=len(qa),
+                time_ratio=seconds / base[0],
+                token_ratio=tokens / base[1],
+            )
+        )
+    greedy = ActionCost("greedy", statistics.median(base_times), base[1], base[2], len(qa), 1, 1)
+    return [greedy, *rows]

@@ -153,6 +153,19 @@ def _build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--max-new-tokens", type=int, default=16, help="tokens per run (default 16)")
     tok.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     tok.add_argument("--json", action="store_true")
+
+    act = bench_sub.add_parser(
+        "actions",
+        help="each strategy recipe vs plain greedy: time, tokens decoded, answers right",
+        description="Run every shipped recipe (or --strategies) on a fixed set of questions "
+        "with known answers, batched, and plain greedy decoding in the same run; print time "
+        "and tokens decoded as ratios to greedy, and how many answers mention the right one.",
+    )
+    _model_args(act)
+    act.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
+    act.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (32)")
+    act.add_argument("--seed", type=int, default=0)
+    act.add_argument("--json", action="store_true")
     return parser
 
 
@@ -347,6 +360,8 @@ def _cmd_strategies() -> int:
 def _cmd_bench(args) -> int:
     if args.bench == "tokur":
         return _cmd_bench_tokur(args)
+    if args.bench == "actions":
+        return _cmd_bench_actions(args)
     from .bench import monitor_overhead
 
     model, tokenizer = _load(args)
@@ -459,6 +474,40 @@ def _cmd_bench_tokur(args) -> int:
             f"{r['ms_per_token']:.1f}",
             f"{r['ratio_to_plain']:.2f}",
             f"{r['peak_extra_mib']:.1f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_bench_actions(args) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import actions_cost
+    from .strategy import available
+
+    names = _signal_list(args.strategies) if args.strategies else list(available())
+    model, tokenizer = _load(args)
+    rows = actions_cost(model, tokenizer, names, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(
+        title=f"Strategies on {rows[0].questions} questions ({model.device.type}, "
+        f"max {args.max_new_tokens} new tokens)"
+    )
+    for head in ("strategy", "seconds", "x greedy time", "tokens", "x greedy tokens", "right"):
+        table.add_column(head, justify="right")
+    for r in rows:
+        table.add_row(
+            r.strategy,
+            f"{r.seconds:.1f}",
+            f"{r.time_ratio:.2f}",
+            str(r.tokens),
+            f"{r.token_ratio:.2f}",
+            f"{r.correct}/{r.questions}",
         )
     Console().print(table)
     return 0
