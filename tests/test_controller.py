@@ -302,3 +302,22 @@ def test_bench_actions_reports_cost_against_greedy(capsys):
         r["seconds"] > 0 and 0 <= r["correct"] <= r["questions"] == 8
         for r in (greedy, monitor, branch)
     )
+
+
+def test_recipe_generation_table_sets_defaults_the_caller_overrides(embedded):
+    model, tok = embedded
+    recipe = Strategy.load("entropy-resample")
+    assert recipe.generation == {"temperature": 0.7}
+    assert Strategy.from_dict(recipe.to_dict()) == recipe
+    sampled = generate(model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, seed=0)
+    explicit = generate(
+        model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, seed=0, temperature=0.7
+    )
+    greedy = generate(model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, temperature=0)
+    assert sampled.texts == explicit.texts
+    assert greedy.texts == _greedy(model, tok, PROMPTS[1:2], max_new_tokens=12).texts
+    assert sampled.texts != greedy.texts
+    with pytest.raises(ValueError, match="generation.temperature"):
+        Strategy.from_dict({"name": "x", "generation": {"temperature": -1}})
+    with pytest.raises(ValueError, match="generation.seed"):
+        Strategy.from_dict({"name": "x", "generation": {"seed": 1}})

@@ -73,10 +73,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=64, help="generation budget (default 64)"
     )
     gen.add_argument(
-        "--temperature", type=float, default=0.0, help="0 decodes greedily (default); > 0 samples"
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 decodes greedily; > 0 samples (default: the strategy's, else 0)",
     )
     gen.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0"
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling when temperature > 0 (default: the strategy's, else 1)",
     )
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     gen.add_argument(

@@ -10,6 +10,10 @@ Recipe format::
     description = "one line"
     signals = ["max_prob", "chosen_prob", "entropy", "logtoku"]   # what is recorded
 
+    [generation]         # optional decoding defaults (the caller's arguments win)
+    temperature = 0.7    # 0: greedy
+    top_p = 1.0
+
     [trigger]            # for action types "stop" and "resample" (see tokur_decode.policy)
     signal = "logtoku_epistemic"
     threshold = 0.1
@@ -120,7 +124,8 @@ _DEFAULTS = {
 }
 #: Actions that need a [trigger] table (branch only with at = "trigger").
 _NEEDS_TRIGGER = ("stop", "resample", "rollback")
-_TOP_KEYS = {"name", "description", "signals", "trigger", "action", "tokur"}
+_TOP_KEYS = {"name", "description", "signals", "generation", "trigger", "action", "tokur"}
+_GENERATION_KEYS = {"temperature": (int, float), "top_p": (int, float)}
 _TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
 
 
@@ -152,6 +157,7 @@ class Strategy:
     trigger: Trigger | None = None
     params: dict = field(default_factory=dict)
     tokur: dict | None = None
+    generation: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, spec) -> Strategy:
@@ -230,6 +236,7 @@ class Strategy:
             trigger=trigger,
             params=action,
             tokur=dict(tokur) if tokur is not None else None,
+            generation=_check_generation(data.get("generation", {})),
         )
 
     def to_dict(self) -> dict:
@@ -244,7 +251,23 @@ class Strategy:
             data["trigger"] = asdict(self.trigger)
         if self.tokur is not None:
             data["tokur"] = dict(self.tokur)
+        if self.generation:
+            data["generation"] = dict(self.generation)
         return data
+
+
+def _check_generation(table: dict) -> dict:
+    """The ``[generation]`` table: decoding defaults a caller's own arguments override."""
+    for key, value in table.items():
+        if key not in _GENERATION_KEYS:
+            raise ValueError(f"generation.{key}: unknown key; allowed: {sorted(_GENERATION_KEYS)}")
+        if not isinstance(value, _GENERATION_KEYS[key]) or isinstance(value, bool):
+            raise ValueError(f"generation.{key}: invalid value {value!r}")
+    if table.get("temperature", 0) < 0:
+        raise ValueError(f"generation.temperature: must be >= 0, got {table['temperature']}")
+    if not 0 < table.get("top_p", 1) <= 1:
+        raise ValueError(f"generation.top_p: must be in (0, 1], got {table['top_p']}")
+    return dict(table)
 
 
 def _check_action(kind: str, p: dict) -> None:

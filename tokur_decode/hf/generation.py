@@ -101,8 +101,8 @@ def generate(
     signals: Iterable[str] | str | None = None,
     chat: bool | None = None,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_p: float | None = None,
     seed: int | None = 0,
     tokur: dict | None = None,
     extract: Callable[[str], object] = normalize_answer,
@@ -113,7 +113,8 @@ def generate(
     :class:`~tokur_decode.strategy.Strategy`) says so.
 
     ``temperature=0`` decodes greedily; otherwise samples (with ``top_p``), reproducibly
-    under ``seed``. ``signals`` default to the strategy's (else :data:`DEFAULT_SIGNALS`);
+    under ``seed``; ``None`` takes the strategy's ``[generation]`` value, else greedy
+    decoding (``top_p`` 1). ``signals`` default to the strategy's (else :data:`DEFAULT_SIGNALS`);
     ``signal_params`` go to the monitor and the actions. When the signals include
     ``"tokur"``, generation runs inside :func:`perturbed` with the options in ``tokur``
     (or the strategy's ``[tokur]`` table). ``extract`` turns a response into the answer
@@ -126,6 +127,10 @@ def generate(
         ...                   strategy="logtoku-abstain")                 # doctest: +SKIP
         >>> result.texts[0], result.actions[0]                           # doctest: +SKIP
     """
+    strat = Strategy.load(strategy) if strategy is not None else None
+    defaults = strat.generation if strat else {}
+    temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
+    top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -135,7 +140,6 @@ def generate(
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("prompts: at least one prompt is required")
-    strat = Strategy.load(strategy) if strategy is not None else None
     if signals is None:
         signals = (strat.signals if strat and strat.signals else None) or DEFAULT_SIGNALS
     names = (signals,) if isinstance(signals, str) else tuple(signals)
