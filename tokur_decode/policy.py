@@ -159,11 +159,16 @@ class TriggerState:
         self.ring = self.ring.scatter(-1, slot, values.float().unsqueeze(-1))
         return self.ring.sum(dim=-1) / (self.seen + 1).clamp(max=window)
 
+    #: The per-row tensors that make up the state (all replaced, never mutated in place).
+    ROW_FIELDS = ("count", "seen", "ring", "smoothed_value")
+
     def update(
-        self, values: torch.Tensor, step: int, active: torch.Tensor | None = None
+        self, values: torch.Tensor, step: int | torch.Tensor, active: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Feed the step's ``values``; ``active`` (``[B]`` bool) limits the update to
-        those rows (the others keep their state and do not fire)."""
+        those rows (the others keep their state and do not fire). ``step`` is the step
+        index shared by all rows, or a ``[B]`` tensor of per-row step indices (rows of a
+        continuous batch are at different steps)."""
         trig = self.trigger
         before = (self.count, self.seen, self.ring)
         value = self.smoothed(values)
@@ -178,13 +183,28 @@ class TriggerState:
         fired = self.count >= trig.patience
         if active is not None:
             fired = fired & active
-        if step + 1 < trig.min_tokens:
+        if isinstance(step, torch.Tensor):
+            fired = fired & (step + 1 >= trig.min_tokens)
+        elif step + 1 < trig.min_tokens:
             fired = torch.zeros_like(fired)
         return fired
 
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        """The current per-row state, for :meth:`restore_rows` (no copy: :meth:`update`
+        replaces the tensors instead of writing into them)."""
+        return tuple(getattr(self, name) for name in self.ROW_FIELDS)
+
+    def restore_rows(self, rows: torch.Tensor, snapshot: tuple[torch.Tensor, ...]) -> None:
+        """Put the rows where ``rows`` (``[B]`` bool) is true back to ``snapshot``: a step
+        that is fed again (vLLM's chunked prefill) replaces its first feeding."""
+        for name, saved in zip(self.ROW_FIELDS, snapshot, strict=True):
+            current = getattr(self, name)
+            mask = rows.view(-1, *([1] * (current.dim() - 1)))
+            setattr(self, name, torch.where(mask, saved, current))
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (``[B']``, repeats allowed), in that order."""
-        for name in ("count", "seen", "ring", "smoothed_value"):
+        for name in self.ROW_FIELDS:
             setattr(self, name, getattr(self, name).index_select(0, index))
         if isinstance(self.threshold, torch.Tensor):
             self.threshold = self.threshold.index_select(0, index)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
+from ..actions_core import adaptive_temperature, force_eos, veto
 from ..policy import Trigger, TriggerState, signal_of_output
 from ..signals import SignalSpec
 from ..trace import StepBuffer
@@ -153,13 +154,15 @@ class StopOnTrigger(TriggeredAction):
             raise ValueError("eos_token_id: a stop needs at least one EOS id")
 
     def _start(self, batch: int, device) -> None:
-        self._eos = torch.tensor(self.eos_token_ids, device=device)
+        self._eos_mask = None
 
     def act(self, scores, fired, values):
-        eos_allowed = scores.index_select(-1, self._eos).amax(dim=-1) > -math.inf
-        forced = torch.full_like(scores, -math.inf).index_fill(-1, self._eos, 0.0)
-        stopped = torch.where((fired & eos_allowed).unsqueeze(-1), forced, scores)
-        return stopped, {"blocked": fired & ~eos_allowed}
+        if self._eos_mask is None:
+            eos = torch.tensor(self.eos_token_ids, device=scores.device)
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self._eos_mask = mask.index_fill(0, eos, True)
+        stopped, blocked = force_eos(scores, fired, self._eos_mask)
+        return stopped, {"blocked": blocked}
 
     def _event(self, facts: dict[str, float], step: int, row: int) -> dict:
         event = super()._event(facts, step, row)
@@ -224,13 +227,6 @@ class ResampleOnTrigger(TriggeredAction):
 
     def act(self, scores, fired, values):
         if self.mode == "veto":
-            top = scores.argmax(dim=-1, keepdim=True)
-            vetoed = scores.scatter(-1, top, -math.inf)
-            return torch.where(fired.unsqueeze(-1), vetoed, scores), {}
-        t0, a, b, t_min, t_max, min_p = self.rule
-        temp = (t0 + a * values["entropy"] + b * values["varentropy"]).clamp(t_min, t_max)
-        scaled = scores / temp.unsqueeze(-1)
-        lp = torch.log_softmax(scaled.float(), dim=-1)
-        keep = lp >= lp.amax(dim=-1, keepdim=True) + math.log(max(min_p, 1e-30))
-        adapted = scaled.masked_fill(~keep, -math.inf)
-        return torch.where(fired.unsqueeze(-1), adapted, scores), {}
+            return veto(scores, fired), {}
+        entropy, varentropy = values["entropy"], values["varentropy"]
+        return adaptive_temperature(scores, fired, entropy, varentropy, self.rule), {}
