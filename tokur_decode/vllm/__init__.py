@@ -1,0 +1,40 @@
+"""vLLM integration: uncertainty signals, traces and actions inside stock vLLM.
+
+Register :class:`UncertaintyProcessor` on the engine, opt requests in with
+:func:`uncertainty_args` (flat ``extra_args`` keys, also ``vllm_xargs`` over HTTP), read
+each request's :class:`~tokur_decode.trace.Trace` with :func:`read_traces`.
+:func:`llm` builds an engine with both the processor and the worker extension that
+returns traces (:mod:`tokur_decode.vllm.worker`).
+
+This package imports ``vllm`` (absolute imports: the top-level ``vllm`` package, never
+this one).
+
+Example:
+    >>> from vllm import SamplingParams
+    >>> import tokur_decode.vllm as tv
+    >>> engine = tv.llm(enforce_eager=True, max_model_len=1024)    # doctest: +SKIP
+    >>> params = SamplingParams(max_tokens=64, temperature=0, extra_args=tv.uncertainty_args(
+    ...     signals=["entropy", "logtoku"], strategy="logtoku-abstain"))
+    >>> outs = engine.generate(["Who won the 1937 Tour de France?"], params)  # doctest: +SKIP
+    >>> tv.read_traces(engine, outs)[0].meta["actions"]            # doctest: +SKIP
+    [[{'action': 'stop', 'step': 3, 'signal': 'logtoku_epistemic', ...}]]
+"""
+
+from .args import RequestSettings, parse_settings, uncertainty_args
+from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
+from .processor import UncertaintyProcessor
+from .worker import TraceExtension
+
+__all__ = [
+    "EXTENSION",
+    "PROCESSOR",
+    "RequestSettings",
+    "TraceExtension",
+    "UncertaintyProcessor",
+    "enable_traces",
+    "engine_args",
+    "llm",
+    "parse_settings",
+    "read_traces",
+    "uncertainty_args",
+]

@@ -1,0 +1,241 @@
+"""Per-request settings of the vLLM processor: flat ``extra_args`` keys, validated.
+
+Every key starts with ``tokur_`` and holds a string, a number or a list of them, so the
+same settings travel through ``SamplingParams(extra_args=...)`` offline and through
+``vllm_xargs`` over the OpenAI-compatible server. A request opts in by carrying at least
+one ``tokur_`` key; others are untouched.
+
+=========================  ==============================================================
+``tokur_signals``          signal names (list or comma-separated string; ``"all"``)
+``tokur_strategy``         a shipped recipe name or a TOML path (its signals, trigger and
+                           action; the keys below override them)
+``tokur_action``           ``"none"`` | ``"stop"`` | ``"resample"``
+``tokur_mode``             resample mode: ``"veto"`` | ``"adaptive"``
+``tokur_trigger``          the signal output the trigger reads (``"logtoku_epistemic"``)
+``tokur_threshold``        the trigger's threshold (e.g. a calibrated DeepConf threshold)
+``tokur_direction``        ``"above"`` | ``"below"``
+``tokur_patience``,        see :class:`tokur_decode.policy.Trigger`
+``tokur_min_tokens``,
+``tokur_window``
+``tokur_deepconf_k``,      see :class:`tokur_decode.signals.SignalSpec`
+``tokur_logtoku_k``,
+``tokur_logtoku_evidence``
+=========================  ==============================================================
+
+A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
+confidence falls below ``tokur_threshold``" (the warm-up that calibrates the threshold
+is the caller's: :func:`tokur_decode.policy.calibrate_from_traces`). Best-of-N recipes
+record their signals; the selection runs on the caller's side
+(:func:`tokur_decode.vllm.best_of_n`). Branch and rollback need a decoding loop of ours
+and are rejected.
+
+Example:
+    >>> args = uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
+    >>> args["tokur_signals"], args["tokur_strategy"]
+    ('entropy,logtoku', 'logtoku-abstain')
+    >>> s = parse_settings(args)
+    >>> s.action, s.trigger.signal, s.output_names[:2]
+    ('stop', 'logtoku_epistemic', ('entropy', 'logtoku_aleatoric'))
+    >>> parse_settings({"tokur_signals": "entropy", "tokur_window": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: tokur_window: window must be an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from ..policy import Trigger, signal_of_output
+from ..signals import SIGNALS, SignalSpec
+from ..strategy import Strategy
+
+__all__ = ["PREFIX", "RequestSettings", "parse_settings", "uncertainty_args"]
+
+PREFIX = "tokur_"
+_TRIGGER_KEYS = ("threshold", "direction", "patience", "min_tokens", "window")
+_SPEC_KEYS = ("deepconf_k", "logtoku_k", "logtoku_evidence")
+_KEYS = frozenset(
+    f"{PREFIX}{k}"
+    for k in ("signals", "strategy", "action", "mode", "trigger", *_TRIGGER_KEYS, *_SPEC_KEYS)
+)
+#: Strategy actions that run inside the engine, and what they become there.
+_IN_ENGINE = {
+    "none": "none",
+    "stop": "stop",
+    "resample": "resample",
+    "best-of-n": "none",
+    "deepconf-online": "stop",
+}
+_DEFAULT_SIGNALS = ("max_prob", "chosen_prob", "entropy", "logtoku")
+#: The adaptive rule's defaults (those of tokur_decode.hf.ResampleOnTrigger).
+_RULE_KEYS = (
+    ("temperature", 1.0),
+    ("entropy_coef", 0.3),
+    ("varentropy_coef", 0.1),
+    ("min_temperature", 0.5),
+    ("max_temperature", 2.0),
+    ("min_p", 0.05),
+)
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """One request's validated settings (what :func:`parse_settings` returns)."""
+
+    signals: tuple[str, ...]
+    spec_params: tuple[int, int, str]  # deepconf_k, logtoku_k, logtoku_evidence
+    action: str = "none"  # "none" | "stop" | "resample"
+    trigger: Trigger | None = None
+    mode: str = "veto"
+    rule: tuple[float, ...] = ()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The signal outputs recorded for the request."""
+        return tuple(key for name in self.signals for key in SIGNALS[name])
+
+    @property
+    def group_key(self) -> tuple:
+        """Requests with equal keys share one signal pass and one trigger state (their
+        signal lists and thresholds may differ)."""
+        trigger = replace(self.trigger, threshold=None) if self.trigger else None
+        return (self.spec_params, self.action, trigger, self.mode, self.rule)
+
+    def needed_signals(self) -> tuple[str, ...]:
+        """Recorded signals plus what the trigger and the adaptive rule read."""
+        extra = []
+        if self.trigger is not None:
+            extra.append(signal_of_output(self.trigger.signal))
+        if self.action == "resample" and self.mode == "adaptive":
+            extra += ["entropy", "varentropy"]
+        return tuple(dict.fromkeys((*self.signals, *extra)))
+
+
+def uncertainty_args(
+    signals: Sequence[str] | str | None = None,
+    strategy: str | None = None,
+    **overrides,
+) -> dict:
+    """Flat ``extra_args`` for ``SamplingParams`` that opt a request in.
+
+    ``overrides`` are the keys of the module table without the ``tokur_`` prefix
+    (``threshold=0.3``, ``action="stop"``, ``trigger="entropy"``, ...). The result is
+    validated here, so a mistake fails before it reaches the engine.
+
+    Example:
+        >>> uncertainty_args(["deepconf"], "deepconf-online", threshold=11.5)
+        {'tokur_signals': 'deepconf', 'tokur_strategy': 'deepconf-online', 'tokur_threshold': 11.5}
+    """
+    args: dict = {}
+    if signals is not None:
+        args[f"{PREFIX}signals"] = signals if isinstance(signals, str) else ",".join(signals)
+    if strategy is not None:
+        args[f"{PREFIX}strategy"] = strategy
+    for key, value in overrides.items():
+        if f"{PREFIX}{key}" not in _KEYS:
+            raise ValueError(f"{key}: unknown setting; choose from {sorted(_KEYS)}")
+        args[f"{PREFIX}{key}"] = value
+    if not args:
+        raise ValueError("signals: give signals, a strategy or a setting to opt in")
+    parse_settings(args)
+    return args
+
+
+def parse_settings(extra_args: Mapping | None) -> RequestSettings | None:
+    """The validated settings in ``extra_args``, or ``None`` when the request does not
+    opt in (no ``tokur_`` key).
+
+    Raises:
+        ValueError: naming the key.
+    """
+    if not extra_args:
+        return None
+    mine = {k: v for k, v in extra_args.items() if k.startswith(PREFIX)}
+    if not mine:
+        return None
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in mine.items()))
+    try:
+        return _parse(key)
+    except TypeError as exc:  # an unhashable value slipped in
+        raise ValueError(f"extra_args: invalid value ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(items: tuple) -> RequestSettings:
+    args = dict(items)
+    unknown = sorted(set(args) - _KEYS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown setting; choose from {sorted(_KEYS)}")
+    strat = None
+    if f"{PREFIX}strategy" in args:
+        try:
+            strat = Strategy.load(args[f"{PREFIX}strategy"])
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"{PREFIX}strategy: {exc}") from exc
+
+    signals = args.get(f"{PREFIX}signals")
+    if signals is None:
+        signals = strat.signals if strat is not None else _DEFAULT_SIGNALS
+    elif isinstance(signals, str):
+        signals = [s.strip() for s in signals.split(",") if s.strip()]
+    spec_kwargs = {k: args[f"{PREFIX}{k}"] for k in _SPEC_KEYS if f"{PREFIX}{k}" in args}
+    try:
+        spec = SignalSpec(signals, **spec_kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{exc}") from exc
+    if "tokur" in spec.signals:
+        raise ValueError(f"{PREFIX}signals: 'tokur' needs perturbed samples (not in vLLM yet)")
+
+    action, trigger, params = "none", None, {}
+    if strat is not None:
+        if strat.action not in _IN_ENGINE:
+            raise ValueError(
+                f"{PREFIX}strategy: action {strat.action!r} needs tokur-decode's own decoding "
+                f"loop (tokur_decode.hf); in vLLM: {sorted(_IN_ENGINE)}"
+            )
+        action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
+        if strat.action == "deepconf-online":
+            trigger = Trigger("deepconf", direction="below", window=params["window"])
+    action = args.get(f"{PREFIX}action", action)
+    if action not in ("none", "stop", "resample"):
+        raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")
+    mode = args.get(f"{PREFIX}mode", params.get("mode", "veto"))
+    if mode not in ("veto", "adaptive"):
+        raise ValueError(f"{PREFIX}mode: 'veto' or 'adaptive', got {mode!r}")
+
+    fields = {k: args[f"{PREFIX}{k}"] for k in _TRIGGER_KEYS if f"{PREFIX}{k}" in args}
+    if f"{PREFIX}trigger" in args or fields:
+        base = trigger if trigger is not None else Trigger(args.get(f"{PREFIX}trigger", "entropy"))
+        if f"{PREFIX}trigger" in args:
+            fields["signal"] = args[f"{PREFIX}trigger"]
+        try:
+            trigger = replace(base, **fields)
+        except ValueError as exc:
+            name = str(exc).split(" ")[0].rstrip(":").replace("signal", "trigger")
+            raise ValueError(f"{PREFIX}{name}: {exc}") from exc
+    if action != "none":
+        if trigger is None:
+            raise ValueError(f"{PREFIX}trigger: action {action!r} needs a trigger")
+        if trigger.threshold is None:
+            raise ValueError(f"{PREFIX}threshold: the trigger on {trigger.signal!r} needs one")
+        if signal_of_output(trigger.signal) in ("tokur", "chosen_prob", "chosen_logprob"):
+            raise ValueError(
+                f"{PREFIX}trigger: {trigger.signal!r} is not known before the token is drawn"
+                " (TokUR: not in vLLM yet)"
+            )
+    else:
+        trigger = None
+    rule = ()
+    if action == "resample" and mode == "adaptive":
+        rule = tuple(float(params.get(name, default)) for name, default in _RULE_KEYS)
+    return RequestSettings(
+        signals=spec.signals,
+        spec_params=(spec.deepconf_k, spec.logtoku_k, spec.logtoku_evidence),
+        action=action,
+        trigger=trigger,
+        mode=mode if action == "resample" else "veto",
+        rule=rule,
+    )

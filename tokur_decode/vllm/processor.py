@@ -1,0 +1,439 @@
+"""The vLLM (V1 interface) logits processor: signals, traces and actions per request.
+
+vLLM builds one :class:`UncertaintyProcessor` per engine worker (register the class with
+``LLM(logits_processors=[UncertaintyProcessor])``); requests opt in through
+``SamplingParams(extra_args=uncertainty_args(...))`` (:mod:`tokur_decode.vllm.args`).
+
+Bookkeeping (vLLM's persistent batch reorders rows under the processor):
+
+* Each opted-in request gets a **slot** when it first enters the batch and keeps it
+  until it finishes; rows map to slots, so moves and swaps only remap Python dicts, and
+  a request that leaves the batch without finishing (preempted, not scheduled this
+  step) keeps its slot and its state until it comes back. Requests are recognised by
+  their ``SamplingParams`` object (the worker keeps the same one for a request's life).
+* Steps are keyed on the **number of output tokens** (the live ``output_ids`` list), not
+  on calls: a chunked prefill calls the processor several times at step 0; each call
+  overwrites the step's record and redoes the trigger's update for it.
+* The chosen-token signals of step ``t`` are completed at step ``t + 1`` (or when the
+  request finishes) from the kept log-probabilities and the live ``output_ids``.
+
+Per step, the opted-in rows are processed in one vectorised pass per settings group
+(requests with equal signal parameters, trigger and action; usually one group): one
+``index_select``, one fused signal pass, one scatter into the slot buffers, one trigger
+update, one ``index_copy_`` of the edited rows. The only per-row Python is reading the
+lengths of the live ``output_ids`` lists. Nothing reads device values on the host. A
+batch where no request opted in returns at once.
+
+Finished requests' traces wait, bounded (:attr:`UncertaintyProcessor.max_finished`,
+oldest dropped first), until the caller collects them through the worker extension
+(:mod:`tokur_decode.vllm.worker`); the extension also tells the processor each
+request's id and whether a request that left the batch finished.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from ..actions_core import adaptive_temperature, force_eos, veto
+from ..policy import TriggerState
+from ..signals import CHOSEN_SIGNALS, SIGNALS, SignalSpec, chosen_from_logprobs
+from .args import RequestSettings, parse_settings
+
+__all__ = ["KEYS", "UncertaintyProcessor"]
+
+#: Columns of the per-slot record: every signal output, then the action's facts.
+KEYS: tuple[str, ...] = (
+    *(key for keys in SIGNALS.values() for key in keys),
+    "action_fired",
+    "action_value",
+    "action_blocked",
+)
+_COL = {key: i for i, key in enumerate(KEYS)}
+_INTERNAL = re.compile(r"(.+)-[0-9a-f]{8}")
+_CHILD = re.compile(r"(\d+)_(.+)")
+
+
+@dataclass(eq=False)
+class _Request:
+    """One opted-in request known to the processor."""
+
+    settings: RequestSettings
+    params: object  # the SamplingParams, kept alive so that its id() stays unique
+    outputs: list[int]  # vLLM's live output_ids list
+    slot: int
+    eos: int
+    req_id: str | None = None
+    threshold: float = 0.0
+
+
+@dataclass(eq=False)
+class _Group:
+    """The rows of one step that share a signal pass and a trigger state."""
+
+    settings: RequestSettings
+    spec: SignalSpec
+    rows: torch.Tensor
+    slots: torch.Tensor
+    outputs: list[list[int]]
+    cols: torch.Tensor
+    chosen: tuple[str, ...]
+    chosen_cols: torch.Tensor
+    present: torch.Tensor | None = None  # [S] bool
+    eos_mask: torch.Tensor | None = None  # [rows, V] bool
+
+
+class _TriggerSlots:
+    """A :class:`TriggerState` over every slot, with each slot's state before its last
+    update (so that a step fed again replaces its first feeding)."""
+
+    def __init__(self, settings: RequestSettings, slots: int, device) -> None:
+        self.state = TriggerState(settings.trigger, slots, device, [0.0] * slots)
+        self.before = self.state.snapshot()
+        self.last_pos = torch.full((slots,), -1, dtype=torch.long, device=device)
+
+
+class UncertaintyProcessor(LogitsProcessor):
+    """Records uncertainty signals of opted-in requests and acts on them (V1 interface).
+
+    Example:
+        >>> from vllm import SamplingParams
+        >>> from tokur_decode.vllm import llm, read_traces, uncertainty_args
+        >>> engine = llm(model_path)  # LLM(...) with this processor, traces on  # doctest: +SKIP
+        >>> params = SamplingParams(max_tokens=64, extra_args=uncertainty_args(
+        ...     signals=["entropy", "logtoku"], strategy="logtoku-abstain"))  # doctest: +SKIP
+        >>> traces = read_traces(engine, engine.generate(prompts, params))  # doctest: +SKIP
+    """
+
+    #: Finished traces kept until collected; beyond this the oldest are dropped.
+    max_finished = 4096
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        """Reject a request with bad ``tokur_`` settings (``ValueError`` naming the key;
+        vLLM turns it into a rejected request, HTTP 400 over the server)."""
+        settings = parse_settings(sampling_params.extra_args)
+        if settings is not None and settings.action == "stop" and sampling_params.ignore_eos:
+            raise ValueError("tokur_action: 'stop' forces EOS, which ignore_eos=True disables")
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = torch.device(device)
+        self.pin = is_pin_memory
+        self.vocab = vllm_config.model_config.get_vocab_size()
+        self.max_len = vllm_config.model_config.max_model_len
+        self._runner = None
+        self._by_params: dict[int, _Request] = {}  # id(params) -> request, until finished
+        self._rows: dict[int, _Request] = {}  # batch row -> opted-in request
+        self._free: list[int] = []
+        self._slots = 0
+        self._cap = 0
+        self._record = torch.zeros(0, 0, len(KEYS), device=self.device)
+        self._prev_lp: torch.Tensor | None = None  # [S, V], only when chosen signals asked
+        self._triggers: dict[tuple, _TriggerSlots] = {}
+        self._groups: list[_Group] = []
+        self._finished: OrderedDict[str, dict] = OrderedDict()
+        self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
+
+    def is_argmax_invariant(self) -> bool:
+        """``False``: vLLM skips argmax-invariant processors for greedy batches and hands
+        them temperature-scaled logits; the signals need the raw logits at every step,
+        and the stop and resample actions change the argmax."""
+        return False
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, runner) -> None:
+        """Called by the worker extension: lets the processor name requests (traces are
+        kept only once bound) and tell a finished request from a preempted one."""
+        self._runner = runner
+        for row, req in self._rows.items():
+            req.req_id = runner.input_batch.req_ids[row]
+
+    def collect(self, request_ids=None) -> list[dict]:
+        """Finished traces of the requests whose caller-side id (``RequestOutput.
+        request_id``) is in ``request_ids`` (all when ``None``), forgotten once returned;
+        plain Python values, for the RPC. Each carries ``request_id`` (the caller's id)
+        and ``index`` (the completion's index when ``n > 1``, else 0)."""
+        wanted = None if request_ids is None else set(request_ids)
+        # The caller holds these outputs, so they are finished, but vLLM tells the worker
+        # only at its next step (never, after the last one): finish them now.
+        done = [
+            (row, req)
+            for row, req in self._rows.items()
+            if req.req_id is not None and _external_id(req.req_id, wanted)[0] in (wanted or ())
+        ]
+        for row, req in done:
+            del self._rows[row]
+            self._drop(req)
+        if done:
+            self._regroup()
+        out = []
+        for rid in list(self._finished):
+            external, index = _external_id(rid, wanted)
+            if wanted is None or external in wanted:
+                out.append(
+                    {**_to_python(self._finished.pop(rid)), "request_id": external, "index": index}
+                )
+        return out
+
+    # ------------------------------------------------------------------ churn
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for row in batch_update.removed:
+            self._leave(row)
+        for row, params, _prompt, outputs in batch_update.added:
+            self._leave(row)  # an add may replace a removed request (not in `removed`)
+            self._enter(row, params, outputs)
+        for a, b, kind in batch_update.moved:
+            if kind == MoveDirectionality.SWAP:
+                ra, rb = self._rows.pop(a, None), self._rows.pop(b, None)
+                if rb is not None:
+                    self._rows[a] = rb
+            else:  # a one-way move replaces b's request (a removal vLLM folded in)
+                self._leave(b)
+                ra = self._rows.pop(a, None)
+            if ra is not None:
+                self._rows[b] = ra
+        self._regroup()
+
+    def _enter(self, row: int, params, outputs: list[int]) -> None:
+        req = self._by_params.get(id(params))
+        if req is None:
+            settings = parse_settings(params.extra_args)
+            if settings is None:
+                return
+            stops = sorted(params.all_stop_token_ids)
+            eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
+            req = _Request(settings, params, outputs, self._take_slot(settings), eos)
+            if settings.trigger is not None:
+                req.threshold = settings.trigger.threshold
+                self._trigger(settings).state.threshold[req.slot] = req.threshold
+            self._by_params[id(params)] = req
+        req.outputs = outputs  # a resumed request may come back with a new list
+        if self._runner is not None:
+            req.req_id = self._runner.input_batch.req_ids[row]
+        self._rows[row] = req
+
+    def _leave(self, row: int) -> None:
+        req = self._rows.pop(row, None)
+        if req is None:
+            return
+        if self._runner is not None and req.req_id in self._runner.requests:
+            return  # preempted or not scheduled this step: it keeps its slot
+        self._drop(req)
+
+    def _drop(self, req: _Request) -> None:
+        del self._by_params[id(req.params)]
+        if self._runner is not None and req.req_id is not None:
+            self._finish(req)
+        self._free.append(req.slot)
+
+    def _finish(self, req: _Request) -> None:
+        n = len(req.outputs)
+        record = self._record[req.slot, :n].clone()
+        chosen = [s for s in req.settings.signals if s in CHOSEN_SIGNALS]
+        if chosen and n:
+            last = torch.tensor([req.outputs[-1]], device=self.device)
+            values = chosen_from_logprobs(self._prev_lp[req.slot : req.slot + 1], last, chosen)
+            for name, value in values.items():
+                record[n - 1, _COL[name]] = value[0]
+        self._finished[req.req_id] = {
+            "record": record,
+            "token_ids": list(req.outputs),
+            "settings": req.settings,
+            "threshold": req.threshold,
+        }
+        while len(self._finished) > self.max_finished:
+            self._finished.popitem(last=False)
+
+    def _take_slot(self, settings: RequestSettings) -> int:
+        if not self._free:
+            self._grow_slots(2 * self._slots)
+        slot = self._free.pop()
+        if settings.trigger is not None:
+            trig = self._trigger(settings)
+            mask = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
+            mask[slot] = True
+            trig.state.reset_rows(mask)
+            trig.before = trig.state.snapshot()
+            trig.last_pos[slot] = -1
+        if any(s in CHOSEN_SIGNALS for s in settings.signals) and self._prev_lp is None:
+            self._prev_lp = torch.zeros(self._slots, self.vocab, device=self.device)
+        return slot
+
+    def _grow_slots(self, slots: int) -> None:
+        old = self._slots
+        self._free.extend(range(slots - 1, old - 1, -1))
+        self._slots = slots
+        pad = (0, 0, 0, 0, 0, slots - old)
+        self._record = torch.nn.functional.pad(self._record, pad)
+        if self._prev_lp is not None:
+            self._prev_lp = torch.nn.functional.pad(self._prev_lp, (0, 0, 0, slots - old))
+        index = torch.arange(slots, device=self.device).clamp(max=max(old - 1, 0))
+        new = torch.arange(slots, device=self.device) >= old
+        for trig in self._triggers.values():
+            trig.state.select_rows(index)
+            trig.state.reset_rows(new)
+            trig.before = trig.state.snapshot()
+            trig.last_pos = trig.last_pos.index_select(0, index).masked_fill(new, -1)
+
+    def _trigger(self, settings: RequestSettings) -> _TriggerSlots:
+        key = settings.group_key
+        if key not in self._triggers:
+            self._triggers[key] = _TriggerSlots(settings, self._slots, self.device)
+        return self._triggers[key]
+
+    def _regroup(self) -> None:
+        by_key: dict[tuple, list[tuple[int, _Request]]] = {}
+        for row, req in sorted(self._rows.items()):
+            by_key.setdefault(req.settings.group_key, []).append((row, req))
+        self._groups = [self._group(members) for members in by_key.values()]
+
+    def _group(self, members: list[tuple[int, _Request]]) -> _Group:
+        settings = members[0][1].settings
+        needed = dict.fromkeys(s for _, r in members for s in r.settings.needed_signals())
+        chosen = tuple(s for s in needed if s in CHOSEN_SIGNALS)
+        deepconf_k, logtoku_k, evidence = settings.spec_params
+        spec = SignalSpec(
+            [s for s in needed if s not in CHOSEN_SIGNALS] or ["max_prob"],
+            deepconf_k=deepconf_k,
+            logtoku_k=logtoku_k,
+            logtoku_evidence=evidence,
+        )
+        slots = self._tensor([r.slot for _, r in members])
+        group = _Group(
+            settings=settings,
+            spec=spec,
+            rows=self._tensor([row for row, _ in members]),
+            slots=slots,
+            outputs=[r.outputs for _, r in members],
+            cols=self._tensor([_COL[k] for k in spec.output_names]),
+            chosen=chosen,
+            chosen_cols=self._tensor([_COL[k] for k in chosen]),
+        )
+        if settings.trigger is not None:
+            present = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
+            group.present = present.index_fill(0, slots, True)
+        if settings.action == "stop":
+            eos = self._tensor([r.eos for _, r in members]).unsqueeze(-1)
+            mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
+            group.eos_mask = mask.scatter(1, eos, True)
+        return group
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        cpu = torch.tensor(values, dtype=torch.long, pin_memory=self.pin)
+        return cpu.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ hot path
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for group in self._groups:
+            self._apply_group(group, logits)
+        return logits
+
+    def _apply_group(self, g: _Group, logits: torch.Tensor) -> None:
+        pos_list = [len(out) for out in g.outputs]
+        top = max(pos_list)
+        if top >= self._cap:
+            self._grow_steps(top + 1)
+        pos = self._tensor(pos_list)
+        z = logits.index_select(0, g.rows)
+        values, lp = g.spec.compute(z)
+
+        stacked = torch.stack([values[k] for k in g.spec.output_names], dim=-1)
+        self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
+        if g.chosen:
+            last = self._tensor([out[-1] if out else 0 for out in g.outputs])
+            prev = self._prev_lp.index_select(0, g.slots)
+            chosen = chosen_from_logprobs(prev, last, g.chosen)
+            where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
+            old = self._record[where]
+            new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
+            self._record.index_put_(where, torch.where((pos > 0)[:, None], new, old))
+            self._prev_lp.index_copy_(0, g.slots, lp)
+
+        s = g.settings
+        if s.trigger is None:
+            return
+        trig = self._trigger(s)
+        state, slots = trig.state, g.slots
+        value_s = torch.zeros(self._slots, device=self.device).index_copy(
+            0, slots, values[s.trigger.signal]
+        )
+        pos_s = trig.last_pos.index_copy(0, slots, pos)
+        again = g.present & (pos_s == trig.last_pos)
+        state.restore_rows(again, trig.before)
+        before = state.snapshot()
+        fired_s = state.update(value_s, pos_s, active=g.present)
+        trig.before = tuple(
+            torch.where(g.present.view(-1, *([1] * (b.dim() - 1))), b, old)
+            for b, old in zip(before, trig.before, strict=True)
+        )
+        trig.last_pos = pos_s
+        fired = fired_s.index_select(0, slots)
+        blocked = torch.zeros_like(fired)
+        if s.action == "stop":
+            edited, blocked = force_eos(z, fired, g.eos_mask)
+        elif s.mode == "veto":
+            edited = veto(z, fired)
+        else:
+            edited = adaptive_temperature(z, fired, values["entropy"], values["varentropy"], s.rule)
+        logits.index_copy_(0, g.rows, edited)
+        facts = torch.stack(
+            [fired.float(), state.smoothed_value.index_select(0, slots), blocked.float()], -1
+        )
+        cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
+        self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
+
+    def _grow_steps(self, needed: int) -> None:
+        cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
+        self._record = torch.nn.functional.pad(self._record, (0, 0, 0, cap - self._cap))
+        self._cap = cap
+
+
+def _external_id(rid: str, wanted: set[str] | None) -> tuple[str, int]:
+    """The caller's request id and completion index of vLLM's internal id: vLLM appends
+    ``-xxxxxxxx`` (8 random hex digits) to the caller's id and prefixes ``i_`` to the
+    ``i``-th child of a request with ``n > 1``."""
+    match = _INTERNAL.fullmatch(rid)
+    base = match.group(1) if match else rid
+    if wanted is not None and base in wanted:
+        return base, 0
+    child = _CHILD.fullmatch(base)
+    if child and (wanted is None or child.group(2) in wanted):
+        return child.group(2), int(child.group(1))
+    return base, 0
+
+
+def _to_python(entry: dict) -> dict:
+    """A finished record as plain Python values (signals the request asked for, events)."""
+    settings: RequestSettings = entry["settings"]
+    record = entry["record"].float().cpu()
+    signals = {k: record[:, _COL[k]].tolist() for k in settings.output_names}
+    events = []
+    if settings.trigger is not None:
+        t = settings.trigger
+        fired = record[:, _COL["action_fired"]]
+        for step in fired.nonzero().flatten().tolist():
+            event = {
+                "action": settings.action,
+                "step": step,
+                "signal": t.signal,
+                "value": float(record[step, _COL["action_value"]]),
+                "threshold": entry["threshold"],
+                "direction": t.direction,
+            }
+            if record[step, _COL["action_blocked"]] > 0:
+                event["blocked"] = "EOS forbidden by an earlier processor"
+            events.append(event)
+    return {
+        "token_ids": entry["token_ids"],
+        "signals": signals,
+        "events": events,
+    }

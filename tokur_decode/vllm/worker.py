@@ -1,0 +1,39 @@
+"""Worker extension: the route by which traces leave vLLM's worker process.
+
+vLLM runs logits processors inside its worker (a separate process by default). Passing
+``worker_extension_cls="tokur_decode.vllm.worker.TraceExtension"`` to ``LLM`` mixes
+these methods into the worker, and ``llm.collective_rpc(name, args=...)`` calls them
+there (:func:`tokur_decode.vllm.llm` and :func:`tokur_decode.vllm.read_traces` do it
+for you):
+
+* ``tokur_bind()`` hands the model runner to every :class:`UncertaintyProcessor`, so
+  that it names requests by their vLLM request id and tells a finished request (gone
+  from the runner) from a preempted one; traces are kept only once bound.
+* ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
+  forgets them.
+"""
+
+from __future__ import annotations
+
+from .processor import UncertaintyProcessor
+
+__all__ = ["TraceExtension"]
+
+
+class TraceExtension:
+    """Methods mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``)."""
+
+    def _tokur_processors(self) -> list[UncertaintyProcessor]:
+        procs = self.model_runner.input_batch.logitsprocs.all
+        return [p for p in procs if isinstance(p, UncertaintyProcessor)]
+
+    def tokur_bind(self) -> int:
+        """Bind every UncertaintyProcessor of this worker; returns how many."""
+        procs = self._tokur_processors()
+        for proc in procs:
+            proc.bind(self.model_runner)
+        return len(procs)
+
+    def tokur_collect(self, request_ids: list[str] | None = None) -> list[dict]:
+        """Finished traces whose vLLM request id is in ``request_ids`` (all if None)."""
+        return [t for proc in self._tokur_processors() for t in proc.collect(request_ids)]
