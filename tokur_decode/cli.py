@@ -3,6 +3,8 @@
 tokur-decode generate "What is the capital of France?"      # table of per-token signals
 tokur-decode generate --json --signals all "What is 2+2?"   # the same as JSON
 tokur-decode bench overhead                                # monitor cost, ratio to plain generate
+tokur-decode eval --data tasks:capitals --out runs/detect  # wrong-answer detection metrics
+tokur-decode scale --data tasks:legs --out runs/scale      # accuracy vs N candidates
 """
 
 from __future__ import annotations
@@ -172,6 +174,10 @@ def _build_parser() -> argparse.ArgumentParser:
     act.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (32)")
     act.add_argument("--seed", type=int, default=0)
     act.add_argument("--json", action="store_true")
+
+    from .experiments.cli import add_parsers
+
+    add_parsers(sub, _model_args)  # eval, scale
     return parser
 
 
@@ -528,6 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "strategies":
             return _cmd_strategies()
+        if args.command in ("eval", "scale"):
+            from .experiments.cli import run
+
+            return run(args, _load, argv)
         return _cmd_bench(args)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)

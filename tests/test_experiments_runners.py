@@ -1,0 +1,350 @@
+"""Experiment runners: detection and scaling on a scripted backend (fast, exact), the
+DeepConf online simulation, resumption, reports, and an end-to-end run on the real
+embedded model through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tokur_decode.experiments import data, detection, report, scaling
+from tokur_decode.experiments.backends import Backend, Generation, HFBackend, resolve_signals
+from tokur_decode.trace import Trace
+
+
+class ScriptedBackend:
+    """Answers and per-token signals fixed by the prompt, so the numbers are known:
+    a correct answer is confident (low entropy, high deepconf), a wrong one is not.
+    Records every prompt it is asked about."""
+
+    def __init__(self, items, *, fail_after: int | None = None):
+        self.by_prompt = {item.prompt: item for item in items}
+        self.calls: list[str] = []
+        self.fail_after = fail_after
+
+    def describe(self) -> dict:
+        return {"backend": "scripted"}
+
+    def generate(
+        self, prompts, *, signals, n=1, temperature=0.0, top_p=1.0, max_new_tokens=64, seed=0
+    ):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.calls += list(prompts)
+        out = []
+        for prompt in prompts:
+            item = self.by_prompt[prompt]
+            rng = np.random.default_rng([int(item.id), n, seed])
+            texts, rows = [], []
+            for j in range(n):
+                right = (int(item.id) + j) % 3 != 0 if n > 1 else int(item.id) % 3 != 0
+                texts.append(f"The answer is {item.answer if right else '-1'}.")
+                length = 6 + j % 3
+                base = 0.2 if right else 1.5
+                rows.append((base + 0.1 * rng.random(length), length))
+            t = max(r[1] for r in rows)
+            entropy = torch.zeros(n, t)
+            for j, (values, length) in enumerate(rows):
+                entropy[j, :length] = torch.tensor(values)
+            trace = Trace(
+                {"entropy": entropy, "deepconf": 10.0 - entropy},
+                torch.zeros(n, t, dtype=torch.long),
+                torch.tensor([r[1] for r in rows]),
+                tokens=[[f"t{i}" for i in range(r[1])] for r in rows],
+                texts=texts,
+            )
+            out.append(Generation(texts, trace))
+        return out
+
+
+def _items(n=12):
+    return data.load("tasks:arithmetic", limit=n)
+
+
+def test_backends_follow_the_protocol():
+    assert isinstance(HFBackend(loader=lambda: None, model_name="x"), Backend)
+    assert isinstance(ScriptedBackend([]), Backend)
+    with pytest.raises(ValueError, match="model"):
+        HFBackend(model_name="x")
+    with pytest.raises(ValueError, match="signals: unknown"):
+        resolve_signals("entropy,bogus")
+
+
+def test_detection_metrics_of_a_scripted_run(tmp_path):
+    items = _items()
+    result = detection.run_detection(
+        items,
+        ScriptedBackend(items),
+        out=tmp_path,
+        signals="entropy,deepconf",
+        n_resamples=50,
+        progress=False,
+    )
+    records, summary = result.records, result.summary
+    assert [r["correct"] for r in records] == [int(i.id) % 3 != 0 for i in items]
+    assert summary["datasets"]["all"]["accuracy"]["value"] == pytest.approx(8 / 12)
+    head = {h["score"]: h for h in summary["headline"]}
+    # entropy separates right (0.2..0.3) from wrong (1.5..1.6): perfect detection,
+    # whichever way the signal points (deepconf is a confidence, negated)
+    for score in ("entropy:mean", "deepconf:deepconf_lowest_group"):
+        assert head[score]["auroc"]["value"] == 1.0
+        assert head[score]["prr"]["value"] == pytest.approx(1.0)
+        assert head[score]["top_0.5"]["value"] == 1.0
+    assert summary["auroc"]["entropy:max"]["all"] == 1.0  # every aggregate is scored
+    assert records[0]["values"]["entropy"] and records[0]["tokens"][0] == "t0"
+
+
+def test_interrupted_detection_run_resumes_without_regenerating(tmp_path):
+    items = _items(12)
+    first = ScriptedBackend(items, fail_after=8)  # dies on its second batch of 8
+    with pytest.raises(RuntimeError, match="interrupted"):
+        detection.run_detection(
+            items, first, out=tmp_path, signals="entropy", n_resamples=20, progress=False
+        )
+    saved = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(saved) == 8
+    again = ScriptedBackend(items)
+    result = detection.run_detection(
+        items, again, out=tmp_path, signals="entropy", n_resamples=20, progress=False
+    )
+    assert again.calls == [item.prompt for item in items[8:]]  # only the missing ones
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert lines[:8] == saved and len(lines) == 12  # nothing lost, nothing redone
+    assert [r["key"] for r in result.records] == [i.key for i in items]
+    # --limit then the full run: the first items are not generated again
+    small = tmp_path / "limit"
+    detection.run_detection(
+        items[:4],
+        ScriptedBackend(items),
+        out=small,
+        signals="entropy",
+        n_resamples=20,
+        progress=False,
+    )
+    full = ScriptedBackend(items)
+    detection.run_detection(
+        items, full, out=small, signals="entropy", n_resamples=20, progress=False
+    )
+    assert full.calls == [item.prompt for item in items[4:]]
+    with pytest.raises(ValueError, match="another configuration"):
+        detection.run_detection(
+            items, full, out=small, signals="entropy", max_new_tokens=5, progress=False
+        )
+    changed = [data.Item(i.dataset, i.id, i.question, "0", i.grader, i.prompt) for i in items]
+    with pytest.raises(ValueError, match="differs"):
+        detection.run_detection(changed, full, out=small, signals="entropy", progress=False)
+
+
+def test_scaling_methods_on_a_scripted_run(tmp_path):
+    items = _items(6)
+    backend = ScriptedBackend(items)
+    result = scaling.run_scaling(
+        items,
+        backend,
+        out=tmp_path,
+        ns=[1, 2, 4],
+        signals="entropy,deepconf",
+        strategies=["deepconf-offline-vote"],
+        temperature=0.7,
+        repeats=4,
+        n_resamples=30,
+        progress=False,
+    )
+    s = result.summary
+    assert len(result.records[0]["candidates"]) == 4
+    assert len(backend.calls) == 12  # 6 prompts sampled once (N_max) + 6 greedy
+    methods = s["methods"]
+    # candidate j of item i is right unless (i + j) % 3 == 0; confident when right
+    for n in ("1", "2", "4"):
+        for rows in methods.values():
+            assert 0 <= rows[n]["accuracy"]["value"] <= 1
+        assert (
+            methods["oracle"][n]["accuracy"]["value"] >= methods["majority"][n]["accuracy"]["value"]
+        )
+    # a confident candidate is always right, so selecting by deepconf is perfect from N = 2
+    assert methods["best-of-N deepconf:deepconf_lowest_group"]["4"]["accuracy"]["value"] == 1.0
+    assert methods["greedy"]["1"]["accuracy"]["value"] == pytest.approx(4 / 6)
+    assert methods["majority"]["4"]["tokens"] == pytest.approx(
+        np.mean([sum(c["n_tokens"] for c in r["candidates"]) for r in result.records])
+    )
+    assert s["primary"] == ["greedy", "majority", "deepconf-offline-vote"]
+
+
+def test_recipe_methods_follow_the_recipes():
+    methods = {m.name: m for m in scaling.recipe_methods(["tokur-best-of-n", "deepconf-online"])}
+    tokur = methods["tokur-best-of-n"]
+    assert (tokur.score, tokur.reducer, tokur.higher_is_better, tokur.method) == (
+        "tokur_epistemic",
+        "mean",
+        False,
+        "argmax",
+    )
+    assert "best-of-N tokur_epistemic:mean" not in methods  # equal to the recipe
+    online = methods["deepconf-online"]
+    assert (online.kind, online.warmup, online.keep, online.window) == (
+        "deepconf-online",
+        4,
+        90.0,
+        16,
+    )
+    with pytest.raises(ValueError, match="sweeps"):
+        scaling.recipe_methods(["logtoku-abstain"])
+    with pytest.raises(ValueError, match="temperature"):
+        scaling._temperature(
+            [
+                "deepconf-online",
+                {
+                    "name": "hot",
+                    "action": {"type": "best-of-n", "score": "entropy", "temperature": 1.3},
+                },
+            ]
+        )
+
+
+def test_deepconf_online_simulation_cuts_where_the_online_stop_would():
+    """Two warm-up traces set the threshold; of two later ones, the one whose window
+    confidence dips below it is cut at the first such token and leaves the vote."""
+    window = 2
+    method = scaling.Method(
+        "dc",
+        "deepconf-online",
+        "deepconf",
+        "deepconf_lowest_group",
+        method="majority",
+        warmup=2,
+        keep=50.0,
+        window=window,
+    )
+
+    def cand(values, answer, correct):
+        return {
+            "values": {"deepconf": values},
+            "n_tokens": len(values),
+            "prediction": answer,
+            "correct": correct,
+            "scores": {},
+        }
+
+    cands = [
+        cand([5.0, 5.0, 5.0, 5.0], "a", True),  # warm-up, lowest group 5
+        cand([4.0, 4.0, 4.0], "a", True),  # warm-up, lowest group 4 -> threshold 4.5
+        cand([5.0, 5.0, 1.0, 1.0, 1.0, 1.0], "b", False),  # window mean 3 < 4.5 at step 2
+        cand([6.0, 6.0, 6.0], "b", False),  # never below: votes
+    ]
+    conf = scaling._confidences(cands, method)
+    correct, tokens = scaling._deepconf_online(cands, conf, np.array([[0, 1, 2, 3]]), method)
+    # votes: a, a, b -> "a" (right); tokens: 4 + 3 + (cut after step 2: 3) + 3
+    assert correct.tolist() == [1.0] and tokens.tolist() == [13.0]
+    # the same cut as the policy's calibrated trigger computes on the traces
+    from tokur_decode.policy import Trigger, calibrate_from_traces
+
+    warm = Trace(
+        {"deepconf": torch.tensor([[5.0, 5, 5, 5], [4, 4, 4, 0]])},
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.tensor([4, 3]),
+    )
+    base = Trigger("deepconf", direction="below", window=window, min_tokens=window)
+    assert calibrate_from_traces(base, warm, 50).threshold == 4.5
+    # with N <= warmup nothing is cut: the plain vote of all
+    correct, tokens = scaling._deepconf_online(cands, conf, np.array([[2, 3]]), method)
+    assert correct.tolist() == [0.0] and tokens.tolist() == [9.0]
+
+
+def test_reports_write_every_file(tmp_path):
+    items = _items(9)
+    backend = ScriptedBackend(items)
+    res = detection.run_detection(
+        items, backend, out=tmp_path / "d", signals="entropy", n_resamples=20, progress=False
+    )
+    for r in res.records:  # a backend with verbalized confidence: one more score, no runner change
+        r["extra"]["verbalized_confidence"] = 0.9 if r["correct"] else 0.3
+    summary = detection.summarize(res.records, n_resamples=20)
+    assert summary["ece"]["verbalized_confidence"]["value"] == pytest.approx(
+        (6 * 0.1 + 3 * 0.3) / 9
+    )
+    assert any(h["score"] == "verbalized_confidence" for h in summary["headline"])
+    files = report.write_detection(tmp_path / "d", res.records, summary, "tokur-decode eval ...")
+    names = {f.name for f in files}
+    assert names == {
+        "metrics.json",
+        "report.md",
+        "roc.png",
+        "risk_coverage.png",
+        "heatmap.png",
+        "reliability.png",
+    }
+    assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert "tokur-decode eval ..." in text and "verbalized_confidence" in text
+    json.loads((tmp_path / "d" / "metrics.json").read_text())  # strict JSON (no NaN)
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_model_through_the_cli(embedded, tmp_path, monkeypatch, capsys):
+    from tokur_decode import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: embedded)
+    calls = []
+    original = HFBackend.generate
+    monkeypatch.setattr(
+        HFBackend,
+        "generate",
+        lambda self, prompts, **kw: calls.append(list(prompts)) or original(self, prompts, **kw),
+    )
+    common = [
+        "--data",
+        "tasks:capitals,tasks:arithmetic",
+        "--max-new-tokens",
+        "8",
+        "--bootstrap",
+        "30",
+        "--no-progress",
+    ]
+    out = tmp_path / "detect"
+    assert cli.main(["eval", *common, "--limit", "1", "--out", str(out)]) == 0
+    first = (out / "results.jsonl").read_text().splitlines()
+    assert cli.main(["eval", *common, "--limit", "3", "--out", str(out)]) == 0
+    assert len(calls) == 2 and len(calls[0]) == 2 and len(calls[1]) == 4  # resumed
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 6
+    for name in ("metrics.json", "report.md", "roc.png", "risk_coverage.png", "heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["datasets"]["all"]["accuracy"]["value"] <= 1
+    scores = {h["score"] for h in metrics["headline"]}
+    assert {
+        "chosen_logprob:mean",
+        "tokur_epistemic:sum",
+        "logtoku_unreliability:topk_mean",
+    } <= scores
+    record = json.loads(lines[0])
+    assert len(record["tokens"]) == record["n_tokens"] == len(record["values"]["tokur_total"])
+    if 0 < sum(json.loads(x)["correct"] for x in lines) < 6:
+        assert all(math.isfinite(v["all"]) for v in metrics["auroc"].values())
+    assert "Wrong-answer detection" in capsys.readouterr().out
+
+    out = tmp_path / "scale"
+    assert (
+        cli.main(
+            ["scale", *common, "--limit", "1", "--n", "1,2", "--repeats", "3", "--out", str(out)]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    for method in (
+        "greedy",
+        "majority",
+        "tokur-best-of-n",
+        "deepconf-online",
+        "self-certainty-best-of-n",
+    ):
+        assert 0 <= metrics["methods"][method]["2"]["accuracy"]["value"] <= 1
+    assert metrics["methods"]["majority"]["2"]["tokens"] > 0
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert len(record["candidates"]) == 2 and "tokur_epistemic" in record["candidates"][0]["values"]
+    for name in ("accuracy_vs_n.png", "accuracy_vs_tokens.png", "report.md"):
+        assert (out / name).stat().st_size > 0

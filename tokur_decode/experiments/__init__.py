@@ -1,0 +1,1 @@
+"""Experiments: wrong-answer detection and test-time scaling on real models."""

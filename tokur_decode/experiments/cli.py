@@ -1,0 +1,171 @@
+"""``tokur-decode eval`` and ``tokur-decode scale``: the experiment runners from the
+command line (registered by :mod:`tokur_decode.cli`).
+
+    tokur-decode eval  --data tasks:capitals,tasks:arithmetic --signals all --out runs/detect
+    tokur-decode scale --data my.jsonl --n 1,2,4,8 --strategies tokur-best-of-n,deepconf-online \\
+                       --out runs/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["add_parsers", "run"]
+
+DEFAULT_STRATEGIES = "tokur-best-of-n,deepconf-online,self-certainty-best-of-n"
+
+
+def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tokens: int) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="comma-separated: tasks:arithmetic, tasks:legs, tasks:capitals, or .jsonl files",
+    )
+    p.add_argument("--out", required=True, help="run folder (results, report, plots); resumable")
+    p.add_argument("--backend", choices=("hf",), default="hf", help="generation engine (hf)")
+    p.add_argument("--limit", type=int, help="first N items of each dataset")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=tokens, help=f"answer budget (default {tokens})"
+    )
+    p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (0)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in tasks (0)")
+    p.add_argument("--grader", choices=("numeric", "string", "math"), help="JSONL files' grader")
+    p.add_argument(
+        "--batch-size", type=int, default=batch, help=f"items per generate call ({batch})"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (1000)"
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (default: when the tokenizer has one)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model_args(p)
+    tok = p.add_argument_group("TokUR (when 'tokur' is among the signals)")
+    tok.add_argument("--tokur-rank", type=int, help="perturbed singular directions (8)")
+    tok.add_argument("--tokur-sigma", type=float, help="noise scale (0.1)")
+    tok.add_argument("--tokur-samples", type=int, help="predictive samples M, clean included (10)")
+    tok.add_argument("--tokur-seed", type=int, help="noise seed (0)")
+
+
+def add_parsers(sub, model_args: Callable) -> None:
+    """Add ``eval`` and ``scale`` to the ``tokur-decode`` subcommands."""
+    ev = sub.add_parser(
+        "eval",
+        help="wrong-answer detection: AUROC/AUPRC/PRR/Top-p of every signal and aggregate",
+        description="One greedy answer per item with every requested signal recorded in the same "
+        "pass; every aggregate scored; detection metrics with 95% bootstrap intervals. Writes "
+        "results.jsonl, metrics.json, report.md and PNG plots to --out; a rerun skips done items.",
+    )
+    _common(ev, model_args, batch=8, tokens=64)
+    ev.add_argument(
+        "--signals", default="all", help="comma-separated signals, or all (every signal + tokur)"
+    )
+    sc = sub.add_parser(
+        "scale",
+        help="test-time scaling: accuracy vs N candidates and tokens, per selection method",
+        description="N_max sampled candidates and one greedy answer per item, generated once; "
+        "then accuracy versus N (repeated random subsets) for greedy, majority, each recipe, "
+        "best-of-N / weighted / top-eta votes by each recipe's score, and DeepConf online "
+        "simulated from the traces.",
+    )
+    _common(sc, model_args, batch=2, tokens=64)
+    sc.add_argument("--n", default="1,2,4,8", help="candidate counts N (default 1,2,4,8)")
+    sc.add_argument(
+        "--strategies",
+        default=DEFAULT_STRATEGIES,
+        help=f"best-of-n / deepconf-online recipes, names or .toml (default {DEFAULT_STRATEGIES})",
+    )
+    sc.add_argument("--signals", help="signals to record (default: what the recipes need)")
+    sc.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the recipes')"
+    )
+    sc.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0)")
+    sc.add_argument("--repeats", type=int, default=20, help="random subsets per item and N (20)")
+    sc.add_argument("--eta", type=float, default=0.5, help="top-eta vote fraction (0.5)")
+
+
+def _tokur(args, strategies: Sequence[str] = ()) -> dict:
+    from ..strategy import Strategy
+
+    tables = [t for t in (Strategy.load(s).tokur for s in strategies) if t]
+    if any(t != tables[0] for t in tables):
+        raise ValueError("strategies: the recipes' [tokur] tables differ; give --tokur-* options")
+    options = dict(tables[0]) if tables else {}
+    for key in ("rank", "sigma", "samples", "seed"):
+        value = getattr(args, f"tokur_{key}")
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _backend(args, load: Callable, tokur: dict):
+    from .backends import HFBackend
+
+    return HFBackend(
+        loader=lambda: load(args),
+        model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+        dtype=args.dtype,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        tokur=tokur,
+    )
+
+
+def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
+    """Run ``eval`` or ``scale`` from parsed ``args``; ``load(args)`` loads the model."""
+    from . import data, detection, report, scaling
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = "tokur-decode " + " ".join(shlex.quote(a) for a in argv)
+    items = data.load_many(args.data, seed=args.data_seed, limit=args.limit, grader=args.grader)
+    progress = not args.no_progress
+    if args.command == "eval":
+        backend = _backend(args, load, _tokur(args))
+        result = detection.run_detection(
+            items,
+            backend,
+            out=args.out,
+            signals=args.signals,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            n_resamples=args.bootstrap,
+            progress=progress,
+        )
+        files = report.write_detection(args.out, result.records, result.summary, command)
+        report.print_detection(result.summary)
+    else:
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        try:
+            ns = [int(n) for n in args.n.split(",")]
+        except ValueError as exc:
+            raise ValueError(f"--n: comma-separated integers, got {args.n!r}") from exc
+        backend = _backend(args, load, _tokur(args, strategies))
+        result = scaling.run_scaling(
+            items,
+            backend,
+            out=args.out,
+            ns=ns,
+            strategies=strategies,
+            signals=args.signals,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            repeats=args.repeats,
+            eta=args.eta,
+            batch_size=args.batch_size,
+            n_resamples=args.bootstrap,
+            progress=progress,
+        )
+        files = report.write_scaling(args.out, result.summary, command)
+        report.print_scaling(result.summary)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,136 @@
+"""Wrong-answer detection: one greedy answer per item, every signal recorded in the same
+pass, every aggregate scored, and how well each score tells wrong answers from right.
+
+:func:`run_detection` generates (resumably) into a run folder; :func:`summarize`
+computes the metrics from the records alone (see :mod:`tokur_decode.experiments.metrics`
+for the definitions: positive class = wrong answer, score = uncertainty).
+
+Example:
+    >>> from tokur_decode.experiments import data
+    >>> from tokur_decode.experiments.backends import HFBackend
+    >>> from tokur_decode.models import load_default
+    >>> backend = HFBackend(loader=load_default, model_name="embedded")
+    >>> items = data.load_many("tasks:capitals,tasks:arithmetic", limit=10)
+    >>> result = run_detection(items, backend, out="runs/detect",
+    ...                        signals="all", max_new_tokens=24)         # doctest: +SKIP
+    >>> result.summary["headline"][0]["auroc"]                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend, Generation, resolve_signals
+from .data import Item
+from .metrics import auroc, bootstrap, detection_metrics, ece
+from .runner import RunResult, graded, process
+from .scoring import PROBABILITY_SCORES, headline_scores, trace_scores, uncertainty
+from .store import RunStore
+
+__all__ = ["record", "run_detection", "summarize"]
+
+
+def record(item: Item, gen: Generation, row: int = 0) -> dict:
+    """The result line of one response: the item, the answer and its grade, every
+    score, and the per-token values of every signal."""
+    trace = gen.trace[row]
+    return {
+        "key": item.key,
+        **item.to_dict(),
+        **graded(item, gen.texts[row]),
+        "n_tokens": int(trace.lengths[0]),
+        "scores": trace_scores(trace)[0],
+        "extra": dict(gen.extra[row]),
+        "tokens": trace.tokens[0] if trace.tokens is not None else None,
+        "values": {name: trace.values(name)[0] for name in trace.names},
+    }
+
+
+def run_detection(
+    items: Sequence[Item],
+    backend: Backend,
+    *,
+    out: str | Path,
+    signals: str | Sequence[str] = "all",
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+    n_resamples: int = 1000,
+    progress: bool = True,
+) -> RunResult:
+    """Generate a greedy answer per item (skipping items ``out`` already has); return
+    the records of all ``items`` and their :func:`summarize`.
+
+    ``seed`` seeds generation (TokUR's noise has its own seed in the backend) and the
+    bootstrap.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    names = resolve_signals(signals)
+    config = {
+        "kind": "detect",
+        "signals": list(names),
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        **backend.describe(),
+    }
+    store = RunStore(out, config)
+
+    def work(batch: list[Item], first: int) -> list[dict]:
+        gens = backend.generate(
+            [item.prompt for item in batch],
+            signals=names,
+            max_new_tokens=max_new_tokens,
+            seed=seed + first,
+        )
+        return [record(item, gen) for item, gen in zip(batch, gens, strict=True)]
+
+    records = process(store, items, work, batch_size=batch_size, desc="eval", progress=progress)
+    return RunResult(records, summarize(records, n_resamples=n_resamples, seed=seed))
+
+
+def _scores(records: list[dict]) -> dict[str, np.ndarray]:
+    """Every score of the records as uncertainties (scores some record lacks are left out)."""
+    names = [n for n in records[0]["scores"]] + list(records[0]["extra"])
+    table = {}
+    for name in names:
+        values = [{**r["scores"], **r["extra"]}.get(name) for r in records]
+        if all(v is not None for v in values):
+            table[name] = np.array([uncertainty(name, v) for v in values])
+    return table
+
+
+def summarize(records: list[dict], *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Detection metrics of ``records`` (from :func:`record`), JSON-able.
+
+    Returns ``n``, ``datasets`` (items and accuracy with interval per dataset and
+    ``"all"``), ``headline`` (per headline score: AUROC, AUPRC, PRR, Top-p accuracy
+    with 95% intervals, pooled over the datasets), ``auroc`` (point AUROC of every score,
+    pooled and per dataset) and ``ece`` (calibration error of probability scores).
+    """
+    if not records:
+        raise ValueError("records: nothing to summarize")
+    correct = np.array([r["correct"] for r in records], dtype=bool)
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    groups = {"all": np.ones(len(records), dtype=bool)} | {
+        d: np.array([r["dataset"] == d for r in records]) for d in datasets
+    }
+    scores = _scores(records)
+    summary: dict = {"n": len(records), "datasets": {}, "headline": [], "auroc": {}, "ece": {}}
+    for name, mask in groups.items():
+        (acc,) = bootstrap(np.mean, correct[mask], n_resamples=n_resamples, seed=seed)
+        summary["datasets"][name] = {"n": int(mask.sum()), "accuracy": acc.to_dict()}
+    for name in headline_scores(scores):
+        metrics = detection_metrics(correct, scores[name], n_resamples=n_resamples, seed=seed)
+        summary["headline"].append({"score": name, **{k: v.to_dict() for k, v in metrics.items()}})
+    for name, values in scores.items():
+        summary["auroc"][name] = {g: auroc(correct[m], values[m]) for g, m in groups.items()}
+    for name in PROBABILITY_SCORES & set(scores):
+        (value,) = bootstrap(
+            lambda c, u: ece(c, -u), correct, scores[name], n_resamples=n_resamples, seed=seed
+        )
+        summary["ece"][name] = value.to_dict()
+    return summary

@@ -1,0 +1,378 @@
+"""Reports of experiment runs: ``metrics.json``, ``report.md`` and PNG plots in the run
+folder, and the headline table in the terminal.
+
+Detection (:func:`write_detection`): ROC and risk-coverage curves of the headline
+scores, a per-token uncertainty heat map of one answer, and a reliability diagram when
+a probability score (verbalized confidence) exists. Scaling (:func:`write_scaling`):
+accuracy versus N and versus tokens spent, with 95% intervals.
+
+Example:
+    >>> from tokur_decode.experiments.metrics import Interval
+    >>> _cell(Interval(0.71, 0.6, 0.8).to_dict())
+    '0.710 [0.600, 0.800]'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..aggregate import REDUCERS
+from ..trace import uncertainty_scale
+from .metrics import TOP_P, Interval, reliability, risk_coverage
+from .scoring import BASELINE, PROBABILITY_SCORES, uncertainty
+
+__all__ = [
+    "detection_tables",
+    "print_detection",
+    "print_scaling",
+    "scaling_tables",
+    "write_detection",
+    "write_scaling",
+]
+
+_DEFINITIONS = (
+    "Positive class = **wrong** answer, score = uncertainty (confidences negated). "
+    "AUROC: `roc_auc_score(wrong, uncertainty)` (equals TokUR's AUROC of correct vs "
+    "confidence). AUPRC: average precision of detecting wrong answers "
+    "(scikit-learn's step-wise sum, not the trapezoid rule; chance = error rate). "
+    "Top-p: accuracy of the max(1, floor(p N)) most confident answers. PRR: prediction "
+    "rejection ratio (1 = oracle, 0 = random). Ties count as random order. Brackets: 95% "
+    "percentile bootstrap over items (scipy.stats.bootstrap)."
+)
+
+
+def _cell(d: dict, spec: str = ".3f") -> str:
+    return format(Interval.from_dict(d), spec)
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(head) - 1)
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _json(path: Path, obj) -> None:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    path.write_text(json.dumps(clean(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _label(score: str) -> str:
+    return f"{score} (baseline: mean log-prob)" if score == BASELINE else score
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detection_tables(summary: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The report's tables as ``{title: (header, rows)}``."""
+    tables = {}
+    tables["Accuracy"] = (
+        ["dataset", "items", "accuracy"],
+        [[name, str(d["n"]), _cell(d["accuracy"])] for name, d in summary["datasets"].items()],
+    )
+    head = ["score", "AUROC", "AUPRC", "PRR", *(f"Top-{p:g}" for p in TOP_P)]
+    tables["Wrong-answer detection (all datasets pooled)"] = (
+        head,
+        [
+            [_label(h["score"]), _cell(h["auroc"]), _cell(h["auprc"]), _cell(h["prr"])]
+            + [_cell(h[f"top_{p}"], ".2f") for p in TOP_P]
+            for h in summary["headline"]
+        ],
+    )
+    groups = list(summary["datasets"])
+    tables["AUROC per dataset"] = (
+        ["score", *groups],
+        [
+            [h["score"], *(_num(summary["auroc"][h["score"]][g]) for g in groups)]
+            for h in summary["headline"]
+        ],
+    )
+    outputs = list(dict.fromkeys(s.split(":")[0] for s in summary["auroc"] if ":" in s))
+    tables["AUROC of every aggregate (pooled)"] = (
+        ["output", *REDUCERS],
+        [
+            [o, *(_num(summary["auroc"].get(f"{o}:{r}", {}).get("all")) for r in REDUCERS)]
+            for o in outputs
+        ],
+    )
+    if summary["ece"]:
+        tables["Calibration (ECE, 10 bins)"] = (
+            ["score", "ECE"],
+            [[name, _cell(v)] for name, v in summary["ece"].items()],
+        )
+    return tables
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    plt = _plt()
+    cmap = plt.get_cmap("tab20")
+    return [cmap(i % 20) for i in range(n)]
+
+
+def _uncertainties(records: list[dict], score: str) -> np.ndarray:
+    return np.array([uncertainty(score, {**r["scores"], **r["extra"]}[score]) for r in records])
+
+
+def _roc_plot(records, summary, path: Path) -> None:
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    wrong = np.array([not r["correct"] for r in records])
+    fig, ax = plt.subplots(figsize=(10, 6))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="random")
+    for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
+        if wrong.all() or not wrong.any():
+            break
+        fpr, tpr, _ = roc_curve(wrong, _uncertainties(records, h["score"]))
+        style = dict(lw=2.5, color="black") if h["score"] == BASELINE else dict(lw=1.3, color=color)
+        ax.plot(fpr, tpr, label=f"{h['score']} ({_num(h['auroc']['value'])})", **style)
+    ax.set(
+        xlabel="false positive rate (right answers flagged)",
+        ylabel="true positive rate (wrong answers caught)",
+        title=f"ROC: detecting wrong answers ({len(records)} items)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="score (AUROC)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _risk_coverage_plot(records, summary, path: Path) -> None:
+    plt = _plt()
+    correct = np.array([r["correct"] for r in records])
+    fig, ax = plt.subplots(figsize=(10, 6))
+    coverage, oracle = risk_coverage(correct, ~correct)
+    ax.plot(coverage, oracle, ls="--", color="grey", label="oracle")
+    ax.axhline(correct.mean(), ls=":", color="grey", label="random")
+    for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
+        cov, acc = risk_coverage(correct, _uncertainties(records, h["score"]))
+        style = dict(lw=2.5, color="black") if h["score"] == BASELINE else dict(lw=1.3, color=color)
+        ax.plot(cov, acc, label=f"{h['score']} (PRR {_num(h['prr']['value'])})", **style)
+    ax.set(
+        xlabel="coverage (fraction answered, most confident first)",
+        ylabel="accuracy of the answered",
+        title="Risk-coverage: accuracy when abstaining on the most uncertain",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _example(records: list[dict]) -> dict:
+    """A wrong answer with several tokens if there is one, else the longest answer."""
+    with_tokens = [r for r in records if r.get("tokens")]
+    if not with_tokens:
+        raise ValueError("records: no answer has per-token values")
+    wrong = [r for r in with_tokens if not r["correct"] and r["n_tokens"] >= 4]
+    return wrong[0] if wrong else max(with_tokens, key=lambda r: r["n_tokens"])
+
+
+def _heatmap_plot(records, path: Path) -> None:
+    plt = _plt()
+    rec = _example(records)
+    names = list(rec["values"])
+    grid = np.array([uncertainty_scale(n, rec["values"][n]) for n in names])
+    tokens = [repr(t)[1:-1] for t in rec["tokens"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(tokens) + 3), 0.38 * len(names) + 2.2))
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    verdict = "right" if rec["correct"] else f"wrong, gold {rec['answer']!r}"
+    ax.set_title(f"{rec['question']}\nanswer ({verdict}): {rec['response'][:90]!r}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="uncertainty (per signal, 0 = most confident)", shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _reliability_plot(records, names: list[str], path: Path) -> None:
+    plt = _plt()
+    correct = np.array([r["correct"] for r in records])
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
+    for name, color in zip(names, _colors(len(names)), strict=True):
+        conf = np.array([r["extra"][name] for r in records])
+        count, mean_conf, acc = reliability(correct, conf)
+        used = count > 0
+        ax.plot(mean_conf[used], acc[used], marker="o", color=color, label=name)
+    ax.set(xlabel="stated confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title("Reliability diagram (10 bins)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_detection(
+    out: str | Path, records: list[dict], summary: dict, command: str
+) -> list[Path]:
+    """Write ``metrics.json``, ``report.md`` and the plots; return the files written."""
+    out = Path(out)
+    files = {
+        "metrics": out / "metrics.json",
+        "report": out / "report.md",
+        "roc": out / "roc.png",
+        "risk": out / "risk_coverage.png",
+        "heatmap": out / "heatmap.png",
+    }
+    _json(files["metrics"], summary)
+    _roc_plot(records, summary, files["roc"])
+    _risk_coverage_plot(records, summary, files["risk"])
+    _heatmap_plot(records, files["heatmap"])
+    probability = sorted(PROBABILITY_SCORES & set(records[0]["extra"]))
+    if probability:
+        files["reliability"] = out / "reliability.png"
+        _reliability_plot(records, probability, files["reliability"])
+    parts = [f"# Wrong-answer detection\n\n    {command}\n", _DEFINITIONS]
+    for title, (head, rows) in detection_tables(summary).items():
+        parts.append(f"## {title}\n\n{_md_table(head, rows)}")
+    parts.append(
+        "## Plots\n\n"
+        + "\n".join(f"![{k}]({p.name})" for k, p in files.items() if p.suffix == ".png")
+    )
+    files["report"].write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return list(files.values())
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def scaling_tables(summary: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Accuracy and tokens per method and N as ``{title: (header, rows)}``."""
+    ns = [str(n) for n in summary["ns"]]
+    methods = summary["methods"]
+    acc = [[name, *(_cell(methods[name][n]["accuracy"]) for n in ns)] for name in methods]
+    tok = [[name, *(f"{methods[name][n]['tokens']:.1f}" for n in ns)] for name in methods]
+    head = ["method", *(f"N={n}" for n in ns)]
+    return {
+        f"Accuracy versus N ({summary['n']} items, {summary['repeats']} subsets each)": (head, acc),
+        "Tokens generated per item": (head, tok),
+    }
+
+
+def _scaling_plot(summary: dict, path: Path, x: str) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    plt = _plt()
+    methods = summary["methods"]
+    primary = summary["primary"]
+    ns = [str(n) for n in summary["ns"]]
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colors = dict(zip(methods, _colors(len(methods)), strict=True))
+    colors |= {"greedy": "black", "oracle": "grey"}
+    for name, rows in methods.items():
+        ivs = [Interval.from_dict(rows[n]["accuracy"]) for n in ns]
+        xs = [int(n) for n in ns] if x == "n" else [rows[n]["tokens"] for n in ns]
+        ys = np.array([iv.value for iv in ivs])
+        if name in primary:  # recipes, greedy and majority: bold, with their interval
+            lo = np.array([iv.low for iv in ivs])
+            hi = np.array([iv.high for iv in ivs])
+            ls = ":" if name == "greedy" else "-"
+            ax.plot(xs, ys, marker="o", ms=4, lw=2.2, ls=ls, color=colors[name], label=name)
+            if np.all(np.isfinite(lo)):
+                ax.fill_between(xs, lo, hi, alpha=0.10, color=colors[name])
+        else:
+            ax.plot(xs, ys, marker=".", lw=1, ls="--", color=colors[name], label=name)
+    ax.set_xscale("log", base=2 if x == "n" else 10)
+    if x == "n":
+        ax.set_xticks([int(n) for n in ns], ns)
+        ax.set_xlabel("N candidates")
+    else:
+        ticks = sorted({round(methods["majority"][n]["tokens"]) for n in ns})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("tokens generated per item (log scale)")
+    ax.set_ylabel("accuracy (bands: 95% bootstrap interval)")
+    ax.set_ylim(0, 1.01)
+    ax.set_title(f"Test-time scaling ({summary['n']} items, {summary['repeats']} subsets each)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_scaling(out: str | Path, summary: dict, command: str) -> list[Path]:
+    """Write ``metrics.json``, ``report.md`` and the two plots; return the files written."""
+    out = Path(out)
+    files = [
+        out / "metrics.json",
+        out / "report.md",
+        out / "accuracy_vs_n.png",
+        out / "accuracy_vs_tokens.png",
+    ]
+    _json(files[0], summary)
+    _scaling_plot(summary, files[2], "n")
+    _scaling_plot(summary, files[3], "tokens")
+    parts = [
+        f"# Test-time scaling\n\n    {command}\n",
+        "Accuracy: mean over items of the per-item mean over random ordered subsets of N "
+        "candidates; brackets: 95% percentile bootstrap over items. DeepConf online is "
+        "simulated from the full traces (cut traces leave the vote and count the tokens "
+        "decoded up to the cut); oracle = some candidate is right.",
+    ]
+    for title, (head, rows) in scaling_tables(summary).items():
+        parts.append(f"## {title}\n\n{_md_table(head, rows)}")
+    parts.append(
+        "## Plots\n\n![accuracy vs N](accuracy_vs_n.png)\n"
+        "![accuracy vs tokens](accuracy_vs_tokens.png)"
+    )
+    files[1].write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return files
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def _print(title: str, head: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def print_detection(summary: dict) -> None:
+    """Accuracy and the headline detection table, in the terminal."""
+    tables = detection_tables(summary)
+    for title in ("Accuracy", "Wrong-answer detection (all datasets pooled)"):
+        _print(title, *tables[title])
+
+
+def print_scaling(summary: dict) -> None:
+    """The accuracy-versus-N table, in the terminal."""
+    title, (head, rows) = next(iter(scaling_tables(summary).items()))
+    _print(title, head, rows)
