@@ -3,8 +3,9 @@
 A dataset is a list of :class:`Item` (a question, its gold answer, the grader that
 judges a response, and the prompt sent to the model). :func:`load` takes a spec:
 
-* ``tasks:arithmetic``: multi-digit ``+``, ``-`` and ``x`` questions (numeric grader);
-* ``tasks:legs``: leg counting, "a farmer has 3 chickens and 2 cows..." (numeric);
+* ``tasks:arithmetic``: ``+``, ``-`` and ``*`` with one- to three-digit operands (numeric);
+* ``tasks:legs``: leg counting, "A farm has 3 chickens and 2 cows. How many legs..."
+  (one or two kinds of animal, 1 to 5 of each; numeric);
 * ``tasks:capitals``: the capital cities of 50 countries (normalised string grader);
 * a path to a ``.jsonl`` file, one JSON object per line, in any of these shapes:
   ``{"question"|"problem"|"prompt"|"input": ..., "answer"|"solution"|"target"|"output": ...}``,
@@ -75,14 +76,18 @@ class Item:
 
 
 def _arithmetic(rng: random.Random, size: int) -> list[tuple[str, str]]:
+    """Sums, differences (never negative) and products by a one-digit number, with
+    operands of one to three digits (a mix a small model gets partly right)."""
     out = []
     for _ in range(size):
-        op = rng.choice("+-x")
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        if op == "x":
-            b = rng.randint(2, 99)
+        op = rng.choice("+-*")
+        digits = rng.choice((1, 2, 3))
+        a = rng.randint(10 ** (digits - 1), 10**digits - 1)
+        b = rng.randint(2, 9) if op == "*" else rng.randint(10 ** (digits - 1), 10**digits - 1)
+        if op == "-":
+            a, b = max(a, b), min(a, b)
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append((f"What is {a} {op.replace('x', '*')} {b}?", str(value)))
+        out.append((f"What is {a} {op} {b}?", str(value)))
     return out
 
 
@@ -108,13 +113,13 @@ _PLURAL = {"sheep": "sheep", "goose": "geese"}
 def _legs(rng: random.Random, size: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(size):
-        animals = rng.sample(sorted(LEGS), rng.choice((2, 3)))
-        counts = [rng.randint(1, 6) for _ in animals]
+        animals = rng.sample(sorted(LEGS), rng.choice((1, 2)))
+        counts = [rng.randint(1, 5) for _ in animals]
         parts = [
             f"{c} {a if c == 1 else _PLURAL.get(a, a + 's')}"
             for a, c in zip(animals, counts, strict=True)
         ]
-        listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
+        listed = " and ".join(parts)
         total = sum(LEGS[a] * c for a, c in zip(animals, counts, strict=True))
         out.append((f"A farm has {listed}. How many legs are there in total?", str(total)))
     return out

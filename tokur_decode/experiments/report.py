@@ -366,10 +366,12 @@ def _print(title: str, head: list[str], rows: list[list[str]]) -> None:
 
 
 def print_detection(summary: dict) -> None:
-    """Accuracy and the headline detection table, in the terminal."""
+    """Accuracy and the headline detection table (AUROC, AUPRC, PRR), in the terminal."""
     tables = detection_tables(summary)
-    for title in ("Accuracy", "Wrong-answer detection (all datasets pooled)"):
-        _print(title, *tables[title])
+    _print("Accuracy", *tables["Accuracy"])
+    title = "Wrong-answer detection (all datasets pooled)"
+    head, rows = tables[title]
+    _print(title, head[:4], [row[:4] for row in rows])
 
 
 def print_scaling(summary: dict) -> None:
