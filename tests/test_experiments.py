@@ -303,6 +303,7 @@ def test_trace_scores_cover_every_reducer_and_orientation():
     assert scoring.uncertainty("max_prob:naive", 0.7) == 0.7
     assert scoring.uncertainty("entropy:max", 2.0) == 2.0
     assert scoring.uncertainty("verbalized_confidence", 0.8) == -0.8
+    assert scoring.uncertainty("response_length", 7) == 7
     assert scoring.headline_scores(list(rows[0]))[:2] == ["max_prob:naive", "entropy:mean"]
 
 

@@ -95,6 +95,7 @@ def test_detection_metrics_of_a_scripted_run(tmp_path):
         assert head[score]["prr"]["value"] == pytest.approx(1.0)
         assert head[score]["top_0.5"]["value"] == 1.0
     assert summary["auroc"]["entropy:max"]["all"] == 1.0  # every aggregate is scored
+    assert head["response_length"]["auroc"]["value"] == 0.5  # all answers are 6 tokens
     assert records[0]["values"]["entropy"] and records[0]["tokens"][0] == "t0"
 
 

@@ -27,7 +27,7 @@ from .backends import Backend, Generation, resolve_signals
 from .data import Item
 from .metrics import auroc, bootstrap, detection_metrics, ece
 from .runner import RunResult, graded, process
-from .scoring import PROBABILITY_SCORES, headline_scores, trace_scores, uncertainty
+from .scoring import LENGTH, PROBABILITY_SCORES, headline_scores, trace_scores, uncertainty
 from .store import RunStore
 
 __all__ = ["record", "run_detection", "summarize"]
@@ -93,9 +93,10 @@ def run_detection(
 
 
 def _scores(records: list[dict]) -> dict[str, np.ndarray]:
-    """Every score of the records as uncertainties (scores some record lacks are left out)."""
+    """Every score of the records as uncertainties (scores some record lacks are left
+    out), and the answer length as the trivial baseline."""
     names = [n for n in records[0]["scores"]] + list(records[0]["extra"])
-    table = {}
+    table = {LENGTH: np.array([float(r["n_tokens"]) for r in records])}
     for name in names:
         values = [{**r["scores"], **r["extra"]}.get(name) for r in records]
         if all(v is not None for v in values):

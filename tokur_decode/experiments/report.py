@@ -23,7 +23,7 @@ import numpy as np
 from ..aggregate import REDUCERS
 from ..trace import uncertainty_scale
 from .metrics import TOP_P, Interval, reliability, risk_coverage
-from .scoring import BASELINE, PROBABILITY_SCORES, uncertainty
+from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES, uncertainty
 
 __all__ = [
     "detection_tables",
@@ -73,7 +73,9 @@ def _json(path: Path, obj) -> None:
 
 
 def _label(score: str) -> str:
-    return f"{score} (baseline: mean log-prob)" if score == BASELINE else score
+    if score == BASELINE:
+        return f"{score} (baseline: mean log-prob)"
+    return f"{score} (baseline: length)" if score == LENGTH else score
 
 
 # --------------------------------------------------------------------------- detection
@@ -134,7 +136,16 @@ def _colors(n: int):
     return [cmap(i % 20) for i in range(n)]
 
 
+def _line_style(score: str, color) -> dict:
+    """Baselines stand out: mean log-prob bold black, length dashed grey."""
+    if score == BASELINE:
+        return dict(lw=2.5, color="black")
+    return dict(lw=2, ls="--", color="grey") if score == LENGTH else dict(lw=1.3, color=color)
+
+
 def _uncertainties(records: list[dict], score: str) -> np.ndarray:
+    if score == LENGTH:
+        return np.array([float(r["n_tokens"]) for r in records])
     return np.array([uncertainty(score, {**r["scores"], **r["extra"]}[score]) for r in records])
 
 
@@ -149,7 +160,7 @@ def _roc_plot(records, summary, path: Path) -> None:
         if wrong.all() or not wrong.any():
             break
         fpr, tpr, _ = roc_curve(wrong, _uncertainties(records, h["score"]))
-        style = dict(lw=2.5, color="black") if h["score"] == BASELINE else dict(lw=1.3, color=color)
+        style = _line_style(h["score"], color)
         ax.plot(fpr, tpr, label=f"{h['score']} ({_num(h['auroc']['value'])})", **style)
     ax.set(
         xlabel="false positive rate (right answers flagged)",
@@ -173,7 +184,7 @@ def _risk_coverage_plot(records, summary, path: Path) -> None:
     ax.axhline(correct.mean(), ls=":", color="grey", label="random")
     for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
         cov, acc = risk_coverage(correct, _uncertainties(records, h["score"]))
-        style = dict(lw=2.5, color="black") if h["score"] == BASELINE else dict(lw=1.3, color=color)
+        style = _line_style(h["score"], color)
         ax.plot(cov, acc, label=f"{h['score']} (PRR {_num(h['prr']['value'])})", **style)
     ax.set(
         xlabel="coverage (fraction answered, most confident first)",

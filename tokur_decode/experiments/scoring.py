@@ -5,7 +5,8 @@ Every recorded signal output is reduced by every reducer of
 (``"entropy:mean"``, ``"tokur_epistemic:sum"``); ``naive`` and ``vanilla`` read
 probabilities, so they are computed for ``max_prob`` and ``chosen_prob`` only.
 Scores a backend adds outside the trace (``Generation.extra``, e.g.
-``"verbalized_confidence"``) have no colon and are confidences by contract.
+``"verbalized_confidence"``) have no colon and are confidences by contract; the one
+exception is :data:`LENGTH`, the answer's length, an uncertainty.
 
 :func:`uncertainty` orients any score so that higher means "more likely wrong":
 confidence outputs (:data:`tokur_decode.signals.CONFIDENCE_KEYS`) and extra scores are
@@ -32,6 +33,7 @@ from ..trace import Trace
 
 __all__ = [
     "BASELINE",
+    "LENGTH",
     "PROBABILITY_SCORES",
     "headline_scores",
     "is_confidence",
@@ -41,6 +43,10 @@ __all__ = [
 
 #: The baseline every signal is compared with: mean log-probability of the emitted tokens.
 BASELINE = "chosen_logprob:mean"
+
+#: The trivial baseline: the answer's length in tokens (longer = more uncertain). Sums
+#: grow with length, so a sum that does not beat it detects length, not uncertainty.
+LENGTH = "response_length"
 
 #: Extra scores that are probabilities of being right (calibration error is reported).
 PROBABILITY_SCORES = frozenset({"verbalized_confidence"})
@@ -73,6 +79,8 @@ def trace_scores(trace: Trace) -> list[dict[str, float]]:
 
 def is_confidence(name: str) -> bool:
     """Whether a larger value of score ``name`` means more confident."""
+    if name == LENGTH:
+        return False
     if ":" not in name:
         return True
     key, reducer = name.split(":", 1)
@@ -86,18 +94,18 @@ def uncertainty(name: str, value: float) -> float:
 
 def headline_scores(names) -> list[str]:
     """One score per recorded output (its :data:`HEADLINE_REDUCER`, else the mean), the
-    baseline first, then the extra scores.
+    baselines first, then the extra scores.
 
     Example:
         >>> headline_scores(["entropy:mean", "entropy:max", "chosen_logprob:mean",
-        ...                  "chosen_logprob:sum", "verbalized_confidence"])
-        ['chosen_logprob:mean', 'entropy:mean', 'verbalized_confidence']
+        ...                  "response_length", "verbalized_confidence"])
+        ['chosen_logprob:mean', 'response_length', 'entropy:mean', 'verbalized_confidence']
     """
     names = list(names)
     keys = list(dict.fromkeys(n.split(":", 1)[0] for n in names if ":" in n))
-    out = [BASELINE] if BASELINE in names else []
+    out = [b for b in (BASELINE, LENGTH) if b in names]
     for key in keys:
         name = f"{key}:{HEADLINE_REDUCER.get(key, 'mean')}"
         if name in names and name not in out:
             out.append(name)
-    return out + [n for n in names if ":" not in n]
+    return out + [n for n in names if ":" not in n and n not in out]
