@@ -1,1 +1,18 @@
-"""Experiments: wrong-answer detection and test-time scaling on real models."""
+"""Experiments: wrong-answer detection and test-time scaling on real models.
+
+* :mod:`~tokur_decode.experiments.data`: JSONL datasets and built-in tasks (``tasks:NAME``);
+* :mod:`~tokur_decode.experiments.graders`: numeric, string and sympy math graders;
+* :mod:`~tokur_decode.experiments.metrics`: AUROC, AUPRC, PRR, Top-p accuracy, ECE and
+  bootstrap intervals (positive class = wrong answer, score = uncertainty);
+* :mod:`~tokur_decode.experiments.backends`: the ``Backend`` protocol the runners call,
+  and the transformers backend;
+* :mod:`~tokur_decode.experiments.detection` and :mod:`~tokur_decode.experiments.scaling`:
+  the two resumable runners (``tokur-decode eval`` and ``tokur-decode scale``);
+* :mod:`~tokur_decode.experiments.report`: Markdown, plots and terminal tables.
+
+Example:
+    >>> from tokur_decode.experiments import data, graders
+    >>> item = data.load("tasks:capitals", limit=1)[0]
+    >>> graders.grade(f"The answer is {item.answer.split('|')[0]}.", item.answer, item.grader)
+    True
+"""
