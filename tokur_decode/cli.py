@@ -175,6 +175,18 @@ def _build_parser() -> argparse.ArgumentParser:
     act.add_argument("--seed", type=int, default=0)
     act.add_argument("--json", action="store_true")
 
+    vb = bench_sub.add_parser(
+        "vllm",
+        help="vLLM throughput: plain vs processor attached vs every request monitored",
+        description="Two vLLM engines (plain, and with the UncertaintyProcessor); greedy, "
+        "ignore_eos; median tokens/s over rounds in rotating order; starts not timed.",
+    )
+    vb.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+    vb.add_argument("--prompts", type=int, default=64, help="requests per round (64)")
+    vb.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    vb.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
+    vb.add_argument("--json", action="store_true")
+
     from .experiments.cli import add_parsers
 
     add_parsers(sub, _model_args)  # eval, scale
@@ -374,6 +386,8 @@ def _cmd_bench(args) -> int:
         return _cmd_bench_tokur(args)
     if args.bench == "actions":
         return _cmd_bench_actions(args)
+    if args.bench == "vllm":
+        return _cmd_bench_vllm(args)
     from .bench import monitor_overhead
 
     model, tokenizer = _load(args)
@@ -522,6 +536,25 @@ def _cmd_bench_actions(args) -> int:
             f"{r.correct}/{r.questions}",
         )
     Console().print(table)
+    return 0
+
+
+def _cmd_bench_vllm(args) -> int:
+    from dataclasses import asdict
+
+    from .vllm.bench import vllm_overhead
+
+    r = vllm_overhead(
+        args.model, prompts=args.prompts, max_tokens=args.max_tokens, rounds=args.rounds
+    )
+    ratios = {"attached_ratio": r.attached_ratio, "monitored_ratio": r.monitored_ratio}
+    if args.json:
+        print(json.dumps({**asdict(r), **ratios}, indent=2))
+        return 0
+    print(f"vLLM, {r.prompts} prompts x {r.max_tokens} tokens, median of {r.rounds} rounds")
+    print(f"  plain engine           {r.plain_tps:8.1f} tokens/s   1.000")
+    print(f"  attached, none opted in {r.attached_tps:7.1f} tokens/s   {r.attached_ratio:.3f}")
+    print(f"  attached, all signals  {r.monitored_tps:8.1f} tokens/s   {r.monitored_ratio:.3f}")
     return 0
 
 

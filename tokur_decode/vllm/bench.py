@@ -1,0 +1,109 @@
+"""``tokur-decode bench vllm``: the processor's cost inside vLLM.
+
+Two engines live side by side for the whole run (starts excluded from the timings): a
+plain one and one with :class:`~tokur_decode.vllm.UncertaintyProcessor` registered.
+Each round times the same prompts (greedy, ``ignore_eos`` so that every request decodes
+exactly ``max_tokens``) three ways, in rotating order: plain engine; processor attached
+but no request opted in; processor attached and every request opted in with every
+signal. Reported: median tokens/s of each and the ratios to plain.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+__all__ = ["VllmBenchResult", "vllm_overhead"]
+
+_QUESTIONS = [
+    "What is the capital of France?",
+    "Who won the 1937 Tour de France?",
+    "What is 17 + 25?",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "Who wrote Hamlet?",
+    "What is the largest planet in the solar system?",
+    "Why is the sky blue?",
+]
+
+
+@dataclass
+class VllmBenchResult:
+    """Median throughputs (generated tokens per second) and ratios to the plain engine."""
+
+    prompts: int
+    max_tokens: int
+    rounds: int
+    plain_tps: float
+    attached_tps: float
+    monitored_tps: float
+
+    @property
+    def attached_ratio(self) -> float:
+        return self.attached_tps / self.plain_tps
+
+    @property
+    def monitored_ratio(self) -> float:
+        return self.monitored_tps / self.plain_tps
+
+
+def vllm_overhead(
+    model: str | None = None,
+    *,
+    prompts: int = 64,
+    max_tokens: int = 32,
+    rounds: int = 3,
+    **engine_kwargs,
+) -> VllmBenchResult:
+    """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines.
+
+    Example:
+        >>> r = vllm_overhead(prompts=64, max_tokens=32)        # doctest: +SKIP
+        >>> round(r.monitored_ratio, 2)                         # doctest: +SKIP
+        0.97
+    """
+    from vllm import LLM, SamplingParams
+
+    from .args import uncertainty_args
+    from .client import llm
+
+    if model is None:
+        from ..models import default_model_path
+
+        model = str(default_model_path())
+    kwargs = {"enforce_eager": True, "max_model_len": 1024, "seed": 0, **engine_kwargs}
+    plain = LLM(model=model, **kwargs)
+    ours = llm(model, **kwargs)
+    tok = plain.get_tokenizer()
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(prompts)
+    ]
+    base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    off = SamplingParams(**base)
+    on = SamplingParams(**base, extra_args=uncertainty_args("all"))
+    runs = {"plain": (plain, off), "attached": (ours, off), "monitored": (ours, on)}
+    for engine, params in runs.values():  # warm-up
+        engine.generate(texts[:8], params, use_tqdm=False)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds):
+        for name in order[r % 3 :] + order[: r % 3]:
+            engine, params = runs[name]
+            start = time.perf_counter()
+            outs = engine.generate(texts, params, use_tqdm=False)
+            times[name].append(time.perf_counter() - start)
+            if sum(len(o.outputs[0].token_ids) for o in outs) != prompts * max_tokens:
+                raise RuntimeError(f"{name}: a request stopped before max_tokens")
+    ours.collective_rpc("tokur_collect", args=(None,))  # drop the traces
+    tps = {name: prompts * max_tokens / statistics.median(ts) for name, ts in times.items()}
+    for engine in (plain, ours):
+        engine.llm_engine.engine_core.shutdown()
+    return VllmBenchResult(
+        prompts, max_tokens, rounds, tps["plain"], tps["attached"], tps["monitored"]
+    )
