@@ -25,9 +25,9 @@ one ``tokur_`` key; others are untouched.
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
 confidence falls below ``tokur_threshold``" (the warm-up that calibrates the threshold
 is the caller's: :func:`tokur_decode.policy.calibrate_from_traces`). Best-of-N recipes
-record their signals; the selection runs on the caller's side
-(:func:`tokur_decode.vllm.best_of_n`). Branch and rollback need a decoding loop of ours
-and are rejected.
+only record their signals in the engine (sample with ``SamplingParams(n=...)``; the
+selection is the caller's, on the traces). Branch and rollback need a decoding loop of
+ours and are rejected.
 
 Example:
     >>> args = uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
