@@ -225,3 +225,43 @@ def test_invalid_request_is_rejected_and_the_engine_keeps_serving(engine, prompt
     )
     traces = tv.read_traces(engine, outs)
     assert [int(t.lengths[0]) for t in traces] == [len(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def hf_abstain(embedded):
+    """The transformers path with the logtoku-abstain strategy on the 1937 question."""
+    model, tok = embedded
+    return generate(model, tok, QUESTIONS[1], strategy="logtoku-abstain", max_new_tokens=48)
+
+
+def test_generate_abstains_where_transformers_does(engine, hf_abstain):
+    result = tv.generate(engine, QUESTIONS[1], strategy="logtoku-abstain", max_new_tokens=48)
+    (ref,) = hf_abstain.actions[0]
+    (event,) = result.actions[0]
+    assert result.texts == hf_abstain.texts == ["I don't know."]
+    assert event["step"] == ref["step"] and event["action"] == "stop"
+    assert event["value"] == pytest.approx(ref["value"], abs=2e-3)
+    assert int(result.trace.lengths[0]) == ref["step"] + 1 == result.tokens_generated
+    assert set(hf_abstain.trace.names) <= set(result.trace.names)
+    with pytest.raises(ValueError, match="own decoding loop"):
+        tv.generate(engine, QUESTIONS[1], strategy="cot-branch")
+
+
+def test_cli_generate_backend_vllm(engine, hf_abstain, monkeypatch, capsys):
+    """``tokur-decode generate --backend vllm --json``, on the module's engine (the CLI
+    builds it with ``tokur_decode.vllm.llm``; the test hands it this one instead)."""
+    import json
+
+    from tokur_decode.cli import main
+
+    built = []
+    monkeypatch.setattr(tv, "llm", lambda **kwargs: built.append(kwargs) or engine)
+    argv = ["generate", QUESTIONS[1], "--backend", "vllm", "--strategy", "logtoku-abstain"]
+    assert main([*argv, "--max-new-tokens", "48", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (ref,) = hf_abstain.actions[0]
+    assert built[0]["model"] is None and built[0]["enforce_eager"] is True
+    assert report["answer"] == "I don't know."
+    assert [(e["action"], e["step"]) for e in report["actions"]] == [("stop", ref["step"])]
+    assert len(report["tokens"]) == ref["step"] + 1 == report["summary"]["n_tokens"]
+    assert {"entropy", "logtoku_epistemic"} <= set(report["signals"])

@@ -72,6 +72,13 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("question", help="the question or prompt")
     _model_args(gen)
     gen.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="hf: transformers (default); vllm: a vLLM engine with the UncertaintyProcessor "
+        "(--device and TokUR are transformers-only; vLLM picks its own device)",
+    )
+    gen.add_argument(
         "--max-new-tokens", type=int, default=64, help="generation budget (default 64)"
     )
     gen.add_argument(
@@ -233,23 +240,26 @@ def _tokur_options(args, signals) -> dict | None:
 def _cmd_generate(args) -> int:
     from .hf.generation import generate
 
-    model, tokenizer = _load(args)
     signals = _signal_list(args.signals)
-    result = generate(
-        model,
-        tokenizer,
-        args.question,
-        strategy=args.strategy,
-        signals=signals,
-        chat=args.chat,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        logtoku_k=args.logtoku_k,
-        logtoku_evidence=args.logtoku_evidence,
-        tokur=_tokur_options(args, signals),
-    )
+    if args.backend == "vllm":
+        result = _generate_vllm(args, signals)
+    else:
+        model, tokenizer = _load(args)
+        result = generate(
+            model,
+            tokenizer,
+            args.question,
+            strategy=args.strategy,
+            signals=signals,
+            chat=args.chat,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            logtoku_k=args.logtoku_k,
+            logtoku_evidence=args.logtoku_evidence,
+            tokur=_tokur_options(args, signals),
+        )
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(logtoku_k=args.topk)[0]
     report = {
@@ -286,6 +296,34 @@ def _cmd_generate(args) -> int:
     else:
         _print_report(report)
     return 0
+
+
+def _generate_vllm(args, signals):
+    """``generate --backend vllm``: a vLLM engine with the processor and traces
+    (:func:`tokur_decode.vllm.llm`), the question run through
+    :func:`tokur_decode.vllm.generate`; the same result type as the transformers path."""
+    from .vllm import generate, llm
+
+    engine = llm(
+        model=args.model,
+        enforce_eager=True,
+        dtype=args.dtype,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return generate(
+        engine,
+        args.question,
+        strategy=args.strategy,
+        signals=signals,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        logtoku_k=args.logtoku_k,
+        logtoku_evidence=args.logtoku_evidence,
+    )
 
 
 def _print_report(report: dict) -> None:

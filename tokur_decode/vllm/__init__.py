@@ -4,7 +4,9 @@ Register :class:`UncertaintyProcessor` on the engine, opt requests in with
 :func:`uncertainty_args` (flat ``extra_args`` keys, also ``vllm_xargs`` over HTTP), read
 each request's :class:`~tokur_decode.trace.Trace` with :func:`read_traces`.
 :func:`llm` builds an engine with both the processor and the worker extension that
-returns traces (:mod:`tokur_decode.vllm.worker`).
+returns traces (:mod:`tokur_decode.vllm.worker`). :func:`generate` answers prompts on
+such an engine with the transformers path's result type (``tokur-decode generate
+--backend vllm``).
 
 This package imports ``vllm`` (absolute imports: the top-level ``vllm`` package, never
 this one).
@@ -22,6 +24,7 @@ Example:
 
 from .args import RequestSettings, parse_settings, uncertainty_args
 from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
+from .generation import generate
 from .processor import UncertaintyProcessor
 from .worker import TraceExtension
 
@@ -33,6 +36,7 @@ __all__ = [
     "UncertaintyProcessor",
     "enable_traces",
     "engine_args",
+    "generate",
     "llm",
     "parse_settings",
     "read_traces",
