@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -126,6 +127,31 @@ def _build_parser() -> argparse.ArgumentParser:
         help="LogTokU response score: mean of the k most unreliable tokens",
     )
     gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    verb = gen.add_argument_group("verbalized confidence")
+    verb.add_argument(
+        "--verbalized",
+        action="store_true",
+        help="ask for 'Answer: ...' and 'Confidence: NN' (constrained with Outlines); print the "
+        "answer, the stated and expected confidence, abstention and the per-token table",
+    )
+    verb.add_argument(
+        "--unconstrained",
+        action="store_true",
+        help="with --verbalized: no Outlines constraint (parse failures are reported)",
+    )
+    verb.add_argument(
+        "--mask-order",
+        choices=("monitor-first", "mask-first"),
+        default="monitor-first",
+        help="measure the signals before the Outlines mask (raw, default) or after it",
+    )
+    verb.add_argument(
+        "--answer-chars",
+        type=int,
+        default=100,
+        help="longest answer line (default 100); it bounds the generation, so "
+        "--max-new-tokens is not used with --verbalized",
+    )
     tok = gen.add_argument_group("TokUR (with --signals ...,tokur)")
     tok.add_argument("--tokur-rank", type=int, default=8, help="perturbed singular directions (8)")
     tok.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
@@ -238,6 +264,8 @@ def _tokur_options(args, signals) -> dict | None:
 
 
 def _cmd_generate(args) -> int:
+    if args.verbalized:
+        return _cmd_verbalized(args)
     from .hf.generation import generate
 
     signals = _signal_list(args.signals)
@@ -280,21 +308,75 @@ def _cmd_generate(args) -> int:
             "tokur": _tokur_options(args, signals),
         },
         "signals": result.trace.names,
-        "tokens": [
-            {
-                "index": i,
-                "token": tok,
-                "token_id": tid,
-                **{k: v[i] for k, v in row["values"].items()},
-            }
-            for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
-        ],
+        "tokens": _token_rows(row),
         "summary": row["summary"],
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report)
+    return 0
+
+
+def _token_rows(row: dict) -> list[dict]:
+    """One dict per token of a ``Trace.to_dict()`` row: index, text, id and every signal."""
+    return [
+        {"index": i, "token": tok, "token_id": tid, **{k: v[i] for k, v in row["values"].items()}}
+        for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
+    ]
+
+
+def _cmd_verbalized(args) -> int:
+    from .verbalized import ask
+
+    if args.strategy:
+        raise ValueError("--verbalized: cannot be combined with --strategy")
+    model, tokenizer = _load(args)
+    r = ask(
+        model,
+        tokenizer,
+        args.question,
+        constrained=not args.unconstrained,
+        mask_order=args.mask_order,
+        signals=_signal_list(args.signals),
+        max_answer_chars=args.answer_chars,
+        temperature=args.temperature or 0.0,
+        top_p=args.top_p or 1.0,
+        seed=args.seed,
+        chat=args.chat,
+        logtoku_k=args.logtoku_k,
+        logtoku_evidence=args.logtoku_evidence,
+    )
+    row = r.trace.to_dict()["rows"][0]
+    spans = {"answer_span": r.answer_span, "confidence_span": r.confidence_span}
+    report = {
+        "question": args.question,
+        "text": r.text,
+        "answer": r.answer,
+        "confidence": r.confidence,
+        "expected_confidence": r.expected_confidence,
+        "abstained": r.abstained,
+        "parse_error": r.parse_error,
+        **{k: [span.start, span.stop] for k, span in spans.items()},
+        "scores": {k: None if math.isnan(v) else v for k, v in r.scores.items()},
+        "meta": r.trace.meta,
+        "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
+        "signals": r.trace.names,
+        "tokens": _token_rows(row),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    summary = {
+        key: report[key]
+        for key in ("answer", "confidence", "expected_confidence", "abstained", "parse_error")
+    }
+    summary.update(
+        {k: f"tokens {s.start}..{s.stop - 1}" if s else "none" for k, s in spans.items()}
+    )
+    summary.update(r.scores)
+    summary["mask_order"] = r.trace.meta["mask_order"]
+    _print_report({**report, "answer": r.text, "actions": [], "summary": summary})
     return 0
 
 

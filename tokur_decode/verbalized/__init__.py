@@ -1,0 +1,154 @@
+"""Verbalized confidence (Yang et al. 2024): ask for ``Answer: ...`` and
+``Confidence: NN``, constrain the output with Outlines so that the parse cannot fail,
+and put the stated confidence beside the token-level signals of the same generation.
+
+``ask(model, tokenizer, question)`` returns a :class:`VerbalizedResult`: ``answer``,
+``confidence`` (stated, in [0, 1]), ``expected_confidence`` (probability-weighted over
+0..100), ``abstained``, the whole generation's ``trace``, the token spans of the answer
+and of the number, and ``scores`` by name (:data:`SCORES`), among them
+:func:`combined_confidence`. :mod:`~tokur_decode.verbalized.calibration` has the ECE,
+reliability-diagram data and a small built-in question set.
+
+Layout: ``format`` (prompt, regex, parser) and ``result`` (scores, combination,
+best-of-N) and ``calibration`` know no backend; ``hf`` is the transformers backend. A
+vLLM backend plugs into :func:`ask` the same way: generate with
+``format_regex(...)`` as a structured-output regex, then score the number's
+continuations from the token before it.
+
+Example:
+    >>> from tokur_decode.verbalized import ask
+    >>> from tokur_decode.models import load_default
+    >>> model, tok = load_default()                                          # doctest: +SKIP
+    >>> r = ask(model, tok, "What is the capital of France?")                # doctest: +SKIP
+    >>> r.answer, r.confidence, r.abstained                                  # doctest: +SKIP
+    ('Paris', 1.0, False)
+    >>> r.trace.meta["mask_order"], r.scores["combined"]                     # doctest: +SKIP
+    ('monitor-first', 0.85...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .calibration import (
+    CAPITALS,
+    ReliabilityDiagram,
+    expected_calibration_error,
+    is_correct,
+    reliability_diagram,
+)
+from .format import (
+    DEFAULT_TEMPLATE,
+    Parsed,
+    build_prompt,
+    format_regex,
+    is_abstention,
+    max_format_tokens,
+    parse_response,
+    validate_template,
+)
+from .result import (
+    SCORES,
+    VerbalizedResult,
+    combined_confidence,
+    confidence_expectation,
+    select_best,
+)
+
+__all__ = [
+    "CAPITALS",
+    "DEFAULT_TEMPLATE",
+    "SCORES",
+    "Parsed",
+    "ReliabilityDiagram",
+    "VerbalizedResult",
+    "ask",
+    "build_prompt",
+    "combined_confidence",
+    "confidence_expectation",
+    "expected_calibration_error",
+    "format_regex",
+    "is_abstention",
+    "is_correct",
+    "max_format_tokens",
+    "parse_response",
+    "reliability_diagram",
+    "select_best",
+    "validate_template",
+]
+
+
+def ask(
+    model,
+    tokenizer,
+    questions: str | Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    constrained: bool = True,
+    mask_order: str = "monitor-first",
+    signals: Iterable[str] | str | None = None,
+    max_answer_chars: int = 100,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    chat: bool | None = None,
+    expected: bool = True,
+    **signal_params,
+) -> VerbalizedResult | list[VerbalizedResult]:
+    """Ask ``questions`` (one string, or a list answered in one batch) for an answer and a
+    verbalized confidence, recording token-level signals of the whole generation.
+
+    Args:
+        model, tokenizer: a transformers causal LM and its tokenizer.
+        template: the prompt; ``{question}`` is replaced by the question
+            (:func:`validate_template`). The chat template wraps it when the tokenizer
+            has one (``chat``, as in :func:`tokur_decode.hf.encode_prompts`).
+        constrained: constrain the output to :func:`format_regex` then EOS with
+            Outlines (needs the ``outlines`` extra); the parse cannot fail. ``False``
+            generates freely and reports parse failures in ``result.parse_error``.
+        mask_order: ``"monitor-first"`` (default): the signals are measured on the
+            model's raw distribution, before Outlines' mask; ``"mask-first"``: on the
+            masked distribution the constrained decoder draws from. Recorded in
+            ``trace.meta["mask_order"]``.
+        signals: what the monitor records (default :data:`.hf.VERBALIZED_SIGNALS`;
+            ``max_prob``, ``chosen_logprob`` and ``entropy`` are always added).
+        max_answer_chars: bound on the answer line's length under the constraint.
+        max_new_tokens: default (and, constrained, minimum) :func:`max_format_tokens`.
+        temperature, top_p, seed: ``0`` decodes greedily; otherwise samples,
+            reproducibly under ``seed``.
+        expected: score the 101 confidence completions for ``expected_confidence``
+            (one extra forward per answer).
+        signal_params: ``logtoku_k``, ``deepconf_k``, ... for the monitor.
+
+    Raises:
+        ValueError: naming the parameter, for invalid values.
+    """
+    single = isinstance(questions, str)
+    question_list = [questions] if single else list(questions)
+    if not question_list:
+        raise ValueError("questions: at least one question is required")
+    for question in question_list:
+        build_prompt(question, template)  # validates both before any work
+    if type(model).__module__.split(".")[0] == "vllm":
+        raise NotImplementedError("ask: the vLLM backend is not available yet")
+    from .hf import ask_transformers
+
+    results = ask_transformers(
+        model,
+        tokenizer,
+        question_list,
+        template=template,
+        constrained=constrained,
+        mask_order=mask_order,
+        signals=signals,
+        max_answer_chars=max_answer_chars,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        chat=chat,
+        expected=expected,
+        signal_params=signal_params,
+    )
+    return results[0] if single else results
