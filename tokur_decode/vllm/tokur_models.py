@@ -1,0 +1,196 @@
+"""The perturbed model classes vLLM builds for :func:`~tokur_decode.vllm.tokur_engine_args`.
+
+``TokurLlamaForCausalLM`` and ``TokurQwen2ForCausalLM`` are vLLM's own classes plus
+:class:`PerturbedMixin`. vLLM runs a step's tokens (every request's prefill chunk or
+decode token, flattened) through ``forward`` and then ``compute_logits`` on the last
+token of each request. When some row of the batch asked for TokUR (``R`` rows,
+published by the processor through the engine's :class:`~tokur_decode.vllm.tokur.
+TokurLink`), ``forward`` runs the decoder ``M`` times on the step's tokens:
+
+* passes ``1 .. M-1`` add TokUR's noise ``sigma * ||x|| * U_r eps`` to the q/v slices
+  of the fused ``qkv_proj`` output, **on the last token of the asking requests only**
+  (fresh ``eps`` per row, layer and pass, from the request's own generator); every
+  other token of the pass is computed exactly as in the clean pass, so the perturbed
+  token attends to the clean prefix and to itself, as in the transformers path;
+* pass ``M`` is the clean model; it runs last, so the K/V it writes (to the same cache
+  slots) replace the perturbed ones: the cache and the decoding follow the clean model.
+
+``compute_logits`` turns the kept hidden states of the perturbed rows into logits and
+leaves ``[R, M, V]`` (sample 0 clean) in the link for the processor. A step where no row
+asked is one plain pass (the check is a Python ``is None`` on the link, no device sync).
+
+Cost: a step with at least one asking row costs ``M`` decoder passes over *all* the
+step's tokens (the attention backend's metadata is for the whole batch), plus the
+``lm_head`` on ``R * (M - 1)`` extra rows.
+
+The SVD bases of the q/v weights are computed when the weights are loaded (or read
+from the safetensors cache the transformers path fills: same names, same bytes, same
+file) with :func:`tokur_decode.perturbation.bases_for`.
+
+Example:
+    >>> from vllm import LLM                                            # doctest: +SKIP
+    >>> engine = LLM(model=path, **tokur_engine_args(samples=10))       # doctest: +SKIP
+    >>> type(engine.llm_engine.model_executor.driver_worker.worker.model_runner.model)
+    ... # doctest: +SKIP
+    <class 'tokur_decode.vllm.tokur_models.TokurLlamaForCausalLM'>
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from ..perturbation import bases_for, low_rank_noise, split_noise
+from .tokur import link_of, settings_of
+
+__all__ = ["PerturbedMixin", "TokurLlamaForCausalLM", "TokurQwen2ForCausalLM"]
+
+
+class PerturbedMixin:
+    """TokUR's perturbed samples for a vLLM decoder whose attention modules have a fused
+    ``qkv_proj`` with ``q_size`` / ``kv_size`` (vLLM's Llama and Qwen2 families)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if vllm_config.parallel_config.world_size > 1:
+            raise ValueError("tensor_parallel_size: TokUR in vLLM runs on one worker")
+        self.tokur, self._cache_dir = settings_of(vllm_config.model_config.hf_config)
+        self._link = link_of(vllm_config)
+        self._link.config = self.tokur
+        # (name, layer, slice of the fused output) per perturbed weight, in the order
+        # of the transformers path (layer by layer; q, k, v): the noise draws line up.
+        self._targets: list[tuple[str, int, slice]] = []
+        for layer, block in enumerate(self.model.layers):
+            attn = block.self_attn
+            bounds = {
+                "q_proj": slice(0, attn.q_size),
+                "k_proj": slice(attn.q_size, attn.q_size + attn.kv_size),
+                "v_proj": slice(attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size),
+            }
+            for name in ("q_proj", "k_proj", "v_proj"):
+                if name in self.tokur.target_modules:
+                    self._targets.append(
+                        (f"model.layers.{layer}.self_attn.{name}", layer, bounds[name])
+                    )
+            attn.qkv_proj.register_forward_hook(functools.partial(self._add_noise, layer))
+        self._by_layer: dict[int, list[int]] = {}
+        for index, (_, layer, _) in enumerate(self._targets):
+            self._by_layer.setdefault(layer, []).append(index)
+        self._bases: list[torch.Tensor] = []
+        self._noise_sizes: list[int] = []
+        self._noise: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # this pass
+        self._pending: torch.Tensor | None = None  # [R, M - 1, H] perturbed hidden states
+
+    # ------------------------------------------------------------------ loading
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        fused = [
+            self.model.layers[layer].self_attn.qkv_proj.weight for _, layer, _ in self._targets
+        ]
+        w = {name: f[bounds] for (name, _, bounds), f in zip(self._targets, fused, strict=True)}
+        for name, weight in w.items():
+            limit = min(weight.shape)
+            if self.tokur.rank > limit:
+                raise ValueError(f"rank must be <= min(d_out, d_in) = {limit} of {name}")
+        bases = bases_for(w, self.tokur.rank, self.tokur.direction, self._cache_dir)
+        dtype = fused[0].dtype
+        self._bases = [bases[name].to(fused[0].device, dtype) for name, _, _ in self._targets]
+        right = self.tokur.direction == "right"
+        self._noise_sizes = [
+            self.tokur.rank if right else w[n].shape[0] for n, _, _ in self._targets
+        ]
+        return loaded
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        self._link.samples = None
+        tokens = self._asking_tokens()
+        if tokens is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        eps = self._draw()
+        self._link.steps += 1
+        kept = []
+        for sample in range(1, self.tokur.samples):
+            self._noise = (tokens, [e[:, sample] for e in eps])
+            try:
+                hidden = super().forward(
+                    input_ids,
+                    positions,
+                    intermediate_tensors,
+                    None if inputs_embeds is None else inputs_embeds.clone(),  # normed in place
+                )
+            finally:
+                self._noise = None
+            kept.append(hidden.index_select(0, tokens))
+        clean = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        width = clean.shape[-1]
+        self._pending = torch.stack(kept, 1) if kept else clean.new_zeros(len(eps[0]), 0, width)
+        return clean
+
+    def compute_logits(self, hidden_states):
+        logits = super().compute_logits(hidden_states)
+        pending, self._pending = self._pending, None
+        if pending is not None and logits is not None:
+            rows, extra = pending.shape[:2]
+            clean = logits.index_select(0, self._link.rows).unsqueeze(1)
+            perturbed = super().compute_logits(pending.flatten(0, 1))
+            self._link.samples = torch.cat([clean, perturbed.view(rows, extra, -1)], dim=1)
+        return logits
+
+    def _asking_tokens(self) -> torch.Tensor | None:
+        """Flat token index of the last scheduled token of every asking row (the row
+        vLLM computes logits for), or ``None`` when nothing asks or the forward is a
+        warm-up without attention metadata."""
+        rows = self._link.rows
+        if rows is None or not self._bases or not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict) or not metadata:
+            return None
+        starts = next(iter(metadata.values())).query_start_loc  # [num_reqs + 1]
+        if starts.shape[0] <= self._link.span:  # a dummy batch smaller than ours
+            return None
+        return starts.index_select(0, rows + 1) - 1
+
+    def _draw(self) -> list[torch.Tensor]:
+        """Per target, ``[R, M, size]`` noise times the row's sigma: each row from its
+        request's generator, one call per row and step (the transformers path's law and
+        order of draws)."""
+        link = self._link
+        device = link.rows.device
+        flat = torch.stack(
+            [
+                torch.randn(
+                    self.tokur.samples, sum(self._noise_sizes), generator=gen, device=device
+                )
+                for gen in link.generators
+            ]
+        )
+        scaled = flat * link.sigma[:, None, None]
+        return split_noise(scaled.to(self._bases[0].dtype), self._noise_sizes)
+
+    def _add_noise(self, layer: int, module, args, output):
+        if self._noise is None:
+            return output
+        tokens, eps = self._noise
+        out = output[0]
+        x = args[0].index_select(0, tokens)
+        for index in self._by_layer.get(layer, ()):
+            bounds = self._targets[index][2]
+            noise = low_rank_noise(x, self._bases[index], eps[index], 1.0, self.tokur.direction)
+            out[:, bounds].index_add_(0, tokens, noise)
+        return output
+
+
+class TokurLlamaForCausalLM(PerturbedMixin, LlamaForCausalLM):
+    """vLLM's ``LlamaForCausalLM`` with TokUR's perturbed samples (Llama, SmolLM2, ...)."""
+
+
+class TokurQwen2ForCausalLM(PerturbedMixin, Qwen2ForCausalLM):
+    """vLLM's ``Qwen2ForCausalLM`` with TokUR's perturbed samples (q/v biases kept)."""
