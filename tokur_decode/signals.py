@@ -119,15 +119,15 @@ def _sanitize(logits: torch.Tensor) -> torch.Tensor:
     ``NaN -> -inf``, ``+inf -> dtype max``, and rows with no finite entry raised to 0.
 
     After this, entries are finite or ``-inf`` and every row has a finite entry.
-    Three arithmetic passes (boolean masks are several times slower on CPU) and no host
-    synchronisation.
+    Three arithmetic passes (boolean masks are several times slower on CPU), one new
+    tensor (fresh large tensors cost page faults on CPU) and no host synchronisation.
     """
     dtype = _compute_dtype(logits)
     z = torch.nan_to_num(
         logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf
     )
     row_max = z.amax(dim=-1, keepdim=True)
-    return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype))
+    return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype), out=z)
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -282,12 +282,15 @@ class SignalSpec:
         if "margin" in wanted:
             out["margin"] = _out(_margin_from_top(top_lp))
         if wanted & {"entropy", "varentropy"}:
-            _, lp_c, plp, h = _entropy_terms(lp)
+            # _entropy_terms without keeping p: p * lp_c and p * lp_c^2 in place
+            lp_c = lp.clamp_min(_floor(lp.dtype))
+            plp = lp.exp().mul_(lp_c)
+            h = 0.0 - plp.sum(dim=-1)
             if "entropy" in wanted:
                 out["entropy"] = _out(h)
             if "varentropy" in wanted:
                 # E[lp^2] - H^2 (one pass instead of three; clamped against rounding)
-                second_moment = (plp * lp_c).sum(dim=-1)
+                second_moment = plp.mul_(lp_c).sum(dim=-1)
                 out["varentropy"] = _out((second_moment - h * h).clamp_min(0.0))
         if "self_certainty" in wanted:
             out["self_certainty"] = _out(_self_certainty(lp))
@@ -328,10 +331,28 @@ def compute_signals(
 
 
 def chosen_from_logprobs(
-    lp: torch.Tensor, token_ids: torch.Tensor, signals: Iterable[str] = tuple(CHOSEN_SIGNALS)
+    lp: torch.Tensor,
+    token_ids: torch.Tensor,
+    signals: Iterable[str] = tuple(CHOSEN_SIGNALS),
+    rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``chosen_logprob`` / ``chosen_prob`` of ``token_ids`` ``[...]`` under log-probs ``lp``."""
-    chosen = lp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1).clamp_min(LOGPROB_FLOOR)
+    """``chosen_logprob`` / ``chosen_prob`` of ``token_ids`` ``[...]`` under log-probs ``lp``.
+
+    ``rows`` ``[N]`` picks, for each of ``N`` tokens, its row of a 2-D ``lp``
+    (default: ``lp``'s leading dimensions are those of ``token_ids``).
+
+    Example:
+        >>> import torch
+        >>> lp = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        >>> tokens, rows = torch.tensor([1, 0]), torch.tensor([1, 1])
+        >>> chosen_from_logprobs(lp, tokens, ["chosen_prob"], rows=rows)
+        {'chosen_prob': tensor([0.1000, 0.9000])}
+    """
+    if rows is None:
+        chosen = lp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    else:
+        chosen = lp[rows, token_ids.long()]
+    chosen = chosen.clamp_min(LOGPROB_FLOOR)
     out = {}
     if "chosen_prob" in signals:
         out["chosen_prob"] = _out(chosen.exp())
@@ -352,9 +373,11 @@ def _margin_from_top(top_lp: torch.Tensor) -> torch.Tensor:
 
 def _self_certainty(lp: torch.Tensor) -> torch.Tensor:
     # lp * 0 is NaN exactly at the masked (-inf) entries: counts them without a bool mask.
-    n_masked = -(lp * 0.0).nan_to_num(nan=-1.0).sum(dim=-1)
+    # One scratch tensor, reused in place (fresh large tensors cost page faults on CPU).
+    scratch = (lp * 0.0).nan_to_num_(nan=-1.0)
+    n_masked = -scratch.sum(dim=-1)
     n = lp.shape[-1] - n_masked
-    mean_lp = torch.nan_to_num(lp, neginf=0.0).sum(dim=-1) / n
+    mean_lp = torch.nan_to_num(lp, neginf=0.0, out=scratch).sum(dim=-1) / n
     # 0.0 - ...: no negative zero; the cap keeps the +inf limit (rows with +inf logits) finite
     return (0.0 - torch.log(n) - mean_lp).clamp(0.0, torch.finfo(lp.dtype).max)
 

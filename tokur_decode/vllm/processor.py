@@ -15,14 +15,18 @@ Bookkeeping (vLLM's persistent batch reorders rows under the processor):
   on calls: a chunked prefill calls the processor several times at step 0; each call
   overwrites the step's record and redoes the trigger's update for it.
 * The chosen-token signals of step ``t`` are completed at step ``t + 1`` (or when the
-  request finishes) from the kept log-probabilities and the live ``output_ids``.
+  request finishes or leaves the batch) from the live ``output_ids``: each settings
+  group keeps a reference to its last step's log-probabilities (the tensor the signal
+  pass made anyway; nothing is copied) and each slot its row and step there, so the
+  completion is one gather of one value per row.
 
 Per step, the opted-in rows are processed in one vectorised pass per settings group
-(requests with equal signal parameters, trigger and action; usually one group): one
-``index_select``, one fused signal pass, one scatter into the slot buffers, one trigger
-update, one ``index_copy_`` of the edited rows. The only per-row Python is reading the
-lengths of the live ``output_ids`` lists. Nothing reads device values on the host. A
-batch where no request opted in returns at once.
+(requests with equal signal parameters, trigger and action; usually one group): the
+group's rows (a view when they are contiguous, else one ``index_select``), one fused
+signal pass, one scatter into the slot buffers, one trigger update, one ``index_copy_``
+of the edited rows. The only per-row Python is reading the lengths of the live
+``output_ids`` lists. Nothing reads device values on the host. A batch where no request
+opted in returns at once.
 
 Finished requests' traces wait, bounded (:attr:`UncertaintyProcessor.max_finished`,
 oldest dropped first), until the caller collects them through the worker extension
@@ -83,6 +87,7 @@ class _Group:
     cols: torch.Tensor
     chosen: tuple[str, ...]
     chosen_cols: torch.Tensor
+    start: int | None = None  # first row when the rows are contiguous
     present: torch.Tensor | None = None  # [S] bool
     eos_mask: torch.Tensor | None = None  # [rows, V] bool
 
@@ -132,7 +137,11 @@ class UncertaintyProcessor(LogitsProcessor):
         self._slots = 0
         self._cap = 0
         self._record = torch.zeros(0, 0, len(KEYS), device=self.device)
-        self._prev_lp: torch.Tensor | None = None  # [S, V], only when chosen signals asked
+        # Chosen-token signals: each group's last log-probabilities [rows, V] (by group
+        # key), each slot's row and step there (-1: nothing pending).
+        self._last_lp: dict[tuple, torch.Tensor] = {}
+        self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
         self._triggers: dict[tuple, _TriggerSlots] = {}
         self._groups: list[_Group] = []
         self._finished: OrderedDict[str, dict] = OrderedDict()
@@ -225,7 +234,11 @@ class UncertaintyProcessor(LogitsProcessor):
         if req is None:
             return
         if self._runner is not None and req.req_id in self._runner.requests:
-            return  # preempted or not scheduled this step: it keeps its slot
+            # Preempted or not scheduled this step: it keeps its slot; its pending
+            # chosen-token values are completed now (the kept log-probs move on).
+            self._complete(req)
+            self._lp_pos[req.slot] = -1
+            return
         self._drop(req)
 
     def _drop(self, req: _Request) -> None:
@@ -234,17 +247,27 @@ class UncertaintyProcessor(LogitsProcessor):
             self._finish(req)
         self._free.append(req.slot)
 
-    def _finish(self, req: _Request) -> None:
+    def _complete(self, req: _Request) -> None:
+        """Write the request's pending chosen-token values (its last step's) from the
+        kept log-probabilities and its last output token."""
         n = len(req.outputs)
-        record = self._record[req.slot, :n].clone()
+        prev = self._last_lp.get(req.settings.group_key)
         chosen = [s for s in req.settings.signals if s in CHOSEN_SIGNALS]
-        if chosen and n:
-            last = torch.tensor([req.outputs[-1]], device=self.device)
-            values = chosen_from_logprobs(self._prev_lp[req.slot : req.slot + 1], last, chosen)
-            for name, value in values.items():
-                record[n - 1, _COL[name]] = value[0]
+        if not (chosen and n and prev is not None):
+            return
+        slot = self._tensor([req.slot])
+        row = self._lp_row.index_select(0, slot).clamp(max=prev.shape[0] - 1)
+        pending = self._lp_pos.index_select(0, slot) == n - 1
+        values = chosen_from_logprobs(prev, self._tensor([req.outputs[-1]]), chosen, rows=row)
+        where = (slot, slot.new_full((1,), n - 1), self._tensor([_COL[k] for k in chosen]))
+        new = torch.cat([values[k] for k in chosen])
+        self._record.index_put_(where, torch.where(pending, new, self._record[where]))
+
+    def _finish(self, req: _Request) -> None:
+        self._complete(req)
+        n = len(req.outputs)
         self._finished[req.req_id] = {
-            "record": record,
+            "record": self._record[req.slot, :n].clone(),
             "token_ids": list(req.outputs),
             "settings": req.settings,
             "threshold": req.threshold,
@@ -256,6 +279,7 @@ class UncertaintyProcessor(LogitsProcessor):
         if not self._free:
             self._grow_slots(2 * self._slots)
         slot = self._free.pop()
+        self._lp_pos[slot] = -1
         if settings.trigger is not None:
             trig = self._trigger(settings)
             mask = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
@@ -263,8 +287,6 @@ class UncertaintyProcessor(LogitsProcessor):
             trig.state.reset_rows(mask)
             trig.before = trig.state.snapshot()
             trig.last_pos[slot] = -1
-        if any(s in CHOSEN_SIGNALS for s in settings.signals) and self._prev_lp is None:
-            self._prev_lp = torch.zeros(self._slots, self.vocab, device=self.device)
         return slot
 
     def _grow_slots(self, slots: int) -> None:
@@ -273,8 +295,8 @@ class UncertaintyProcessor(LogitsProcessor):
         self._slots = slots
         pad = (0, 0, 0, 0, 0, slots - old)
         self._record = torch.nn.functional.pad(self._record, pad)
-        if self._prev_lp is not None:
-            self._prev_lp = torch.nn.functional.pad(self._prev_lp, (0, 0, 0, slots - old))
+        self._lp_row = torch.nn.functional.pad(self._lp_row, (0, slots - old))
+        self._lp_pos = torch.nn.functional.pad(self._lp_pos, (0, slots - old), value=-1)
         index = torch.arange(slots, device=self.device).clamp(max=max(old - 1, 0))
         new = torch.arange(slots, device=self.device) >= old
         for trig in self._triggers.values():
@@ -294,6 +316,7 @@ class UncertaintyProcessor(LogitsProcessor):
         for row, req in sorted(self._rows.items()):
             by_key.setdefault(req.settings.group_key, []).append((row, req))
         self._groups = [self._group(members) for members in by_key.values()]
+        self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
 
     def _group(self, members: list[tuple[int, _Request]]) -> _Group:
         settings = members[0][1].settings
@@ -307,15 +330,17 @@ class UncertaintyProcessor(LogitsProcessor):
             logtoku_evidence=evidence,
         )
         slots = self._tensor([r.slot for _, r in members])
+        rows = [row for row, _ in members]
         group = _Group(
             settings=settings,
             spec=spec,
-            rows=self._tensor([row for row, _ in members]),
+            rows=self._tensor(rows),
             slots=slots,
             outputs=[r.outputs for _, r in members],
             cols=self._tensor([_COL[k] for k in spec.output_names]),
             chosen=chosen,
             chosen_cols=self._tensor([_COL[k] for k in chosen]),
+            start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
         )
         if settings.trigger is not None:
             present = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
@@ -343,20 +368,16 @@ class UncertaintyProcessor(LogitsProcessor):
         if top >= self._cap:
             self._grow_steps(top + 1)
         pos = self._tensor(pos_list)
-        z = logits.index_select(0, g.rows)
+        if g.start is None:
+            z = logits.index_select(0, g.rows)
+        else:
+            z = logits.narrow(0, g.start, len(pos_list))
         values, lp = g.spec.compute(z)
 
         stacked = torch.stack([values[k] for k in g.spec.output_names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
         if g.chosen:
-            last = self._tensor([out[-1] if out else 0 for out in g.outputs])
-            prev = self._prev_lp.index_select(0, g.slots)
-            chosen = chosen_from_logprobs(prev, last, g.chosen)
-            where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
-            old = self._record[where]
-            new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
-            self._record.index_put_(where, torch.where((pos > 0)[:, None], new, old))
-            self._prev_lp.index_copy_(0, g.slots, lp)
+            self._complete_group(g, pos, lp)
 
         s = g.settings
         if s.trigger is None:
@@ -390,6 +411,23 @@ class UncertaintyProcessor(LogitsProcessor):
         )
         cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
+
+    def _complete_group(self, g: _Group, pos: torch.Tensor, lp: torch.Tensor) -> None:
+        """Complete the chosen-token values of each row's previous step (where the kept
+        log-probabilities hold it) and keep this step's for the next."""
+        key = g.settings.group_key
+        prev = self._last_lp.get(key)
+        if prev is not None:
+            last = self._tensor([out[-1] if out else 0 for out in g.outputs])
+            row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
+            pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
+            chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)
+            where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
+            new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
+            self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
+        self._last_lp[key] = lp
+        self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
+        self._lp_pos.index_copy_(0, g.slots, pos)
 
     def _grow_steps(self, needed: int) -> None:
         cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
