@@ -1,6 +1,7 @@
 """vLLM integration: uncertainty signals, traces and actions inside stock vLLM.
 
-Register :class:`UncertaintyProcessor` on the engine, opt requests in with
+Register :class:`UncertaintyProcessor` on the engine (:class:`UncertaintyProcessorV2` on
+an engine running vLLM's Model Runner V2, ``VLLM_USE_V2_MODEL_RUNNER=1``), opt requests in with
 :func:`uncertainty_args` (flat ``extra_args`` keys, also ``vllm_xargs`` over HTTP), read
 each request's :class:`~tokur_decode.trace.Trace` with :func:`read_traces`.
 :func:`llm` builds an engine with both the processor and the worker extension that
@@ -28,12 +29,18 @@ from .generation import generate
 from .processor import UncertaintyProcessor
 from .worker import TraceExtension
 
+try:  # Model Runner V2 (GPU builds from vLLM 0.31): import-light, absent before
+    from .processor_v2 import UncertaintyProcessorV2
+except ImportError:  # pragma: no cover
+    UncertaintyProcessorV2 = None
+
 __all__ = [
     "EXTENSION",
     "PROCESSOR",
     "RequestSettings",
     "TraceExtension",
     "UncertaintyProcessor",
+    "UncertaintyProcessorV2",
     "enable_traces",
     "engine_args",
     "generate",

@@ -209,25 +209,32 @@ class UncertaintyProcessor(LogitsProcessor):
                 ra = self._rows.pop(a, None)
             if ra is not None:
                 self._rows[b] = ra
+        if self._runner is not None:  # named by their final rows (adds may have moved)
+            ids = self._runner.input_batch.req_ids
+            for row, req in self._rows.items():
+                req.req_id = ids[row]
         self._regroup()
 
     def _enter(self, row: int, params, outputs: list[int]) -> None:
-        req = self._by_params.get(id(params))
+        req = self._by_params.get(id(params)) or self._new_request(params, outputs)
         if req is None:
-            settings = parse_settings(params.extra_args)
-            if settings is None:
-                return
-            stops = sorted(params.all_stop_token_ids)
-            eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
-            req = _Request(settings, params, outputs, self._take_slot(settings), eos)
-            if settings.trigger is not None:
-                req.threshold = settings.trigger.threshold
-                self._trigger(settings).state.threshold[req.slot] = req.threshold
-            self._by_params[id(params)] = req
+            return
         req.outputs = outputs  # a resumed request may come back with a new list
-        if self._runner is not None:
-            req.req_id = self._runner.input_batch.req_ids[row]
         self._rows[row] = req
+
+    def _new_request(self, params, outputs: list[int]) -> _Request | None:
+        """State for a request that opts in (a slot, its trigger threshold), or None."""
+        settings = parse_settings(params.extra_args)
+        if settings is None:
+            return None
+        stops = sorted(params.all_stop_token_ids)
+        eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
+        req = _Request(settings, params, outputs, self._take_slot(settings), eos)
+        if settings.trigger is not None:
+            req.threshold = settings.trigger.threshold
+            self._trigger(settings).state.threshold[req.slot] = req.threshold
+        self._by_params[id(params)] = req
+        return req
 
     def _leave(self, row: int) -> None:
         req = self._rows.pop(row, None)
@@ -250,16 +257,22 @@ class UncertaintyProcessor(LogitsProcessor):
     def _complete(self, req: _Request) -> None:
         """Write the request's pending chosen-token values (its last step's) from the
         kept log-probabilities and its last output token."""
-        n = len(req.outputs)
+        if req.outputs:
+            n, last = self._tensor([len(req.outputs)]), self._tensor([req.outputs[-1]])
+            self._complete_request(req, n, last)
+
+    def _complete_request(self, req: _Request, n: torch.Tensor, last: torch.Tensor) -> None:
+        """:meth:`_complete` from ``[1]`` tensors: the request's number of output tokens
+        and its last one (on the device: no host synchronisation)."""
         prev = self._last_lp.get(req.settings.group_key)
         chosen = [s for s in req.settings.signals if s in CHOSEN_SIGNALS]
-        if not (chosen and n and prev is not None):
+        if not (chosen and prev is not None):
             return
         slot = self._tensor([req.slot])
         row = self._lp_row.index_select(0, slot).clamp(max=prev.shape[0] - 1)
-        pending = self._lp_pos.index_select(0, slot) == n - 1
-        values = chosen_from_logprobs(prev, self._tensor([req.outputs[-1]]), chosen, rows=row)
-        where = (slot, slot.new_full((1,), n - 1), self._tensor([_COL[k] for k in chosen]))
+        pending = (self._lp_pos.index_select(0, slot) == n - 1) & (n > 0)
+        values = chosen_from_logprobs(prev, last, chosen, rows=row)
+        where = (slot, (n - 1).clamp_min(0), self._tensor([_COL[k] for k in chosen]))
         new = torch.cat([values[k] for k in chosen])
         self._record.index_put_(where, torch.where(pending, new, self._record[where]))
 
@@ -358,26 +371,31 @@ class UncertaintyProcessor(LogitsProcessor):
     # ------------------------------------------------------------------ hot path
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for group in self._groups:
-            self._apply_group(group, logits)
+        for g in self._groups:
+            pos = [len(out) for out in g.outputs]
+            last = [out[-1] if out else 0 for out in g.outputs] if g.chosen else []
+            self._apply_group(g, logits, self._tensor(pos), self._tensor(last), max(pos))
         return logits
 
-    def _apply_group(self, g: _Group, logits: torch.Tensor) -> None:
-        pos_list = [len(out) for out in g.outputs]
-        top = max(pos_list)
+    def _apply_group(
+        self, g: _Group, logits: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, top: int
+    ) -> None:
+        """The core step of one group, shared by both adapters: ``pos`` ``[rows]`` is each
+        row's number of output tokens (the step), ``last`` ``[rows]`` its last output
+        token (read only for chosen-token signals), ``top`` an upper bound of ``pos``
+        known on the host."""
         if top >= self._cap:
             self._grow_steps(top + 1)
-        pos = self._tensor(pos_list)
         if g.start is None:
             z = logits.index_select(0, g.rows)
         else:
-            z = logits.narrow(0, g.start, len(pos_list))
+            z = logits.narrow(0, g.start, g.slots.shape[0])
         values, lp = g.spec.compute(z)
 
         stacked = torch.stack([values[k] for k in g.spec.output_names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
         if g.chosen:
-            self._complete_group(g, pos, lp)
+            self._complete_group(g, pos, last, lp)
 
         s = g.settings
         if s.trigger is None:
@@ -412,13 +430,14 @@ class UncertaintyProcessor(LogitsProcessor):
         cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
 
-    def _complete_group(self, g: _Group, pos: torch.Tensor, lp: torch.Tensor) -> None:
+    def _complete_group(
+        self, g: _Group, pos: torch.Tensor, last: torch.Tensor, lp: torch.Tensor
+    ) -> None:
         """Complete the chosen-token values of each row's previous step (where the kept
         log-probabilities hold it) and keep this step's for the next."""
         key = g.settings.group_key
         prev = self._last_lp.get(key)
         if prev is not None:
-            last = self._tensor([out[-1] if out else 0 for out in g.outputs])
             row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
             pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
             chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)

@@ -6,9 +6,10 @@ these methods into the worker, and ``llm.collective_rpc(name, args=...)`` calls 
 there (:func:`tokur_decode.vllm.llm` and :func:`tokur_decode.vllm.read_traces` do it
 for you):
 
-* ``tokur_bind()`` hands the model runner to every :class:`UncertaintyProcessor`, so
-  that it names requests by their vLLM request id and tells a finished request (gone
-  from the runner) from a preempted one; traces are kept only once bound.
+* ``tokur_bind()`` hands the model runner to every :class:`UncertaintyProcessor` (V1
+  model runner) or :class:`UncertaintyProcessorV2` (MRV2), so that it names requests by
+  their vLLM request id and tells a finished request from a preempted one; traces are
+  kept only once bound.
 * ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
   forgets them.
 """
@@ -17,18 +18,30 @@ from __future__ import annotations
 
 from .processor import UncertaintyProcessor
 
+try:
+    from .processor_v2 import UncertaintyProcessorV2
+
+    _PROCESSORS: tuple[type, ...] = (UncertaintyProcessor, UncertaintyProcessorV2)
+except ImportError:  # a vLLM without Model Runner V2
+    _PROCESSORS = (UncertaintyProcessor,)
+
 __all__ = ["TraceExtension"]
 
 
 class TraceExtension:
     """Methods mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``)."""
 
-    def _tokur_processors(self) -> list[UncertaintyProcessor]:
-        procs = self.model_runner.input_batch.logitsprocs.all
-        return [p for p in procs if isinstance(p, UncertaintyProcessor)]
+    def _tokur_processors(self) -> list:
+        runner = self.model_runner
+        sampler = getattr(runner, "sampler", None)
+        if hasattr(sampler, "logits_processors"):  # Model Runner V2
+            procs = sampler.logits_processors
+        else:
+            procs = runner.input_batch.logitsprocs.all
+        return [p for p in procs if isinstance(p, _PROCESSORS)]
 
     def tokur_bind(self) -> int:
-        """Bind every UncertaintyProcessor of this worker; returns how many."""
+        """Bind every uncertainty processor of this worker; returns how many."""
         procs = self._tokur_processors()
         for proc in procs:
             proc.bind(self.model_runner)
