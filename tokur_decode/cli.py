@@ -142,8 +142,9 @@ def _build_parser() -> argparse.ArgumentParser:
     verb.add_argument(
         "--mask-order",
         choices=("monitor-first", "mask-first"),
-        default="monitor-first",
-        help="measure the signals before the Outlines mask (raw, default) or after it",
+        default=None,
+        help="measure the signals before the format's mask (raw; the transformers default) "
+        "or after it (the only order in vLLM)",
     )
     verb.add_argument(
         "--answer-chars",
@@ -331,7 +332,20 @@ def _cmd_verbalized(args) -> int:
 
     if args.strategy:
         raise ValueError("--verbalized: cannot be combined with --strategy")
-    model, tokenizer = _load(args)
+    if args.backend == "vllm":
+        from . import vllm as tv
+
+        model = tv.llm(
+            model=args.model,
+            enforce_eager=True,
+            dtype=args.dtype,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+            structured_outputs_config={"backend": "outlines"},
+        )
+        tokenizer = None
+    else:
+        model, tokenizer = _load(args)
     r = ask(
         model,
         tokenizer,

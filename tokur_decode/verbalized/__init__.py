@@ -9,11 +9,10 @@ and of the number, and ``scores`` by name (:data:`SCORES`), among them
 :func:`combined_confidence`. :mod:`~tokur_decode.verbalized.calibration` has the ECE,
 reliability-diagram data and a small built-in question set.
 
-Layout: ``format`` (prompt, regex, parser) and ``result`` (scores, combination,
-best-of-N) and ``calibration`` know no backend; ``hf`` is the transformers backend. A
-vLLM backend plugs into :func:`ask` the same way: generate with
-``format_regex(...)`` as a structured-output regex, then score the number's
-continuations from the token before it.
+Layout: ``format`` (prompt, regex, parser, token spans, the confidence completions'
+tree) and ``result`` (scores, combination, best-of-N) and ``calibration`` know no
+backend; ``hf`` (Outlines' logits processor beside the monitor) and ``vllm_backend``
+(structured outputs beside :class:`tokur_decode.vllm.UncertaintyProcessor`) generate.
 
 Example:
     >>> from tokur_decode.verbalized import ask
@@ -48,17 +47,22 @@ from .format import (
     validate_template,
 )
 from .result import (
+    MASK_ORDERS,
     SCORES,
+    VERBALIZED_SIGNALS,
     VerbalizedResult,
     combined_confidence,
     confidence_expectation,
     select_best,
+    signal_names,
 )
 
 __all__ = [
     "CAPITALS",
     "DEFAULT_TEMPLATE",
+    "MASK_ORDERS",
     "SCORES",
+    "VERBALIZED_SIGNALS",
     "Parsed",
     "ReliabilityDiagram",
     "VerbalizedResult",
@@ -74,6 +78,7 @@ __all__ = [
     "parse_response",
     "reliability_diagram",
     "select_best",
+    "signal_names",
     "validate_template",
 ]
 
@@ -85,7 +90,7 @@ def ask(
     *,
     template: str = DEFAULT_TEMPLATE,
     constrained: bool = True,
-    mask_order: str = "monitor-first",
+    mask_order: str | None = None,
     signals: Iterable[str] | str | None = None,
     max_answer_chars: int = 100,
     max_new_tokens: int | None = None,
@@ -100,25 +105,31 @@ def ask(
     verbalized confidence, recording token-level signals of the whole generation.
 
     Args:
-        model, tokenizer: a transformers causal LM and its tokenizer.
+        model, tokenizer: a transformers causal LM and its tokenizer, or a vLLM ``LLM``
+            built with :func:`tokur_decode.vllm.llm` (tokenizer ``None``: the engine's;
+            see :mod:`~tokur_decode.verbalized.vllm_backend`).
         template: the prompt; ``{question}`` is replaced by the question
             (:func:`validate_template`). The chat template wraps it when the tokenizer
             has one (``chat``, as in :func:`tokur_decode.hf.encode_prompts`).
         constrained: constrain the output to :func:`format_regex` then EOS with
-            Outlines (needs the ``outlines`` extra); the parse cannot fail. ``False``
-            generates freely and reports parse failures in ``result.parse_error``.
-        mask_order: ``"monitor-first"`` (default): the signals are measured on the
-            model's raw distribution, before Outlines' mask; ``"mask-first"``: on the
-            masked distribution the constrained decoder draws from. Recorded in
-            ``trace.meta["mask_order"]``.
-        signals: what the monitor records (default :data:`.hf.VERBALIZED_SIGNALS`;
+            Outlines (transformers: Outlines' logits processor; vLLM: structured outputs,
+            the engine's backend, ``outlines`` for :func:`tokur_decode.vllm.llm` engines
+            built by the CLI); the parse cannot fail. ``False`` generates freely and
+            reports parse failures in ``result.parse_error``.
+        mask_order: where the signals are measured, recorded in
+            ``trace.meta["mask_order"]`` (:data:`MASK_ORDERS`). ``"monitor-first"``
+            (transformers' default): the model's raw distribution, before Outlines'
+            mask; ``"mask-first"`` (vLLM's only order): the masked distribution the
+            constrained decoder draws from.
+        signals: what the monitor records (default :data:`VERBALIZED_SIGNALS`;
             ``max_prob``, ``chosen_logprob`` and ``entropy`` are always added).
         max_answer_chars: bound on the answer line's length under the constraint.
         max_new_tokens: default (and, constrained, minimum) :func:`max_format_tokens`.
         temperature, top_p, seed: ``0`` decodes greedily; otherwise samples,
             reproducibly under ``seed``.
         expected: score the 101 confidence completions for ``expected_confidence``
-            (one extra forward per answer).
+            (transformers: one extra forward per batch; vLLM: 11 one-token requests per
+            answer, on the prefix cache).
         signal_params: ``logtoku_k``, ``deepconf_k``, ... for the monitor.
 
     Raises:
@@ -130,18 +141,34 @@ def ask(
         raise ValueError("questions: at least one question is required")
     for question in question_list:
         build_prompt(question, template)  # validates both before any work
-    if type(model).__module__.split(".")[0] == "vllm":
-        raise NotImplementedError("ask: the vLLM backend is not available yet")
-    from .hf import ask_transformers
-
-    results = ask_transformers(
-        model,
-        tokenizer,
-        question_list,
+    on_vllm = type(model).__module__.split(".")[0] == "vllm"
+    if mask_order is None:
+        mask_order = "mask-first" if on_vllm else "monitor-first"
+    if mask_order not in MASK_ORDERS:
+        raise ValueError(f"mask_order: choose from {list(MASK_ORDERS)}, got {mask_order!r}")
+    if on_vllm and mask_order != "mask-first":
+        raise ValueError(
+            "mask_order: vLLM applies the structured-output mask before any logits "
+            "processor, so only 'mask-first' is available there"
+        )
+    bound = max_format_tokens(max_answer_chars)
+    if max_new_tokens is None:
+        max_new_tokens = bound
+    elif max_new_tokens < (bound if constrained else 1):
+        raise ValueError(
+            f"max_new_tokens must be >= {bound if constrained else 1}"
+            + (f" (the constrained format can take {bound} tokens)" if constrained else "")
+            + f", got {max_new_tokens}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    options = dict(
         template=template,
         constrained=constrained,
         mask_order=mask_order,
-        signals=signals,
+        signals=signal_names(signals),
         max_answer_chars=max_answer_chars,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -151,4 +178,12 @@ def ask(
         expected=expected,
         signal_params=signal_params,
     )
+    if on_vllm:
+        from .vllm_backend import ask_vllm
+
+        results = ask_vllm(model, tokenizer, question_list, **options)
+    else:
+        from .hf import ask_transformers
+
+        results = ask_transformers(model, tokenizer, question_list, **options)
     return results[0] if single else results

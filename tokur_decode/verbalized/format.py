@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "ConfidenceTree",
+    "Located",
     "Parsed",
     "build_prompt",
     "char_span_to_tokens",
+    "confidence_tree",
+    "locate",
     "format_regex",
     "is_abstention",
     "max_format_tokens",
@@ -214,3 +220,109 @@ def char_span_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int
     """
     hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
     return range(hits[0], hits[-1] + 1) if hits else range(0)
+
+
+@dataclass(frozen=True)
+class Located:
+    """A response decoded, parsed and mapped onto its tokens (:func:`locate`).
+
+    Attributes:
+        text: the response (special tokens removed).
+        parsed: its :class:`Parsed`.
+        answer_span, confidence_span: token indices of the answer text and of the number
+            (empty ranges when the parse failed).
+        number_aligned: the number starts at a token boundary (needed to score its
+            continuations for the expected confidence).
+    """
+
+    text: str
+    parsed: Parsed
+    answer_span: range
+    confidence_span: range
+    number_aligned: bool
+
+
+def locate(tokenizer, token_ids: Sequence[int]) -> Located:
+    """Decode ``token_ids`` (a trailing EOS is dropped), parse the text and find the token
+    spans of the answer and of the confidence number."""
+    ids = list(token_ids)
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    parsed = parse_response(text)
+    if parsed.error is not None:
+        return Located(text, parsed, range(0), range(0), False)
+    offsets = token_offsets(tokenizer, ids)
+    answer = char_span_to_tokens(offsets, *parsed.answer_chars)
+    number = char_span_to_tokens(offsets, *parsed.confidence_chars)
+    aligned = offsets[number.start][0] == parsed.confidence_chars[0]
+    return Located(text, parsed, answer, number, aligned)
+
+
+@dataclass(frozen=True)
+class ConfidenceTree:
+    """The 101 confidence completions ``"0" .. "100"`` then EOS as token sequences, and
+    what the format allows after each of their prefixes: the first digit 0-9; after 1-9
+    another digit or the end; after 10 a 0 or the end; the end is forced after 0, after
+    two other digits and after 100. Numbers are taken in their canonical tokenization
+    (for tokenizers that split digits, such as SmolLM2's, the only one).
+
+    A backend scores the allowed tokens at every :attr:`branching` prefix (the token
+    before the number, then the prefix); :meth:`completion_logprobs` turns those scores
+    into the constrained decoder's law over the 101 numbers.
+
+    Attributes:
+        completions: ``completions[n]`` are the tokens of ``str(n)`` then EOS.
+        allowed: prefix (a tuple of tokens) -> the sorted tokens allowed after it.
+        branching: the prefixes after which more than one token is allowed.
+    """
+
+    completions: tuple[tuple[int, ...], ...]
+    allowed: Mapping[tuple[int, ...], tuple[int, ...]]
+    branching: tuple[tuple[int, ...], ...]
+
+    def completion_logprobs(self, scores: Mapping[tuple[int, ...], np.ndarray]) -> np.ndarray:
+        """``[B, 101]`` float64 log-probabilities of stating ``n = 0..100``.
+
+        ``scores[prefix]`` is ``[B, len(allowed[prefix])]``: log-probabilities (or logits:
+        any per-row offset cancels) of the allowed tokens after ``prefix``, in the order
+        of :attr:`allowed`, for every prefix of :attr:`branching`; each position's
+        distribution is renormalised over what the format allows there.
+        """
+        terms: dict[tuple, np.ndarray] = {}
+        for prefix in self.branching:
+            z = np.asarray(scores[prefix], dtype=np.float64)
+            z = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
+            terms.update({(prefix, t): z[:, j] for j, t in enumerate(self.allowed[prefix])})
+        rows = next(iter(terms.values())).shape[0]
+        zero = np.zeros(rows)
+        return np.stack(
+            [
+                sum((terms.get((c[:k], c[k]), zero) for k in range(len(c))), zero)
+                for c in self.completions
+            ],
+            axis=1,
+        )
+
+
+def confidence_tree(tokenizer) -> ConfidenceTree:
+    """The :class:`ConfidenceTree` of ``tokenizer``.
+
+    Example:
+        >>> from tokur_decode.models import load_default
+        >>> _, tok = load_default()                                         # doctest: +SKIP
+        >>> tree = confidence_tree(tok)                                     # doctest: +SKIP
+        >>> len(tree.branching), [tok.decode(p) for p in tree.branching][:3]  # doctest: +SKIP
+        (11, ['', '1', '2'])
+    """
+    eos = tokenizer.eos_token_id
+    completions = tuple(
+        tuple(tokenizer.encode(str(n), add_special_tokens=False)) + (eos,) for n in range(101)
+    )
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    for c in completions:
+        for k in range(len(c)):
+            allowed.setdefault(c[:k], set()).add(c[k])
+    ordered = {prefix: tuple(sorted(tokens)) for prefix, tokens in allowed.items()}
+    branching = tuple(prefix for prefix, tokens in ordered.items() if len(tokens) > 1)
+    return ConfidenceTree(completions, ordered, branching)

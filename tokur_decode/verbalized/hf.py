@@ -8,7 +8,7 @@ Outlines is imported only here and only when a constrained question is asked.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,31 +16,15 @@ import torch
 from ..hf.generation import encode_prompts, sampling_kwargs
 from ..hf.monitor import UncertaintyMonitor
 from .format import (
-    Parsed,
     build_prompt,
-    char_span_to_tokens,
+    confidence_tree,
     format_regex,
     is_abstention,
-    max_format_tokens,
-    parse_response,
-    token_offsets,
+    locate,
 )
-from .result import VerbalizedResult
+from .result import MASK_ORDERS, VerbalizedResult
 
-__all__ = ["MASK_ORDERS", "VERBALIZED_SIGNALS", "ask_transformers", "constraint_processor"]
-
-#: Where the monitor sits relative to Outlines' mask. ``monitor-first`` (default): the
-#: signals describe the model's raw distribution; ``mask-first``: the distribution the
-#: constrained decoder draws from (masked tokens have probability 0).
-MASK_ORDERS = {
-    "monitor-first": "raw logits (the monitor runs before the Outlines mask)",
-    "mask-first": "logits after the Outlines mask (masked tokens have probability 0)",
-}
-
-#: What the monitor records by default: the answer-span scores need chosen_logprob,
-#: max_prob and entropy; chosen_prob and LogTokU feed the CLI table.
-VERBALIZED_SIGNALS = ("max_prob", "chosen_prob", "chosen_logprob", "entropy", "logtoku")
-_REQUIRED = ("max_prob", "chosen_logprob", "entropy")
+__all__ = ["ask_transformers", "confidence_logprobs", "constraint_processor"]
 
 # Outlines indexes per tokenizer (weakly held) and regex: building one takes about a second.
 _INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -96,17 +80,6 @@ def constraint_processor(tokenizer, max_answer_chars: int = 100):
     return OutlinesCoreLogitsProcessor(_index(tokenizer, format_regex(max_answer_chars)), "torch")
 
 
-def _signal_names(signals: Iterable[str] | str | None) -> tuple[str, ...]:
-    if signals is None:
-        return VERBALIZED_SIGNALS
-    names = (signals,) if isinstance(signals, str) else tuple(signals)
-    if "tokur" in names:
-        raise ValueError("signals: 'tokur' is not supported with verbalized questions")
-    if "all" in names:
-        return names
-    return names + tuple(n for n in _REQUIRED if n not in names)
-
-
 def ask_transformers(
     model,
     tokenizer,
@@ -117,7 +90,7 @@ def ask_transformers(
     mask_order: str,
     signals,
     max_answer_chars: int,
-    max_new_tokens: int | None,
+    max_new_tokens: int,
     temperature: float,
     top_p: float,
     seed: int | None,
@@ -125,26 +98,11 @@ def ask_transformers(
     expected: bool,
     signal_params: dict,
 ) -> list[VerbalizedResult]:
-    """One batched ``generate`` for all ``questions`` (see :func:`~tokur_decode.verbalized.ask`
-    for the parameters, validated here)."""
-    if mask_order not in MASK_ORDERS:
-        raise ValueError(f"mask_order: choose from {list(MASK_ORDERS)}, got {mask_order!r}")
-    bound = max_format_tokens(max_answer_chars)
-    if max_new_tokens is None:
-        max_new_tokens = bound
-    elif max_new_tokens < (bound if constrained else 1):
-        raise ValueError(
-            f"max_new_tokens must be >= {bound if constrained else 1}"
-            + (f" (the constrained format can take {bound} tokens)" if constrained else "")
-            + f", got {max_new_tokens}"
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """One batched ``generate`` for all ``questions`` (the parameters of
+    :func:`~tokur_decode.verbalized.ask`, validated there; ``max_new_tokens`` resolved)."""
     prompts = [build_prompt(q, template) for q in questions]
     eos = tokenizer.eos_token_id
-    monitor = UncertaintyMonitor(_signal_names(signals), eos_token_id=eos, **signal_params)
+    monitor = UncertaintyMonitor(signals, eos_token_id=eos, **signal_params)
     processors = [monitor]
     if constrained:
         mask = constraint_processor(tokenizer, max_answer_chars)
@@ -169,12 +127,12 @@ def ask_transformers(
         constrained=constrained,
         format=format_regex(max_answer_chars) if constrained else None,
     )
-    rows = []
-    for row in range(len(questions)):
-        ids = trace.token_ids[row, : int(trace.lengths[row])].tolist()
-        rows.append(_parse(tokenizer, ids[:-1] if ids and ids[-1] == eos else ids))
+    rows = [
+        locate(tokenizer, trace.token_ids[row, : int(trace.lengths[row])].tolist())
+        for row in range(len(questions))
+    ]
     # Score the number's continuations only where it starts at a token boundary.
-    starts = [number.start if expected and aligned else None for *_, number, aligned in rows]
+    starts = [r.confidence_span.start if expected and r.number_aligned else None for r in rows]
     logprobs = (
         confidence_logprobs(model, tokenizer, out, enc["attention_mask"], starts)
         if any(s is not None for s in starts)
@@ -183,33 +141,18 @@ def ask_transformers(
     return [
         VerbalizedResult(
             question=question,
-            text=text,
-            answer=parsed.answer,
-            confidence=parsed.confidence,
-            abstained=is_abstention(parsed.answer),
+            text=r.text,
+            answer=r.parsed.answer,
+            confidence=r.parsed.confidence,
+            abstained=is_abstention(r.parsed.answer),
             trace=trace[row],
-            answer_span=answer,
-            confidence_span=number,
+            answer_span=r.answer_span,
+            confidence_span=r.confidence_span,
             confidence_logprobs=logprobs[row],
-            parse_error=parsed.error,
+            parse_error=r.parsed.error,
         )
-        for row, (question, (text, parsed, answer, number, _)) in enumerate(
-            zip(questions, rows, strict=True)
-        )
+        for row, (question, r) in enumerate(zip(questions, rows, strict=True))
     ]
-
-
-def _parse(tokenizer, ids: list[int]) -> tuple[str, Parsed, range, range, bool]:
-    """The response's text, its parse, the answer and number token spans, and whether
-    the number starts at a token boundary."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    parsed = parse_response(text)
-    if parsed.error is not None:
-        return text, parsed, range(0), range(0), False
-    offsets = token_offsets(tokenizer, ids)
-    answer = char_span_to_tokens(offsets, *parsed.answer_chars)
-    number = char_span_to_tokens(offsets, *parsed.confidence_chars)
-    return text, parsed, answer, number, offsets[number.start][0] == parsed.confidence_chars[0]
 
 
 def confidence_logprobs(
@@ -220,11 +163,9 @@ def confidence_logprobs(
     ``n = 0..100`` (``None`` where ``starts`` is ``None``).
 
     At each position of the number the model's next-token distribution is renormalised
-    over the continuations the format allows there: the first digit 0-9; after 1-9
-    another digit or the end; after 10 a 0 or the end; the end is forced after 0, after
-    two other digits and after 100. ``exp`` of the 101 values sums to 1. Numbers are
-    taken in their canonical tokenization: for SmolLM2 (and every tokenizer that splits
-    digits) it is the only one, so this is exactly the constrained decoder's law.
+    over the continuations the format allows there
+    (:class:`~tokur_decode.verbalized.format.ConfidenceTree`); ``exp`` of the 101 values
+    sums to 1.
 
     ``output`` is ``generate``'s output (``return_dict_in_generate=True``) for the
     left-padded prompts with attention mask ``prompt_mask``; ``starts[b]`` is the index
@@ -241,18 +182,10 @@ def confidence_logprobs(
             f"mask, which attn_implementation={attn!r} does not take; load the model with "
             f"'sdpa' or 'eager', or pass expected=False"
         )
-    eos = tokenizer.eos_token_id
-    completions = [
-        tuple(tokenizer.encode(str(n), add_special_tokens=False)) + (eos,) for n in range(101)
-    ]
-    allowed: dict[tuple, set] = {}  # prefix -> the tokens the format allows after it
-    for c in completions:
-        for k in range(len(c)):
-            allowed.setdefault(c[:k], set()).add(c[k])
-    branching = [prefix for prefix, nxt in allowed.items() if len(nxt) > 1]
-    # The tree: the root (the token before the number, prefix ()), then every prefix
-    # leading to a branching one, parents first.
-    fed = sorted({b[:k] for b in branching for k in range(1, len(b) + 1)}, key=len)
+    tree = confidence_tree(tokenizer)
+    # Fed after the root (the token before the number, prefix ()): every prefix leading
+    # to a branching one, parents first.
+    fed = sorted({b[:k] for b in tree.branching for k in range(1, len(b) + 1)}, key=len)
     node = {(): 0, **{prefix: i + 1 for i, prefix in enumerate(fed)}}
     size = len(node)
     sees = torch.eye(size, dtype=torch.bool)  # a tree token sees itself and its ancestors
@@ -282,11 +215,9 @@ def confidence_logprobs(
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
-    tree = torch.tensor([prefix[-1] for prefix in fed], device=device).expand(batch, -1)
-    ids = torch.cat([output.sequences.gather(1, root[:, None]), tree], dim=1)
+    fed_ids = torch.tensor([prefix[-1] for prefix in fed], device=device).expand(batch, -1)
+    ids = torch.cat([output.sequences.gather(1, root[:, None]), fed_ids], dim=1)
     positions = prefix_keys.sum(1, keepdim=True) + depth.to(device)
-    used = sorted({t for c in completions for t in c})
-    column = {t: i for i, t in enumerate(used)}
     with torch.inference_mode():
         logits = model(
             input_ids=ids,
@@ -296,17 +227,9 @@ def confidence_logprobs(
             cache_position=torch.arange(cached, cached + size, device=device),
             use_cache=True,
         ).logits
-        picked = logits[..., used].double().cpu().numpy()  # [B, tree, used tokens]
-    # log q(t | prefix): the logit of t minus the logsumexp over the allowed tokens.
-    terms = {}
-    for prefix in branching:
-        cols = [column[t] for t in sorted(allowed[prefix])]
-        z = picked[:, node[prefix], cols]
-        z = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
-        terms.update({(prefix, t): z[:, j] for j, t in enumerate(sorted(allowed[prefix]))})
-    zero = np.zeros(batch)
-    total = np.stack(
-        [sum((terms.get((c[:k], c[k]), zero) for k in range(len(c))), zero) for c in completions],
-        axis=1,
-    )
+    scores = {
+        prefix: logits[:, node[prefix], list(tree.allowed[prefix])].double().cpu().numpy()
+        for prefix in tree.branching
+    }
+    total = tree.completion_logprobs(scores)
     return [None if s is None else total[b] for b, s in enumerate(starts)]

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,12 +24,31 @@ from ..select import choose
 from ..trace import Trace
 
 __all__ = [
+    "MASK_ORDERS",
     "SCORES",
+    "VERBALIZED_SIGNALS",
     "VerbalizedResult",
     "combined_confidence",
     "confidence_expectation",
     "select_best",
+    "signal_names",
 ]
+
+#: Where the monitor sits relative to the format's mask (``trace.meta["mask_order"]``),
+#: and what its signals then describe (``trace.meta["measured_on"]``).
+#: ``monitor-first``: the model's raw distribution (transformers' default);
+#: ``mask-first``: the distribution the constrained decoder draws from (masked tokens
+#: have probability 0; the only order vLLM has, whose structured-output bitmask is
+#: applied before any logits processor).
+MASK_ORDERS = {
+    "monitor-first": "raw logits (the monitor runs before the format's mask)",
+    "mask-first": "logits after the format's mask (masked tokens have probability 0)",
+}
+
+#: What the monitor records by default: the answer-span scores need chosen_logprob,
+#: max_prob and entropy; chosen_prob and LogTokU feed the CLI table.
+VERBALIZED_SIGNALS = ("max_prob", "chosen_prob", "chosen_logprob", "entropy", "logtoku")
+_REQUIRED = ("max_prob", "chosen_logprob", "entropy")
 
 #: Response-level scores of a :class:`VerbalizedResult` (``result.scores``), with their
 #: direction. ``answer_*`` scores aggregate token signals over the answer span only.
@@ -45,6 +64,24 @@ SCORES = {
 
 _TOKEN_SCORES = ("answer_geomean_prob", "answer_mean_max_prob")
 _VERBALIZED = ("expected", "stated")
+
+
+def signal_names(signals: Iterable[str] | str | None) -> tuple[str, ...]:
+    """The signals to record: ``signals`` (default :data:`VERBALIZED_SIGNALS`) plus those
+    the answer-span scores need.
+
+    Example:
+        >>> signal_names("margin")
+        ('margin', 'max_prob', 'chosen_logprob', 'entropy')
+    """
+    if signals is None:
+        return VERBALIZED_SIGNALS
+    names = (signals,) if isinstance(signals, str) else tuple(signals)
+    if "tokur" in names:
+        raise ValueError("signals: 'tokur' is not supported with verbalized questions")
+    if "all" in names:
+        return names
+    return names + tuple(n for n in _REQUIRED if n not in names)
 
 
 def confidence_expectation(logprobs: np.ndarray) -> tuple[np.ndarray, float]:

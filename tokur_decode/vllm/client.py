@@ -104,7 +104,7 @@ def _trace(items: list[dict], texts: list[str], tokenizer, request_id: str) -> T
         signals={k: padded([item["signals"][k] for item in items]).float() for k in names},
         token_ids=padded([item["token_ids"] for item in items]).long(),
         lengths=torch.tensor(lengths),
-        tokens=[tokenizer.convert_ids_to_tokens(item["token_ids"]) for item in items],
+        tokens=[[tokenizer.decode([t]) for t in item["token_ids"]] for item in items],
         texts=texts,
         meta={"request_id": request_id, "actions": [item["events"] for item in items]},
     )

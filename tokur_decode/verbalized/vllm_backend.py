@@ -1,0 +1,153 @@
+"""The vLLM backend of :func:`tokur_decode.verbalized.ask`: structured outputs constrain
+the format, :class:`tokur_decode.vllm.UncertaintyProcessor` records the signals, and
+one-token scoring requests give the confidence number's distribution.
+
+The engine must carry the processor and the trace extension
+(:func:`tokur_decode.vllm.llm`). The structured-output backend is the engine's
+(``structured_outputs_config``; vLLM has no per-request choice); ``tokur-decode generate
+--verbalized --backend vllm`` builds its engine with ``outlines``, and the trace records
+which one ran in ``meta["structured_outputs_backend"]``. vLLM applies the structured
+output bitmask to the logits before any logits processor, so the signals are measured
+on the masked distribution (``mask_order="mask-first"``).
+
+Example:
+    >>> import tokur_decode.vllm as tv
+    >>> from tokur_decode.verbalized import ask
+    >>> engine = tv.llm(structured_outputs_config={"backend": "outlines"})   # doctest: +SKIP
+    >>> r = ask(engine, None, "What is the capital of France?")              # doctest: +SKIP
+    >>> r.answer, r.trace.meta["mask_order"]                                 # doctest: +SKIP
+    ('Paris', 'mask-first')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..hf.generation import encode_prompts
+from .format import build_prompt, confidence_tree, format_regex, is_abstention, locate
+from .result import MASK_ORDERS, VerbalizedResult
+
+__all__ = ["ask_vllm", "confidence_logprobs"]
+
+
+def ask_vllm(
+    engine,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    template: str,
+    constrained: bool,
+    mask_order: str,
+    signals: Sequence[str],
+    max_answer_chars: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    chat: bool | None,
+    expected: bool,
+    signal_params: dict,
+) -> list[VerbalizedResult]:
+    """One batch of requests for all ``questions`` (the parameters of
+    :func:`~tokur_decode.verbalized.ask`, validated there)."""
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from ..vllm import read_traces, uncertainty_args
+
+    tokenizer = tokenizer if tokenizer is not None else engine.get_tokenizer()
+    enc = encode_prompts(tokenizer, [build_prompt(q, template) for q in questions], chat=chat)
+    prompts = [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+    ]
+    sampled = temperature > 0
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p if sampled else 1.0,
+        seed=seed if sampled else None,
+        structured_outputs=(
+            StructuredOutputsParams(regex=format_regex(max_answer_chars)) if constrained else None
+        ),
+        extra_args=uncertainty_args(list(signals), **signal_params),
+    )
+    outputs = engine.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
+    )
+    traces = read_traces(engine, outputs, tokenizer)
+    if any(trace is None for trace in traces):
+        raise ValueError("engine: no trace came back (build it with tokur_decode.vllm.llm)")
+    backend = engine.llm_engine.vllm_config.structured_outputs_config.backend
+    rows = []
+    for trace in traces:
+        trace.meta.update(
+            mask_order=mask_order if constrained else None,
+            measured_on=MASK_ORDERS[mask_order] if constrained else "raw logits (no constraint)",
+            constrained=constrained,
+            format=format_regex(max_answer_chars) if constrained else None,
+            structured_outputs_backend=backend if constrained else None,
+        )
+        rows.append(locate(tokenizer, trace.token_ids[0, : int(trace.lengths[0])].tolist()))
+    contexts = [
+        prompt + trace.token_ids[0, : r.confidence_span.start].tolist()
+        if expected and r.number_aligned
+        else None
+        for prompt, trace, r in zip(prompts, traces, rows, strict=True)
+    ]
+    logprobs = confidence_logprobs(engine, tokenizer, contexts)
+    return [
+        VerbalizedResult(
+            question=question,
+            text=r.text,
+            answer=r.parsed.answer,
+            confidence=r.parsed.confidence,
+            abstained=is_abstention(r.parsed.answer),
+            trace=trace,
+            answer_span=r.answer_span,
+            confidence_span=r.confidence_span,
+            confidence_logprobs=lp,
+            parse_error=r.parsed.error,
+        )
+        for question, trace, r, lp in zip(questions, traces, rows, logprobs, strict=True)
+    ]
+
+
+def confidence_logprobs(
+    engine, tokenizer, contexts: Sequence[list[int] | None]
+) -> list[np.ndarray | None]:
+    """Per context (the prompt and the response up to the confidence number, as token
+    ids), ``[101]`` float64 log-probabilities that the constrained decoder, sampling at
+    temperature 1 from the raw model, states ``n = 0..100`` (``None`` where the context is
+    ``None``); the same law as :func:`tokur_decode.verbalized.hf.confidence_logprobs`.
+
+    One request per context and branching prefix of the
+    :class:`~tokur_decode.verbalized.format.ConfidenceTree` (SmolLM2: 11), each
+    generating one token with ``logprob_token_ids`` set to the tokens the format allows
+    there: vLLM returns their raw log-probabilities, and the prefix cache serves the
+    shared context.
+    """
+    from vllm import SamplingParams, TokensPrompt
+
+    wanted = [i for i, c in enumerate(contexts) if c is not None]
+    if not wanted:
+        return [None] * len(contexts)
+    tree = confidence_tree(tokenizer)
+    requests = [(i, prefix) for i in wanted for prefix in tree.branching]
+    outputs = engine.generate(
+        [TokensPrompt(prompt_token_ids=contexts[i] + list(prefix)) for i, prefix in requests],
+        [
+            SamplingParams(max_tokens=1, temperature=0, logprob_token_ids=list(tree.allowed[p]))
+            for _, p in requests
+        ],
+        use_tqdm=False,
+    )
+    scores: dict[tuple, list[list[float]]] = {prefix: [] for prefix in tree.branching}
+    for (_, prefix), out in zip(requests, outputs, strict=True):
+        step = out.outputs[0].logprobs[0]
+        scores[prefix].append([step[t].logprob for t in tree.allowed[prefix]])
+    total = tree.completion_logprobs({p: np.array(v) for p, v in scores.items()})
+    found = dict(zip(wanted, total, strict=True))
+    return [found.get(i) for i in range(len(contexts))]
