@@ -265,3 +265,68 @@ def test_cli_generate_backend_vllm(engine, hf_abstain, monkeypatch, capsys):
     assert [(e["action"], e["step"]) for e in report["actions"]] == [("stop", ref["step"])]
     assert len(report["tokens"]) == ref["step"] + 1 == report["summary"]["n_tokens"]
     assert {"entropy", "logtoku_epistemic"} <= set(report["signals"])
+
+
+def test_best_of_n_through_the_engine_selects_as_transformers_does(engine):
+    """``self-certainty-best-of-n``: 8 samples through ``SamplingParams(n=8)``, each with
+    its own trace; the choice is the argmax of the candidates' mean self-certainty,
+    which is what the transformers path's selection code picks for these scores."""
+    from tokur_decode.select import choose
+
+    result = tv.generate(
+        engine, QUESTIONS[2], strategy="self-certainty-best-of-n", max_new_tokens=16
+    )
+    (event,) = result.actions[0]
+    (cands,) = result.candidates
+    scores = cands.aggregate("self_certainty", "mean").tolist()
+    assert event["action"] == "best-of-n" and event["n"] == len(cands) == 8
+    assert event["scores"] == pytest.approx(scores, abs=1e-6)
+    assert len(set(cands.texts)) > 1  # distinct samples: vLLM seeds child i with seed + i
+    assert event["chosen"] == max(range(8), key=lambda i: scores[i])
+    assert choose(event["answers"], scores, "argmax") == event["chosen"]
+    assert result.texts == [cands.texts[event["chosen"]]]
+    assert result.tokens_generated == int(cands.lengths.sum())
+    with pytest.raises(ValueError, match="threshold"):
+        tv.generate(engine, QUESTIONS[2], strategy="self-certainty-best-of-n", threshold=1.0)
+
+
+def test_deepconf_online_through_the_engine(engine):
+    """Warm-up candidates set the prompt's threshold (the 50th percentile of their lowest
+    4-token group confidence); later candidates that dip below it stop and do not vote."""
+    from tokur_decode.aggregate import group_confidences
+    from tokur_decode.strategy import Strategy
+
+    recipe = Strategy.load("deepconf-online").to_dict()
+    recipe["action"].update(n=8, warmup=3, window=4, keep=50)
+    max_new = 24
+    result = tv.generate(engine, QUESTIONS[2], strategy=recipe, max_new_tokens=max_new, seed=3)
+    (event,) = result.actions[0]
+    (voters,) = result.candidates
+    warm = voters.select(range(3))  # the warm-up candidates always vote
+    lowest = warm.aggregate("deepconf", "deepconf_lowest_group", window=4).tolist()
+    assert event["threshold"] == pytest.approx(sorted(lowest)[1], rel=1e-5)
+    assert event["stopped"], "no later candidate stopped: the test needs one"
+    assert event["voters"] == len(voters) == 8 - len(event["stopped"])
+    for i in range(3, len(voters)):  # later voters never dipped below the threshold
+        groups, n = group_confidences(
+            voters.signals["deepconf"][i : i + 1], voters.lengths[i : i + 1], window=4
+        )
+        assert float(groups[0, : int(n[0])].min()) >= event["threshold"] - 1e-4
+    stopped_tokens = event["tokens"] - int(voters.lengths.sum())
+    assert event["tokens_saved"] == len(event["stopped"]) * max_new - stopped_tokens > 0
+    assert result.tokens_generated == event["tokens"]
+
+
+def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
+    import json
+
+    from tokur_decode.cli import main
+    from tokur_decode.hf.generation import normalize_answer
+
+    monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
+    argv = ["generate", QUESTIONS[2], "--backend", "vllm", "--strategy", "self-certainty-best-of-n"]
+    assert main([*argv, "--max-new-tokens", "12", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (event,) = report["actions"]
+    assert event["action"] == "best-of-n" and len(event["scores"]) == 8
+    assert normalize_answer(report["answer"]) == event["answers"][event["chosen"]]

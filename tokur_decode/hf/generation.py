@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import aggregate
-from ..policy import Trigger, signal_of_output
-from ..select import choose
+from ..candidates import deepconf_thresholds, deepconf_trigger, deepconf_vote, select_rows
+from ..policy import signal_of_output
 from ..strategy import Strategy
 from ..trace import Trace
 from .actions import ResampleOnTrigger, StopOnTrigger
@@ -49,6 +48,22 @@ class GenerationResult:
     def traces(self) -> list[Trace]:
         """One single-row trace per prompt."""
         return list(self.trace)
+
+    @classmethod
+    def chosen(
+        cls, trace: Trace, prompts, chosen, actions, candidates, tokens: int | None = None
+    ) -> GenerationResult:
+        """The ``chosen`` rows of the candidates' ``trace`` as the result; ``tokens``:
+        what was decoded in all (default: every row of ``trace``)."""
+        final = trace.select(chosen)
+        return cls(
+            texts=list(final.texts or []),
+            trace=final,
+            prompts=prompts,
+            actions=actions,
+            candidates=candidates,
+            tokens_generated=int(trace.lengths.sum()) if tokens is None else tokens,
+        )
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool | None = None, device=None):
@@ -254,51 +269,6 @@ def _run(
     return out, monitor.trace(out, tokenizer)
 
 
-def _select(trace: Trace, groups: list[list[int]], p: dict, extract, **reducer_params):
-    """Per group of candidate rows, the row chosen by the recipe's selection keys.
-
-    Returns ``(chosen rows, one record per group, candidate traces per group)``.
-    """
-    raw = aggregate.reduce(p["reducer"], trace.signals[p["score"]], trace.lengths, **reducer_params)
-    raw = raw.tolist()
-    scores = raw if p["higher_is_better"] else [-x for x in raw]
-    answers = [extract(text) for text in trace.texts]
-    chosen, records, candidates = [], [], []
-    for rows in groups:
-        pick = rows[
-            choose([answers[i] for i in rows], [scores[i] for i in rows], p["method"], p["eta"])
-        ]
-        chosen.append(pick)
-        candidates.append(trace.select(rows))
-        records.append(
-            {
-                "chosen": rows.index(pick),
-                "score": p["score"],
-                "reducer": p["reducer"],
-                "higher_is_better": p["higher_is_better"],
-                "method": p["method"],
-                "eta": p["eta"],
-                "scores": [raw[i] for i in rows],
-                "answers": [answers[i] for i in rows],
-            }
-        )
-    return chosen, records, candidates
-
-
-def _result(trace: Trace, prompts, chosen, actions, candidates, tokens=None) -> GenerationResult:
-    """The chosen rows of ``trace`` as the result; ``tokens``: what was decoded in all
-    (default: every row of ``trace``)."""
-    final = trace.select(chosen)
-    return GenerationResult(
-        texts=list(final.texts or []),
-        trace=final,
-        prompts=prompts,
-        actions=actions,
-        candidates=candidates,
-        tokens_generated=int(trace.lengths.sum()) if tokens is None else tokens,
-    )
-
-
 def _best_of_n(strat: Strategy, *, extract, top_p, **run) -> GenerationResult:
     p = strat.params
     n = p["n"]
@@ -306,9 +276,9 @@ def _best_of_n(strat: Strategy, *, extract, top_p, **run) -> GenerationResult:
         **run, temperature=p["temperature"], top_p=p.get("top_p", top_p), num_return_sequences=n
     )
     groups = [list(range(b * n, (b + 1) * n)) for b in range(len(run["prompts"]))]
-    chosen, records, candidates = _select(trace, groups, p, extract)
+    chosen, records, candidates = select_rows(trace, groups, p, extract)
     actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
-    return _result(trace, run["prompts"], chosen, actions, candidates)
+    return GenerationResult.chosen(trace, run["prompts"], chosen, actions, candidates)
 
 
 def _controlled(
@@ -366,35 +336,26 @@ def _controlled(
             tokens_generated=tokens,
         )
     groups = [[i for i, o in enumerate(policy.origin) if o == b] for b in range(len(prompts))]
-    chosen, records, candidates = _select(trace, groups, p, extract)
+    chosen, records, candidates = select_rows(trace, groups, p, extract)
     actions = [
         [*events, {"action": "select", "k": p["k"], **record}]
         for events, record in zip(policy.events, records, strict=True)
     ]
-    return _result(trace, prompts, chosen, actions, candidates, tokens)
+    return GenerationResult.chosen(trace, prompts, chosen, actions, candidates, tokens)
 
 
 def _deepconf_online(strat: Strategy, *, extract, **run) -> GenerationResult:
     """DeepConf online (Fu et al. 2025): ``warmup`` traces per prompt set a threshold (the
     ``100 - keep`` percentile of their lowest group confidence); the other ``n - warmup``
     traces stop as soon as their window confidence falls below it; the vote counts the
-    warm-up traces and the traces that were not stopped."""
+    warm-up traces and the traces that were not stopped (:mod:`tokur_decode.candidates`)."""
     p = strat.params
-    n, warmup, window = p["n"], p["warmup"], p["window"]
+    warmup, online = p["warmup"], p["n"] - p["warmup"]
     sampling = {"temperature": p["temperature"], "top_p": p["top_p"]}
-    prompts = run["prompts"]
     _, warm = _run(**run, **sampling, num_return_sequences=warmup)
-    lowest = aggregate.reduce(
-        "deepconf_lowest_group", warm.signals["deepconf"], warm.lengths, window=window
-    ).tolist()
-    base = Trigger("deepconf", direction="below", window=window, min_tokens=window)
-    thresholds = [
-        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - p["keep"]).threshold
-        for b in range(len(prompts))
-    ]
-    online = n - warmup
+    thresholds = deepconf_thresholds(warm, warmup, p)
     stop = StopOnTrigger(
-        base,
+        deepconf_trigger(p["window"]),
         eos_token_id=_eos(run["model"], run["tokenizer"]),
         thresholds=[t for t in thresholds for _ in range(online)],
         **run["signal_params"],
@@ -407,25 +368,7 @@ def _deepconf_online(strat: Strategy, *, extract, **run) -> GenerationResult:
         num_return_sequences=online,
     )
     stopped = [bool(events) for events in stop.events(later.lengths)]
-    trace = Trace.concat([warm, later])
-    groups, actions = [], []
-    for b, threshold in enumerate(thresholds):
-        mine_warm = list(range(b * warmup, (b + 1) * warmup))
-        mine_later = [len(warm) + b * online + j for j in range(online)]
-        kept = mine_warm + [r for r in mine_later if not stopped[r - len(warm)]]
-        groups.append(kept)
-        actions.append(
-            {
-                "action": "deepconf-online",
-                "n": n,
-                "warmup": warmup,
-                "threshold": threshold,
-                "window": window,
-                "stopped": [j for j in range(online) if stopped[b * online + j]],
-                "tokens": int(sum(trace.lengths[r] for r in mine_warm + mine_later)),
-            }
-        )
-    chosen, records, candidates = _select(trace, groups, p, extract, window=window)
-    for action, record, rows in zip(actions, records, groups, strict=True):
-        action.update(record, voters=len(rows))
-    return _result(trace, prompts, chosen, [[a] for a in actions], candidates)
+    trace, chosen, actions, candidates = deepconf_vote(
+        warm, later, stopped, thresholds, p, extract, run["max_new_tokens"]
+    )
+    return GenerationResult.chosen(trace, run["prompts"], chosen, actions, candidates)

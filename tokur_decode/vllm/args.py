@@ -23,11 +23,12 @@ one ``tokur_`` key; others are untouched.
 =========================  ==============================================================
 
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
-confidence falls below ``tokur_threshold``" (the warm-up that calibrates the threshold
-is the caller's: :func:`tokur_decode.policy.calibrate_from_traces`). Best-of-N recipes
-only record their signals in the engine (sample with ``SamplingParams(n=...)``; the
-selection is the caller's, on the traces). Branch and rollback need a decoding loop of
-ours and are rejected.
+confidence falls below ``tokur_threshold``" (:func:`tokur_decode.candidates.
+deepconf_trigger`); the warm-up that calibrates the threshold is the caller's
+(:func:`tokur_decode.vllm.generate` runs the whole procedure). Best-of-N recipes only
+record their signals in one request: :func:`tokur_decode.vllm.generate` samples the
+candidates with ``SamplingParams(n=...)`` and chooses as the transformers path does.
+Branch and rollback need a decoding loop of ours and are rejected.
 
 Example:
     >>> args = uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
@@ -48,6 +49,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from ..candidates import deepconf_trigger
 from ..policy import Trigger, signal_of_output
 from ..signals import SIGNALS, SignalSpec
 from ..strategy import Strategy
@@ -198,7 +200,7 @@ def _parse(items: tuple) -> RequestSettings:
             )
         action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
         if strat.action == "deepconf-online":
-            trigger = Trigger("deepconf", direction="below", window=params["window"])
+            trigger = deepconf_trigger(params["window"])
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
         raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")

@@ -1,0 +1,150 @@
+"""Choosing among candidate responses, backend-neutral: best-of-N, branch selection and
+DeepConf online.
+
+A backend (transformers, vLLM) decodes the candidates and hands their
+:class:`~tokur_decode.trace.Trace` here; the scoring, the choice and the records in
+``result.actions`` are the same whichever backend decoded them.
+
+Example:
+    >>> import torch
+    >>> from tokur_decode.trace import Trace
+    >>> trace = Trace(signals={"self_certainty": torch.tensor([[1.0, 2.0], [3.0, 4.0]])},
+    ...               token_ids=torch.zeros(2, 2, dtype=torch.long), lengths=torch.tensor([2, 2]),
+    ...               texts=["4", "5"])
+    >>> params = {"score": "self_certainty", "reducer": "mean", "higher_is_better": True,
+    ...           "method": "argmax", "eta": 1.0}
+    >>> chosen, records, _ = select_rows(trace, [[0, 1]], params, str.strip)
+    >>> chosen, records[0]["scores"]
+    ([1], [1.5, 3.5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from . import aggregate
+from .policy import Trigger
+from .select import choose
+from .trace import Trace
+
+__all__ = ["deepconf_thresholds", "deepconf_trigger", "deepconf_vote", "select_rows"]
+
+
+def select_rows(
+    trace: Trace,
+    groups: Sequence[Sequence[int]],
+    params: dict,
+    extract: Callable[[str], object],
+    **reducer_params,
+) -> tuple[list[int], list[dict], list[Trace]]:
+    """Per group of candidate rows of ``trace``, the row chosen by a recipe's selection
+    keys (``params``: ``score``, ``reducer``, ``higher_is_better``, ``method``, ``eta``;
+    see :func:`tokur_decode.select.choose`); ``extract`` turns a text into the answer
+    that votes.
+
+    Returns ``(chosen rows, one record per group, candidate traces per group)``; a
+    record lists every candidate's raw score and answer and the chosen index.
+    """
+    raw = aggregate.reduce(
+        params["reducer"], trace.signals[params["score"]], trace.lengths, **reducer_params
+    ).tolist()
+    scores = raw if params["higher_is_better"] else [-x for x in raw]
+    answers = [extract(text) for text in trace.texts]
+    chosen, records, candidates = [], [], []
+    for rows in groups:
+        rows = list(rows)
+        pick = rows[
+            choose(
+                [answers[i] for i in rows],
+                [scores[i] for i in rows],
+                params["method"],
+                params["eta"],
+            )
+        ]
+        chosen.append(pick)
+        candidates.append(trace.select(rows))
+        records.append(
+            {
+                "chosen": rows.index(pick),
+                "score": params["score"],
+                "reducer": params["reducer"],
+                "higher_is_better": params["higher_is_better"],
+                "method": params["method"],
+                "eta": params["eta"],
+                "scores": [raw[i] for i in rows],
+                "answers": [answers[i] for i in rows],
+            }
+        )
+    return chosen, records, candidates
+
+
+def deepconf_trigger(window: int) -> Trigger:
+    """DeepConf online's stop trigger (threshold still unset): the mean confidence of the
+    last ``window`` tokens below the threshold, not before ``window`` tokens.
+
+    Example:
+        >>> deepconf_trigger(16).calibrated([10.0, 12.0], 50).threshold
+        11.0
+    """
+    return Trigger("deepconf", direction="below", window=window, min_tokens=window)
+
+
+def deepconf_thresholds(warm: Trace, warmup: int, params: dict) -> list[float]:
+    """One threshold per prompt from its ``warmup`` consecutive warm-up rows of ``warm``:
+    the ``100 - keep`` percentile of their lowest group confidence (DeepConf online)."""
+    window = params["window"]
+    lowest = aggregate.reduce(
+        "deepconf_lowest_group", warm.signals["deepconf"], warm.lengths, window=window
+    ).tolist()
+    base = deepconf_trigger(window)
+    prompts = len(lowest) // warmup
+    return [
+        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - params["keep"]).threshold
+        for b in range(prompts)
+    ]
+
+
+def deepconf_vote(
+    warm: Trace,
+    later: Trace,
+    stopped: Sequence[bool],
+    thresholds: Sequence[float],
+    params: dict,
+    extract: Callable[[str], object],
+    max_new_tokens: int,
+) -> tuple[Trace, list[int], list[list[dict]], list[Trace]]:
+    """DeepConf online's vote: per prompt, the warm-up rows and the later rows that were
+    not ``stopped`` vote (:func:`select_rows`).
+
+    ``warm`` holds ``warmup`` rows per prompt, ``later`` ``n - warmup`` rows per prompt
+    (prompt-major). Returns ``(all rows, chosen rows, actions per prompt, candidates per
+    prompt)``; each action reports the threshold, the stopped later rows, the tokens
+    decoded for the prompt and ``tokens_saved``: what the stopped rows did not decode
+    of their ``max_new_tokens`` budget (an upper bound: they might have ended sooner).
+    """
+    n, warmup, window = params["n"], params["warmup"], params["window"]
+    online = n - warmup
+    trace = Trace.concat([warm, later])
+    lengths = trace.lengths.tolist()
+    groups, actions = [], []
+    for b, threshold in enumerate(thresholds):
+        mine_warm = list(range(b * warmup, (b + 1) * warmup))
+        mine_later = [len(warm) + b * online + j for j in range(online)]
+        stops = [j for j in range(online) if stopped[b * online + j]]
+        groups.append(mine_warm + [r for j, r in enumerate(mine_later) if j not in stops])
+        actions.append(
+            {
+                "action": "deepconf-online",
+                "n": n,
+                "warmup": warmup,
+                "threshold": threshold,
+                "window": window,
+                "stopped": stops,
+                "tokens": sum(lengths[r] for r in mine_warm + mine_later),
+                "tokens_saved": sum(max_new_tokens - lengths[mine_later[j]] for j in stops),
+            }
+        )
+    chosen, records, candidates = select_rows(trace, groups, params, extract, window=window)
+    for action, record, rows in zip(actions, records, groups, strict=True):
+        action.update(record, voters=len(rows))
+    return trace, chosen, [[a] for a in actions], candidates
