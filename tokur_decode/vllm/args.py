@@ -6,7 +6,9 @@ same settings travel through ``SamplingParams(extra_args=...)`` offline and thro
 one ``tokur_`` key; others are untouched.
 
 =========================  ==============================================================
-``tokur_signals``          signal names (list or comma-separated string; ``"all"``)
+``tokur_signals``          signal names (list or comma-separated string; ``"all"``;
+                           ``"tokur"`` on an engine built with ``tokur_engine_args``)
+``tokur_sigma``            TokUR's noise scale for this request (default: the engine's)
 ``tokur_strategy``         a shipped recipe name or a TOML path (its signals, trigger and
                            action; the keys below override them)
 ``tokur_action``           ``"none"`` | ``"stop"`` | ``"resample"``
@@ -49,10 +51,10 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ..candidates import deepconf_trigger
 from ..policy import Trigger, signal_of_output
 from ..signals import SIGNALS, SignalSpec
 from ..strategy import Strategy
+from .tokur import TOKUR_OUTPUTS
 
 __all__ = ["PREFIX", "RequestSettings", "parse_settings", "uncertainty_args"]
 
@@ -61,7 +63,16 @@ _TRIGGER_KEYS = ("threshold", "direction", "patience", "min_tokens", "window")
 _SPEC_KEYS = ("deepconf_k", "logtoku_k", "logtoku_evidence")
 _KEYS = frozenset(
     f"{PREFIX}{k}"
-    for k in ("signals", "strategy", "action", "mode", "trigger", *_TRIGGER_KEYS, *_SPEC_KEYS)
+    for k in (
+        "signals",
+        "strategy",
+        "action",
+        "mode",
+        "trigger",
+        "sigma",
+        *_TRIGGER_KEYS,
+        *_SPEC_KEYS,
+    )
 )
 #: Strategy actions that run inside the engine, and what they become there.
 _IN_ENGINE = {
@@ -93,18 +104,20 @@ class RequestSettings:
     trigger: Trigger | None = None
     mode: str = "veto"
     rule: tuple[float, ...] = ()
+    sigma: float | None = None  # TokUR's noise scale; None: the engine's
 
     @property
     def output_names(self) -> tuple[str, ...]:
         """The signal outputs recorded for the request."""
-        return tuple(key for name in self.signals for key in SIGNALS[name])
+        return tuple(key for name in self.signals for key in SIGNALS.get(name, TOKUR_OUTPUTS))
 
     @property
     def group_key(self) -> tuple:
         """Requests with equal keys share one signal pass and one trigger state (their
         signal lists and thresholds may differ)."""
         trigger = replace(self.trigger, threshold=None) if self.trigger else None
-        return (self.spec_params, self.action, trigger, self.mode, self.rule)
+        tokur = "tokur" in self.needed_signals()  # rows that need the perturbed samples
+        return (self.spec_params, self.action, trigger, self.mode, self.rule, tokur)
 
     def needed_signals(self) -> tuple[str, ...]:
         """Recorded signals plus what the trigger and the adaptive rule read."""
@@ -183,13 +196,19 @@ def _parse(items: tuple) -> RequestSettings:
         signals = strat.signals if strat is not None else _DEFAULT_SIGNALS
     elif isinstance(signals, str):
         signals = [s.strip() for s in signals.split(",") if s.strip()]
+    tokur = "tokur" in signals
     spec_kwargs = {k: args[f"{PREFIX}{k}"] for k in _SPEC_KEYS if f"{PREFIX}{k}" in args}
-    try:
-        spec = SignalSpec(signals, **spec_kwargs)
+    try:  # "tokur" alone records max_prob too, as in transformers
+        spec = SignalSpec([s for s in signals if s != "tokur"] or ["max_prob"], **spec_kwargs)
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{exc}") from exc
-    if "tokur" in spec.signals:
-        raise ValueError(f"{PREFIX}signals: 'tokur' needs perturbed samples (not in vLLM yet)")
+    sigma = args.get(f"{PREFIX}sigma")
+    if sigma is not None and (
+        not tokur or isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0
+    ):
+        raise ValueError(
+            f"{PREFIX}sigma: a number >= 0 for a request that asks for 'tokur', got {sigma!r}"
+        )
 
     action, trigger, params = "none", None, {}
     if strat is not None:
@@ -200,7 +219,7 @@ def _parse(items: tuple) -> RequestSettings:
             )
         action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
         if strat.action == "deepconf-online":
-            trigger = deepconf_trigger(params["window"])
+            trigger = Trigger("deepconf", direction="below", window=params["window"])
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
         raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")
@@ -210,10 +229,10 @@ def _parse(items: tuple) -> RequestSettings:
 
     fields = {k: args[f"{PREFIX}{k}"] for k in _TRIGGER_KEYS if f"{PREFIX}{k}" in args}
     if f"{PREFIX}trigger" in args or fields:
-        base = trigger if trigger is not None else Trigger(args.get(f"{PREFIX}trigger", "entropy"))
         if f"{PREFIX}trigger" in args:
             fields["signal"] = args[f"{PREFIX}trigger"]
         try:
+            base = trigger if trigger is not None else Trigger(fields.get("signal", "entropy"))
             trigger = replace(base, **fields)
         except ValueError as exc:
             name = str(exc).split(" ")[0].rstrip(":").replace("signal", "trigger")
@@ -223,10 +242,9 @@ def _parse(items: tuple) -> RequestSettings:
             raise ValueError(f"{PREFIX}trigger: action {action!r} needs a trigger")
         if trigger.threshold is None:
             raise ValueError(f"{PREFIX}threshold: the trigger on {trigger.signal!r} needs one")
-        if signal_of_output(trigger.signal) in ("tokur", "chosen_prob", "chosen_logprob"):
+        if signal_of_output(trigger.signal) in ("chosen_prob", "chosen_logprob"):
             raise ValueError(
                 f"{PREFIX}trigger: {trigger.signal!r} is not known before the token is drawn"
-                " (TokUR: not in vLLM yet)"
             )
     else:
         trigger = None
@@ -234,10 +252,11 @@ def _parse(items: tuple) -> RequestSettings:
     if action == "resample" and mode == "adaptive":
         rule = tuple(float(params.get(name, default)) for name, default in _RULE_KEYS)
     return RequestSettings(
-        signals=spec.signals,
+        signals=(*spec.signals, "tokur") if tokur else spec.signals,
         spec_params=(spec.deepconf_k, spec.logtoku_k, spec.logtoku_evidence),
         action=action,
         trigger=trigger,
         mode=mode if action == "resample" else "veto",
         rule=rule,
+        sigma=None if sigma is None else float(sigma),
     )

@@ -45,14 +45,16 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from ..actions_core import adaptive_temperature, force_eos, veto
 from ..policy import TriggerState
-from ..signals import CHOSEN_SIGNALS, SIGNALS, SignalSpec, chosen_from_logprobs
+from ..signals import CHOSEN_SIGNALS, SIGNALS, SignalSpec, bayesian_terms, chosen_from_logprobs
 from .args import RequestSettings, parse_settings
+from .tokur import TOKUR_OUTPUTS, link_of
 
 __all__ = ["KEYS", "UncertaintyProcessor"]
 
 #: Columns of the per-slot record: every signal output, then the action's facts.
 KEYS: tuple[str, ...] = (
     *(key for keys in SIGNALS.values() for key in keys),
+    *TOKUR_OUTPUTS,
     "action_fired",
     "action_value",
     "action_blocked",
@@ -90,6 +92,8 @@ class _Group:
     start: int | None = None  # first row when the rows are contiguous
     present: torch.Tensor | None = None  # [S] bool
     eos_mask: torch.Tensor | None = None  # [rows, V] bool
+    names: tuple[str, ...] = ()  # the outputs recorded per step (spec's, TokUR's)
+    tokur: torch.Tensor | None = None  # the rows' places in the TokUR samples
 
 
 class _TriggerSlots:
@@ -145,6 +149,7 @@ class UncertaintyProcessor(LogitsProcessor):
         self._triggers: dict[tuple, _TriggerSlots] = {}
         self._groups: list[_Group] = []
         self._finished: OrderedDict[str, dict] = OrderedDict()
+        self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
         self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
 
     def is_argmax_invariant(self) -> bool:
@@ -250,6 +255,7 @@ class UncertaintyProcessor(LogitsProcessor):
 
     def _drop(self, req: _Request) -> None:
         del self._by_params[id(req.params)]
+        self._tokur.forget(id(req.params))
         if self._runner is not None and req.req_id is not None:
             self._finish(req)
         self._free.append(req.slot)
@@ -329,7 +335,21 @@ class UncertaintyProcessor(LogitsProcessor):
         for row, req in sorted(self._rows.items()):
             by_key.setdefault(req.settings.group_key, []).append((row, req))
         self._groups = [self._group(members) for members in by_key.values()]
+        self._publish_tokur(list(by_key.values()))
         self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
+
+    def _publish_tokur(self, memberships: list[list[tuple[int, _Request]]]) -> None:
+        """Tell the TokUR model which rows want perturbed samples (vLLM calls
+        ``update_state`` before the forward) and each group where its rows' samples
+        will be; the model runs its perturbed passes only while some row wants them."""
+        rows, keys, sigmas = [], [], []
+        for group, members in zip(self._groups, memberships, strict=True):
+            if "tokur" in group.settings.needed_signals():
+                group.tokur = self._tensor(list(range(len(rows), len(rows) + len(members))))
+                rows += [row for row, _ in members]
+                keys += [id(req.params) for _, req in members]
+                sigmas += [req.settings.sigma for _, req in members]
+        self._tokur.publish(rows, keys, sigmas, self.device)
 
     def _group(self, members: list[tuple[int, _Request]]) -> _Group:
         settings = members[0][1].settings
@@ -337,11 +357,12 @@ class UncertaintyProcessor(LogitsProcessor):
         chosen = tuple(s for s in needed if s in CHOSEN_SIGNALS)
         deepconf_k, logtoku_k, evidence = settings.spec_params
         spec = SignalSpec(
-            [s for s in needed if s not in CHOSEN_SIGNALS] or ["max_prob"],
+            [s for s in needed if s not in CHOSEN_SIGNALS and s != "tokur"] or ["max_prob"],
             deepconf_k=deepconf_k,
             logtoku_k=logtoku_k,
             logtoku_evidence=evidence,
         )
+        names = spec.output_names + (TOKUR_OUTPUTS if "tokur" in needed else ())
         slots = self._tensor([r.slot for _, r in members])
         rows = [row for row, _ in members]
         group = _Group(
@@ -350,7 +371,8 @@ class UncertaintyProcessor(LogitsProcessor):
             rows=self._tensor(rows),
             slots=slots,
             outputs=[r.outputs for _, r in members],
-            cols=self._tensor([_COL[k] for k in spec.output_names]),
+            names=names,
+            cols=self._tensor([_COL[k] for k in names]),
             chosen=chosen,
             chosen_cols=self._tensor([_COL[k] for k in chosen]),
             start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
@@ -391,8 +413,10 @@ class UncertaintyProcessor(LogitsProcessor):
         else:
             z = logits.narrow(0, g.start, g.slots.shape[0])
         values, lp = g.spec.compute(z)
+        if g.tokur is not None:
+            values |= self._tokur_values(g)
 
-        stacked = torch.stack([values[k] for k in g.spec.output_names], dim=-1)
+        stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
         if g.chosen:
             self._complete_group(g, pos, last, lp)
@@ -429,6 +453,16 @@ class UncertaintyProcessor(LogitsProcessor):
         )
         cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
+
+    def _tokur_values(self, g: _Group) -> dict[str, torch.Tensor]:
+        """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN
+        on an engine without the TokUR model: see ``tokur_engine_args``)."""
+        samples = self._tokur.samples
+        if samples is None:
+            nan = torch.full((len(g.outputs),), float("nan"), device=self.device)
+            return dict.fromkeys(TOKUR_OUTPUTS, nan)
+        out, _, _ = bayesian_terms(samples.index_select(0, g.tokur))
+        return {f"tokur_{k}": v for k, v in out.items()}
 
     def _complete_group(
         self, g: _Group, pos: torch.Tensor, last: torch.Tensor, lp: torch.Tensor

@@ -49,13 +49,24 @@ import torch
 
 from ..perturbation import PerturbationConfig
 
-__all__ = ["ARCHITECTURES", "TokurLink", "link_of", "register", "tokur_engine_args"]
+__all__ = [
+    "ARCHITECTURES",
+    "TOKUR_OUTPUTS",
+    "TokurLink",
+    "link_of",
+    "register",
+    "tokur_engine_args",
+]
 
 #: The checkpoint architectures TokUR supports in vLLM, and the name of our class.
 ARCHITECTURES = {
     "LlamaForCausalLM": "TokurLlamaForCausalLM",
     "Qwen2ForCausalLM": "TokurQwen2ForCausalLM",
 }
+#: The trace columns of the ``"tokur"`` signal in vLLM (TokUR's implicit reward, which
+#: needs the ``M`` log-probabilities of the emitted token kept per request until the
+#: next step, is not recorded there).
+TOKUR_OUTPUTS = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
 #: The q/k/v slices of vLLM's fused ``qkv_proj`` that can be perturbed.
 TARGETS = ("q_proj", "k_proj", "v_proj")
 #: Attribute of the model's (HF) config that carries the settings into the worker.

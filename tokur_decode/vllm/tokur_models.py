@@ -15,13 +15,14 @@ TokurLink`), ``forward`` runs the decoder ``M`` times on the step's tokens:
 * pass ``M`` is the clean model; it runs last, so the K/V it writes (to the same cache
   slots) replace the perturbed ones: the cache and the decoding follow the clean model.
 
-``compute_logits`` turns the kept hidden states of the perturbed rows into logits and
-leaves ``[R, M, V]`` (sample 0 clean) in the link for the processor. A step where no row
+``compute_logits`` turns the clean and the kept perturbed hidden states of the asking
+rows into logits and leaves ``[R, M, V]`` (sample 0 clean) in the link for the
+processor. A step where no row
 asked is one plain pass (the check is a Python ``is None`` on the link, no device sync).
 
 Cost: a step with at least one asking row costs ``M`` decoder passes over *all* the
 step's tokens (the attention backend's metadata is for the whole batch), plus the
-``lm_head`` on ``R * (M - 1)`` extra rows.
+``lm_head`` on ``R * M`` extra rows.
 
 The SVD bases of the q/v weights are computed when the weights are loaded (or read
 from the safetensors cache the transformers path fills: same names, same bytes, same
@@ -137,10 +138,12 @@ class PerturbedMixin:
         logits = super().compute_logits(hidden_states)
         pending, self._pending = self._pending, None
         if pending is not None and logits is not None:
-            rows, extra = pending.shape[:2]
-            clean = logits.index_select(0, self._link.rows).unsqueeze(1)
-            perturbed = super().compute_logits(pending.flatten(0, 1))
-            self._link.samples = torch.cat([clean, perturbed.view(rows, extra, -1)], dim=1)
+            # The clean rows again, in the same call as the perturbed ones: one GEMM
+            # shape for all M samples, so sigma = 0 gives M bit-equal samples.
+            clean = hidden_states.index_select(0, self._link.rows).unsqueeze(1)
+            every = torch.cat([clean, pending], dim=1)  # [R, M, H]
+            samples = super().compute_logits(every.flatten(0, 1))
+            self._link.samples = samples.view(*every.shape[:2], -1)
         return logits
 
     def _asking_tokens(self) -> torch.Tensor | None:
