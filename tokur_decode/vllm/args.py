@@ -51,6 +51,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from ..candidates import deepconf_trigger
 from ..policy import Trigger, signal_of_output
 from ..signals import SIGNALS, SignalSpec
 from ..strategy import Strategy
@@ -219,7 +220,7 @@ def _parse(items: tuple) -> RequestSettings:
             )
         action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
         if strat.action == "deepconf-online":
-            trigger = Trigger("deepconf", direction="below", window=params["window"])
+            trigger = deepconf_trigger(params["window"])
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
         raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")
