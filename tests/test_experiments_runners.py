@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokur_decode.experiments import data, detection, report, scaling
+from tokur_decode.experiments import data, detection, metrics, report, scaling
 from tokur_decode.experiments.backends import Backend, Generation, HFBackend, resolve_signals
 from tokur_decode.trace import Trace
 
@@ -349,3 +349,51 @@ def test_end_to_end_on_the_embedded_model_through_the_cli(embedded, tmp_path, mo
     assert len(record["candidates"]) == 2 and "tokur_epistemic" in record["candidates"][0]["values"]
     for name in ("accuracy_vs_n.png", "accuracy_vs_tokens.png", "report.md"):
         assert (out / name).stat().st_size > 0
+
+
+class VerbalizingBackend(ScriptedBackend):
+    """The scripted answers with a stated confidence: high when right, low when wrong,
+    missing for every fourth response (as an unavailable expected confidence would be)."""
+
+    def generate(self, prompts, **kwargs):
+        out = super().generate(prompts, **kwargs)
+        for gen in out:
+            gen.extra = [
+                {} if j % 4 == 3 else {"verbalized_confidence": 0.9 if "-1" not in text else 0.2}
+                for j, text in enumerate(gen.texts)
+            ]
+        return out
+
+
+def test_extra_scores_are_selectable_and_calibrated(tmp_path):
+    items = _items(6)
+    result = scaling.run_scaling(
+        items,
+        VerbalizingBackend(items),
+        out=tmp_path / "scale",
+        ns=[1, 4],
+        signals="entropy,deepconf",
+        strategies=["deepconf-offline-vote"],
+        temperature=0.7,
+        repeats=4,
+        n_resamples=30,
+        progress=False,
+    )
+    methods = result.summary["methods"]
+    names = [m.name for m in scaling.extra_methods(["verbalized_confidence"])]
+    assert set(names) <= set(methods)
+    # At N = 4 every item has a right candidate with its confidence stated (j = 0..2),
+    # and candidates without one rank last: the argmax is always right.
+    assert methods["best-of-N verbalized_confidence"]["4"]["accuracy"]["value"] == 1.0
+    assert methods["best-of-N verbalized_confidence"]["1"]["accuracy"]["value"] < 1.0
+
+    detected = detection.run_detection(
+        items, VerbalizingBackend(items), out=tmp_path / "eval", signals="entropy",
+        n_resamples=30, progress=False,
+    )  # fmt: skip
+    # Item i's greedy answer is right unless i % 3 == 0, and j = 0 states a confidence.
+    correct = [r["correct"] for r in detected.records]
+    stated = [0.9 if c else 0.2 for c in correct]
+    expected_ece = metrics.ece(correct, stated)
+    assert detected.summary["ece"]["verbalized_confidence"]["value"] == pytest.approx(expected_ece)
+    assert detected.summary["auroc"]["verbalized_confidence"]["all"] == 1.0

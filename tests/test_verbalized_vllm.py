@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
-from tokur_decode.verbalized import CAPITALS, ask, format_regex  # noqa: E402
+from tokur_decode.verbalized import CAPITALS, ask, format_regex, vllm_backend  # noqa: E402
 
 from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
 
@@ -27,13 +27,7 @@ QUESTIONS = [q for q, _ in CAPITALS[:5]]
 def engine():
     saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    llm = tv.llm(
-        enforce_eager=True,
-        max_model_len=1024,
-        dtype="float32",
-        seed=0,
-        structured_outputs_config={"backend": "outlines"},
-    )
+    llm = vllm_backend.engine(enforce_eager=True, max_model_len=1024, dtype="float32", seed=0)
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -104,12 +98,57 @@ def test_cli_generate_verbalized_backend_vllm(engine, monkeypatch, capsys):
 
     built = []
     monkeypatch.setattr(tv, "llm", lambda **kwargs: built.append(kwargs) or engine)
+    monkeypatch.delenv("VLLM_REGEX_COMPILATION_TIMEOUT_S", raising=False)
     question = QUESTIONS[0]
     assert main(["generate", "--verbalized", "--backend", "vllm", "--json", question]) == 0
     report = json.loads(capsys.readouterr().out)
     assert built[0]["structured_outputs_config"] == {"backend": "outlines"}
+    assert os.environ["VLLM_REGEX_COMPILATION_TIMEOUT_S"] == str(vllm_backend.REGEX_TIMEOUT_S)
     assert report["answer"] == "Paris" and report["parse_error"] is None
     assert report["meta"]["mask_order"] == "mask-first"
     assert 0 <= report["expected_confidence"] <= 1
     start, stop = report["answer_span"]
     assert "".join(t["token"] for t in report["tokens"][start:stop]).strip() == "Paris"
+
+
+def test_experiment_runners_on_the_engine(engine, embedded, monkeypatch, capsys, tmp_path):
+    """eval and scale with --backend vllm, with and without --verbalized, on the engine."""
+    from tokur_decode.cli import main
+    from tokur_decode.experiments import data
+    from tokur_decode.experiments.backends import VerbalizedBackend, VLLMBackend
+    from tokur_decode.hf.generation import generate
+
+    monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
+    common = ["--data", "tasks:capitals", "--limit", "4", "--bootstrap", "20", "--no-progress"]
+
+    assert main(["eval", *common, "--backend", "vllm", "--signals", "entropy,chosen_logprob",
+                 "--max-new-tokens", "12", "--out", str(tmp_path / "plain")]) == 0  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "plain/results.jsonl").open()]
+    model, tok = embedded
+    items = data.load("tasks:capitals", limit=4)
+    reference = generate(model, tok, [i.prompt for i in items], max_new_tokens=12)
+    assert [r["response"] for r in records] == reference.texts  # greedy: same answers
+    assert all("entropy:mean" in r["scores"] for r in records)
+
+    assert main(["eval", *common, "--backend", "vllm", "--verbalized",
+                 "--out", str(tmp_path / "verbalized")]) == 0  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "verbalized/results.jsonl").open()]
+    asked = ask(engine, None, [i.prompt for i in items])
+    assert [r["response"] for r in records] == [a.answer for a in asked]
+    for r, a in zip(records, asked, strict=True):
+        assert r["extra"]["verbalized_confidence"] == a.confidence
+        assert r["extra"]["verbalized_combined"] == pytest.approx(a.scores["combined"])
+    summary = json.loads((tmp_path / "verbalized/metrics.json").read_text())
+    assert "verbalized_expected" in summary["ece"]
+
+    backend = VerbalizedBackend(VLLMBackend(engine, model_name="embedded"))
+    gens = backend.generate([items[0].prompt], signals=["entropy"], n=2, temperature=1.0)
+    assert len(gens[0].texts) == 2 and len(gens[0].trace) == 2
+    assert main(["scale", "--data", "tasks:capitals", "--limit", "2", "--n", "1,2",
+                 "--repeats", "2", "--bootstrap", "20", "--no-progress", "--backend", "vllm",
+                 "--verbalized", "--strategies", "self-certainty-best-of-n",
+                 "--out", str(tmp_path / "scale")]) == 0  # fmt: skip
+    methods = json.loads((tmp_path / "scale/metrics.json").read_text())["methods"]
+    assert "best-of-N verbalized_combined" in methods
+    assert 0 <= methods["best-of-N verbalized_combined"]["2"]["accuracy"]["value"] <= 1
+    capsys.readouterr()

@@ -1,14 +1,19 @@
 """Backends: what the experiment runners need from an engine, and the transformers one.
 
 A backend turns prompts (plain user messages) into ``n`` responses each, with the
-per-token signals of every response. The runners know nothing else about the engine,
-so a vLLM backend or a verbalized-confidence variant plugs in by implementing
-:class:`Backend`: ``describe()`` (what identifies its numbers, for resumption) and
-``generate(...)`` returning one :class:`Generation` per prompt. Response-level scores
-that do not come from the trace (e.g. a verbalized confidence) go in
-:attr:`Generation.extra`; the runners report them beside the trace aggregates (and
-their calibration error when they are probabilities, see
+per-token signals of every response. The runners know nothing else about the engine:
+a backend implements :class:`Backend`: ``describe()`` (what identifies its numbers, for
+resumption) and ``generate(...)`` returning one :class:`Generation` per prompt.
+Response-level scores that do not come from the trace (e.g. a verbalized confidence)
+go in :attr:`Generation.extra`; the runners report them beside the trace aggregates
+(and their calibration error when they are probabilities, see
 :data:`tokur_decode.experiments.scoring.PROBABILITY_SCORES`).
+
+Three backends ship: :class:`HFBackend` (transformers), :class:`VLLMBackend` (a vLLM
+engine with :class:`tokur_decode.vllm.UncertaintyProcessor`) and
+:class:`VerbalizedBackend`, which asks either engine for ``Answer: ...`` and
+``Confidence: NN`` (:func:`tokur_decode.verbalized.ask`) and adds the verbalized
+scores (:data:`VERBALIZED_EXTRA`).
 
 Example:
     >>> from tokur_decode.models import load_default
@@ -23,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -30,7 +36,16 @@ from typing import Protocol, runtime_checkable
 from ..signals import SIGNALS
 from ..trace import Trace
 
-__all__ = ["ALL_SIGNALS", "Backend", "Generation", "HFBackend", "resolve_signals"]
+__all__ = [
+    "ALL_SIGNALS",
+    "VERBALIZED_EXTRA",
+    "Backend",
+    "Generation",
+    "HFBackend",
+    "VLLMBackend",
+    "VerbalizedBackend",
+    "resolve_signals",
+]
 
 #: What ``--signals all`` means for the runners: every logit signal and TokUR.
 ALL_SIGNALS = (*SIGNALS, "tokur")
@@ -155,7 +170,8 @@ class HFBackend:
             "signal_params": self.signal_params,
         }
 
-    def _loaded(self):
+    def loaded(self) -> tuple:
+        """``(model, tokenizer)``, loaded on the first call."""
         if self._model is None:
             self._model, self._tokenizer = self._loader()
         return self._model, self._tokenizer
@@ -173,11 +189,8 @@ class HFBackend:
     ) -> list[Generation]:
         from ..hf.generation import generate
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if n > 1 and temperature <= 0:
-            raise ValueError("temperature: n > 1 responses per prompt need sampling (> 0)")
-        model, tokenizer = self._loaded()
+        _check_n(n, temperature)
+        model, tokenizer = self.loaded()
         common = dict(
             signals=list(signals),
             chat=self.chat,
@@ -208,6 +221,185 @@ class HFBackend:
                 }
                 result = generate(model, tokenizer, batch, strategy=recipe, **common)
                 out += [Generation(list(t.texts or []), t) for t in result.candidates or []]
+        return out
+
+
+def _check_n(n: int, temperature: float) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > 1 and temperature <= 0:
+        raise ValueError("temperature: n > 1 responses per prompt need sampling (> 0)")
+
+
+class VLLMBackend:
+    """The vLLM backend: one request per prompt with ``SamplingParams(n=n)``, the
+    signals recorded by :class:`tokur_decode.vllm.UncertaintyProcessor` and read back
+    with :func:`tokur_decode.vllm.read_traces`.
+
+    Args:
+        engine: a ``vllm.LLM`` built with :func:`tokur_decode.vllm.llm`; or ``loader``,
+            a function returning one, called on the first :meth:`generate`.
+        model_name: how the model is named in the run's configuration.
+        chat: chat template use (``None``: when the tokenizer has one).
+        signal_params: processor options (``logtoku_k``, ``deepconf_k``, ...).
+
+    Each request is seeded with ``seed`` plus the prompt's index in the call, so a
+    prompt's candidates do not depend on the rest of the batch.
+    """
+
+    def __init__(
+        self,
+        engine=None,
+        *,
+        loader: Callable[[], object] | None = None,
+        model_name: str,
+        dtype: str = "auto",
+        chat: bool | None = None,
+        **signal_params,
+    ) -> None:
+        if (engine is None) == (loader is None):
+            raise ValueError("engine: give either engine or loader")
+        self._engine, self._loader = engine, loader
+        self.model_name = model_name
+        self.dtype = dtype
+        self.chat = chat
+        self.signal_params = signal_params
+
+    def describe(self) -> dict:
+        return {
+            "backend": "vllm",
+            "model": self.model_name,
+            "dtype": self.dtype,
+            "chat": self.chat,
+            "signal_params": self.signal_params,
+        }
+
+    def loaded(self) -> tuple:
+        """``(engine, None)``: the engine, built on the first call."""
+        if self._engine is None:
+            self._engine = self._loader()
+        return self._engine, None
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        signals: Sequence[str],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+    ) -> list[Generation]:
+        from vllm import SamplingParams, TokensPrompt
+
+        from ..hf.generation import encode_prompts
+        from ..vllm import read_traces, uncertainty_args
+
+        _check_n(n, temperature)
+        engine, _ = self.loaded()
+        tokenizer = engine.get_tokenizer()
+        enc = encode_prompts(tokenizer, list(prompts), chat=self.chat)
+        inputs = [
+            TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
+            for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+        ]
+        args = uncertainty_args(list(signals), **self.signal_params)
+        sampled = temperature > 0
+        params = [
+            SamplingParams(
+                n=n,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p if sampled else 1.0,
+                seed=seed + i if sampled else None,
+                extra_args=args,
+            )
+            for i in range(len(inputs))
+        ]
+        outputs = engine.generate(inputs, params, use_tqdm=False)
+        traces = read_traces(engine, outputs, tokenizer)
+        if any(trace is None for trace in traces):
+            raise ValueError("engine: no trace came back (build it with tokur_decode.vllm.llm)")
+        return [
+            Generation([c.text for c in out.outputs], trace)
+            for out, trace in zip(outputs, traces, strict=True)
+        ]
+
+
+#: The extra scores of :class:`VerbalizedBackend` (confidences, higher = more likely
+#: right), from :attr:`tokur_decode.verbalized.VerbalizedResult.scores`.
+VERBALIZED_EXTRA = {
+    "verbalized_confidence": "verbalized",
+    "verbalized_expected": "expected_verbalized",
+    "verbalized_combined": "combined",
+    "answer_geomean_prob": "answer_geomean_prob",
+}
+
+
+class VerbalizedBackend:
+    """Verbalized confidence on top of :class:`HFBackend` or :class:`VLLMBackend`: each
+    prompt is asked with :func:`tokur_decode.verbalized.ask` (constrained ``Answer:`` /
+    ``Confidence:`` format); the response the grader reads is the answer line; the
+    stated, expected and combined confidences and the answer span's geometric-mean
+    probability are the extra scores (:data:`VERBALIZED_EXTRA`; a score that is
+    unavailable for a response, e.g. the expected confidence of a number not starting
+    at a token boundary, is left out).
+
+    The answer's length is bounded by ``max_answer_chars``, so the runner's
+    ``max_new_tokens`` is not used. ``n`` candidates are ``n`` batched asks with seeds
+    ``seed, seed + 1, ...``.
+
+    Args:
+        inner: the engine's backend (its model, tokenizer and chat setting are used).
+        ask_options: :func:`tokur_decode.verbalized.ask` options (``template``,
+            ``max_answer_chars``, ``mask_order``, ...).
+    """
+
+    def __init__(self, inner: HFBackend | VLLMBackend, **ask_options) -> None:
+        self.inner = inner
+        self.ask_options = ask_options
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "verbalized": self.ask_options}
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        signals: Sequence[str],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+    ) -> list[Generation]:
+        from ..verbalized import ask
+
+        _check_n(n, temperature)
+        model, tokenizer = self.inner.loaded()
+        options = dict(
+            signals=list(signals),
+            chat=self.inner.chat,
+            temperature=temperature,
+            top_p=top_p,
+            **self.inner.signal_params,
+            **self.ask_options,
+        )
+        draws = [ask(model, tokenizer, list(prompts), seed=seed + j, **options) for j in range(n)]
+        out = []
+        for i in range(len(prompts)):
+            results = [draw[i] for draw in draws]
+            extra = [
+                {
+                    name: r.scores[key]
+                    for name, key in VERBALIZED_EXTRA.items()
+                    if math.isfinite(r.scores[key])
+                }
+                for r in results
+            ]
+            trace = Trace.concat([r.trace for r in results])
+            out.append(Generation([r.answer or "" for r in results], trace, extra))
         return out
 
 

@@ -25,7 +25,18 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
         help="comma-separated: tasks:arithmetic, tasks:legs, tasks:capitals, or .jsonl files",
     )
     p.add_argument("--out", required=True, help="run folder (results, report, plots); resumable")
-    p.add_argument("--backend", choices=("hf",), default="hf", help="generation engine (hf)")
+    p.add_argument(
+        "--backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="hf: transformers (default); vllm: a vLLM engine with the UncertaintyProcessor",
+    )
+    p.add_argument(
+        "--verbalized",
+        action="store_true",
+        help="ask for 'Answer: ...' and 'Confidence: NN' (Outlines-constrained); the "
+        "verbalized, expected and combined confidences become extra scores",
+    )
     p.add_argument("--limit", type=int, help="first N items of each dataset")
     p.add_argument(
         "--max-new-tokens", type=int, default=tokens, help=f"answer budget (default {tokens})"
@@ -65,7 +76,9 @@ def add_parsers(sub, model_args: Callable) -> None:
     )
     _common(ev, model_args, batch=8, tokens=64)
     ev.add_argument(
-        "--signals", default="all", help="comma-separated signals, or all (every signal + tokur)"
+        "--signals",
+        help="comma-separated signals, or all (every signal + tokur); default: all on the "
+        "transformers backend, every signal but tokur with --backend vllm or --verbalized",
     )
     sc = sub.add_parser(
         "scale",
@@ -106,16 +119,50 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
 
 
 def _backend(args, load: Callable, tokur: dict):
-    from .backends import HFBackend
+    from .backends import HFBackend, VerbalizedBackend, VLLMBackend
 
-    return HFBackend(
-        loader=lambda: load(args),
-        model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+    name = args.model or "embedded:SmolLM2-135M-Instruct"
+    if args.backend == "vllm":
+        if tokur:
+            raise ValueError("--tokur-*: TokUR options apply to the transformers backend")
+        backend = VLLMBackend(
+            loader=lambda: _vllm_engine(args),
+            model_name=name,
+            dtype=args.dtype,
+            chat=args.chat,
+        )
+    else:
+        backend = HFBackend(
+            loader=lambda: load(args),
+            model_name=name,
+            dtype=args.dtype,
+            chat=args.chat,
+            batch_size=args.batch_size,
+            tokur=tokur,
+        )
+    return VerbalizedBackend(backend) if args.verbalized else backend
+
+
+def _vllm_engine(args):
+    from ..verbalized.vllm_backend import engine
+
+    return engine(
+        args.model,
+        enforce_eager=True,
         dtype=args.dtype,
-        chat=args.chat,
-        batch_size=args.batch_size,
-        tokur=tokur,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def _eval_signals(args) -> str:
+    """``--signals``, by default ``all``: every signal and TokUR on the transformers
+    backend, every logit signal otherwise."""
+    from ..signals import SIGNALS
+
+    if args.signals is not None:
+        return args.signals
+    return "all" if args.backend == "hf" and not args.verbalized else ",".join(SIGNALS)
 
 
 def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
@@ -127,12 +174,13 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
     items = data.load_many(args.data, seed=args.data_seed, limit=args.limit, grader=args.grader)
     progress = not args.no_progress
     if args.command == "eval":
+        signals = _eval_signals(args)
         backend = _backend(args, load, _tokur(args))
         result = detection.run_detection(
             items,
             backend,
             out=args.out,
-            signals=args.signals,
+            signals=signals,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
             batch_size=args.batch_size,

@@ -10,9 +10,11 @@ subsets of ``N`` candidates per item (seeded by the item) and applies each metho
   candidate is right; an upper bound);
 * each recipe (``strategies/*.toml``, best-of-n or deepconf-online) as configured, with
   its ``score``, ``reducer``, ``higher_is_better``, ``method`` and ``eta``, ``n`` = N;
-* for each distinct recipe score: ``best-of-N`` (argmax), ``weighted vote`` (weights =
-  softmax of the scores) and ``top-eta vote`` (majority among the ``eta`` most
-  confident; the recipe's eta when < 1, else ``eta``);
+* for each distinct recipe score, and each extra score the backend gives (e.g. the
+  verbalized confidences of :class:`~tokur_decode.experiments.backends.VerbalizedBackend`):
+  ``best-of-N`` (argmax), ``weighted vote`` (weights = softmax of the scores) and
+  ``top-eta vote`` (majority among the ``eta`` most confident; the recipe's eta when
+  < 1, else ``eta``);
 * DeepConf online (recipe type ``deepconf-online``), simulated from the full traces:
   the first ``warmup`` candidates of the subset set the threshold (the ``100 - keep``
   percentile of their lowest group confidence, :func:`tokur_decode.policy.calibrate_from_traces`);
@@ -52,7 +54,7 @@ from .runner import RunResult, graded, process
 from .scoring import trace_scores
 from .store import RunStore
 
-__all__ = ["Method", "recipe_methods", "run_scaling", "summarize"]
+__all__ = ["Method", "extra_methods", "recipe_methods", "run_scaling", "summarize"]
 
 _SWEPT = ("best-of-n", "deepconf-online")
 
@@ -80,10 +82,11 @@ class Method:
 
     @property
     def label(self) -> str:
-        return f"{self.score}:{self.reducer}"
+        """``score:reducer``, or the bare name of an extra score (no reducer)."""
+        return f"{self.score}:{self.reducer}" if self.reducer else self.score
 
     def signals(self) -> set[str]:
-        return {signal_of_output(self.score)}
+        return {signal_of_output(self.score)} if self.reducer else set()
 
 
 def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Method]:
@@ -115,29 +118,49 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
     out = list(recipes)
     seen = {(m.kind, m.label, m.higher_is_better, m.method, m.eta) for m in recipes}
     for m in recipes:
-        variants = (
-            ("best-of-N", "argmax", 1.0),
-            ("weighted vote", "weighted-softmax", 1.0),
-            (f"top-{m.eta if m.eta < 1 else eta:g} vote", "majority", m.eta if m.eta < 1 else eta),
-        )
-        for title, method, keep_eta in variants:
-            key = ("select", m.label, m.higher_is_better, method, keep_eta)
+        for v in _variants(m, eta):
+            key = ("select", v.label, v.higher_is_better, v.method, v.eta)
             if key not in seen:
                 seen.add(key)
-                out.append(
-                    Method(
-                        f"{title} {m.label}",
-                        "select",
-                        m.score,
-                        m.reducer,
-                        m.higher_is_better,
-                        method,
-                        keep_eta,
-                        window=m.window,
-                        variant=True,
-                    )
-                )
+                out.append(v)
     return out
+
+
+def extra_methods(names: Sequence[str], *, eta: float = 0.5) -> list[Method]:
+    """Best-of-N, weighted vote and top-``eta`` vote by each extra score (a backend's
+    response-level confidence, e.g. ``verbalized_combined``; candidates without it rank
+    last).
+
+    Example:
+        >>> [m.name for m in extra_methods(["verbalized_confidence"])]
+        ['best-of-N verbalized_confidence', 'weighted vote verbalized_confidence', \
+'top-0.5 vote verbalized_confidence']
+    """
+    return [v for name in names for v in _variants(Method(name, "select", name, ""), eta)]
+
+
+def _variants(m: Method, eta: float) -> list[Method]:
+    """Best-of-N, weighted vote and top-eta vote by ``m``'s score (the recipe's eta when
+    below 1, else ``eta``)."""
+    keep = m.eta if m.eta < 1 else eta
+    return [
+        Method(
+            f"{title} {m.label}",
+            "select",
+            m.score,
+            m.reducer,
+            m.higher_is_better,
+            method,
+            keep_eta,
+            window=m.window,
+            variant=True,
+        )
+        for title, method, keep_eta in (
+            ("best-of-N", "argmax", 1.0),
+            ("weighted vote", "weighted-softmax", 1.0),
+            (f"top-{keep:g} vote", "majority", keep),
+        )
+    ]
 
 
 def _temperature(strategies: Sequence[str]) -> float:
@@ -236,6 +259,8 @@ def run_scaling(
         return records
 
     records = process(store, items, work, batch_size=batch_size, desc="scale", progress=progress)
+    extras = sorted({k for rec in records for c in rec["candidates"] for k in c["extra"]})
+    methods += extra_methods(extras, eta=eta)
     summary = summarize(
         records, ns=ns, methods=methods, repeats=repeats, seed=seed, n_resamples=n_resamples
     )
@@ -258,6 +283,10 @@ def _confidences(cands: list[dict], m: Method) -> np.ndarray:
     if m.reducer.startswith("deepconf") and m.window != 2048:
         values, lengths = _padded([c["values"][m.score] for c in cands])
         raw = aggregate.reduce(m.reducer, values, lengths, window=m.window).tolist()
+    elif not m.reducer:  # an extra score; candidates without it rank last
+        present = [c["extra"][m.label] for c in cands if m.label in c["extra"]]
+        floor = min(present, default=0.0) - 1.0
+        raw = [c["extra"].get(m.label, floor) for c in cands]
     else:
         raw = [c["scores"][m.label] for c in cands]
     return np.asarray(raw) if m.higher_is_better else -np.asarray(raw)

@@ -49,7 +49,9 @@ BASELINE = "chosen_logprob:mean"
 LENGTH = "response_length"
 
 #: Extra scores that are probabilities of being right (calibration error is reported).
-PROBABILITY_SCORES = frozenset({"verbalized_confidence"})
+PROBABILITY_SCORES = frozenset(
+    {"verbalized_confidence", "verbalized_expected", "verbalized_combined", "answer_geomean_prob"}
+)
 
 _PROBABILITY_OUTPUTS = frozenset({"max_prob", "chosen_prob"})
 _UNCERTAINTY_REDUCERS = frozenset({"naive", "vanilla"})

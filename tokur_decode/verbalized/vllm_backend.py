@@ -11,16 +11,17 @@ output bitmask to the logits before any logits processor, so the signals are mea
 on the masked distribution (``mask_order="mask-first"``).
 
 Example:
-    >>> import tokur_decode.vllm as tv
     >>> from tokur_decode.verbalized import ask
-    >>> engine = tv.llm(structured_outputs_config={"backend": "outlines"})   # doctest: +SKIP
-    >>> r = ask(engine, None, "What is the capital of France?")              # doctest: +SKIP
+    >>> from tokur_decode.verbalized.vllm_backend import engine
+    >>> llm = engine(enforce_eager=True)                                     # doctest: +SKIP
+    >>> r = ask(llm, None, "What is the capital of France?")                 # doctest: +SKIP
     >>> r.answer, r.trace.meta["mask_order"]                                 # doctest: +SKIP
     ('Paris', 'mask-first')
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,7 +30,22 @@ from ..hf.generation import encode_prompts
 from .format import build_prompt, confidence_tree, format_regex, is_abstention, locate
 from .result import MASK_ORDERS, VerbalizedResult
 
-__all__ = ["ask_vllm", "confidence_logprobs"]
+__all__ = ["REGEX_TIMEOUT_S", "ask_vllm", "confidence_logprobs", "engine"]
+
+#: Seconds vLLM may take to compile the format's regex (its default, 5 s, is too
+#: short for a 100-character answer on a busy CPU: SmolLM2's vocabulary, 2 cores).
+REGEX_TIMEOUT_S = 60
+
+
+def engine(model: str | None = None, **kwargs):
+    """A :func:`tokur_decode.vllm.llm` engine for verbalized questions: the ``outlines``
+    structured-output backend (unless ``structured_outputs_config`` says otherwise) and
+    ``VLLM_REGEX_COMPILATION_TIMEOUT_S`` raised to :data:`REGEX_TIMEOUT_S` unless set."""
+    from .. import vllm as tv
+
+    os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", str(REGEX_TIMEOUT_S))
+    kwargs.setdefault("structured_outputs_config", {"backend": "outlines"})
+    return tv.llm(model=model, **kwargs)
 
 
 def ask_vllm(
