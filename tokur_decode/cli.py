@@ -221,6 +221,20 @@ def _build_parser() -> argparse.ArgumentParser:
     vb.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
     vb.add_argument("--json", action="store_true")
 
+    vt = bench_sub.add_parser(
+        "vllm-tokur",
+        help="vLLM throughput with TokUR's M samples vs plain, and vs M sequential runs",
+        description="A plain vLLM engine and a TokUR one (tokur_engine_args); greedy, "
+        "ignore_eos; median tokens/s of: plain; TokUR engine, nobody asks; every request "
+        "asks for 'tokur'; every other one asks. Starts not timed.",
+    )
+    vt.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+    vt.add_argument("--prompts", type=int, default=16, help="requests per round (16)")
+    vt.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    vt.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
+    vt.add_argument("--samples", type=int, default=10, help="TokUR's M (10)")
+    vt.add_argument("--json", action="store_true")
+
     from .experiments.cli import add_parsers
 
     add_parsers(sub, _model_args)  # eval, scale
@@ -333,14 +347,15 @@ def _cmd_verbalized(args) -> int:
     if args.strategy:
         raise ValueError("--verbalized: cannot be combined with --strategy")
     if args.backend == "vllm":
-        from .verbalized.vllm_backend import engine
+        from . import vllm as tv
 
-        model = engine(
-            args.model,
+        model = tv.llm(
+            model=args.model,
             enforce_eager=True,
             dtype=args.dtype,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
+            structured_outputs_config={"backend": "outlines"},
         )
         tokenizer = None
     else:
@@ -521,6 +536,8 @@ def _cmd_bench(args) -> int:
         return _cmd_bench_actions(args)
     if args.bench == "vllm":
         return _cmd_bench_vllm(args)
+    if args.bench == "vllm-tokur":
+        return _cmd_bench_vllm_tokur(args)
     from .bench import monitor_overhead
 
     model, tokenizer = _load(args)
@@ -688,6 +705,32 @@ def _cmd_bench_vllm(args) -> int:
     print(f"  plain engine           {r.plain_tps:8.1f} tokens/s   1.000")
     print(f"  attached, none opted in {r.attached_tps:7.1f} tokens/s   {r.attached_ratio:.3f}")
     print(f"  attached, all signals  {r.monitored_tps:8.1f} tokens/s   {r.monitored_ratio:.3f}")
+    return 0
+
+
+def _cmd_bench_vllm_tokur(args) -> int:
+    from dataclasses import asdict
+
+    from .vllm.tokur_bench import tokur_overhead
+
+    r = tokur_overhead(
+        args.model,
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+        samples=args.samples,
+    )
+    if args.json:
+        print(json.dumps({**asdict(r), "ratios": r.ratios}, indent=2))
+        return 0
+    q = r.ratios
+    print(f"vLLM + TokUR (M = {r.samples}), {r.prompts} prompts x {r.max_tokens} tokens, ", end="")
+    print(f"median of {r.rounds} rounds")
+    print(f"  plain engine              {r.plain_tps:8.1f} tokens/s   1.000")
+    print(f"  TokUR engine, none asks   {r.attached_tps:8.1f} tokens/s   {q['attached']:.3f}")
+    print(f"  TokUR engine, all ask     {r.tokur_tps:8.1f} tokens/s   {q['tokur']:.3f}")
+    print(f"  TokUR engine, half ask    {r.mixed_tps:8.1f} tokens/s   {q['mixed']:.3f}")
+    print(f"  all ask vs M sequential runs (plain / M): {q['tokur_vs_sequential']:.2f}x")
     return 0
 
 

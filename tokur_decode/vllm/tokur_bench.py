@@ -1,0 +1,127 @@
+"""``tokur-decode bench vllm-tokur``: what TokUR's samples cost inside vLLM.
+
+Two engines live side by side for the whole run (starts excluded from the timings): a
+plain one (vLLM's own model class) and a TokUR one (:func:`~tokur_decode.vllm.
+tokur_engine_args`, ``M`` samples). Each round times the same prompts (greedy,
+``ignore_eos`` so every request decodes exactly ``max_tokens``) four ways, in rotating
+order:
+
+* ``plain``: the plain engine;
+* ``attached``: the TokUR engine, no request asks (one pass per step: what requests
+  that do not ask pay);
+* ``tokur``: the TokUR engine, every request asks for ``"tokur"``;
+* ``mixed``: the TokUR engine, every other request asks.
+
+Reported: median generated tokens/s of each, their ratios to plain, and the ratio of
+``tokur`` to ``plain / M``, the throughput of running the ``M`` samples as ``M``
+sequential generations (what the official implementation does).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+from .bench import _QUESTIONS
+
+__all__ = ["TokurBenchResult", "tokur_overhead"]
+
+
+@dataclass
+class TokurBenchResult:
+    """Median throughputs (generated tokens per second)."""
+
+    prompts: int
+    max_tokens: int
+    rounds: int
+    samples: int
+    plain_tps: float
+    attached_tps: float
+    tokur_tps: float
+    mixed_tps: float
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Each throughput over plain, and TokUR over ``M`` sequential generations."""
+        return {
+            "attached": self.attached_tps / self.plain_tps,
+            "tokur": self.tokur_tps / self.plain_tps,
+            "mixed": self.mixed_tps / self.plain_tps,
+            "tokur_vs_sequential": self.tokur_tps / (self.plain_tps / self.samples),
+        }
+
+
+def tokur_overhead(
+    model: str | None = None,
+    *,
+    prompts: int = 16,
+    max_tokens: int = 32,
+    rounds: int = 3,
+    samples: int = 10,
+    **engine_kwargs,
+) -> TokurBenchResult:
+    """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines.
+
+    Example:
+        >>> r = tokur_overhead(prompts=16, max_tokens=32, samples=10)     # doctest: +SKIP
+        >>> round(r.ratios["tokur"], 2)                                  # doctest: +SKIP
+        0.12
+    """
+    from vllm import LLM, SamplingParams
+
+    from .args import uncertainty_args
+    from .client import llm
+    from .tokur import tokur_engine_args
+
+    if model is None:
+        from ..models import default_model_path
+
+        model = str(default_model_path())
+    kwargs = {"enforce_eager": True, "max_model_len": 1024, "seed": 0, **engine_kwargs}
+    plain = LLM(model=model, **kwargs)
+    ours = llm(model, **tokur_engine_args(samples=samples, **kwargs))
+    tok = plain.get_tokenizer()
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(prompts)
+    ]
+    base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    off = SamplingParams(**base)
+    on = SamplingParams(**base, extra_args=uncertainty_args(["tokur"]))
+    runs = {
+        "plain": (plain, [off] * prompts),
+        "attached": (ours, [off] * prompts),
+        "tokur": (ours, [on] * prompts),
+        "mixed": (ours, [on, off] * (prompts // 2) + [on] * (prompts % 2)),
+    }
+    for engine, params in runs.values():  # warm-up
+        engine.generate(texts[:4], params[:4], use_tqdm=False)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            engine, params = runs[name]
+            start = time.perf_counter()
+            outs = engine.generate(texts, params, use_tqdm=False)
+            times[name].append(time.perf_counter() - start)
+            if sum(len(o.outputs[0].token_ids) for o in outs) != prompts * max_tokens:
+                raise RuntimeError(f"{name}: a request stopped before max_tokens")
+        ours.collective_rpc("tokur_collect", args=(None,))  # drop the traces
+    tps = {name: prompts * max_tokens / statistics.median(ts) for name, ts in times.items()}
+    for engine in (plain, ours):
+        engine.llm_engine.engine_core.shutdown()
+    return TokurBenchResult(
+        prompts,
+        max_tokens,
+        rounds,
+        samples,
+        tps["plain"],
+        tps["attached"],
+        tps["tokur"],
+        tps["mixed"],
+    )
