@@ -347,15 +347,14 @@ def _cmd_verbalized(args) -> int:
     if args.strategy:
         raise ValueError("--verbalized: cannot be combined with --strategy")
     if args.backend == "vllm":
-        from . import vllm as tv
+        from .verbalized.vllm_backend import engine
 
-        model = tv.llm(
-            model=args.model,
+        model = engine(
+            args.model,
             enforce_eager=True,
             dtype=args.dtype,
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
-            structured_outputs_config={"backend": "outlines"},
         )
         tokenizer = None
     else:
