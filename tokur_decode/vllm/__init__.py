@@ -7,7 +7,8 @@ each request's :class:`~tokur_decode.trace.Trace` with :func:`read_traces`.
 :func:`llm` builds an engine with both the processor and the worker extension that
 returns traces (:mod:`tokur_decode.vllm.worker`). :func:`generate` answers prompts on
 such an engine with the transformers path's result type (``tokur-decode generate
---backend vllm``).
+--backend vllm``). :func:`tokur_engine_args` adds TokUR's perturbed samples (the
+``"tokur"`` signal; :mod:`tokur_decode.vllm.tokur`).
 
 This package imports ``vllm`` (absolute imports: the top-level ``vllm`` package, never
 this one).
@@ -27,6 +28,7 @@ from .args import RequestSettings, parse_settings, uncertainty_args
 from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
 from .generation import generate
 from .processor import UncertaintyProcessor
+from .tokur import tokur_engine_args
 from .worker import TraceExtension
 
 try:  # Model Runner V2 (GPU builds from vLLM 0.31): import-light, absent before
@@ -47,5 +49,6 @@ __all__ = [
     "llm",
     "parse_settings",
     "read_traces",
+    "tokur_engine_args",
     "uncertainty_args",
 ]
