@@ -19,10 +19,9 @@ from .format import (
     build_prompt,
     confidence_tree,
     format_regex,
-    is_abstention,
     locate,
 )
-from .result import MASK_ORDERS, VerbalizedResult
+from .result import VerbalizedResult, constraint_meta
 
 __all__ = ["ask_transformers", "confidence_logprobs", "constraint_processor"]
 
@@ -121,12 +120,7 @@ def ask_transformers(
             **sampling_kwargs(temperature, top_p),
         )
     trace = monitor.trace(out, tokenizer)
-    trace.meta.update(
-        mask_order=mask_order if constrained else None,
-        measured_on=MASK_ORDERS[mask_order] if constrained else "raw logits (no constraint)",
-        constrained=constrained,
-        format=format_regex(max_answer_chars) if constrained else None,
-    )
+    trace.meta.update(constraint_meta(constrained, mask_order, max_answer_chars))
     rows = [
         locate(tokenizer, trace.token_ids[row, : int(trace.lengths[row])].tolist())
         for row in range(len(questions))
@@ -139,19 +133,8 @@ def ask_transformers(
         else [None] * len(questions)
     )
     return [
-        VerbalizedResult(
-            question=question,
-            text=r.text,
-            answer=r.parsed.answer,
-            confidence=r.parsed.confidence,
-            abstained=is_abstention(r.parsed.answer),
-            trace=trace[row],
-            answer_span=r.answer_span,
-            confidence_span=r.confidence_span,
-            confidence_logprobs=logprobs[row],
-            parse_error=r.parsed.error,
-        )
-        for row, (question, r) in enumerate(zip(questions, rows, strict=True))
+        VerbalizedResult.located(question, found, trace[row], logprobs[row])
+        for row, (question, found) in enumerate(zip(questions, rows, strict=True))
     ]
 
 

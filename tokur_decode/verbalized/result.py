@@ -22,6 +22,7 @@ import numpy as np
 from .. import aggregate
 from ..select import choose
 from ..trace import Trace
+from .format import Located, format_regex, is_abstention
 
 __all__ = [
     "MASK_ORDERS",
@@ -30,6 +31,7 @@ __all__ = [
     "VerbalizedResult",
     "combined_confidence",
     "confidence_expectation",
+    "constraint_meta",
     "select_best",
     "signal_names",
 ]
@@ -64,6 +66,22 @@ SCORES = {
 
 _TOKEN_SCORES = ("answer_geomean_prob", "answer_mean_max_prob")
 _VERBALIZED = ("expected", "stated")
+
+
+def constraint_meta(constrained: bool, mask_order: str, max_answer_chars: int) -> dict:
+    """What a verbalized trace records about the constraint (``trace.meta``): the mask
+    order and what the signals describe, whether the output was constrained, the regex.
+
+    Example:
+        >>> constraint_meta(False, "monitor-first", 10)["measured_on"]
+        'raw logits (no constraint)'
+    """
+    return {
+        "mask_order": mask_order if constrained else None,
+        "measured_on": MASK_ORDERS[mask_order] if constrained else "raw logits (no constraint)",
+        "constrained": constrained,
+        "format": format_regex(max_answer_chars) if constrained else None,
+    }
 
 
 def signal_names(signals: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -135,6 +153,29 @@ class VerbalizedResult:
     confidence_span: range
     confidence_logprobs: np.ndarray | None = None
     parse_error: str | None = None
+
+    @classmethod
+    def located(
+        cls,
+        question: str,
+        found: Located,
+        trace: Trace,
+        confidence_logprobs: np.ndarray | None = None,
+    ) -> VerbalizedResult:
+        """The result for a response that :func:`~tokur_decode.verbalized.format.locate`
+        parsed, with its one-row ``trace``."""
+        return cls(
+            question=question,
+            text=found.text,
+            answer=found.parsed.answer,
+            confidence=found.parsed.confidence,
+            abstained=is_abstention(found.parsed.answer),
+            trace=trace,
+            answer_span=found.answer_span,
+            confidence_span=found.confidence_span,
+            confidence_logprobs=confidence_logprobs,
+            parse_error=found.parsed.error,
+        )
 
     @property
     def confidence_distribution(self) -> np.ndarray | None:

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..hf.generation import encode_prompts
-from .format import build_prompt, confidence_tree, format_regex, is_abstention, locate
-from .result import MASK_ORDERS, VerbalizedResult
+from .format import build_prompt, confidence_tree, format_regex, locate
+from .result import VerbalizedResult, constraint_meta
 
 __all__ = ["REGEX_TIMEOUT_S", "ask_vllm", "confidence_logprobs", "engine"]
 
@@ -100,10 +100,7 @@ def ask_vllm(
     rows = []
     for trace in traces:
         trace.meta.update(
-            mask_order=mask_order if constrained else None,
-            measured_on=MASK_ORDERS[mask_order] if constrained else "raw logits (no constraint)",
-            constrained=constrained,
-            format=format_regex(max_answer_chars) if constrained else None,
+            constraint_meta(constrained, mask_order, max_answer_chars),
             structured_outputs_backend=backend if constrained else None,
         )
         rows.append(locate(tokenizer, trace.token_ids[0, : int(trace.lengths[0])].tolist()))
@@ -115,19 +112,8 @@ def ask_vllm(
     ]
     logprobs = confidence_logprobs(engine, tokenizer, contexts)
     return [
-        VerbalizedResult(
-            question=question,
-            text=r.text,
-            answer=r.parsed.answer,
-            confidence=r.parsed.confidence,
-            abstained=is_abstention(r.parsed.answer),
-            trace=trace,
-            answer_span=r.answer_span,
-            confidence_span=r.confidence_span,
-            confidence_logprobs=lp,
-            parse_error=r.parsed.error,
-        )
-        for question, trace, r, lp in zip(questions, traces, rows, logprobs, strict=True)
+        VerbalizedResult.located(question, found, trace, lp)
+        for question, trace, found, lp in zip(questions, traces, rows, logprobs, strict=True)
     ]
 
 
