@@ -141,6 +141,7 @@ class Controller:
 
     # ------------------------------------------------------------------ loop
 
+    @torch.no_grad()  # as model.generate: decoding builds no autograd graph
     def run(self, enc, policy=None, tokenizer=None) -> Trace:
         """Decode ``enc`` (``input_ids`` and ``attention_mask``, left-padded) under
         ``policy`` (:class:`Branch`, :class:`Rollback` or ``None``) and return the trace
