@@ -293,16 +293,14 @@ class VLLMBackend:
     ) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt
 
-        from ..hf.generation import encode_prompts
-        from ..vllm import read_traces, uncertainty_args
+        from ..vllm import prompt_token_ids, read_traces, uncertainty_args
 
         _check_n(n, temperature)
         engine, _ = self.loaded()
         tokenizer = engine.get_tokenizer()
-        enc = encode_prompts(tokenizer, list(prompts), chat=self.chat)
         inputs = [
-            TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
-            for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+            TokensPrompt(prompt_token_ids=ids)
+            for ids in prompt_token_ids(tokenizer, prompts, self.chat)
         ]
         args = uncertainty_args(list(signals), **self.signal_params)
         sampled = temperature > 0

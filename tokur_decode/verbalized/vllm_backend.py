@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..hf.generation import encode_prompts
 from .format import build_prompt, confidence_tree, format_regex, locate
 from .result import VerbalizedResult, constraint_meta
 
@@ -71,14 +70,10 @@ def ask_vllm(
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import StructuredOutputsParams
 
-    from ..vllm import read_traces, uncertainty_args
+    from ..vllm import prompt_token_ids, read_traces, uncertainty_args
 
     tokenizer = tokenizer if tokenizer is not None else engine.get_tokenizer()
-    enc = encode_prompts(tokenizer, [build_prompt(q, template) for q in questions], chat=chat)
-    prompts = [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
-    ]
+    prompts = prompt_token_ids(tokenizer, [build_prompt(q, template) for q in questions], chat)
     sampled = temperature > 0
     params = SamplingParams(
         max_tokens=max_new_tokens,

@@ -26,7 +26,7 @@ Example:
 
 from .args import RequestSettings, parse_settings, uncertainty_args
 from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
-from .generation import generate
+from .generation import generate, prompt_token_ids
 from .processor import UncertaintyProcessor
 from .tokur import tokur_engine_args
 from .worker import TraceExtension
@@ -48,6 +48,7 @@ __all__ = [
     "generate",
     "llm",
     "parse_settings",
+    "prompt_token_ids",
     "read_traces",
     "tokur_engine_args",
     "uncertainty_args",

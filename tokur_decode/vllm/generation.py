@@ -36,7 +36,21 @@ from ..trace import Trace
 from .args import uncertainty_args
 from .client import read_traces
 
-__all__ = ["generate"]
+__all__ = ["generate", "prompt_token_ids"]
+
+
+def prompt_token_ids(
+    tokenizer, prompts: Sequence[str], chat: bool | None = None
+) -> list[list[int]]:
+    """``prompts`` as the transformers path encodes them
+    (:func:`tokur_decode.hf.generation.encode_prompts`, chat template by default), one
+    unpadded token-id list each, ready for ``vllm.TokensPrompt``."""
+    enc = encode_prompts(tokenizer, list(prompts), chat=chat)
+    return [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+    ]
+
 
 #: Strategy actions that run through the engine (branch and rollback need our loop).
 _SUPPORTED = ("none", "stop", "resample", "best-of-n", "deepconf-online")
@@ -95,11 +109,7 @@ def generate(
         names = list(dict.fromkeys([*names, *map(signal_of_output, needed)]))
 
     tokenizer = engine.get_tokenizer()
-    enc = encode_prompts(tokenizer, prompt_list, chat=chat)
-    inputs = [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
-    ]
+    inputs = prompt_token_ids(tokenizer, prompt_list, chat)
     run = _Runner(engine, inputs, names, signal_params, max_new_tokens)
     if choosing:
         p = strat.params
