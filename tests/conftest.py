@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+
 import pytest
 import torch
 
@@ -27,3 +31,24 @@ def tiny_llama():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def vllm_engine(build, **env):
+    """A vLLM engine from ``build()`` for one test module: a 1 GiB KV cache (plus ``env``)
+    in the environment while it lives, shut down and the environment restored after."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **env}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    llm = build()
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -4,7 +4,6 @@ confidence match the transformers backend, abstention, the recorded mask order, 
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -17,6 +16,7 @@ pytest.importorskip("vllm")
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.verbalized import CAPITALS, ask, format_regex, vllm_backend  # noqa: E402
 
+from .conftest import vllm_engine  # noqa: E402
 from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -25,17 +25,11 @@ QUESTIONS = [q for q, _ in CAPITALS[:5]]
 
 @pytest.fixture(scope="module")
 def engine():
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    llm = vllm_backend.engine(enforce_eager=True, max_model_len=1024, dtype="float32", seed=0)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    if saved is None:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+    build = lambda: vllm_backend.engine(  # noqa: E731
+        enforce_eager=True, max_model_len=1024, dtype="float32", seed=0
+    )
+    with vllm_engine(build) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")

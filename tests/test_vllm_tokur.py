@@ -10,9 +10,6 @@ the same seed, and equals itself in a mixed batch.
 
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 import torch
 
@@ -22,6 +19,8 @@ import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.hf.generation import encode_prompts  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
+
+from .conftest import vllm_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,25 +38,15 @@ TOKUR = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
 @pytest.fixture(scope="module")
 def engine():
     # collective_rpc with a test function (_link_state) needs pickle for the callable
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    llm = tv.llm(
+    build = lambda: tv.llm(  # noqa: E731
         max_model_len=1024,
         dtype="float32",
         seed=0,
         max_num_seqs=4,
         **tokur_engine_args(rank=RANK, sigma=SIGMA, samples=SAMPLES),
     )
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with vllm_engine(build, VLLM_ALLOW_INSECURE_SERIALIZATION="1") as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
