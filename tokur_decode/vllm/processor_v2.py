@@ -56,7 +56,8 @@ class UncertaintyProcessorV2(LogitsProcessor):
         self.states = req_states
         self._by_slot: dict[int, _Request] = {}  # vLLM slot -> opted-in request
         self._prompt: dict[int, int] = {}  # vLLM slot -> its request's prompt length
-        self._layout: np.ndarray | None = None  # the idx_mapping the groups were built for
+        self._layout: np.ndarray | None = None  # the last step's idx_mapping
+        self._dirty = True  # requests came or went since the groups were built
 
     def bind(self, runner) -> None:
         """Called by the worker extension: traces are kept once bound (requests are
@@ -100,7 +101,7 @@ class UncertaintyProcessorV2(LogitsProcessor):
                 self.core._record[req.slot, : record.shape[0]] = record
         self._by_slot[req_idx] = req
         self._prompt[req_idx] = int(self.states.prompt_len.np[req_idx])
-        self._layout = None
+        self._dirty = True
         return True
 
     def _end(self, req: _Request, slot: int) -> None:
@@ -112,12 +113,13 @@ class UncertaintyProcessorV2(LogitsProcessor):
             req.outputs = self.states.all_token_ids.gpu[slot, prompt:total].tolist()
         self.core._rows = {row: r for row, r in self.core._rows.items() if r is not req}
         self.core._drop(req)
-        self._layout = None
+        self._dirty = True
 
     def _left(self, staying: set[int]) -> None:
         """Complete the pending chosen-token values of the requests that were in the
         last batch and are not in this one (MRV2 does not say; their slots still hold
-        their tokens), on the device."""
+        their tokens), on the device. A slot given to a new request since has nothing
+        pending."""
         core, states = self.core, self.states
         gone = [] if self._layout is None else set(self._layout.tolist()) - staying
         for slot in gone:
@@ -132,9 +134,9 @@ class UncertaintyProcessorV2(LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         core = self.core
         idx = ctx.idx_mapping_np
-        if self._layout is None or not np.array_equal(idx, self._layout):
+        if self._dirty or self._layout is None or not np.array_equal(idx, self._layout):
             self._left(set(idx.tolist()))
-            self._layout = np.array(idx, copy=True)
+            self._layout, self._dirty = np.array(idx, copy=True), False
             by_slot = self._by_slot
             core._rows = {row: by_slot[s] for row, s in enumerate(idx.tolist()) if s in by_slot}
             core._regroup()
