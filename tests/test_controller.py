@@ -152,6 +152,26 @@ def test_branch_token_budget_caps_the_fork(embedded):
     assert int(ctrl.generated) == int(trace.lengths.sum()) <= 30
 
 
+def test_branch_points_of_one_prompt_at_one_step_share_the_budget(embedded):
+    """A trigger that always fires: step 0 forks, then both rows fire at step 1 and
+    fork in turn under the budget (the second sees the first's new row as running)."""
+    model, tok = embedded
+    enc = encode_prompts(tok, PROMPTS[:1])
+    always = Trigger("entropy", threshold=-1.0)
+    policy = Branch(2, always, max_branch_points=3, token_budget=4 * 8)
+    with torch.inference_mode():
+        ctrl = _controller(model, tok, max_new_tokens=8)
+        trace = ctrl.run(enc, policy)
+    assert [(e["step"], e["candidate"]) for e in policy.events[0]] == [(0, 0), (1, 0), (1, 1)]
+    assert len(trace) == 4 and int(ctrl.generated) <= 4 * 8
+    # with room for 3 rows only, row 1's fork at step 1 is refused: 3 rows, 2 forks
+    policy = Branch(2, always, max_branch_points=3, token_budget=3 * 8)
+    with torch.inference_mode():
+        trace = _controller(model, tok, max_new_tokens=8).run(enc, policy)
+    assert [(e["step"], e["candidate"]) for e in policy.events[0]] == [(0, 0), (1, 0)]
+    assert len(trace) == 3
+
+
 def test_rollback_takes_back_and_regenerates_exactly_there(embedded):
     model, tok = embedded
     prompt = PROMPTS[1]

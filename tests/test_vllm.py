@@ -5,9 +5,6 @@ One engine for the module (its start dominates the runtime); it is shut down at 
 
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 import torch
 
@@ -17,6 +14,8 @@ import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.hf.generation import encode_prompts  # noqa: E402
 from tokur_decode.signals import SIGNALS  # noqa: E402
+
+from .conftest import vllm_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +35,13 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine():
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    llm = tv.llm(enforce_eager=True, max_model_len=1024, dtype="float32", seed=0)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    if saved is None:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+    # 32-token KV blocks (vLLM's CPU default is 128): the prefix cache then holds the
+    # prompts that branching sends again
+    build = lambda: tv.llm(  # noqa: E731
+        enforce_eager=True, max_model_len=1024, dtype="float32", seed=0, block_size=32
+    )
+    with vllm_engine(build) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +239,7 @@ def test_generate_abstains_where_transformers_does(engine, hf_abstain):
     assert int(result.trace.lengths[0]) == ref["step"] + 1 == result.tokens_generated
     assert set(hf_abstain.trace.names) <= set(result.trace.names)
     with pytest.raises(ValueError, match="own decoding loop"):
-        tv.generate(engine, QUESTIONS[1], strategy="cot-branch")
+        tv.generate(engine, QUESTIONS[1], strategy="entropy-rollback")
 
 
 def test_cli_generate_backend_vllm(engine, hf_abstain, monkeypatch, capsys):
@@ -330,3 +325,92 @@ def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
     (event,) = report["actions"]
     assert event["action"] == "best-of-n" and len(event["scores"]) == 8
     assert normalize_answer(report["answer"]) == event["answers"][event["chosen"]]
+
+
+# ---------------------------------------------------------------- branching by re-submission
+
+
+def _assert_same_branching(got, want):
+    """vLLM's branch result equals transformers': forks, candidates, scores, choice."""
+    assert got.texts == want.texts
+    for mine, ref in zip(got.actions, want.actions, strict=True):
+        assert [e["action"] for e in mine] == [e["action"] for e in ref]
+        for fork, ref_fork in zip(mine[:-1], ref[:-1], strict=True):
+            for key in ("step", "candidate", "alternatives", "signal", "threshold", "direction"):
+                assert fork[key] == ref_fork[key], key
+            if ref_fork["value"] is not None:
+                assert fork["value"] == pytest.approx(ref_fork["value"], abs=2e-3)
+        assert mine[-1]["chosen"] == ref[-1]["chosen"]
+        assert mine[-1]["scores"] == pytest.approx(ref[-1]["scores"], abs=2e-3)
+    for cands, refs in zip(got.candidates, want.candidates, strict=True):
+        assert cands.texts == refs.texts
+        assert torch.equal(cands.lengths, refs.lengths)
+        width = int(refs.lengths.max())
+        valid = torch.arange(width) < refs.lengths[:, None]
+        assert torch.equal(cands.token_ids[:, :width] * valid, refs.token_ids[:, :width] * valid)
+        for key in refs.signals:
+            torch.testing.assert_close(
+                cands.signals[key][:, :width] * valid,
+                refs.signals[key][:, :width] * valid,
+                atol=2e-3,
+                rtol=2e-3,
+            )
+
+
+def test_cot_branch_through_the_engine_equals_transformers(engine, embedded):
+    model, tok = embedded
+    want = generate(model, tok, QUESTIONS[:3], strategy="cot-branch", max_new_tokens=16)
+    got = tv.generate(engine, QUESTIONS[:3], strategy="cot-branch", max_new_tokens=16)
+    _assert_same_branching(got, want)
+    assert all(len(c) == 5 for c in got.candidates)
+    # one probe per prompt, then the five continuations: two rounds; the engine decoded
+    # every candidate's tokens plus the probes, and read the prompts from its prefix cache
+    assert got.trace.meta["rounds"] == 2
+    assert got.tokens_generated == sum(int(c.lengths.sum()) for c in got.candidates) + 3
+    assert got.trace.meta["cached_tokens"] >= 15 * 32  # 15 continuations, a block each
+
+
+def test_cli_generate_backend_vllm_cot_branch(engine, monkeypatch, capsys):
+    import json
+
+    from tokur_decode.cli import main
+    from tokur_decode.hf.generation import normalize_answer
+
+    monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
+    argv = ["generate", QUESTIONS[2], "--backend", "vllm", "--strategy", "cot-branch"]
+    assert main([*argv, "--max-new-tokens", "12", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fork, select = report["actions"]
+    assert (fork["action"], fork["step"], len(fork["alternatives"])) == ("branch", 0, 5)
+    assert normalize_answer(report["answer"]) == select["answers"][select["chosen"]]
+    assert report["tokens"][0]["token_id"] == fork["alternatives"][select["chosen"]]
+
+
+def test_branch_on_a_trigger_through_the_engine_equals_transformers(engine, embedded, hf_traces):
+    """Two branch points (the second on a continuation), the cap, the trigger's
+    min_tokens: the rounds of requests reproduce the controller's decoding."""
+    model, tok = embedded
+    entropy = sorted(hf_traces[1].signals["entropy"][0, 3 : int(hf_traces[1].lengths[0])].tolist())
+    threshold = (entropy[-4] + entropy[-5]) / 2  # fires at a handful of greedy steps
+    strategy = {
+        "name": "branch-on-entropy",
+        "signals": ["max_prob", "chosen_prob", "entropy", "margin"],
+        "trigger": {"signal": "entropy", "threshold": threshold, "min_tokens": 4},
+        "action": {"type": "branch", "at": "trigger", "k": 3, "max_branch_points": 2},
+    }
+    want = generate(model, tok, QUESTIONS[1:3], strategy=strategy, max_new_tokens=MAX_TOKENS)
+    got = tv.generate(engine, QUESTIONS[1:3], strategy=strategy, max_new_tokens=MAX_TOKENS)
+    _assert_same_branching(got, want)
+    forks = got.actions[0][:-1]  # the first prompt uses both branch points, in turn
+    assert len(forks) == 2 and forks[0]["step"] < forks[1]["step"]
+    assert all(e["step"] >= 3 and e["value"] > threshold for e in forks)
+    assert got.trace.meta["rounds"] >= 3
+
+
+def test_branch_token_budget_through_the_engine_equals_transformers(engine, embedded):
+    model, tok = embedded
+    strategy = {"name": "b", "action": {"type": "branch", "k": 5, "token_budget": 3 * 12}}
+    want = generate(model, tok, QUESTIONS[2], strategy=strategy, max_new_tokens=12)
+    got = tv.generate(engine, QUESTIONS[2], strategy=strategy, max_new_tokens=12)
+    _assert_same_branching(got, want)
+    assert len(got.actions[0][0]["alternatives"]) == 3

@@ -42,6 +42,14 @@ SETTINGS = [
         "patience": 2,
     },
     None,
+    # a branch continuation: token 7 forced at its first step, the trigger watches after
+    {
+        "signals": ["entropy", "chosen_prob"],
+        "action": "stop",
+        "trigger": "entropy",
+        "threshold": 0.5,
+        "branch_token": 7,
+    },
 ]
 
 
@@ -247,3 +255,13 @@ def test_v1_and_mrv2_adapters_agree_through_churn():
     assert len(preempted["token_ids"]) == len(requests[0].outputs) > 5
     chosen = preempted["signals"]["chosen_prob"]
     assert all(c > 0 for c in chosen)  # every step completed, the one before the gap too
+    branched = [r for r in requests if "tokur_branch_token" in (r.params.extra_args or {})]
+    assert len(branched) == 2
+    for r in branched:
+        trace, raw = traces1[r.id], _logits(r.index, 0)
+        assert trace["token_ids"][0] == 7  # forced, though not the argmax
+        assert int(raw.argmax()) != 7
+        expected = torch.softmax(raw.double(), -1)[7].item()
+        assert trace["signals"]["chosen_prob"][0] == pytest.approx(expected, rel=1e-5)
+        # the entropy is above the threshold at every step: the trigger skips the first
+        assert [e["step"] for e in trace["events"]] == [1]

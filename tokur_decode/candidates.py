@@ -1,5 +1,5 @@
 """Choosing among candidate responses, backend-neutral: best-of-N, branch selection and
-DeepConf online.
+DeepConf online, and how many alternatives a branch point may fork into.
 
 A backend (transformers, vLLM) decodes the candidates and hands their
 :class:`~tokur_decode.trace.Trace` here; the scoring, the choice and the records in
@@ -27,7 +27,13 @@ from .policy import Trigger
 from .select import choose
 from .trace import Trace
 
-__all__ = ["deepconf_thresholds", "deepconf_trigger", "deepconf_vote", "select_rows"]
+__all__ = [
+    "deepconf_thresholds",
+    "deepconf_trigger",
+    "deepconf_vote",
+    "fork_alternatives",
+    "select_rows",
+]
 
 
 def select_rows(
@@ -76,6 +82,33 @@ def select_rows(
             }
         )
     return chosen, records, candidates
+
+
+def fork_alternatives(
+    alternatives: Sequence[int],
+    token_budget: int | None,
+    *,
+    spent: int,
+    running: int,
+    remaining: int,
+) -> list[int]:
+    """The ``alternatives`` (best first) a branch point forks into under a per-prompt
+    ``token_budget``: as many as keep every row of the prompt within the budget if all
+    of them, the new ones included, ran on for the ``remaining`` steps. ``spent``: the
+    prompt's tokens decoded so far; ``running``: its rows still decoding (the forking
+    row included). The first alternative (the row's own continuation) is always kept;
+    fewer than two left means no fork. ``None``: no budget.
+
+    Example:
+        >>> fork_alternatives([7, 3, 9, 4], 100, spent=20, running=1, remaining=20)
+        [7, 3, 9, 4]
+        >>> fork_alternatives([7, 3, 9, 4], 60, spent=20, running=1, remaining=20)
+        [7, 3]
+    """
+    if token_budget is None:
+        return list(alternatives)
+    affordable = (token_budget - spent) // remaining - running
+    return list(alternatives[: 1 + max(affordable, 0)])
 
 
 def deepconf_trigger(window: int) -> Trigger:

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..candidates import fork_alternatives
 from ..policy import Trigger, TriggerState
 from ..trace import Trace
 from .monitor import UncertaintyMonitor, decode_rows
@@ -319,8 +320,13 @@ class Branch:
         token_budget: per prompt, a fork happens only if all of the prompt's rows
             running to ``max_new_tokens`` stay within this many tokens (``None``: no cap).
 
+    A trigger restarts (patience, window) at every step where it fired, whether the row
+    forked or not (the cap or the budget can refuse a fork); the forked rows' trigger
+    watches from the next step on.
+
     After :meth:`Controller.run`, ``origin[i]`` is the prompt of row ``i`` and
-    ``events[p]`` lists prompt ``p``'s forks.
+    ``events[p]`` lists prompt ``p``'s forks (``candidate``: the forking row's index
+    among the prompt's candidates).
     """
 
     extra_steps = 0
@@ -375,20 +381,21 @@ class Branch:
         usable = (top_values > -math.inf).tolist()
         top_ids = top_ids.tolist()
         remaining = ctrl.max_new_tokens - step
-        used = ctrl.n_answer.tolist()
-        unfinished = live.tolist()
+        used = ctrl.n_answer.tolist()  # grows with the rows forked at this step
+        running = live.tolist()
         index, forced = list(range(ctrl.batch_size)), {}
         for j, row in enumerate(rows):
             prompt = self.origin[row]
             if self.points[prompt] >= self.max_branch_points:
                 continue
-            alternatives = [t for t, ok in zip(top_ids[j], usable[j], strict=True) if ok]
-            if self.token_budget is not None:
-                mine = [i for i, o in enumerate(self.origin) if o == prompt]
-                spent = sum(used[i] for i in mine)
-                running = sum(unfinished[i] for i in mine)
-                affordable = (self.token_budget - spent) // remaining - running
-                alternatives = alternatives[: 1 + max(affordable, 0)]
+            mine = [i for i, o in enumerate(self.origin) if o == prompt]
+            alternatives = fork_alternatives(
+                [t for t, ok in zip(top_ids[j], usable[j], strict=True) if ok],
+                self.token_budget,
+                spent=sum(used[i] for i in mine),
+                running=sum(running[i] for i in mine),
+                remaining=remaining,
+            )
             if len(alternatives) < 2:
                 continue
             self.points[prompt] += 1
@@ -397,11 +404,13 @@ class Branch:
                 forced[len(index)] = token
                 index.append(row)
                 self.origin.append(prompt)
+                used.append(used[row])
+                running.append(True)
             self.events[prompt].append(
                 {
                     "action": "branch",
                     "step": step,
-                    "row": row,
+                    "candidate": mine.index(row),
                     "signal": self.trigger.signal if self.trigger else "first token",
                     "value": float(values[row]) if values is not None else None,
                     "threshold": self.trigger.threshold if self.trigger else None,
@@ -409,17 +418,18 @@ class Branch:
                     "alternatives": alternatives,
                 }
             )
-        if not forced:
-            return
         if len(index) > ctrl.batch_size:
             ctrl.select_rows(index)
             if self.state is not None:
                 self.state.select_rows(torch.tensor(index, device=ctrl.device))
-        rows_forced = torch.tensor(list(forced), device=ctrl.device)
-        ctrl.force[rows_forced] = True
-        ctrl.forced_token[rows_forced] = torch.tensor(list(forced.values()), device=ctrl.device)
-        if self.state is not None:
-            self.state.reset_rows(ctrl.force)
+        if forced:
+            rows_forced = torch.tensor(list(forced), device=ctrl.device)
+            ctrl.force[rows_forced] = True
+            ctrl.forced_token[rows_forced] = torch.tensor(list(forced.values()), device=ctrl.device)
+        if self.state is not None:  # every fire is handled once: forked or not, it restarts
+            handled = torch.zeros_like(ctrl.force)
+            handled[rows] = True
+            self.state.reset_rows(handled | ctrl.force)
 
 
 class Rollback:

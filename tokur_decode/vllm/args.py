@@ -22,6 +22,10 @@ one ``tokur_`` key; others are untouched.
 ``tokur_deepconf_k``,      see :class:`tokur_decode.signals.SignalSpec`
 ``tokur_logtoku_k``,
 ``tokur_logtoku_evidence``
+``tokur_branch_token``     the request continues an answer at a branch point (its prompt
+                           ends with the answer so far): its first step is that point,
+                           measured as usual, and emits this token id (``-1``: the
+                           engine's own choice); the trigger watches from the next step
 =========================  ==============================================================
 
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
@@ -30,7 +34,9 @@ deepconf_trigger`); the warm-up that calibrates the threshold is the caller's
 (:func:`tokur_decode.vllm.generate` runs the whole procedure). Best-of-N recipes only
 record their signals in one request: :func:`tokur_decode.vllm.generate` samples the
 candidates with ``SamplingParams(n=...)`` and chooses as the transformers path does.
-Branch and rollback need a decoding loop of ours and are rejected.
+Branch recipes span several requests (:mod:`tokur_decode.vllm.branching` re-submits
+each alternative with ``tokur_branch_token``); rollback needs a decoding loop of ours.
+Both are rejected as a single request's strategy.
 
 Example:
     >>> args = uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
@@ -71,6 +77,7 @@ _KEYS = frozenset(
         "mode",
         "trigger",
         "sigma",
+        "branch_token",
         *_TRIGGER_KEYS,
         *_SPEC_KEYS,
     )
@@ -106,6 +113,7 @@ class RequestSettings:
     mode: str = "veto"
     rule: tuple[float, ...] = ()
     sigma: float | None = None  # TokUR's noise scale; None: the engine's
+    branch_token: int | None = None  # a branch continuation's first token (-1: not forced)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -211,12 +219,22 @@ def _parse(items: tuple) -> RequestSettings:
             f"{PREFIX}sigma: a number >= 0 for a request that asks for 'tokur', got {sigma!r}"
         )
 
+    branch_token = args.get(f"{PREFIX}branch_token")
+    if branch_token is not None and (
+        isinstance(branch_token, bool) or not isinstance(branch_token, int) or branch_token < -1
+    ):
+        raise ValueError(
+            f"{PREFIX}branch_token: a token id, or -1 for the engine's own choice, "
+            f"got {branch_token!r}"
+        )
+
     action, trigger, params = "none", None, {}
     if strat is not None:
         if strat.action not in _IN_ENGINE:
             raise ValueError(
-                f"{PREFIX}strategy: action {strat.action!r} needs tokur-decode's own decoding "
-                f"loop (tokur_decode.hf); in vLLM: {sorted(_IN_ENGINE)}"
+                f"{PREFIX}strategy: action {strat.action!r} spans several requests "
+                f"(tokur_decode.vllm.generate runs branch; rollback needs tokur_decode.hf); "
+                f"in one request: {sorted(_IN_ENGINE)}"
             )
         action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
         if strat.action == "deepconf-online":
@@ -260,4 +278,5 @@ def _parse(items: tuple) -> RequestSettings:
         mode=mode if action == "resample" else "veto",
         rule=rule,
         sigma=None if sigma is None else float(sigma),
+        branch_token=branch_token,
     )

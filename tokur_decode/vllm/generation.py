@@ -7,8 +7,9 @@ and the traces read back with :func:`~tokur_decode.vllm.read_traces`.
 
 Best-of-N samples its candidates through the engine (``SamplingParams(n=N)``); DeepConf
 online sends its warm-up candidates, calibrates one threshold per prompt from their
-traces and sends the later candidates with a stop at that threshold. Both choose with
-the transformers path's code (:mod:`tokur_decode.candidates`).
+traces and sends the later candidates with a stop at that threshold; branch recipes
+re-submit each alternative on the prefix cache (:mod:`tokur_decode.vllm.branching`).
+All choose with the transformers path's code (:mod:`tokur_decode.candidates`).
 
 Example:
     >>> import tokur_decode.vllm as tv
@@ -26,6 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 from ..candidates import deepconf_thresholds, deepconf_trigger, deepconf_vote, select_rows
 from ..hf.generation import GenerationResult, encode_prompts, normalize_answer
@@ -34,6 +36,7 @@ from ..policy import signal_of_output
 from ..strategy import Strategy
 from ..trace import Trace
 from .args import uncertainty_args
+from .branching import branch
 from .client import read_traces
 
 __all__ = ["generate", "prompt_token_ids"]
@@ -52,8 +55,8 @@ def prompt_token_ids(
     ]
 
 
-#: Strategy actions that run through the engine (branch and rollback need our loop).
-_SUPPORTED = ("none", "stop", "resample", "best-of-n", "deepconf-online")
+#: Strategy actions that run through the engine (rollback needs our decoding loop).
+_SUPPORTED = ("none", "stop", "resample", "best-of-n", "deepconf-online", "branch")
 
 
 def generate(
@@ -80,7 +83,9 @@ def generate(
     are ``logtoku_k``, ``logtoku_evidence`` and ``deepconf_k``; ``threshold`` overrides
     the trigger's of a stop or resample strategy. Best-of-N and DeepConf online return
     every candidate's trace in ``result.candidates`` and their choice in
-    ``result.actions``. Branch and rollback are rejected with a ``ValueError``.
+    ``result.actions``; so does a branch recipe (``threshold`` overrides its trigger's),
+    whose ``tokens_generated`` counts what the engine decoded (see
+    :func:`tokur_decode.vllm.branching.branch`). Rollback is rejected with a ``ValueError``.
     A row stopped by a ``stop`` strategy with an ``abstain_text`` returns that text, as
     on the transformers path.
     """
@@ -93,6 +98,11 @@ def generate(
     choosing = strat is not None and strat.action in ("best-of-n", "deepconf-online")
     if choosing and threshold is not None:
         raise ValueError(f"threshold: {strat.action!r} sets its own (per prompt, calibrated)")
+    branching = strat is not None and strat.action == "branch"
+    if branching and threshold is not None:
+        if strat.trigger is None:
+            raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
+        strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
     defaults = strat.generation if strat else {}
     temperature = defaults.get("temperature", 0.0) if temperature is None else temperature
     top_p = defaults.get("top_p", 1.0) if top_p is None else top_p
@@ -103,7 +113,7 @@ def generate(
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(strat.trigger.signal)
-    if choosing:
+    if choosing or branching:
         needed.append(strat.params["score"])
     if "all" not in names:
         names = list(dict.fromkeys([*names, *map(signal_of_output, needed)]))
@@ -111,6 +121,10 @@ def generate(
     tokenizer = engine.get_tokenizer()
     inputs = prompt_token_ids(tokenizer, prompt_list, chat)
     run = _Runner(engine, inputs, names, signal_params, max_new_tokens)
+    if branching:
+        return branch(
+            run, strat, prompt_list, extract, temperature=temperature, top_p=top_p, seed=seed
+        )
     if choosing:
         p = strat.params
         sampling = {"temperature": p["temperature"], "top_p": p.get("top_p", top_p), "seed": seed}
@@ -150,7 +164,7 @@ class _Runner:
         self, *, temperature, top_p, seed, n=1, strategy=None, settings=None, **overrides
     ) -> tuple[list, list[Trace]]:
         """``settings``: one dict of ``uncertainty_args`` overrides per prompt."""
-        from vllm import SamplingParams, TokensPrompt
+        from vllm import SamplingParams
 
         per_prompt = settings or [{}] * len(self.inputs)
         params = [
@@ -166,7 +180,13 @@ class _Runner:
             )
             for mine in per_prompt
         ]
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in self.inputs]
+        return self.send(self.inputs, params)
+
+    def send(self, inputs: list[list[int]], params: list) -> tuple[list, list[Trace]]:
+        """Token-id prompts with their ``SamplingParams``: the outputs and their traces."""
+        from vllm import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in inputs]
         outputs = self.engine.generate(prompts, params, use_tqdm=False)
         traces = read_traces(self.engine, outputs)
         if any(trace is None for trace in traces):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ..actions_core import adaptive_temperature, force_eos, veto
+from ..actions_core import adaptive_temperature, force_eos, force_tokens, veto
 from ..policy import TriggerState
 from ..signals import CHOSEN_SIGNALS, SIGNALS, SignalSpec, bayesian_terms, chosen_from_logprobs
 from .args import RequestSettings, parse_settings
@@ -94,6 +94,9 @@ class _Group:
     eos_mask: torch.Tensor | None = None  # [rows, V] bool
     names: tuple[str, ...] = ()  # the outputs recorded per step (spec's, TokUR's)
     tokur: torch.Tensor | None = None  # the rows' places in the TokUR samples
+    resumed: torch.Tensor | None = None  # [rows] bool: branch continuations
+    forced: torch.Tensor | None = None  # [rows] bool: ... whose first token is given
+    force_mask: torch.Tensor | None = None  # [rows, V] bool: that token
 
 
 class _TriggerSlots:
@@ -384,6 +387,13 @@ class UncertaintyProcessor(LogitsProcessor):
             eos = self._tensor([r.eos for _, r in members]).unsqueeze(-1)
             mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
             group.eos_mask = mask.scatter(1, eos, True)
+        branch = [r.settings.branch_token for _, r in members]
+        if any(token is not None for token in branch):
+            token = [-2 if t is None else t if t < self.vocab else -1 for t in branch]
+            token = self._tensor(token)
+            group.resumed, group.forced = token >= -1, token >= 0
+            mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
+            group.force_mask = mask.scatter(1, token.clamp_min(0).unsqueeze(-1), True)
         return group
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
@@ -421,21 +431,40 @@ class UncertaintyProcessor(LogitsProcessor):
         if g.chosen:
             self._complete_group(g, pos, last, lp)
 
+        # A branch continuation's first step is the branch point: measured above, its
+        # token may be given, and the trigger (which fired there) watches from the next.
+        first = None if g.resumed is None else g.resumed & (pos == 0)
+        edited = None
         s = g.settings
-        if s.trigger is None:
-            return
+        if s.trigger is not None:
+            edited = self._act(g, z, pos, values, first)
+        if first is not None:
+            base = z if edited is None else edited
+            edited, _ = force_tokens(base, first & g.forced, g.force_mask)
+        if edited is not None:
+            logits.index_copy_(0, g.rows, edited)
+
+    def _act(
+        self, g: _Group, z: torch.Tensor, pos: torch.Tensor, values: dict, first
+    ) -> torch.Tensor:
+        """The trigger's update for the group's rows and the action's edit of ``z``
+        (rows that did not fire unchanged); records whether and why it fired."""
+        s = g.settings
         trig = self._trigger(s)
         state, slots = trig.state, g.slots
+        present = g.present
+        if first is not None:
+            present = present & ~torch.zeros_like(present).index_copy(0, slots, first)
         value_s = torch.zeros(self._slots, device=self.device).index_copy(
             0, slots, values[s.trigger.signal]
         )
         pos_s = trig.last_pos.index_copy(0, slots, pos)
-        again = g.present & (pos_s == trig.last_pos)
+        again = present & (pos_s == trig.last_pos)
         state.restore_rows(again, trig.before)
         before = state.snapshot()
-        fired_s = state.update(value_s, pos_s, active=g.present)
+        fired_s = state.update(value_s, pos_s, active=present)
         trig.before = tuple(
-            torch.where(g.present.view(-1, *([1] * (b.dim() - 1))), b, old)
+            torch.where(present.view(-1, *([1] * (b.dim() - 1))), b, old)
             for b, old in zip(before, trig.before, strict=True)
         )
         trig.last_pos = pos_s
@@ -447,12 +476,12 @@ class UncertaintyProcessor(LogitsProcessor):
             edited = veto(z, fired)
         else:
             edited = adaptive_temperature(z, fired, values["entropy"], values["varentropy"], s.rule)
-        logits.index_copy_(0, g.rows, edited)
         facts = torch.stack(
             [fired.float(), state.smoothed_value.index_select(0, slots), blocked.float()], -1
         )
         cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
+        return edited
 
     def _tokur_values(self, g: _Group) -> dict[str, torch.Tensor]:
         """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN

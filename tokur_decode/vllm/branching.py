@@ -1,0 +1,238 @@
+"""Branching through the engine: CoT-decoding and branch-on-trigger by re-submission.
+
+vLLM cannot fork a running request, so a branch recipe runs as rounds of requests that
+reproduce the transformers path's :class:`~tokur_decode.hf.controller.Branch` (same
+forks, same candidates, same choice under greedy decoding; tested on the engine):
+
+1. Each prompt is sent once with the recipe's trigger as a stop action and
+   ``logprobs=k`` (vLLM's top-``k`` of the raw distribution); ``at = "first"`` sends a
+   one-step probe instead. A request whose trigger fires at step ``s`` ends there (a
+   forced EOS, not part of the answer).
+2. Per prompt, the fires at its earliest step ``s`` are handled in candidate order: the
+   cap on branch points and the token budget decide the alternatives
+   (:func:`tokur_decode.candidates.fork_alternatives`), and each alternative is sent as
+   prompt + the answer's first ``s`` tokens with ``tokur_branch_token`` set to it. The
+   engine's prefix cache holds that prefix, so only new tokens are decoded; the
+   continuation's first step measures the branch point's distribution again and emits
+   the alternative, and its trigger (while the prompt has branch points left) watches
+   from the next step. A fire that may not fork continues with the engine's own choice.
+3. Repeat until no request fires. Each candidate's trace is its requests' steps joined;
+   the choice is :func:`tokur_decode.candidates.select_rows`, as in transformers.
+
+Example:
+    >>> import tokur_decode.vllm as tv
+    >>> engine = tv.llm(enforce_eager=True)                               # doctest: +SKIP
+    >>> result = tv.generate(engine, "What is 17 + 25?", strategy="cot-branch")  # doctest: +SKIP
+    >>> fork, select = result.actions[0]                                  # doctest: +SKIP
+    >>> fork["alternatives"], select["scores"], select["chosen"]          # doctest: +SKIP
+    ([4625, 785, 504, 198, 2145], [0.61, 0.52, 0.47, 0.58, 0.44], 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..candidates import fork_alternatives, select_rows
+from ..hf.generation import GenerationResult
+from ..hf.monitor import decode_rows
+from ..strategy import Strategy
+from ..trace import Trace
+from .args import uncertainty_args
+
+__all__ = ["branch"]
+
+
+@dataclass(eq=False)
+class _Candidate:
+    """One answer of a prompt as it grows over the rounds."""
+
+    prompt: int
+    ids: list[int] = field(default_factory=list)  # answer tokens so far
+    signals: dict[str, list[float]] = field(default_factory=dict)  # their steps' values
+    done: bool = False
+    fire: dict | None = None  # {"step", "alternatives", "value"} of an unhandled fire
+
+    def fork(self) -> _Candidate:
+        signals = {name: list(values) for name, values in self.signals.items()}
+        return _Candidate(self.prompt, list(self.ids), signals)
+
+    def extend(self, trace: Trace, steps: int) -> None:
+        """Append the first ``steps`` steps of the single-row ``trace``."""
+        self.ids += trace.token_ids[0, :steps].tolist()
+        for name, values in trace.signals.items():
+            self.signals.setdefault(name, []).extend(values[0, :steps].tolist())
+
+
+@dataclass
+class _Request:
+    candidate: _Candidate
+    token: int | None  # tokur_branch_token (None: the prompt's first request)
+    watch: bool  # the trigger is on (a stop that ends the request where it fires)
+    probe: bool = False  # at = "first": one step, only for its top-k
+
+
+def branch(
+    run, strat: Strategy, prompts: list[str], extract, *, temperature, top_p, seed
+) -> GenerationResult:
+    """Run branch recipe ``strat`` for ``prompts`` on ``run``'s engine (a
+    :class:`tokur_decode.vllm.generation._Runner`); the result as in transformers, with
+    ``tokens_generated`` counting every token the engine decoded (the probes and the
+    forced EOS of each fire included). ``result.trace.meta`` reports the ``rounds`` of
+    requests and the prompt tokens the engine found in its prefix cache
+    (``cached_tokens``)."""
+    p = strat.params
+    k, cap, budget = p["k"], p["max_branch_points"], p["token_budget"] or None
+    trigger = strat.trigger  # None: at = "first"
+    limit = run.max_new_tokens
+    candidates = [[_Candidate(b)] for b in range(len(prompts))]
+    points = [0] * len(prompts)
+    events: list[list[dict]] = [[] for _ in prompts]
+    pending = [
+        _Request(c[0], None, watch=trigger is not None, probe=trigger is None) for c in candidates
+    ]
+    rounds = decoded = sent = cached = 0
+    while pending:
+        rounds += 1
+        # when sampling, a distinct seed per request: continuations of a fork must differ
+        seeds = [None if seed is None else seed + sent + i for i in range(len(pending))]
+        sent += len(pending)
+        outputs, traces = run.send(
+            [run.inputs[r.candidate.prompt] + r.candidate.ids for r in pending],
+            [
+                _params(r, run, trigger, k, temperature, top_p, s)
+                for r, s in zip(pending, seeds, strict=True)
+            ],
+        )
+        for request, out, trace in zip(pending, outputs, traces, strict=True):
+            decoded += len(out.outputs[0].token_ids)
+            cached += out.num_cached_tokens or 0
+            _absorb(request, out.outputs[0], trace, k)
+        pending = []
+        for b, mine in enumerate(candidates):
+            pending += _handle_fires(mine, points, events[b], b, cap, budget, limit, trigger)
+
+    rows = [c for mine in candidates for c in mine]
+    trace = _trace(rows, run.engine.get_tokenizer(), {"rounds": rounds, "cached_tokens": cached})
+    groups, start = [], 0
+    for mine in candidates:
+        groups.append(list(range(start, start + len(mine))))
+        start += len(mine)
+    chosen, records, cands = select_rows(trace, groups, p, extract)
+    actions = [
+        [*mine, {"action": "select", "k": k, **record}]
+        for mine, record in zip(events, records, strict=True)
+    ]
+    return GenerationResult.chosen(trace, prompts, chosen, actions, cands, decoded)
+
+
+def _params(request, run, trigger, k, temperature, top_p, seed):
+    """The request's ``SamplingParams``: the answer's remaining budget, the top-``k``
+    log-probabilities where a fork may follow, the trigger as a stop while on."""
+    from vllm import SamplingParams
+
+    settings = {} if request.token is None else {"branch_token": request.token}
+    if request.watch:
+        settings |= {
+            "action": "stop",
+            "trigger": trigger.signal,
+            "threshold": trigger.threshold,
+            "direction": trigger.direction,
+            "patience": trigger.patience,
+            "window": trigger.window,
+            # a continuation starts after a fire, which needs min_tokens already
+            "min_tokens": trigger.min_tokens if request.token is None else 0,
+        }
+    sampled = temperature > 0
+    return SamplingParams(
+        max_tokens=1 if request.probe else run.max_new_tokens - len(request.candidate.ids),
+        temperature=temperature,
+        top_p=top_p if sampled else 1.0,
+        seed=seed if sampled else None,
+        logprobs=k if request.watch or request.probe else None,
+        extra_args=uncertainty_args(run.names, None, **run.signal_params, **settings),
+    )
+
+
+def _absorb(request: _Request, completion, trace: Trace, k: int) -> None:
+    """Add a finished request's steps to its candidate; a fire (or the probe) leaves an
+    unhandled fire with the step's top-``k`` alternatives."""
+    cand = request.candidate
+    n = int(trace.lengths[0])
+    fired = [e for e in trace.meta["actions"][0] if "blocked" not in e]
+    if request.probe:
+        step, value = 0, None
+    elif fired:
+        step, value = fired[0]["step"], fired[0]["value"]
+    else:
+        cand.extend(trace, n)
+        cand.done = True
+        return
+    top = sorted(completion.logprobs[step].items(), key=lambda item: item[1].rank)
+    alternatives = [t for t, lp in top if lp.rank <= k and lp.logprob > -float("inf")]
+    cand.fire = {"step": len(cand.ids) + step, "alternatives": alternatives, "value": value}
+    cand.extend(trace, step)
+
+
+def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[_Request]:
+    """Handle prompt ``b``'s fires at its earliest fire step, in candidate order (the
+    transformers controller's row order); returns the requests that continue them."""
+    steps = [c.fire["step"] for c in mine if c.fire is not None]
+    if not steps:
+        return []
+    s = min(steps)
+    continuing: list[tuple[_Candidate, int]] = []
+    for cand in [c for c in mine if c.fire is not None and c.fire["step"] == s]:
+        fire, cand.fire = cand.fire, None
+        alternatives = []
+        if points[b] < cap:
+            alternatives = fork_alternatives(
+                fire["alternatives"],
+                budget,
+                spent=sum(min(len(c.ids), s) for c in mine),
+                running=sum(not c.done or len(c.ids) > s for c in mine),
+                remaining=limit - s,
+            )
+        if len(alternatives) < 2:
+            continuing.append((cand, -1))
+            continue
+        points[b] += 1
+        events.append(
+            {
+                "action": "branch",
+                "step": s,
+                "candidate": mine.index(cand),
+                "signal": trigger.signal if trigger else "first token",
+                "value": fire["value"],
+                "threshold": trigger.threshold if trigger else None,
+                "direction": trigger.direction if trigger else None,
+                "alternatives": alternatives,
+            }
+        )
+        continuing.append((cand, alternatives[0]))
+        for token in alternatives[1:]:
+            mine.append(cand.fork())
+            continuing.append((mine[-1], token))
+    watch = trigger is not None and points[b] < cap
+    return [_Request(cand, token, watch) for cand, token in continuing]
+
+
+def _trace(rows: list[_Candidate], tokenizer, meta: dict) -> Trace:
+    width = max(len(c.ids) for c in rows)
+    lengths = torch.tensor([len(c.ids) for c in rows])
+
+    def padded(values: list[list]) -> torch.Tensor:
+        return torch.tensor([list(v) + [0] * (width - len(v)) for v in values])
+
+    ids = padded([c.ids for c in rows]).long()
+    tokens, texts = decode_rows(tokenizer, ids, lengths)
+    names = next(iter(c.signals for c in rows if c.signals))
+    return Trace(
+        signals={n: padded([c.signals.get(n, []) for c in rows]).float() for n in names},
+        token_ids=ids,
+        lengths=lengths,
+        tokens=tokens,
+        texts=texts,
+        meta={"branching": "re-submission", **meta},
+    )
