@@ -341,3 +341,30 @@ def test_no_nan_for_any_mixture_of_non_finite_logits(arr):
     samples = torch.from_numpy(arr).unsqueeze(0).expand(3, 2, 9).transpose(0, 1)
     for key, value in S.bayesian_decomposition(samples, torch.tensor([0, 8])).items():
         assert not torch.isnan(value).any(), key
+
+
+def test_workspace_gives_the_same_signals_and_reuses_its_memory():
+    """Calls with one workspace, shrinking and growing rows, dtypes and non-finite rows
+    in between, give exactly what fresh allocations give; the log-probabilities live in
+    the workspace."""
+    spec = S.SignalSpec(list(S.SIGNALS))
+    ws = S.Workspace()
+    g = torch.Generator().manual_seed(3)
+    seen = set()
+    for rows, dtype in [(4, torch.float32), (2, torch.float32), (6, torch.bfloat16), (3, None)]:
+        logits = torch.randn(rows, 300, generator=g) * 4
+        logits[0, :7] = -math.inf
+        logits[-1, 5] = math.nan
+        if dtype is None:  # a row with +inf and a fully masked one
+            logits[1, 2] = math.inf
+            logits[2] = -math.inf
+        else:
+            logits = logits.to(dtype)
+        tokens = torch.randint(0, 300, (rows,), generator=g)
+        want, want_lp = spec.compute(logits, tokens)
+        got, got_lp = spec.compute(logits, tokens, workspace=ws)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        assert torch.equal(got_lp, want_lp)
+        seen.add(got_lp.untyped_storage().data_ptr())
+    assert len(seen) <= 2  # grown once (4 -> 6 rows), never allocated per call otherwise

@@ -62,6 +62,7 @@ __all__ = [
     "LOGPROB_FLOOR",
     "SIGNALS",
     "SignalSpec",
+    "Workspace",
     "bayesian_decomposition",
     "bayesian_terms",
     "chosen_from_logprobs",
@@ -114,17 +115,18 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _sanitize(logits: torch.Tensor) -> torch.Tensor:
+def _sanitize(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Copy of ``logits`` in the compute dtype with the module's non-finite conventions:
     ``NaN -> -inf``, ``+inf -> dtype max``, and rows with no finite entry raised to 0.
 
     After this, entries are finite or ``-inf`` and every row has a finite entry.
     Three arithmetic passes (boolean masks are several times slower on CPU), one new
-    tensor (fresh large tensors cost page faults on CPU) and no host synchronisation.
+    tensor or ``out`` (fresh large tensors cost page faults on CPU) and no host
+    synchronisation.
     """
     dtype = _compute_dtype(logits)
     z = torch.nan_to_num(
-        logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf
+        logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf, out=out
     )
     row_max = z.amax(dim=-1, keepdim=True)
     return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype), out=z)
@@ -179,6 +181,40 @@ def _out(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- fused entry
+
+
+class Workspace:
+    """Scratch memory that :meth:`SignalSpec.compute` reuses from call to call.
+
+    A fused signal pass needs a few ``[rows, V]`` float tensors (the sanitised logits,
+    the log-probabilities, two scratch tensors). Allocating them afresh each step is
+    cheap on a GPU (PyTorch caches device memory) but not on a CPU, where each new
+    tensor of that size page-faults. A workspace keeps one flat buffer per role, grown
+    to the largest shape seen. What :meth:`~SignalSpec.compute` returns from it (the
+    log-probabilities) stays valid until the next call with the same workspace.
+
+    Example:
+        >>> import torch
+        >>> ws = Workspace()
+        >>> spec = SignalSpec(["entropy"])
+        >>> _, lp1 = spec.compute(torch.zeros(2, 4), workspace=ws)
+        >>> _, lp2 = spec.compute(torch.ones(2, 4), workspace=ws)
+        >>> lp1.data_ptr() == lp2.data_ptr()
+        True
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def like(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``x``'s shape and device and ``dtype`` from buffer ``name``
+        (its content is whatever the last user left)."""
+        n = x.numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != x.device:
+            buf = torch.empty(n, dtype=dtype, device=x.device)
+            self._buffers[name] = buf
+        return buf[:n].view(x.shape)
 
 
 @dataclass(frozen=True)
@@ -251,18 +287,28 @@ class SignalSpec:
         return self.compute(logits, token_ids)[0]
 
     def compute(
-        self, logits: torch.Tensor, token_ids: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        *,
+        workspace: Workspace | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Signals of ``logits`` and the log-probabilities they were computed from.
 
         ``token_ids`` ``[...]`` (the emitted tokens) is required for the chosen-token
         signals. The returned log-probabilities ``[..., V]`` let a caller that learns
         the emitted token later (a logits processor) finish the chosen-token signals
-        with :func:`chosen_from_logprobs`.
+        with :func:`chosen_from_logprobs`. With a ``workspace`` no ``[..., V]`` tensor
+        is allocated (the log-probabilities live in it until its next use).
         """
         wanted = set(self.signals)
-        z = _sanitize(logits)
-        lp = torch.log_softmax(z, dim=-1)
+        dtype = _compute_dtype(logits)
+
+        def scratch(name: str) -> torch.Tensor | None:
+            return None if workspace is None else workspace.like(name, logits, dtype)
+
+        z = _sanitize(logits, out=scratch("z"))
+        lp = torch.log_softmax(z, dim=-1, out=scratch("lp"))
         out: dict[str, torch.Tensor] = {}
 
         k = 0
@@ -283,8 +329,8 @@ class SignalSpec:
             out["margin"] = _out(_margin_from_top(top_lp))
         if wanted & {"entropy", "varentropy"}:
             # _entropy_terms without keeping p: p * lp_c and p * lp_c^2 in place
-            lp_c = lp.clamp_min(_floor(lp.dtype))
-            plp = lp.exp().mul_(lp_c)
+            lp_c = torch.clamp_min(lp, _floor(lp.dtype), out=scratch("a"))
+            plp = torch.exp(lp, out=scratch("b")).mul_(lp_c)
             h = 0.0 - plp.sum(dim=-1)
             if "entropy" in wanted:
                 out["entropy"] = _out(h)
@@ -293,7 +339,7 @@ class SignalSpec:
                 second_moment = plp.mul_(lp_c).sum(dim=-1)
                 out["varentropy"] = _out((second_moment - h * h).clamp_min(0.0))
         if "self_certainty" in wanted:
-            out["self_certainty"] = _out(_self_certainty(lp))
+            out["self_certainty"] = _out(_self_certainty(lp, scratch("a")))
         if "deepconf" in wanted:
             out["deepconf"] = _out(_deepconf_from_top(top_lp[..., : self.deepconf_k]))
         if "logtoku" in wanted:
@@ -371,10 +417,10 @@ def _margin_from_top(top_lp: torch.Tensor) -> torch.Tensor:
     return first - top_lp[..., 1].exp()
 
 
-def _self_certainty(lp: torch.Tensor) -> torch.Tensor:
+def _self_certainty(lp: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     # lp * 0 is NaN exactly at the masked (-inf) entries: counts them without a bool mask.
-    # One scratch tensor, reused in place (fresh large tensors cost page faults on CPU).
-    scratch = (lp * 0.0).nan_to_num_(nan=-1.0)
+    # One scratch tensor (``scratch`` or a new one), reused in place.
+    scratch = torch.mul(lp, 0.0, out=scratch).nan_to_num_(nan=-1.0)
     n_masked = -scratch.sum(dim=-1)
     n = lp.shape[-1] - n_masked
     mean_lp = torch.nan_to_num(lp, neginf=0.0, out=scratch).sum(dim=-1) / n

@@ -18,15 +18,17 @@ Bookkeeping (vLLM's persistent batch reorders rows under the processor):
   request finishes or leaves the batch) from the live ``output_ids``: each settings
   group keeps a reference to its last step's log-probabilities (the tensor the signal
   pass made anyway; nothing is copied) and each slot its row and step there, so the
-  completion is one gather of one value per row.
+  completion is one gather of one value per row, done before the group's next signal
+  pass reuses that memory.
 
 Per step, the opted-in rows are processed in one vectorised pass per settings group
 (requests with equal signal parameters, trigger and action; usually one group): the
 group's rows (a view when they are contiguous, else one ``index_select``), one fused
-signal pass, one scatter into the slot buffers, one trigger update, one ``index_copy_``
-of the edited rows. The only per-row Python is reading the lengths of the live
-``output_ids`` lists. Nothing reads device values on the host. A batch where no request
-opted in returns at once.
+signal pass in the group's :class:`~tokur_decode.signals.Workspace` (no ``[rows, V]``
+allocation: on CPU each fresh one page-faults), one scatter into the slot buffers, one
+trigger update, one ``index_copy_`` of the edited rows. The only per-row Python is
+reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
+the host. A batch where no request opted in returns at once.
 
 Finished requests' traces wait, bounded (:attr:`UncertaintyProcessor.max_finished`,
 oldest dropped first), until the caller collects them through the worker extension
@@ -45,7 +47,14 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from ..actions_core import adaptive_temperature, force_eos, force_tokens, veto
 from ..policy import TriggerState
-from ..signals import CHOSEN_SIGNALS, SIGNALS, SignalSpec, bayesian_terms, chosen_from_logprobs
+from ..signals import (
+    CHOSEN_SIGNALS,
+    SIGNALS,
+    SignalSpec,
+    Workspace,
+    bayesian_terms,
+    chosen_from_logprobs,
+)
 from .args import RequestSettings, parse_settings
 from .tokur import TOKUR_OUTPUTS, link_of
 
@@ -147,6 +156,7 @@ class UncertaintyProcessor(LogitsProcessor):
         # Chosen-token signals: each group's last log-probabilities [rows, V] (by group
         # key), each slot's row and step there (-1: nothing pending).
         self._last_lp: dict[tuple, torch.Tensor] = {}
+        self._workspaces: dict[tuple, Workspace] = {}  # per group key: no [rows, V] allocations
         self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
         self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
         self._triggers: dict[tuple, _TriggerSlots] = {}
@@ -340,6 +350,7 @@ class UncertaintyProcessor(LogitsProcessor):
         self._groups = [self._group(members) for members in by_key.values()]
         self._publish_tokur(list(by_key.values()))
         self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
+        self._workspaces = {k: self._workspaces.get(k) or Workspace() for k in by_key}
 
     def _publish_tokur(self, memberships: list[list[tuple[int, _Request]]]) -> None:
         """Tell the TokUR model which rows want perturbed samples (vLLM calls
@@ -422,14 +433,19 @@ class UncertaintyProcessor(LogitsProcessor):
             z = logits.index_select(0, g.rows)
         else:
             z = logits.narrow(0, g.start, g.slots.shape[0])
-        values, lp = g.spec.compute(z)
+        if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
+            self._complete_group(g, pos, last)
+        key = g.settings.group_key
+        values, lp = g.spec.compute(z, workspace=self._workspaces[key])
         if g.tokur is not None:
             values |= self._tokur_values(g)
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
-        if g.chosen:
-            self._complete_group(g, pos, last, lp)
+        if g.chosen:  # this step's, completed at the next one
+            self._last_lp[key] = lp
+            self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
+            self._lp_pos.index_copy_(0, g.slots, pos)
 
         # A branch continuation's first step is the branch point: measured above, its
         # token may be given, and the trigger (which fired there) watches from the next.
@@ -493,23 +509,18 @@ class UncertaintyProcessor(LogitsProcessor):
         out, _, _ = bayesian_terms(samples.index_select(0, g.tokur))
         return {f"tokur_{k}": v for k, v in out.items()}
 
-    def _complete_group(
-        self, g: _Group, pos: torch.Tensor, last: torch.Tensor, lp: torch.Tensor
-    ) -> None:
-        """Complete the chosen-token values of each row's previous step (where the kept
-        log-probabilities hold it) and keep this step's for the next."""
-        key = g.settings.group_key
-        prev = self._last_lp.get(key)
-        if prev is not None:
-            row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
-            pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
-            chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)
-            where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
-            new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
-            self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
-        self._last_lp[key] = lp
-        self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
-        self._lp_pos.index_copy_(0, g.slots, pos)
+    def _complete_group(self, g: _Group, pos: torch.Tensor, last: torch.Tensor) -> None:
+        """Complete the chosen-token values of each row's previous step, where the kept
+        log-probabilities hold it."""
+        prev = self._last_lp.get(g.settings.group_key)
+        if prev is None:
+            return
+        row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
+        pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
+        chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)
+        where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
+        new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
+        self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
 
     def _grow_steps(self, needed: int) -> None:
         cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
