@@ -3,18 +3,21 @@
 Two engines live side by side for the whole run (starts excluded from the timings): a
 plain one and one with :class:`~tokur_decode.vllm.UncertaintyProcessor` registered.
 Each round times the same prompts (greedy, ``ignore_eos`` so that every request decodes
-exactly ``max_tokens``) three ways, in rotating order: plain engine; processor attached
-but no request opted in; processor attached and every request opted in with every
-signal. Reported: median tokens/s of each and the ratios to plain.
+exactly ``max_tokens``) four ways, in rotating order: plain engine; processor attached
+but no request opted in; every request opted in with every signal; every request opted
+in with entropy and LogTokU (the usage example's signals). Reported: median tokens/s of
+each and the ratios to plain. Each timed run starts once the other engine has gone
+idle (:data:`SETTLE_S`).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
 
-__all__ = ["VllmBenchResult", "vllm_overhead"]
+__all__ = ["SETTLE_S", "VllmBenchResult", "bound_kv_cache", "vllm_overhead"]
 
 _QUESTIONS = [
     "What is the capital of France?",
@@ -28,6 +31,19 @@ _QUESTIONS = [
 ]
 
 
+#: Seconds to wait before each timed run: an engine's workers keep busy-polling their
+#: message queue for a second after their last step (vLLM's shm broadcast), which on a
+#: small CPU takes a core from the engine timed next.
+SETTLE_S = 1.5
+
+
+def bound_kv_cache(gib: int = 2) -> None:
+    """Two engines side by side: on the CPU platform each reserves ``gib`` GiB of KV
+    cache (``VLLM_CPU_KVCACHE_SPACE``) unless the caller set it; vLLM's default reserves
+    most of the memory, and the second engine would not start."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gib))
+
+
 @dataclass
 class VllmBenchResult:
     """Median throughputs (generated tokens per second) and ratios to the plain engine."""
@@ -38,6 +54,7 @@ class VllmBenchResult:
     plain_tps: float
     attached_tps: float
     monitored_tps: float
+    typical_tps: float
 
     @property
     def attached_ratio(self) -> float:
@@ -47,13 +64,17 @@ class VllmBenchResult:
     def monitored_ratio(self) -> float:
         return self.monitored_tps / self.plain_tps
 
+    @property
+    def typical_ratio(self) -> float:
+        return self.typical_tps / self.plain_tps
+
 
 def vllm_overhead(
     model: str | None = None,
     *,
     prompts: int = 64,
-    max_tokens: int = 32,
-    rounds: int = 3,
+    max_tokens: int = 64,
+    rounds: int = 5,
     **engine_kwargs,
 ) -> VllmBenchResult:
     """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines.
@@ -73,6 +94,7 @@ def vllm_overhead(
 
         model = str(default_model_path())
     kwargs = {"enforce_eager": True, "max_model_len": 1024, "seed": 0, **engine_kwargs}
+    bound_kv_cache()
     plain = LLM(model=model, **kwargs)
     ours = llm(model, **kwargs)
     tok = plain.get_tokenizer()
@@ -87,14 +109,21 @@ def vllm_overhead(
     base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     off = SamplingParams(**base)
     on = SamplingParams(**base, extra_args=uncertainty_args("all"))
-    runs = {"plain": (plain, off), "attached": (ours, off), "monitored": (ours, on)}
+    typical = SamplingParams(**base, extra_args=uncertainty_args(["entropy", "logtoku"]))
+    runs = {
+        "plain": (plain, off),
+        "attached": (ours, off),
+        "monitored": (ours, on),
+        "typical": (ours, typical),
+    }
     for engine, params in runs.values():  # warm-up
         engine.generate(texts[:8], params, use_tqdm=False)
     times: dict[str, list[float]] = {name: [] for name in runs}
     order = list(runs)
     for r in range(rounds):
-        for name in order[r % 3 :] + order[: r % 3]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             engine, params = runs[name]
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             outs = engine.generate(texts, params, use_tqdm=False)
             times[name].append(time.perf_counter() - start)
@@ -105,5 +134,11 @@ def vllm_overhead(
     for engine in (plain, ours):
         engine.llm_engine.engine_core.shutdown()
     return VllmBenchResult(
-        prompts, max_tokens, rounds, tps["plain"], tps["attached"], tps["monitored"]
+        prompts,
+        max_tokens,
+        rounds,
+        tps["plain"],
+        tps["attached"],
+        tps["monitored"],
+        tps["typical"],
     )

@@ -23,7 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from .bench import _QUESTIONS
+from .bench import _QUESTIONS, SETTLE_S, bound_kv_cache
 
 __all__ = ["TokurBenchResult", "tokur_overhead"]
 
@@ -79,6 +79,7 @@ def tokur_overhead(
 
         model = str(default_model_path())
     kwargs = {"enforce_eager": True, "max_model_len": 1024, "seed": 0, **engine_kwargs}
+    bound_kv_cache()
     plain = LLM(model=model, **kwargs)
     ours = llm(model, **tokur_engine_args(samples=samples, **kwargs))
     tok = plain.get_tokenizer()
@@ -106,6 +107,7 @@ def tokur_overhead(
     for r in range(rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
             engine, params = runs[name]
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             outs = engine.generate(texts, params, use_tqdm=False)
             times[name].append(time.perf_counter() - start)
