@@ -701,15 +701,24 @@ def _cmd_bench_vllm(args) -> int:
         "attached_ratio": r.attached_ratio,
         "monitored_ratio": r.monitored_ratio,
         "typical_ratio": r.typical_ratio,
+        "same_engine_ratios": r.same_engine_ratios,
     }
     if args.json:
         print(json.dumps({**asdict(r), **ratios}, indent=2))
         return 0
     print(f"vLLM, {r.prompts} prompts x {r.max_tokens} tokens, median of {r.rounds} rounds")
-    print(f"  plain engine           {r.plain_tps:8.1f} tokens/s   1.000")
-    print(f"  attached, none opted in {r.attached_tps:7.1f} tokens/s   {r.attached_ratio:.3f}")
-    print(f"  attached, all signals  {r.monitored_tps:8.1f} tokens/s   {r.monitored_ratio:.3f}")
-    print(f"  entropy + logtoku      {r.typical_tps:8.1f} tokens/s   {r.typical_ratio:.3f}")
+    rows = [
+        ("plain engine", "plain", r.plain_tps, 1.0),
+        ("attached, none opted in", "attached", r.attached_tps, r.attached_ratio),
+        ("attached, all signals", "monitored", r.monitored_tps, r.monitored_ratio),
+        ("entropy + logtoku", "typical", r.typical_tps, r.typical_ratio),
+    ]
+    for label, key, tps, ratio in rows:
+        low, high = min(r.runs[key]), max(r.runs[key])
+        print(f"  {label:24s} {tps:7.1f} tokens/s ({low:.0f}-{high:.0f})   {ratio:.3f}")
+    same_all, same_typical = r.same_engine_ratios
+    print(f"  same engine, over none opted in: all {same_all:.3f}, entropy + logtoku ", end="")
+    print(f"{same_typical:.3f}")
     return 0
 
 

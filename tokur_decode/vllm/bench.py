@@ -15,9 +15,16 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["SETTLE_S", "VllmBenchResult", "bound_kv_cache", "vllm_overhead"]
+__all__ = [
+    "SETTLE_S",
+    "VllmBenchResult",
+    "bound_kv_cache",
+    "chat_texts",
+    "timed_rounds",
+    "vllm_overhead",
+]
 
 _QUESTIONS = [
     "What is the capital of France?",
@@ -44,6 +51,41 @@ def bound_kv_cache(gib: int = 2) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gib))
 
 
+def chat_texts(tokenizer, prompts: int) -> list[str]:
+    """``prompts`` chat-formatted questions (the bench's eight in turn)."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(prompts)
+    ]
+
+
+def timed_rounds(runs: dict, texts, rounds: int, max_tokens: int, traces_on) -> dict:
+    """Tokens/s of every timed run per case. ``runs``: case -> (engine, SamplingParams or
+    one per text). Each case is warmed up once, then ``rounds`` rounds time every case
+    in rotating order, each run after :data:`SETTLE_S`; every request must decode
+    ``max_tokens`` tokens. The traces on engine ``traces_on`` are dropped each round."""
+    for engine, params in runs.values():
+        warm = params[:4] if isinstance(params, list) else params
+        engine.generate(texts[:4], warm, use_tqdm=False)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            engine, params = runs[name]
+            time.sleep(SETTLE_S)
+            start = time.perf_counter()
+            outs = engine.generate(texts, params, use_tqdm=False)
+            times[name].append(time.perf_counter() - start)
+            if sum(len(o.outputs[0].token_ids) for o in outs) != len(texts) * max_tokens:
+                raise RuntimeError(f"{name}: a request stopped before max_tokens")
+        traces_on.collective_rpc("tokur_collect", args=(None,))
+    return {name: [len(texts) * max_tokens / t for t in ts] for name, ts in times.items()}
+
+
 @dataclass
 class VllmBenchResult:
     """Median throughputs (generated tokens per second) and ratios to the plain engine."""
@@ -55,6 +97,9 @@ class VllmBenchResult:
     attached_tps: float
     monitored_tps: float
     typical_tps: float
+    #: Every timed run's tokens/s per case ("plain", "attached", "monitored", "typical"):
+    #: single runs on a small shared CPU scatter by +-20%.
+    runs: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def attached_ratio(self) -> float:
@@ -67,6 +112,12 @@ class VllmBenchResult:
     @property
     def typical_ratio(self) -> float:
         return self.typical_tps / self.plain_tps
+
+    @property
+    def same_engine_ratios(self) -> tuple[float, float]:
+        """All signals and entropy + LogTokU over "attached, none opted in": the
+        processor's cost without the difference between two engines."""
+        return self.monitored_tps / self.attached_tps, self.typical_tps / self.attached_tps
 
 
 def vllm_overhead(
@@ -97,15 +148,7 @@ def vllm_overhead(
     bound_kv_cache()
     plain = LLM(model=model, **kwargs)
     ours = llm(model, **kwargs)
-    tok = plain.get_tokenizer()
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for i in range(prompts)
-    ]
+    texts = chat_texts(plain.get_tokenizer(), prompts)
     base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     off = SamplingParams(**base)
     on = SamplingParams(**base, extra_args=uncertainty_args("all"))
@@ -116,21 +159,8 @@ def vllm_overhead(
         "monitored": (ours, on),
         "typical": (ours, typical),
     }
-    for engine, params in runs.values():  # warm-up
-        engine.generate(texts[:8], params, use_tqdm=False)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for r in range(rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            engine, params = runs[name]
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            outs = engine.generate(texts, params, use_tqdm=False)
-            times[name].append(time.perf_counter() - start)
-            if sum(len(o.outputs[0].token_ids) for o in outs) != prompts * max_tokens:
-                raise RuntimeError(f"{name}: a request stopped before max_tokens")
-    ours.collective_rpc("tokur_collect", args=(None,))  # drop the traces
-    tps = {name: prompts * max_tokens / statistics.median(ts) for name, ts in times.items()}
+    runs_tps = timed_rounds(runs, texts, rounds, max_tokens, traces_on=ours)
+    tps = {name: statistics.median(values) for name, values in runs_tps.items()}
     for engine in (plain, ours):
         engine.llm_engine.engine_core.shutdown()
     return VllmBenchResult(
@@ -141,4 +171,5 @@ def vllm_overhead(
         tps["attached"],
         tps["monitored"],
         tps["typical"],
+        runs_tps,
     )

@@ -20,10 +20,9 @@ sequential generations (what the official implementation does).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
-from .bench import _QUESTIONS, SETTLE_S, bound_kv_cache
+from .bench import bound_kv_cache, chat_texts, timed_rounds
 
 __all__ = ["TokurBenchResult", "tokur_overhead"]
 
@@ -82,15 +81,7 @@ def tokur_overhead(
     bound_kv_cache()
     plain = LLM(model=model, **kwargs)
     ours = llm(model, **tokur_engine_args(samples=samples, **kwargs))
-    tok = plain.get_tokenizer()
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for i in range(prompts)
-    ]
+    texts = chat_texts(plain.get_tokenizer(), prompts)
     base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     off = SamplingParams(**base)
     on = SamplingParams(**base, extra_args=uncertainty_args(["tokur"]))
@@ -100,21 +91,8 @@ def tokur_overhead(
         "tokur": (ours, [on] * prompts),
         "mixed": (ours, [on, off] * (prompts // 2) + [on] * (prompts % 2)),
     }
-    for engine, params in runs.values():  # warm-up
-        engine.generate(texts[:4], params[:4], use_tqdm=False)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for r in range(rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            engine, params = runs[name]
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            outs = engine.generate(texts, params, use_tqdm=False)
-            times[name].append(time.perf_counter() - start)
-            if sum(len(o.outputs[0].token_ids) for o in outs) != prompts * max_tokens:
-                raise RuntimeError(f"{name}: a request stopped before max_tokens")
-        ours.collective_rpc("tokur_collect", args=(None,))  # drop the traces
-    tps = {name: prompts * max_tokens / statistics.median(ts) for name, ts in times.items()}
+    runs_tps = timed_rounds(runs, texts, rounds, max_tokens, traces_on=ours)
+    tps = {name: statistics.median(values) for name, values in runs_tps.items()}
     for engine in (plain, ours):
         engine.llm_engine.engine_core.shutdown()
     return TokurBenchResult(
