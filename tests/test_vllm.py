@@ -240,6 +240,8 @@ def test_generate_abstains_where_transformers_does(engine, hf_abstain):
     assert set(hf_abstain.trace.names) <= set(result.trace.names)
     with pytest.raises(ValueError, match="own decoding loop"):
         tv.generate(engine, QUESTIONS[1], strategy="entropy-rollback")
+    with pytest.raises(ValueError, match="threshold: this branch recipe forks at the first"):
+        tv.generate(engine, QUESTIONS[1], strategy="cot-branch", threshold=1.0)
 
 
 def test_cli_generate_backend_vllm(engine, hf_abstain, monkeypatch, capsys):

@@ -24,8 +24,8 @@ Example:
     >>> engine = tv.llm(enforce_eager=True)                               # doctest: +SKIP
     >>> result = tv.generate(engine, "What is 17 + 25?", strategy="cot-branch")  # doctest: +SKIP
     >>> fork, select = result.actions[0]                                  # doctest: +SKIP
-    >>> fork["alternatives"], select["scores"], select["chosen"]          # doctest: +SKIP
-    ([4625, 785, 504, 198, 2145], [0.61, 0.52, 0.47, 0.58, 0.44], 0)
+    >>> fork["alternatives"], select["chosen"]                            # doctest: +SKIP
+    ([33, 2068, 1348, 504, 2705], 0)
 """
 
 from __future__ import annotations
