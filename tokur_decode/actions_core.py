@@ -23,37 +23,51 @@ import math
 
 import torch
 
-__all__ = ["adaptive_temperature", "force_eos", "force_tokens", "veto"]
-
-
-def force_tokens(
-    scores: torch.Tensor, fired: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows that fired keep only the tokens in ``mask`` (logit 0, every other ``-inf``).
-
-    ``mask`` (bool, ``[V]`` shared by all rows or ``[B, V]`` per row) marks the tokens. A
-    row whose marked tokens are all ``-inf`` already (an earlier processor, e.g. a
-    grammar, forbids them) is left alone; it is reported in the second result,
-    ``blocked`` ``[B]``.
-
-    Example:
-        >>> out, blocked = force_tokens(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([True]),
-        ...                             torch.tensor([[True, False, False]]))
-        >>> out.tolist(), blocked.tolist()
-        ([[0.0, -inf, -inf]], [False])
-    """
-    allowed = scores.masked_fill(~mask, -math.inf).amax(dim=-1) > -math.inf
-    forced = torch.zeros_like(scores).masked_fill(~mask, -math.inf)
-    act = fired & allowed
-    return torch.where(act.unsqueeze(-1), forced, scores), fired & ~allowed
+__all__ = ["adaptive_temperature", "force_eos", "force_token", "token_logits", "veto"]
 
 
 def force_eos(
     scores: torch.Tensor, fired: torch.Tensor, eos_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stop: rows that fired keep only their EOS tokens (``eos_mask`` marks the EOS ids;
-    :func:`force_tokens`, whose ``blocked`` rows are those where stopping is forbidden)."""
-    return force_tokens(scores, fired, eos_mask)
+    """Stop: rows that fired keep only their EOS tokens (logit 0, every other ``-inf``).
+
+    ``eos_mask`` (bool, ``[V]`` shared by all rows or ``[B, V]`` per row) marks the EOS
+    ids. A row whose EOS tokens are all ``-inf`` already (an earlier processor, e.g. a
+    grammar, forbids stopping) is left alone; it is reported in the second result,
+    ``blocked`` ``[B]``.
+    """
+    eos_allowed = scores.masked_fill(~eos_mask, -math.inf).amax(dim=-1) > -math.inf
+    forced = torch.zeros_like(scores).masked_fill(~eos_mask, -math.inf)
+    stop = fired & eos_allowed
+    return torch.where(stop.unsqueeze(-1), forced, scores), fired & ~eos_allowed
+
+
+def token_logits(token: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, V]`` logits that can only emit ``token`` (``[B]`` ids): 0 there, ``-inf``
+    elsewhere. Built once for :func:`force_token`."""
+    forced = torch.full((token.shape[0], vocab), -math.inf, device=token.device)
+    return forced.scatter_(1, token.unsqueeze(-1), 0.0)
+
+
+def force_token(
+    scores: torch.Tensor, fired: torch.Tensor, token: torch.Tensor, forced: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that fired emit their ``token`` (``[B]``): their scores become ``forced``
+    (:func:`token_logits` of ``token``). A row whose token is ``-inf`` already (an
+    earlier processor forbids it) is left alone and reported in ``blocked`` ``[B]``. One
+    pass over ``scores``; the check reads one value per row.
+
+    Example:
+        >>> token = torch.tensor([0, 2])
+        >>> scores = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, -math.inf]])
+        >>> out, blocked = force_token(scores, torch.tensor([True, True]), token,
+        ...                            token_logits(token, 3))
+        >>> out.tolist(), blocked.tolist()
+        ([[0.0, -inf, -inf], [1.0, 1.0, -inf]], [False, True])
+    """
+    allowed = scores.gather(-1, token.unsqueeze(-1)).squeeze(-1) > -math.inf
+    act = fired & allowed
+    return torch.where(act.unsqueeze(-1), forced.to(scores.dtype), scores), fired & ~allowed
 
 
 def veto(scores: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ from ..signals import SIGNALS, SignalSpec
 from ..strategy import Strategy
 from .tokur import TOKUR_OUTPUTS
 
-__all__ = ["PREFIX", "RequestSettings", "parse_settings", "uncertainty_args"]
+__all__ = ["PREFIX", "RequestSettings", "parse_settings", "stop_args", "uncertainty_args"]
 
 PREFIX = "tokur_"
 _TRIGGER_KEYS = ("threshold", "direction", "patience", "min_tokens", "window")
@@ -166,6 +166,25 @@ def uncertainty_args(
         raise ValueError("signals: give signals, a strategy or a setting to opt in")
     parse_settings(args)
     return args
+
+
+def stop_args(trigger: Trigger) -> dict:
+    """:func:`uncertainty_args` overrides for "stop where ``trigger`` fires" (its
+    threshold included when it has one).
+
+    Example:
+        >>> stop_args(Trigger("entropy", threshold=2.0, window=4))["window"]
+        4
+    """
+    args = {
+        "action": "stop",
+        "trigger": trigger.signal,
+        "direction": trigger.direction,
+        "patience": trigger.patience,
+        "window": trigger.window,
+        "min_tokens": trigger.min_tokens,
+    }
+    return args if trigger.threshold is None else {**args, "threshold": trigger.threshold}
 
 
 def parse_settings(extra_args: Mapping | None) -> RequestSettings | None:

@@ -39,7 +39,7 @@ from ..hf.generation import GenerationResult
 from ..hf.monitor import decode_rows
 from ..strategy import Strategy
 from ..trace import Trace
-from .args import uncertainty_args
+from .args import stop_args, uncertainty_args
 
 __all__ = ["branch"]
 
@@ -132,18 +132,11 @@ def _params(request, run, trigger, k, temperature, top_p, seed):
     log-probabilities where a fork may follow, the trigger as a stop while on."""
     from vllm import SamplingParams
 
-    settings = {} if request.token is None else {"branch_token": request.token}
-    if request.watch:
-        settings |= {
-            "action": "stop",
-            "trigger": trigger.signal,
-            "threshold": trigger.threshold,
-            "direction": trigger.direction,
-            "patience": trigger.patience,
-            "window": trigger.window,
-            # a continuation starts after a fire, which needs min_tokens already
-            "min_tokens": trigger.min_tokens if request.token is None else 0,
-        }
+    settings = stop_args(trigger) if request.watch else {}
+    if request.token is not None:
+        settings["branch_token"] = request.token
+        if request.watch:  # a continuation starts after a fire, which needed min_tokens
+            settings["min_tokens"] = 0
     sampled = temperature > 0
     return SamplingParams(
         max_tokens=1 if request.probe else run.max_new_tokens - len(request.candidate.ids),

@@ -35,7 +35,7 @@ from ..hf.monitor import DEFAULT_SIGNALS
 from ..policy import signal_of_output
 from ..strategy import Strategy
 from ..trace import Trace
-from .args import uncertainty_args
+from .args import stop_args, uncertainty_args
 from .branching import branch
 from .client import read_traces
 
@@ -212,14 +212,7 @@ def _deepconf_online(run: _Runner, p: dict, sampling: dict, prompts, extract) ->
     _, warm = run(n=warmup, **sampling)
     warm = Trace.concat(warm)
     thresholds = deepconf_thresholds(warm, warmup, p)
-    trigger = deepconf_trigger(p["window"])
-    stop = {
-        "action": "stop",
-        "trigger": trigger.signal,
-        "direction": trigger.direction,
-        "window": trigger.window,
-        "min_tokens": trigger.min_tokens,
-    }
+    stop = stop_args(deepconf_trigger(p["window"]))
     seed = sampling["seed"]
     _, later = run(
         n=online,

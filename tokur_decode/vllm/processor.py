@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ..actions_core import adaptive_temperature, force_eos, force_tokens, veto
+from ..actions_core import adaptive_temperature, force_eos, force_token, token_logits, veto
 from ..policy import TriggerState
 from ..signals import (
     CHOSEN_SIGNALS,
@@ -105,7 +105,8 @@ class _Group:
     tokur: torch.Tensor | None = None  # the rows' places in the TokUR samples
     resumed: torch.Tensor | None = None  # [rows] bool: branch continuations
     forced: torch.Tensor | None = None  # [rows] bool: ... whose first token is given
-    force_mask: torch.Tensor | None = None  # [rows, V] bool: that token
+    first_token: torch.Tensor | None = None  # [rows]: that token (0 where none)
+    first_logits: torch.Tensor | None = None  # [rows, V]: logits that emit it
 
 
 class _TriggerSlots:
@@ -403,8 +404,8 @@ class UncertaintyProcessor(LogitsProcessor):
             token = [-2 if t is None else t if t < self.vocab else -1 for t in branch]
             token = self._tensor(token)
             group.resumed, group.forced = token >= -1, token >= 0
-            mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
-            group.force_mask = mask.scatter(1, token.clamp_min(0).unsqueeze(-1), True)
+            group.first_token = token.clamp_min(0)
+            group.first_logits = token_logits(group.first_token, self.vocab)
         return group
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
@@ -456,7 +457,7 @@ class UncertaintyProcessor(LogitsProcessor):
             edited = self._act(g, z, pos, values, first)
         if first is not None:
             base = z if edited is None else edited
-            edited, _ = force_tokens(base, first & g.forced, g.force_mask)
+            edited, _ = force_token(base, first & g.forced, g.first_token, g.first_logits)
         if edited is not None:
             logits.index_copy_(0, g.rows, edited)
 

@@ -134,7 +134,7 @@ class UncertaintyProcessorV2(LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         core = self.core
         idx = ctx.idx_mapping_np
-        if self._dirty or self._layout is None or not np.array_equal(idx, self._layout):
+        if self._dirty or not np.array_equal(idx, self._layout):
             self._left(set(idx.tolist()))
             self._layout, self._dirty = np.array(idx, copy=True), False
             by_slot = self._by_slot
