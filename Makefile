@@ -2,6 +2,7 @@
 #
 #   make demo    create .venv if needed, install everything, run the main job
 #   make test    create .venv if needed, install everything, run the test suite
+#   make lint    ruff check, ruff format --check and the import contract (lint-imports)
 #   make bench   the overhead benchmark on the embedded model
 #
 # Versions are pinned in constraints.txt. CUDA users override TORCH_INDEX (and
@@ -18,7 +19,7 @@ BIN   := $(VENV)/bin
 PIP   := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 venv: $(STAMP)
 
@@ -44,8 +45,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+lint: $(STAMP)
+	$(BIN)/ruff check tokur_decode tests examples
+	$(BIN)/ruff format --check tokur_decode tests examples
+	$(BIN)/lint-imports
+
 bench: $(STAMP)
 	$(BIN)/tokur-decode bench overhead
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache build dist *.egg-info

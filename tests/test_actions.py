@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from tokur_decode.core.policy import Trigger, TriggerState, calibrate_from_traces
+from tokur_decode.core.select import choose, select, top_eta, vote
+from tokur_decode.core.trace import Trace
 from tokur_decode.hf import UncertaintyMonitor
 from tokur_decode.hf.actions import ResampleOnTrigger, StopOnTrigger
 from tokur_decode.models import tiny_model
-from tokur_decode.policy import Trigger, TriggerState, calibrate_from_traces
-from tokur_decode.select import choose, select, top_eta, vote
-from tokur_decode.strategy import Strategy, available, strategies_dir
-from tokur_decode.trace import Trace
+from tokur_decode.strategies.recipe import Strategy, available, strategies_dir
 
 EOS = 127
 PROMPT = torch.tensor([[1, 5, 9, 3], [4, 4, 2, 8]])

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokur_decode import aggregate as A
+from tokur_decode.core import aggregate as A
 
 
 def ref(name: str, row: list[float], **kw) -> float:

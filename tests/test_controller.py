@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tokur_decode import Strategy, generate
-from tokur_decode.aggregate import group_confidences
+from tokur_decode.core.aggregate import group_confidences
+from tokur_decode.core.policy import Trigger, TriggerState
+from tokur_decode.core.signals import SignalSpec
+from tokur_decode.core.text import encode_prompts
+from tokur_decode.core.trace import Trace
 from tokur_decode.hf import UncertaintyMonitor
 from tokur_decode.hf.controller import Branch, Controller, Rollback
-from tokur_decode.hf.generation import encode_prompts
-from tokur_decode.policy import Trigger, TriggerState
-from tokur_decode.signals import SignalSpec
-from tokur_decode.trace import Trace
 
 PROMPTS = [
     "What is the capital of France?",

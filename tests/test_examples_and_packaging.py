@@ -40,8 +40,8 @@ class Block:
         if name.split('.')[0] in {blocked!r}:
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Block())
-import tokur_decode, tokur_decode.signals, tokur_decode.aggregate, tokur_decode.trace
-import tokur_decode.hf, tokur_decode.models, tokur_decode.cli, tokur_decode.bench
+import tokur_decode, tokur_decode.core.signals, tokur_decode.core.aggregate, tokur_decode.core.trace
+import tokur_decode.hf, tokur_decode.models, tokur_decode.cli, tokur_decode.bench.hf
 print('ok')
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -52,7 +52,7 @@ print('ok')
 def test_overhead_benchmark_reports_ratios_against_same_run_baseline():
     from transformers import PreTrainedTokenizerFast
 
-    from tokur_decode.bench import monitor_overhead
+    from tokur_decode.bench.hf import monitor_overhead
     from tokur_decode.models import tiny_model
 
     model = tiny_model("llama", vocab_size=128)
@@ -76,7 +76,7 @@ def _tiny_tokenizer(cls):
 def test_wheel_ships_the_strategy_recipes(tmp_path):
     import zipfile
 
-    from tokur_decode.strategy import available
+    from tokur_decode.strategies.recipe import available
 
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
@@ -88,4 +88,4 @@ def test_wheel_ships_the_strategy_recipes(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for recipe in available():
-        assert f"tokur_decode/strategies/{recipe}.toml" in names, recipe
+        assert f"tokur_decode/strategies/recipes/{recipe}.toml" in names, recipe

@@ -10,12 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tokur_decode.experiments import data, metrics, scoring
-from tokur_decode.experiments.graders import GRADERS, grade
-from tokur_decode.experiments.store import RunStore
-from tokur_decode.trace import Trace
+pytest.importorskip("sklearn")  # the experiments extra
+
+from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
+
+from tokur_decode.core.trace import Trace  # noqa: E402
+from tokur_decode.experiments import data, metrics, scoring  # noqa: E402
+from tokur_decode.experiments.graders import GRADERS, grade  # noqa: E402
+from tokur_decode.experiments.store import RunStore  # noqa: E402
 
 # --------------------------------------------------------------------------- data
 
@@ -283,7 +286,7 @@ def test_bootstrap_intervals_cover_the_point_and_skip_undefined_resamples():
 
 
 def test_trace_scores_cover_every_reducer_and_orientation():
-    from tokur_decode.aggregate import REDUCERS
+    from tokur_decode.core.aggregate import REDUCERS
 
     trace = Trace(
         {

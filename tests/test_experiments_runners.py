@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tokur_decode.core.signals import parse_signals
+from tokur_decode.core.trace import Trace
 from tokur_decode.experiments import data, detection, metrics, report, scaling
-from tokur_decode.experiments.backends import Backend, Generation, HFBackend, resolve_signals
-from tokur_decode.trace import Trace
+from tokur_decode.experiments.backends import Backend, Generation, HFBackend
 
 
 class ScriptedBackend:
@@ -71,7 +72,7 @@ def test_backends_follow_the_protocol():
     with pytest.raises(ValueError, match="model"):
         HFBackend(model_name="x")
     with pytest.raises(ValueError, match="signals: unknown"):
-        resolve_signals("entropy,bogus")
+        parse_signals("entropy,bogus")
 
 
 def test_detection_metrics_of_a_scripted_run(tmp_path):
@@ -241,7 +242,7 @@ def test_deepconf_online_simulation_cuts_where_the_online_stop_would():
     # votes: a, a, b -> "a" (right); tokens: 4 + 3 + (cut after step 2: 3) + 3
     assert correct.tolist() == [1.0] and tokens.tolist() == [13.0]
     # the same cut as the policy's calibrated trigger computes on the traces
-    from tokur_decode.policy import Trigger, calibrate_from_traces
+    from tokur_decode.core.policy import Trigger, calibrate_from_traces
 
     warm = Trace(
         {"deepconf": torch.tensor([[5.0, 5, 5, 5], [4, 4, 4, 0]])},
@@ -288,7 +289,7 @@ def test_reports_write_every_file(tmp_path):
 def test_end_to_end_on_the_embedded_model_through_the_cli(embedded, tmp_path, monkeypatch, capsys):
     from tokur_decode import cli
 
-    monkeypatch.setattr(cli, "_load", lambda args: embedded)
+    monkeypatch.setattr(cli, "load", lambda args: embedded)
     calls = []
     original = HFBackend.generate
     monkeypatch.setattr(

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tokur_decode.core.signals import compute_signals
 from tokur_decode.hf import UncertaintyMonitor
-from tokur_decode.signals import compute_signals
 
 EOS = 127  # tiny_model(vocab_size=128)
 ALL = "all"

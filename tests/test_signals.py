@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import digamma, logsumexp
 
-from tokur_decode import signals as S
+from tokur_decode.core import signals as S
 
 # --------------------------------------------------------------------------- reference
 

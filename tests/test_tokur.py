@@ -9,9 +9,9 @@ import hashlib
 import pytest
 import torch
 
+from tokur_decode.core.perturbation import bases_for, low_rank_basis
 from tokur_decode.hf import UncertaintyMonitor, perturbed
 from tokur_decode.models import tiny_model
-from tokur_decode.perturbation import bases_for, low_rank_basis
 
 EOS = 127
 PROMPTS = torch.tensor([[EOS, EOS, 5, 6, 7], [1, 2, 3, 4, 9]])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tokur_decode.trace import StepBuffer, Trace, uncertainty_scale
+from tokur_decode.core.trace import StepBuffer, Trace, uncertainty_scale
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tokur_decode.cli import main
-from tokur_decode.hf.generation import encode_prompts
+from tokur_decode.core.text import encode_prompts
 from tokur_decode.verbalized import (
     CAPITALS,
     SCORES,

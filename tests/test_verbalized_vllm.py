@@ -19,7 +19,7 @@ from tokur_decode.verbalized import CAPITALS, ask, format_regex, vllm_backend  #
 from .conftest import vllm_engine  # noqa: E402
 from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 QUESTIONS = [q for q, _ in CAPITALS[:5]]
 
 

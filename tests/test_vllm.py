@@ -11,13 +11,13 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
+from tokur_decode.core.signals import SIGNALS  # noqa: E402
+from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
-from tokur_decode.hf.generation import encode_prompts  # noqa: E402
-from tokur_decode.signals import SIGNALS  # noqa: E402
 
 from .conftest import vllm_engine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -269,7 +269,7 @@ def test_best_of_n_through_the_engine_selects_as_transformers_does(engine):
     """``self-certainty-best-of-n``: 8 samples through ``SamplingParams(n=8)``, each with
     its own trace; the choice is the argmax of the candidates' mean self-certainty,
     which is what the transformers path's selection code picks for these scores."""
-    from tokur_decode.select import choose
+    from tokur_decode.core.select import choose
 
     result = tv.generate(
         engine, QUESTIONS[2], strategy="self-certainty-best-of-n", max_new_tokens=16
@@ -291,8 +291,8 @@ def test_best_of_n_through_the_engine_selects_as_transformers_does(engine):
 def test_deepconf_online_through_the_engine(engine):
     """Warm-up candidates set the prompt's threshold (the 50th percentile of their lowest
     4-token group confidence); later candidates that dip below it stop and do not vote."""
-    from tokur_decode.aggregate import group_confidences
-    from tokur_decode.strategy import Strategy
+    from tokur_decode.core.aggregate import group_confidences
+    from tokur_decode.strategies.recipe import Strategy
 
     recipe = Strategy.load("deepconf-online").to_dict()
     recipe["action"].update(n=8, warmup=3, window=4, keep=50)
@@ -319,7 +319,7 @@ def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
     import json
 
     from tokur_decode.cli import main
-    from tokur_decode.hf.generation import normalize_answer
+    from tokur_decode.core.text import normalize_answer
 
     monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
     argv = ["generate", QUESTIONS[2], "--backend", "vllm", "--strategy", "self-certainty-best-of-n"]
@@ -377,7 +377,7 @@ def test_cli_generate_backend_vllm_cot_branch(engine, monkeypatch, capsys):
     import json
 
     from tokur_decode.cli import main
-    from tokur_decode.hf.generation import normalize_answer
+    from tokur_decode.core.text import normalize_answer
 
     monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
     argv = ["generate", QUESTIONS[2], "--backend", "vllm", "--strategy", "cot-branch"]

@@ -26,7 +26,7 @@ import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.models import default_model_path  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTION = "Who won the 1937 Tour de France?"
 STARTUP_TIMEOUT = 180

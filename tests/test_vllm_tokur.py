@@ -16,13 +16,13 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
+from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
-from tokur_decode.hf.generation import encode_prompts  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
 
 from .conftest import vllm_engine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTIONS = [
     "What is the capital of France?",

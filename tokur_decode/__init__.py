@@ -1,9 +1,9 @@
 """tokur-decode: uncertainty-guided decoding for LLMs.
 
-Token-level uncertainty signals (:mod:`tokur_decode.signals`), response-level
-aggregates (:mod:`tokur_decode.aggregate`), traces (:mod:`tokur_decode.trace`), the
+Token-level uncertainty signals (:mod:`tokur_decode.core.signals`), response-level
+aggregates (:mod:`tokur_decode.core.aggregate`), traces (:mod:`tokur_decode.core.trace`), the
 transformers monitor, TokUR and actions (:mod:`tokur_decode.hf`), triggers
-(:mod:`tokur_decode.policy`) and strategy recipes (:mod:`tokur_decode.strategy`).
+(:mod:`tokur_decode.core.policy`) and strategy recipes (:mod:`tokur_decode.strategies.recipe`).
 The names below are imported lazily, so ``import tokur_decode`` stays cheap.
 
 Example:
@@ -19,10 +19,10 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "SignalSpec": "tokur_decode.signals",
-    "compute_signals": "tokur_decode.signals",
-    "Strategy": "tokur_decode.strategy",
-    "Trace": "tokur_decode.trace",
+    "SignalSpec": "tokur_decode.core.signals",
+    "compute_signals": "tokur_decode.core.signals",
+    "Strategy": "tokur_decode.strategies.recipe",
+    "Trace": "tokur_decode.core.trace",
     "UncertaintyMonitor": "tokur_decode.hf",
     "generate": "tokur_decode.hf",
     "load_default": "tokur_decode.models",

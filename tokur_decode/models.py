@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .core.cache import cache_dir
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "cache_dir",
@@ -57,14 +59,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models (and later, TokUR bases) are cached."""
-    if env := os.environ.get("TOKUR_DECODE_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tokur-decode"
 
 
 def _gguf_path() -> Path:

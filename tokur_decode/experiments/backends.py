@@ -33,46 +33,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..signals import SIGNALS
-from ..trace import Trace
+from ..core.trace import Trace
+from ..strategies.backend import Request, Sampling
 
 __all__ = [
-    "ALL_SIGNALS",
     "VERBALIZED_EXTRA",
     "Backend",
     "Generation",
     "HFBackend",
     "VLLMBackend",
     "VerbalizedBackend",
-    "resolve_signals",
 ]
-
-#: What ``--signals all`` means for the runners: every logit signal and TokUR.
-ALL_SIGNALS = (*SIGNALS, "tokur")
-
-
-def resolve_signals(signals: str | Sequence[str]) -> tuple[str, ...]:
-    """Signal names from a comma-separated string or a list; ``all`` is
-    :data:`ALL_SIGNALS`.
-
-    Example:
-        >>> resolve_signals("entropy, chosen_logprob")
-        ('entropy', 'chosen_logprob')
-        >>> "tokur" in resolve_signals("all")
-        True
-    """
-    names = [s.strip() for s in signals.split(",")] if isinstance(signals, str) else signals
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError("signals: at least one signal is required")
-    out: list[str] = []
-    for name in names:
-        for n in ALL_SIGNALS if name == "all" else (name,):
-            if n not in ALL_SIGNALS:
-                raise ValueError(f"signals: unknown {n!r}; choose from {list(ALL_SIGNALS)} or all")
-            if n not in out:
-                out.append(n)
-    return tuple(out)
 
 
 @dataclass
@@ -121,7 +92,7 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """The transformers backend, over :func:`tokur_decode.hf.generate`.
+    """The transformers backend, over the strategy layer's :class:`tokur_decode.hf.HFBackend`.
 
     Args:
         model, tokenizer: a loaded causal LM and its tokenizer; or ``loader``, a function
@@ -187,41 +158,16 @@ class HFBackend:
         max_new_tokens: int = 64,
         seed: int = 0,
     ) -> list[Generation]:
-        from ..hf.generation import generate
+        from ..hf import HFBackend as Adapter
 
-        _check_n(n, temperature)
         model, tokenizer = self.loaded()
-        common = dict(
-            signals=list(signals),
-            chat=self.chat,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            tokur=dict(self.tokur) if "tokur" in signals else None,
-            **self.signal_params,
+        adapter = Adapter(
+            model, tokenizer, chat=self.chat, batch_size=self.batch_size, **self.signal_params
         )
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = list(prompts[start : start + self.batch_size])
-            common["seed"] = seed + start
-            if n == 1:
-                result = generate(
-                    model, tokenizer, batch, temperature=temperature, top_p=top_p, **common
-                )
-                out += [Generation(list(t.texts or []), t) for t in result.traces]
-            else:  # N samples per prompt in one batched generate: the best-of-N path
-                recipe = {
-                    "name": "experiment-candidates",
-                    "action": {
-                        "type": "best-of-n",
-                        "n": n,
-                        "temperature": temperature,
-                        "top_p": top_p,
-                        "score": next(iter(SIGNALS[_first_logit_signal(signals)])),
-                    },
-                }
-                result = generate(model, tokenizer, batch, strategy=recipe, **common)
-                out += [Generation(list(t.texts or []), t) for t in result.candidates or []]
-        return out
+        tokur = dict(self.tokur) if "tokur" in signals else None
+        return _generations(
+            adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed, tokur
+        )
 
 
 def _check_n(n: int, temperature: float) -> None:
@@ -291,38 +237,28 @@ class VLLMBackend:
         max_new_tokens: int = 64,
         seed: int = 0,
     ) -> list[Generation]:
-        from vllm import SamplingParams, TokensPrompt
+        from ..vllm import VLLMBackend as Adapter
 
-        from ..vllm import prompt_token_ids, read_traces, uncertainty_args
-
-        _check_n(n, temperature)
         engine, _ = self.loaded()
-        tokenizer = engine.get_tokenizer()
-        inputs = [
-            TokensPrompt(prompt_token_ids=ids)
-            for ids in prompt_token_ids(tokenizer, prompts, self.chat)
-        ]
-        args = uncertainty_args(list(signals), **self.signal_params)
-        sampled = temperature > 0
-        params = [
-            SamplingParams(
-                n=n,
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p if sampled else 1.0,
-                seed=seed + i if sampled else None,
-                extra_args=args,
-            )
-            for i in range(len(inputs))
-        ]
-        outputs = engine.generate(inputs, params, use_tqdm=False)
-        traces = read_traces(engine, outputs, tokenizer)
-        if any(trace is None for trace in traces):
-            raise ValueError("engine: no trace came back (build it with tokur_decode.vllm.llm)")
-        return [
-            Generation([c.text for c in out.outputs], trace)
-            for out, trace in zip(outputs, traces, strict=True)
-        ]
+        adapter = Adapter(engine, chat=self.chat, **self.signal_params)
+        return _generations(adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed)
+
+
+def _generations(
+    adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed, tokur=None
+) -> list[Generation]:
+    """``n`` answers per prompt from a strategy-layer backend, one :class:`Generation`
+    per prompt."""
+    _check_n(n, temperature)
+    sampling = Sampling(
+        temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+    )
+    out = adapter.decode(list(prompts), Request(tuple(signals), sampling, n, tokur=tokur))
+    generations = []
+    for i in range(len(prompts)):
+        trace = out.trace.select(out.rows_of(i))
+        generations.append(Generation(list(trace.texts or []), trace))
+    return generations
 
 
 #: The extra scores of :class:`VerbalizedBackend` (confidences, higher = more likely
@@ -399,8 +335,3 @@ class VerbalizedBackend:
             trace = Trace.concat([r.trace for r in results])
             out.append(Generation([r.answer or "" for r in results], trace, extra))
         return out
-
-
-def _first_logit_signal(signals: Sequence[str]) -> str:
-    """A recorded signal that scores best-of-N candidates (the choice is not used)."""
-    return next((s for s in signals if s in SIGNALS), "max_prob")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, Generation, resolve_signals
+from ..core.signals import parse_signals
+from .backends import Backend, Generation
 from .data import Item
 from .metrics import auroc, bootstrap, detection_metrics, ece
 from .runner import RunResult, graded, process
@@ -54,7 +55,7 @@ def run_detection(
     backend: Backend,
     *,
     out: str | Path,
-    signals: str | Sequence[str] = "all",
+    signals: str | Sequence[str] = "all,tokur",
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 8,
@@ -69,7 +70,7 @@ def run_detection(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    names = resolve_signals(signals)
+    names = parse_signals(signals)
     config = {
         "kind": "detect",
         "signals": list(names),

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..aggregate import REDUCERS
-from ..trace import uncertainty_scale
+from ..core.aggregate import REDUCERS
+from ..core.trace import uncertainty_scale
 from .metrics import TOP_P, Interval, reliability, risk_coverage
 from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES, uncertainty
 

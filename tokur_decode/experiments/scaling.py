@@ -8,8 +8,9 @@ subsets of ``N`` candidates per item (seeded by the item) and applies each metho
 
 * ``greedy`` (the extra greedy answer), ``majority`` vote, ``oracle`` (pass@N: some
   candidate is right; an upper bound);
-* each recipe (``strategies/*.toml``, best-of-n or deepconf-online) as configured, with
-  its ``score``, ``reducer``, ``higher_is_better``, ``method`` and ``eta``, ``n`` = N;
+* each recipe (``tokur_decode/strategies/recipes/*.toml``, best-of-n or
+  deepconf-online) as configured, with its ``score``, ``reducer``, ``higher_is_better``,
+  ``method`` and ``eta``, ``n`` = N;
 * for each distinct recipe score, and each extra score the backend gives (e.g. the
   verbalized confidences of :class:`~tokur_decode.experiments.backends.VerbalizedBackend`):
   ``best-of-N`` (argmax), ``weighted vote`` (weights = softmax of the scores) and
@@ -17,9 +18,10 @@ subsets of ``N`` candidates per item (seeded by the item) and applies each metho
   < 1, else ``eta``);
 * DeepConf online (recipe type ``deepconf-online``), simulated from the full traces:
   the first ``warmup`` candidates of the subset set the threshold (the ``100 - keep``
-  percentile of their lowest group confidence, :func:`tokur_decode.policy.calibrate_from_traces`);
+  percentile of their lowest group confidence,
+  :func:`tokur_decode.core.policy.calibrate_from_traces`);
   each later one is cut at the first token where its ``window``-token group confidence
-  (:class:`tokur_decode.policy.TriggerState`, from ``window`` tokens on) falls below it,
+  (:class:`tokur_decode.core.policy.TriggerState`, from ``window`` tokens on) falls below it,
   as the online stop would; cut candidates leave the vote and count only the tokens
   decoded up to the cut. With ``N <= warmup`` it is the offline vote.
 
@@ -42,12 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import aggregate
-from ..policy import Trigger, TriggerState, calibrate_from_traces, signal_of_output
-from ..select import choose, vote
-from ..strategy import Strategy
-from ..trace import Trace
-from .backends import Backend, Generation, resolve_signals
+from ..core import aggregate
+from ..core.policy import Trigger, TriggerState, calibrate_from_traces
+from ..core.select import choose, vote
+from ..core.signals import parse_signals, signal_of_output
+from ..core.trace import Trace
+from ..strategies.recipe import Strategy
+from .backends import Backend, Generation
 from .data import Item
 from .metrics import bootstrap
 from .runner import RunResult, graded, process
@@ -63,7 +66,7 @@ _SWEPT = ("best-of-n", "deepconf-online")
 class Method:
     """How N candidates become one answer.
 
-    ``kind``: ``"select"`` (:func:`tokur_decode.select.choose` by ``score:reducer``
+    ``kind``: ``"select"`` (:func:`tokur_decode.core.select.choose` by ``score:reducer``
     with ``method`` and ``eta``) or ``"deepconf-online"`` (also ``warmup``, ``keep``,
     ``window``).
     """
@@ -102,16 +105,16 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
                 f"strategies: {strat.name!r} is a {strat.action!r} recipe; the scaling runner "
                 f"sweeps {' and '.join(_SWEPT)} recipes"
             )
-        p = strat.params
+        p = strat.config
         common = dict(
-            score=p["score"],
-            reducer=p["reducer"],
-            higher_is_better=p["higher_is_better"],
-            method=p["method"],
-            eta=float(p["eta"]),
+            score=p.score,
+            reducer=p.reducer,
+            higher_is_better=p.higher_is_better,
+            method=p.method,
+            eta=float(p.eta),
         )
         if strat.action == "deepconf-online":
-            extra = dict(warmup=p["warmup"], keep=float(p["keep"]), window=p["window"])
+            extra = dict(warmup=p.warmup, keep=float(p.keep), window=p.window)
             recipes.append(Method(strat.name, "deepconf-online", **common, **extra))
         else:
             recipes.append(Method(strat.name, "select", **common))
@@ -164,7 +167,7 @@ def _variants(m: Method, eta: float) -> list[Method]:
 
 
 def _temperature(strategies: Sequence[str]) -> float:
-    values = {float(Strategy.load(s).params["temperature"]) for s in strategies}
+    values = {float(Strategy.load(s).config.temperature) for s in strategies}
     if len(values) != 1:
         raise ValueError(
             f"temperature: the recipes sample at {sorted(values)}; candidates are generated "
@@ -216,7 +219,7 @@ def run_scaling(
     methods = recipe_methods(strategies, eta=eta)
     needed = {s for m in methods for s in m.signals()}
     recorded = needed | {s for name in strategies for s in Strategy.load(name).signals}
-    names = resolve_signals(signals if signals is not None else sorted(recorded))
+    names = parse_signals(signals if signals is not None else sorted(recorded))
     missing = needed - set(names)
     if missing:
         raise ValueError(f"signals: the strategies need {sorted(missing)} as well")

@@ -1,7 +1,7 @@
 """Response-level scores of generated answers, and which way each one points.
 
 Every recorded signal output is reduced by every reducer of
-:data:`tokur_decode.aggregate.REDUCERS` into a score named ``"<output>:<reducer>"``
+:data:`tokur_decode.core.aggregate.REDUCERS` into a score named ``"<output>:<reducer>"``
 (``"entropy:mean"``, ``"tokur_epistemic:sum"``); ``naive`` and ``vanilla`` read
 probabilities, so they are computed for ``max_prob`` and ``chosen_prob`` only.
 Scores a backend adds outside the trace (``Generation.extra``, e.g.
@@ -9,12 +9,12 @@ Scores a backend adds outside the trace (``Generation.extra``, e.g.
 exception is :data:`LENGTH`, the answer's length, an uncertainty.
 
 :func:`uncertainty` orients any score so that higher means "more likely wrong":
-confidence outputs (:data:`tokur_decode.signals.CONFIDENCE_KEYS`) and extra scores are
+confidence outputs (:data:`tokur_decode.core.signals.CONFIDENCE_KEYS`) and extra scores are
 negated; ``naive``/``vanilla`` are uncertainties whatever they read.
 
 Example:
     >>> import torch
-    >>> from tokur_decode.trace import Trace
+    >>> from tokur_decode.core.trace import Trace
     >>> t = Trace({"entropy": torch.tensor([[0.5, 1.5]])}, torch.tensor([[1, 2]]),
     ...           torch.tensor([2]))
     >>> trace_scores(t)[0]["entropy:mean"]
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import aggregate
-from ..signals import CONFIDENCE_KEYS
-from ..trace import Trace
+from ..core import aggregate
+from ..core.signals import CONFIDENCE_KEYS, OUTPUTS
+from ..core.trace import Trace
 
 __all__ = [
     "BASELINE",
@@ -57,14 +57,7 @@ _PROBABILITY_OUTPUTS = frozenset({"max_prob", "chosen_prob"})
 _UNCERTAINTY_REDUCERS = frozenset({"naive", "vanilla"})
 
 #: Each output's reducer in the headline table (the one its paper uses); others: mean.
-HEADLINE_REDUCER = {
-    "max_prob": "naive",
-    "deepconf": "deepconf_lowest_group",
-    "logtoku_unreliability": "topk_mean",
-    "tokur_total": "sum",
-    "tokur_aleatoric": "sum",
-    "tokur_epistemic": "sum",
-}
+HEADLINE_REDUCER = {key: o.headline for key, o in OUTPUTS.items() if o.headline != "mean"}
 
 
 def trace_scores(trace: Trace) -> list[dict[str, float]]:

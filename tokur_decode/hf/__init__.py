@@ -7,17 +7,9 @@ Example:
     ('entropy',)
 """
 
-from .generation import GenerationResult, encode_prompts, generate
-from .monitor import DEFAULT_SIGNALS, SAMPLE_SIGNALS, UncertaintyMonitor
+from .backend import HFBackend
+from .generation import generate
+from .monitor import UncertaintyMonitor
 from .tokur import PerturbedModel, perturbed
 
-__all__ = [
-    "DEFAULT_SIGNALS",
-    "SAMPLE_SIGNALS",
-    "GenerationResult",
-    "PerturbedModel",
-    "UncertaintyMonitor",
-    "encode_prompts",
-    "generate",
-    "perturbed",
-]
+__all__ = ["HFBackend", "PerturbedModel", "UncertaintyMonitor", "generate", "perturbed"]

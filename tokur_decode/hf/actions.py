@@ -26,14 +26,18 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from ..actions_core import adaptive_temperature, force_eos, veto
-from ..policy import Trigger, TriggerState, signal_of_output
-from ..signals import SignalSpec
-from ..trace import StepBuffer
+from ..core.logit_edits import adaptive_temperature, force_eos, veto
+from ..core.policy import Trigger, TriggerState
+from ..core.signals import SignalSpec, signal_of_output
+from ..core.trace import StepBuffer
+from ..strategies.actions import Resample
 from .clock import StepClock
 from .monitor import as_id_list
 
 __all__ = ["ResampleOnTrigger", "StopOnTrigger", "TriggeredAction"]
+
+#: The resample rule's defaults (one place: :class:`tokur_decode.strategies.actions.Resample`).
+_RULE = Resample()
 
 
 class TriggeredAction(LogitsProcessor):
@@ -132,7 +136,7 @@ class StopOnTrigger(TriggeredAction):
 
     Example:
         >>> import torch
-        >>> from tokur_decode.policy import Trigger
+        >>> from tokur_decode.core.policy import Trigger
         >>> stop = StopOnTrigger(Trigger("entropy", threshold=0.5), eos_token_id=3)
         >>> scores = torch.tensor([[0.0] * 5, [9.0, 0, 0, 0, 0]])
         >>> out = stop(torch.ones(2, 4, dtype=torch.long), scores)
@@ -183,7 +187,7 @@ class ResampleOnTrigger(TriggeredAction):
 
     Example:
         >>> import torch
-        >>> from tokur_decode.policy import Trigger
+        >>> from tokur_decode.core.policy import Trigger
         >>> veto = ResampleOnTrigger(Trigger("max_prob", threshold=0.9, direction="below"))
         >>> veto(torch.ones(1, 2, dtype=torch.long), torch.tensor([[2.0, 1.0, 0.0]])).tolist()
         [[-inf, 1.0, 0.0]]
@@ -194,14 +198,14 @@ class ResampleOnTrigger(TriggeredAction):
     def __init__(
         self,
         trigger: Trigger,
-        mode: str = "veto",
+        mode: str = _RULE.mode,
         *,
-        temperature: float = 1.0,
-        entropy_coef: float = 0.3,
-        varentropy_coef: float = 0.1,
-        min_temperature: float = 0.5,
-        max_temperature: float = 2.0,
-        min_p: float = 0.05,
+        temperature: float = _RULE.temperature,
+        entropy_coef: float = _RULE.entropy_coef,
+        varentropy_coef: float = _RULE.varentropy_coef,
+        min_temperature: float = _RULE.min_temperature,
+        max_temperature: float = _RULE.max_temperature,
+        min_p: float = _RULE.min_p,
         **signal_params,
     ) -> None:
         if mode not in ("veto", "adaptive"):

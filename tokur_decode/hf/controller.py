@@ -51,10 +51,12 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from ..candidates import fork_alternatives
-from ..policy import Trigger, TriggerState
-from ..trace import Trace
-from .monitor import UncertaintyMonitor, decode_rows
+from ..core.policy import Trigger, TriggerState
+from ..core.text import decode_rows
+from ..core.trace import Trace
+from ..strategies import actions
+from ..strategies.candidates import fork_alternatives
+from .monitor import UncertaintyMonitor
 
 __all__ = ["Branch", "Controller", "Rollback"]
 
@@ -333,10 +335,10 @@ class Branch:
 
     def __init__(
         self,
-        k: int = 5,
+        k: int = actions.Branch.k,
         trigger: Trigger | None = None,
         *,
-        max_branch_points: int = 1,
+        max_branch_points: int = actions.Branch.max_branch_points,
         token_budget: int | None = None,
     ) -> None:
         for name, value in (("k", k), ("max_branch_points", max_branch_points)):
@@ -450,7 +452,12 @@ class Rollback:
     """
 
     def __init__(
-        self, trigger: Trigger, *, rewind: int = 4, temperature: float = 1.0, max_retries: int = 2
+        self,
+        trigger: Trigger,
+        *,
+        rewind: int = actions.Rollback.rewind,
+        temperature: float = actions.Rollback.temperature,
+        max_retries: int = actions.Rollback.max_retries,
     ) -> None:
         if not isinstance(trigger, Trigger):
             raise ValueError(f"trigger must be a Trigger, got {type(trigger).__name__}")

@@ -7,34 +7,34 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from ..signals import (
+from ..core.signals import (
     CHOSEN_SIGNALS,
+    DEFAULT_SIGNALS,
+    REGISTRY,
+    SAMPLE_SIGNALS,
     SignalSpec,
     bayesian_terms,
     chosen_from_logprobs,
     implicit_reward,
+    parse_signals,
 )
-from ..trace import StepBuffer, Trace
+from ..core.text import decode_rows
+from ..core.trace import StepBuffer, Trace
 from .clock import StepClock
 
-__all__ = ["DEFAULT_SIGNALS", "SAMPLE_SIGNALS", "UncertaintyMonitor"]
+__all__ = ["UncertaintyMonitor"]
 
-#: What the monitor records when no signals are named: what the CLI table shows.
-DEFAULT_SIGNALS = ("max_prob", "chosen_prob", "entropy", "logtoku")
-
-#: Signals computed from several predictive samples per step (TokUR), with their outputs;
-#: they need a ``sample_source`` (see :func:`tokur_decode.hf.perturbed`).
-SAMPLE_SIGNALS = {"tokur": ("tokur_total", "tokur_aleatoric", "tokur_epistemic", "tokur_reward")}
-_TOKUR_STEP = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
+#: TokUR's outputs known at their step (the implicit reward waits for the emitted token).
+_TOKUR_STEP = REGISTRY["tokur"].step_keys
 
 
 class UncertaintyMonitor(LogitsProcessor):
     r"""Record token-level uncertainty signals during ``model.generate``.
 
     The monitor returns the scores unchanged; it computes the requested signals of
-    every row at every step in one fused pass (:class:`~tokur_decode.signals.SignalSpec`)
+    every row at every step in one fused pass (:class:`~tokur_decode.core.signals.SignalSpec`)
     into preallocated buffers on the logits' device, with no host synchronisation.
-    After generation, :meth:`trace` turns them into a :class:`~tokur_decode.trace.Trace`.
+    After generation, :meth:`trace` turns them into a :class:`~tokur_decode.core.trace.Trace`.
 
     **Place it first** in ``logits_processor`` to measure the model's raw distribution.
     transformers runs user processors after its own non-warping ones (repetition
@@ -55,12 +55,12 @@ class UncertaintyMonitor(LogitsProcessor):
     rows and are not supported.
 
     Args:
-        signals: names from :data:`tokur_decode.signals.SIGNALS`, ``"all"``, or
+        signals: names from :data:`tokur_decode.core.signals.SIGNALS`, ``"all"``, or
             ``"tokur"`` (with a ``sample_source``: total, aleatoric and epistemic
             uncertainty and the implicit reward of TokUR).
         eos_token_id: id(s) that end a response; when ``None``, :meth:`trace` takes the
             tokenizer's ``eos_token_id``.
-        deepconf_k, logtoku_k, logtoku_evidence: see :class:`~tokur_decode.signals.SignalSpec`.
+        deepconf_k, logtoku_k, logtoku_evidence: see :class:`~tokur_decode.core.signals.SignalSpec`.
         capacity: initial number of steps preallocated (grows by doubling).
         sample_source: an object whose ``last_samples`` holds the ``[B, M, V]`` logits of
             the current step's predictive samples and ``forward_count`` counts forward
@@ -96,7 +96,7 @@ class UncertaintyMonitor(LogitsProcessor):
         capacity: int = 256,
         sample_source=None,
     ) -> None:
-        names = (signals,) if isinstance(signals, str) else tuple(signals)
+        names = parse_signals(signals)
         self.sample_signals = tuple(n for n in names if n in SAMPLE_SIGNALS)
         if self.sample_signals and sample_source is None:
             raise ValueError(
@@ -287,20 +287,6 @@ class UncertaintyMonitor(LogitsProcessor):
                 },
             },
         )
-
-
-def decode_rows(tokenizer, token_ids: torch.Tensor, lengths: torch.Tensor):
-    """``(tokens, texts)``: each valid token's text and each response without special
-    tokens; ``(None, None)`` without a tokenizer."""
-    if tokenizer is None:
-        return None, None
-    ids = token_ids.cpu().tolist()
-    n = lengths.cpu().tolist()
-    tokens = [[tokenizer.decode([t]) for t in row[:k]] for row, k in zip(ids, n, strict=True)]
-    texts = [
-        tokenizer.decode(row[:k], skip_special_tokens=True) for row, k in zip(ids, n, strict=True)
-    ]
-    return tokens, texts
 
 
 def as_id_list(value, name: str) -> list[int]:

@@ -8,7 +8,7 @@ perturbed samples of the current token:
   position**; a 4-D attention mask lets each copy see the cached (clean) prefix and
   itself only, and the clean token sees what it always sees;
 * forward hooks on the target linear layers (``q_proj``/``v_proj``) add the low-rank
-  noise of :mod:`tokur_decode.perturbation` to the copies' rows only, with a fresh
+  noise of :mod:`tokur_decode.core.perturbation` to the copies' rows only, with a fresh
   ``eps`` per row, layer and sample;
 * the copies' K/V are cropped from the cache afterwards, so decoding and the cache
   follow the clean model exactly;
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..perturbation import PerturbationConfig, bases_for, low_rank_noise, split_noise
+from ..core.perturbation import PerturbationConfig, bases_for, low_rank_noise, split_noise
 from .monitor import UncertaintyMonitor
 
 __all__ = ["PerturbedModel", "perturbed"]
@@ -261,8 +261,8 @@ def perturbed(
     Works on any model whose blocks have ``nn.Linear`` layers named like
     ``target_modules`` (Llama, Qwen2, Mistral, SmolLM2, ...), with the ``sdpa`` or
     ``eager`` attention (batched mode) or any attention (``mode="sequential"``).
-    Options as in :class:`~tokur_decode.perturbation.PerturbationConfig`; the SVD
-    bases are cached in ``cache_dir`` (default: :func:`tokur_decode.models.cache_dir`).
+    Options as in :class:`~tokur_decode.core.perturbation.PerturbationConfig`; the SVD
+    bases are cached in ``cache_dir`` (default: :func:`tokur_decode.core.cache.cache_dir`).
 
     Raises:
         ValueError: naming the parameter (rank, sigma, samples, target_modules, ...).

@@ -97,7 +97,7 @@ def reliability_diagram(
 def expected_calibration_error(
     confidences: Sequence[float], correct: Sequence[bool], n_bins: int = 10
 ) -> float:
-    """ECE with ``n_bins`` equal-width bins (REFERENCE.md: 10 for verbalized confidence)."""
+    """ECE with ``n_bins`` equal-width bins (docs/reference.md: 10 for verbalized confidence)."""
     d = reliability_diagram(confidences, correct, n_bins)
     full = d.count > 0
     gaps = np.abs(d.accuracy[full] - d.mean_confidence[full])

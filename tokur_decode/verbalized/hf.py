@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..hf.generation import encode_prompts, sampling_kwargs
+from ..core.text import encode_prompts
+from ..hf.backend import sampling_kwargs
 from ..hf.monitor import UncertaintyMonitor
 from .format import (
     build_prompt,

@@ -19,9 +19,9 @@ from functools import cached_property
 
 import numpy as np
 
-from .. import aggregate
-from ..select import choose
-from ..trace import Trace
+from ..core import aggregate
+from ..core.select import choose
+from ..core.trace import Trace
 from .format import Located, format_regex, is_abstention
 
 __all__ = [
@@ -195,7 +195,7 @@ class VerbalizedResult:
 
     def answer_signal(self, name: str, reducer: str = "mean", **params) -> float:
         """Token signal ``name`` aggregated over the answer span by ``reducer`` (see
-        :data:`tokur_decode.aggregate.REDUCERS`); NaN when there is no answer span."""
+        :data:`tokur_decode.core.aggregate.REDUCERS`); NaN when there is no answer span."""
         if name not in self.trace.signals:
             raise KeyError(f"signal {name!r} not recorded; have {list(self.trace.signals)}")
         if not self.answer_span:
@@ -246,7 +246,7 @@ def combined_confidence(
 
     Example:
         >>> import torch
-        >>> from tokur_decode.trace import Trace
+        >>> from tokur_decode.core.trace import Trace
         >>> trace = Trace({"chosen_logprob": torch.log(torch.tensor([[0.5, 0.9, 0.4]]))},
         ...               torch.tensor([[5, 6, 7]]), torch.tensor([3]))
         >>> r = VerbalizedResult("q", "Answer: x\\nConfidence: 64", "x", 0.64, False, trace,
@@ -279,7 +279,7 @@ def select_best(
     higher_is_better: bool | None = None,
 ) -> int:
     """Best-of-N over candidate answers to one question: the index of the chosen result
-    by ``score`` (a key of :data:`SCORES`) with :func:`tokur_decode.select.choose`
+    by ``score`` (a key of :data:`SCORES`) with :func:`tokur_decode.core.select.choose`
     (``argmax``, or a vote over answers after the top-``eta`` filter). Candidates whose
     score is NaN (no answer parsed) are left out. ``higher_is_better`` defaults to the
     score's direction in :data:`SCORES`.

@@ -3,7 +3,7 @@
 Register :class:`UncertaintyProcessor` on the engine (:class:`UncertaintyProcessorV2` on
 an engine running vLLM's Model Runner V2, ``VLLM_USE_V2_MODEL_RUNNER=1``), opt requests in with
 :func:`uncertainty_args` (flat ``extra_args`` keys, also ``vllm_xargs`` over HTTP), read
-each request's :class:`~tokur_decode.trace.Trace` with :func:`read_traces`.
+each request's :class:`~tokur_decode.core.trace.Trace` with :func:`read_traces`.
 :func:`llm` builds an engine with both the processor and the worker extension that
 returns traces (:mod:`tokur_decode.vllm.worker`). :func:`generate` answers prompts on
 such an engine with the transformers path's result type (``tokur-decode generate
@@ -24,9 +24,11 @@ Example:
     [[{'action': 'stop', 'step': 3, 'signal': 'logtoku_epistemic', ...}]]
 """
 
+from ..core.text import prompt_token_ids
 from .args import RequestSettings, parse_settings, uncertainty_args
+from .backend import VLLMBackend
 from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
-from .generation import generate, prompt_token_ids
+from .generation import generate
 from .processor import UncertaintyProcessor
 from .tokur import tokur_engine_args
 from .worker import TraceExtension
@@ -43,6 +45,7 @@ __all__ = [
     "TraceExtension",
     "UncertaintyProcessor",
     "UncertaintyProcessorV2",
+    "VLLMBackend",
     "enable_traces",
     "engine_args",
     "generate",

@@ -16,10 +16,10 @@ one ``tokur_`` key; others are untouched.
 ``tokur_trigger``          the signal output the trigger reads (``"logtoku_epistemic"``)
 ``tokur_threshold``        the trigger's threshold (e.g. a calibrated DeepConf threshold)
 ``tokur_direction``        ``"above"`` | ``"below"``
-``tokur_patience``,        see :class:`tokur_decode.policy.Trigger`
+``tokur_patience``,        see :class:`tokur_decode.core.policy.Trigger`
 ``tokur_min_tokens``,
 ``tokur_window``
-``tokur_deepconf_k``,      see :class:`tokur_decode.signals.SignalSpec`
+``tokur_deepconf_k``,      see :class:`tokur_decode.core.signals.SignalSpec`
 ``tokur_logtoku_k``,
 ``tokur_logtoku_evidence``
 ``tokur_branch_token``     the request continues an answer at a branch point (its prompt
@@ -29,7 +29,7 @@ one ``tokur_`` key; others are untouched.
 =========================  ==============================================================
 
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
-confidence falls below ``tokur_threshold``" (:func:`tokur_decode.candidates.
+confidence falls below ``tokur_threshold``" (:func:`tokur_decode.strategies.candidates.
 deepconf_trigger`); the warm-up that calibrates the threshold is the caller's
 (:func:`tokur_decode.vllm.generate` runs the whole procedure). Best-of-N recipes only
 record their signals in one request: :func:`tokur_decode.vllm.generate` samples the
@@ -57,17 +57,25 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ..candidates import deepconf_trigger
-from ..policy import Trigger, signal_of_output
-from ..signals import SIGNALS, SignalSpec
-from ..strategy import Strategy
+from ..core.policy import Trigger
+from ..core.signals import (
+    DEFAULT_SIGNALS,
+    OUTPUTS,
+    SIGNALS,
+    SPEC_PARAMS,
+    SignalSpec,
+    parse_signals,
+    signal_of_output,
+)
+from ..strategies.actions import Resample
+from ..strategies.candidates import deepconf_trigger
+from ..strategies.recipe import Strategy
 from .tokur import TOKUR_OUTPUTS
 
 __all__ = ["PREFIX", "RequestSettings", "parse_settings", "stop_args", "uncertainty_args"]
 
 PREFIX = "tokur_"
 _TRIGGER_KEYS = ("threshold", "direction", "patience", "min_tokens", "window")
-_SPEC_KEYS = ("deepconf_k", "logtoku_k", "logtoku_evidence")
 _KEYS = frozenset(
     f"{PREFIX}{k}"
     for k in (
@@ -79,7 +87,7 @@ _KEYS = frozenset(
         "sigma",
         "branch_token",
         *_TRIGGER_KEYS,
-        *_SPEC_KEYS,
+        *SPEC_PARAMS,
     )
 )
 #: Strategy actions that run inside the engine, and what they become there.
@@ -90,16 +98,6 @@ _IN_ENGINE = {
     "best-of-n": "none",
     "deepconf-online": "stop",
 }
-_DEFAULT_SIGNALS = ("max_prob", "chosen_prob", "entropy", "logtoku")
-#: The adaptive rule's defaults (those of tokur_decode.hf.ResampleOnTrigger).
-_RULE_KEYS = (
-    ("temperature", 1.0),
-    ("entropy_coef", 0.3),
-    ("varentropy_coef", 0.1),
-    ("min_temperature", 0.5),
-    ("max_temperature", 2.0),
-    ("min_p", 0.05),
-)
 
 
 @dataclass(frozen=True)
@@ -221,11 +219,13 @@ def _parse(items: tuple) -> RequestSettings:
 
     signals = args.get(f"{PREFIX}signals")
     if signals is None:
-        signals = strat.signals if strat is not None else _DEFAULT_SIGNALS
-    elif isinstance(signals, str):
-        signals = [s.strip() for s in signals.split(",") if s.strip()]
+        signals = strat.signals if strat is not None else DEFAULT_SIGNALS
+    try:
+        signals = parse_signals(signals)
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{exc}") from exc
     tokur = "tokur" in signals
-    spec_kwargs = {k: args[f"{PREFIX}{k}"] for k in _SPEC_KEYS if f"{PREFIX}{k}" in args}
+    spec_kwargs = {k: args[f"{PREFIX}{k}"] for k in SPEC_PARAMS if f"{PREFIX}{k}" in args}
     try:  # "tokur" alone records max_prob too, as in transformers
         spec = SignalSpec([s for s in signals if s != "tokur"] or ["max_prob"], **spec_kwargs)
     except ValueError as exc:
@@ -247,7 +247,7 @@ def _parse(items: tuple) -> RequestSettings:
             f"got {branch_token!r}"
         )
 
-    action, trigger, params = "none", None, {}
+    action, trigger, config = "none", None, None
     if strat is not None:
         if strat.action not in _IN_ENGINE:
             raise ValueError(
@@ -255,13 +255,14 @@ def _parse(items: tuple) -> RequestSettings:
                 f"(tokur_decode.vllm.generate runs branch; rollback needs tokur_decode.hf); "
                 f"in one request: {sorted(_IN_ENGINE)}"
             )
-        action, trigger, params = _IN_ENGINE[strat.action], strat.trigger, dict(strat.params)
+        action, trigger, config = _IN_ENGINE[strat.action], strat.trigger, strat.config
         if strat.action == "deepconf-online":
-            trigger = deepconf_trigger(params["window"])
+            trigger = deepconf_trigger(config.window)
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
         raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")
-    mode = args.get(f"{PREFIX}mode", params.get("mode", "veto"))
+    rule = config if isinstance(config, Resample) else Resample()
+    mode = args.get(f"{PREFIX}mode", rule.mode)
     if mode not in ("veto", "adaptive"):
         raise ValueError(f"{PREFIX}mode: 'veto' or 'adaptive', got {mode!r}")
 
@@ -280,22 +281,20 @@ def _parse(items: tuple) -> RequestSettings:
             raise ValueError(f"{PREFIX}trigger: action {action!r} needs a trigger")
         if trigger.threshold is None:
             raise ValueError(f"{PREFIX}threshold: the trigger on {trigger.signal!r} needs one")
-        if signal_of_output(trigger.signal) in ("chosen_prob", "chosen_logprob"):
+        if OUTPUTS[trigger.signal].needs_token:
             raise ValueError(
                 f"{PREFIX}trigger: {trigger.signal!r} is not known before the token is drawn"
             )
     else:
         trigger = None
-    rule = ()
-    if action == "resample" and mode == "adaptive":
-        rule = tuple(float(params.get(name, default)) for name, default in _RULE_KEYS)
+    adaptive = rule.rule if action == "resample" and mode == "adaptive" else ()
     return RequestSettings(
         signals=(*spec.signals, "tokur") if tokur else spec.signals,
         spec_params=(spec.deepconf_k, spec.logtoku_k, spec.logtoku_evidence),
         action=action,
         trigger=trigger,
         mode=mode if action == "resample" else "veto",
-        rule=rule,
+        rule=adaptive,
         sigma=None if sigma is None else float(sigma),
         branch_token=branch_token,
     )

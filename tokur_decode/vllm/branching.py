@@ -10,14 +10,15 @@ forks, same candidates, same choice under greedy decoding; tested on the engine)
    forced EOS, not part of the answer).
 2. Per prompt, the fires at its earliest step ``s`` are handled in candidate order: the
    cap on branch points and the token budget decide the alternatives
-   (:func:`tokur_decode.candidates.fork_alternatives`), and each alternative is sent as
+   (:func:`tokur_decode.strategies.candidates.fork_alternatives`), and each alternative is sent as
    prompt + the answer's first ``s`` tokens with ``tokur_branch_token`` set to it. The
    engine's prefix cache holds that prefix, so only new tokens are decoded; the
    continuation's first step measures the branch point's distribution again and emits
    the alternative, and its trigger (while the prompt has branch points left) watches
    from the next step. A fire that may not fork continues with the engine's own choice.
 3. Repeat until no request fires. Each candidate's trace is its requests' steps joined;
-   the choice is :func:`tokur_decode.candidates.select_rows`, as in transformers.
+   the strategy layer chooses among them (:func:`tokur_decode.strategies.run.generate`),
+   as for transformers.
 
 Example:
     >>> import tokur_decode.vllm as tv
@@ -34,12 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..candidates import fork_alternatives, select_rows
-from ..hf.generation import GenerationResult
-from ..hf.monitor import decode_rows
-from ..strategy import Strategy
-from ..trace import Trace
-from .args import stop_args, uncertainty_args
+from ..core.text import decode_rows
+from ..core.trace import Trace
+from ..strategies import backend as acts
+from ..strategies.candidates import fork_alternatives
+from .args import stop_args
 
 __all__ = ["branch"]
 
@@ -74,21 +74,20 @@ class _Request:
 
 
 def branch(
-    run, strat: Strategy, prompts: list[str], extract, *, temperature, top_p, seed
-) -> GenerationResult:
-    """Run branch recipe ``strat`` for ``prompts`` on ``run``'s engine (a
-    :class:`tokur_decode.vllm.generation._Runner`); the result as in transformers, with
-    ``tokens_generated`` counting every token the engine decoded (the probes and the
-    forced EOS of each fire included). ``result.trace.meta`` reports the ``rounds`` of
-    requests and the prompt tokens the engine found in its prefix cache
-    (``cached_tokens``)."""
-    p = strat.params
-    k, cap, budget = p["k"], p["max_branch_points"], p["token_budget"] or None
-    trigger = strat.trigger  # None: at = "first"
-    limit = run.max_new_tokens
-    candidates = [[_Candidate(b)] for b in range(len(prompts))]
-    points = [0] * len(prompts)
-    events: list[list[dict]] = [[] for _ in prompts]
+    backend, inputs: list[list[int]], names: tuple[str, ...], act: acts.Branch, sampling
+) -> acts.Decoded:
+    """Run ``act`` for the token-id prompts ``inputs`` on ``backend`` (a
+    :class:`~tokur_decode.vllm.VLLMBackend`): every candidate, with ``tokens`` counting
+    every token the engine decoded (the probes and the forced EOS of each fire
+    included). ``trace.meta`` reports the ``rounds`` of requests and the prompt tokens
+    the engine found in its prefix cache (``cached_tokens``)."""
+    c, trigger = act.config, act.trigger
+    k, cap, budget = c.k, c.max_branch_points, c.token_budget or None
+    limit = sampling.max_new_tokens
+    seed = sampling.seed
+    candidates = [[_Candidate(b)] for b in range(len(inputs))]
+    points = [0] * len(inputs)
+    events: list[list[dict]] = [[] for _ in inputs]
     pending = [
         _Request(c[0], None, watch=trigger is not None, probe=trigger is None) for c in candidates
     ]
@@ -98,10 +97,10 @@ def branch(
         # when sampling, a distinct seed per request: continuations of a fork must differ
         seeds = [None if seed is None else seed + sent + i for i in range(len(pending))]
         sent += len(pending)
-        outputs, traces = run.send(
-            [run.inputs[r.candidate.prompt] + r.candidate.ids for r in pending],
+        outputs, traces = backend.send(
+            [inputs[r.candidate.prompt] + r.candidate.ids for r in pending],
             [
-                _params(r, run, trigger, k, temperature, top_p, s)
+                _params(r, backend, names, sampling, trigger, k, s)
                 for r, s in zip(pending, seeds, strict=True)
             ],
         )
@@ -114,37 +113,26 @@ def branch(
             pending += _handle_fires(mine, points, events[b], b, cap, budget, limit, trigger)
 
     rows = [c for mine in candidates for c in mine]
-    trace = _trace(rows, run.engine.get_tokenizer(), {"rounds": rounds, "cached_tokens": cached})
-    groups, start = [], 0
-    for mine in candidates:
-        groups.append(list(range(start, start + len(mine))))
-        start += len(mine)
-    chosen, records, cands = select_rows(trace, groups, p, extract)
-    actions = [
-        [*mine, {"action": "select", "k": k, **record}]
-        for mine, record in zip(events, records, strict=True)
-    ]
-    return GenerationResult.chosen(trace, prompts, chosen, actions, cands, decoded)
+    meta = {"rounds": rounds, "cached_tokens": cached}
+    trace = _trace(rows, backend.engine.get_tokenizer(), meta)
+    return acts.Decoded(trace, [c.prompt for c in rows], events, decoded)
 
 
-def _params(request, run, trigger, k, temperature, top_p, seed):
+def _params(request, backend, names, sampling, trigger, k, seed):
     """The request's ``SamplingParams``: the answer's remaining budget, the top-``k``
     log-probabilities where a fork may follow, the trigger as a stop while on."""
-    from vllm import SamplingParams
-
     settings = stop_args(trigger) if request.watch else {}
     if request.token is not None:
         settings["branch_token"] = request.token
         if request.watch:  # a continuation starts after a fire, which needed min_tokens
             settings["min_tokens"] = 0
-    sampled = temperature > 0
-    return SamplingParams(
-        max_tokens=1 if request.probe else run.max_new_tokens - len(request.candidate.ids),
-        temperature=temperature,
-        top_p=top_p if sampled else 1.0,
-        seed=seed if sampled else None,
+    return backend.params(
+        names,
+        sampling,
+        seed=seed,
+        settings=settings,
+        max_tokens=1 if request.probe else sampling.max_new_tokens - len(request.candidate.ids),
         logprobs=k if request.watch or request.probe else None,
-        extra_args=uncertainty_args(run.names, None, **run.signal_params, **settings),
     )
 
 

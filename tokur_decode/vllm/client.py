@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..trace import Trace
+from ..core.trace import Trace
 
 __all__ = ["EXTENSION", "PROCESSOR", "enable_traces", "engine_args", "llm", "read_traces"]
 
@@ -69,7 +69,7 @@ def enable_traces(engine) -> None:
 
 
 def read_traces(engine, outputs: Sequence, tokenizer=None) -> list[Trace | None]:
-    """One :class:`~tokur_decode.trace.Trace` per ``RequestOutput`` (one row per
+    """One :class:`~tokur_decode.core.trace.Trace` per ``RequestOutput`` (one row per
     completion, ``n > 1`` included), ``None`` for requests that did not opt in. The
     traces are fetched from the workers and forgotten there.
 

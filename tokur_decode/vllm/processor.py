@@ -24,7 +24,7 @@ Bookkeeping (vLLM's persistent batch reorders rows under the processor):
 Per step, the opted-in rows are processed in one vectorised pass per settings group
 (requests with equal signal parameters, trigger and action; usually one group): the
 group's rows (a view when they are contiguous, else one ``index_select``), one fused
-signal pass in the group's :class:`~tokur_decode.signals.Workspace` (no ``[rows, V]``
+signal pass in the group's :class:`~tokur_decode.core.signals.Workspace` (no ``[rows, V]``
 allocation: on CPU each fresh one page-faults), one scatter into the slot buffers, one
 trigger update, one ``index_copy_`` of the edited rows. The only per-row Python is
 reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ..actions_core import adaptive_temperature, force_eos, force_token, token_logits, veto
-from ..policy import TriggerState
-from ..signals import (
+from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
+from ..core.policy import TriggerState
+from ..core.signals import (
     CHOSEN_SIGNALS,
     SIGNALS,
     SignalSpec,

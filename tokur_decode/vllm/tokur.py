@@ -1,6 +1,6 @@
 """TokUR inside stock vLLM: engine arguments, model registration, the processor's link.
 
-TokUR (REFERENCE.md 1.2) needs ``M`` forward passes per step, ``M - 1`` of them with
+TokUR (docs/reference.md 1.2) needs ``M`` forward passes per step, ``M - 1`` of them with
 low-rank noise on the q/v projections. In vLLM this is a model class of ours, a
 subclass of vLLM's own ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
 (:mod:`tokur_decode.vllm.tokur_models`), that vLLM builds for the checkpoint instead of
@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..perturbation import PerturbationConfig
+from ..core.perturbation import PerturbationConfig
+from ..core.signals import REGISTRY
 
 __all__ = [
     "ARCHITECTURES",
@@ -66,7 +67,7 @@ ARCHITECTURES = {
 #: The trace columns of the ``"tokur"`` signal in vLLM (TokUR's implicit reward, which
 #: needs the ``M`` log-probabilities of the emitted token kept per request until the
 #: next step, is not recorded there).
-TOKUR_OUTPUTS = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
+TOKUR_OUTPUTS = REGISTRY["tokur"].step_keys
 #: The q/k/v slices of vLLM's fused ``qkv_proj`` that can be perturbed.
 TARGETS = ("q_proj", "k_proj", "v_proj")
 #: Attribute of the model's (HF) config that carries the settings into the worker.
@@ -121,7 +122,7 @@ def tokur_engine_args(
 
     Args:
         rank, sigma, samples, direction: as in
-            :class:`~tokur_decode.perturbation.PerturbationConfig` (``samples`` is
+            :class:`~tokur_decode.core.perturbation.PerturbationConfig` (``samples`` is
             ``M``, sample 0 being the clean model that decodes and fills the cache).
         seed: seeds every request's own noise stream: a request's uncertainties do not
             depend on what else is in the batch.

@@ -26,7 +26,7 @@ step's tokens (the attention backend's metadata is for the whole batch), plus th
 
 The SVD bases of the q/v weights are computed when the weights are loaded (or read
 from the safetensors cache the transformers path fills: same names, same bytes, same
-file) with :func:`tokur_decode.perturbation.bases_for`.
+file) with :func:`tokur_decode.core.perturbation.bases_for`.
 
 Example:
     >>> from vllm import LLM                                            # doctest: +SKIP
@@ -45,7 +45,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from ..perturbation import bases_for, low_rank_noise, split_noise
+from ..core.perturbation import bases_for, low_rank_noise, split_noise
 from .tokur import link_of, settings_of
 
 __all__ = ["PerturbedMixin", "TokurLlamaForCausalLM", "TokurQwen2ForCausalLM"]

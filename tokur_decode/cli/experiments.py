@@ -1,5 +1,5 @@
 """``tokur-decode eval`` and ``tokur-decode scale``: the experiment runners from the
-command line (registered by :mod:`tokur_decode.cli`).
+command line (the runners: :mod:`tokur_decode.experiments`).
 
     tokur-decode eval  --data tasks:capitals,tasks:arithmetic --signals all --out runs/detect
     tokur-decode scale --data my.jsonl --n 1,2,4,8 --strategies tokur-best-of-n,deepconf-online \\
@@ -105,7 +105,7 @@ def add_parsers(sub, model_args: Callable) -> None:
 
 
 def _tokur(args, strategies: Sequence[str] = ()) -> dict:
-    from ..strategy import Strategy
+    from ..strategies.recipe import Strategy
 
     tables = [t for t in (Strategy.load(s).tokur for s in strategies) if t]
     if any(t != tables[0] for t in tables):
@@ -119,7 +119,7 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
 
 
 def _backend(args, load: Callable, tokur: dict):
-    from .backends import HFBackend, VerbalizedBackend, VLLMBackend
+    from ..experiments.backends import HFBackend, VerbalizedBackend, VLLMBackend
 
     name = args.model or "embedded:SmolLM2-135M-Instruct"
     if args.backend == "vllm":
@@ -156,18 +156,16 @@ def _vllm_engine(args):
 
 
 def _eval_signals(args) -> str:
-    """``--signals``, by default ``all``: every signal and TokUR on the transformers
-    backend, every logit signal otherwise."""
-    from ..signals import SIGNALS
-
+    """``--signals``, by default every logit signal (``all``), and TokUR too on the
+    transformers backend."""
     if args.signals is not None:
         return args.signals
-    return "all" if args.backend == "hf" and not args.verbalized else ",".join(SIGNALS)
+    return "all,tokur" if args.backend == "hf" and not args.verbalized else "all"
 
 
 def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
     """Run ``eval`` or ``scale`` from parsed ``args``; ``load(args)`` loads the model."""
-    from . import data, detection, report, scaling
+    from ..experiments import data, detection, report, scaling
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "tokur-decode " + " ".join(shlex.quote(a) for a in argv)

@@ -1,4 +1,4 @@
-"""TokUR: training-free low-rank Bayesian weight perturbation (REFERENCE.md 1.2).
+"""TokUR: training-free low-rank Bayesian weight perturbation (docs/reference.md 1.2).
 
 For a linear layer ``y = W x + b`` with ``W = U S V^T``, TokUR perturbs
 ``W' = W + U_r E`` with ``E_ij ~ N(0, sigma^2)`` (``U_r``: the top-``r`` left singular
@@ -14,7 +14,7 @@ This module holds the backend-independent parts: the validated configuration, th
 bases (computed once per model and cached on disk as safetensors keyed by a hash of
 the weights) and the noise itself. The transformers adapter is
 :func:`tokur_decode.hf.perturbed`; the uncertainty decomposition of the samples is
-:func:`tokur_decode.signals.bayesian_decomposition`.
+:func:`tokur_decode.core.signals.bayesian_decomposition`.
 
 Example:
     >>> import torch
@@ -156,13 +156,13 @@ def bases_for(
     """Bases of every weight in ``weights``, float32 on CPU, cached on disk.
 
     The cache file is ``<cache>/tokur-bases/<fingerprint>.safetensors`` (``cache``
-    defaults to :func:`tokur_decode.models.cache_dir`); it is written atomically and
+    defaults to :func:`tokur_decode.core.cache.cache_dir`); it is written atomically and
     never pickled. ``cache=False``-like behaviour: pass a temporary folder.
     """
     from safetensors.torch import load_file, save_file
 
     if cache is None:
-        from .models import cache_dir
+        from .cache import cache_dir
 
         cache = cache_dir()
     path = (

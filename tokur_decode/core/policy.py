@@ -29,20 +29,9 @@ import numpy as np
 import torch
 
 from . import aggregate
-from .signals import SIGNALS
+from .signals import signal_of_output
 
-__all__ = ["Trigger", "TriggerState", "calibrate_from_traces", "signal_of_output"]
-
-_OUTPUT_TO_SIGNAL = {key: name for name, keys in SIGNALS.items() for key in keys} | {
-    key: "tokur" for key in ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
-}
-
-
-def signal_of_output(key: str) -> str:
-    """The signal name that produces output ``key`` (``"logtoku_epistemic" -> "logtoku"``)."""
-    if key not in _OUTPUT_TO_SIGNAL:
-        raise ValueError(f"signal: unknown output {key!r}; choose from {sorted(_OUTPUT_TO_SIGNAL)}")
-    return _OUTPUT_TO_SIGNAL[key]
+__all__ = ["Trigger", "TriggerState", "calibrate_from_traces"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +92,7 @@ def calibrate_from_traces(
     ``reducer`` statistic of ``trigger.signal`` (DeepConf: lowest group confidence,
     ``window`` = the trigger's window).
 
-    ``traces``: one :class:`~tokur_decode.trace.Trace` or several.
+    ``traces``: one :class:`~tokur_decode.core.trace.Trace` or several.
     """
     traces = [traces] if hasattr(traces, "signals") else list(traces)
     if reducer.startswith("deepconf") and "window" not in params:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .bench import bound_kv_cache, chat_texts, timed_rounds
+from .vllm import bound_kv_cache, chat_texts, timed_rounds
 
 __all__ = ["TokurBenchResult", "tokur_overhead"]
 
@@ -69,9 +69,9 @@ def tokur_overhead(
     """
     from vllm import LLM, SamplingParams
 
-    from .args import uncertainty_args
-    from .client import llm
-    from .tokur import tokur_engine_args
+    from ..vllm.args import uncertainty_args
+    from ..vllm.client import llm
+    from ..vllm.tokur import tokur_engine_args
 
     if model is None:
         from ..models import default_model_path

@@ -7,7 +7,7 @@ synchronisation), grown by doubling when a generation outlasts them.
 :class:`Trace` is the result: for ``B`` responses, ``signals[name]`` ``[B, T]``, the
 generated ``token_ids`` ``[B, T]`` and ``lengths`` ``[B]`` (tokens up to and including
 EOS; padding after it is not part of the response). It computes response-level
-aggregates with :mod:`tokur_decode.aggregate`, exports to dict/JSON/pandas, and renders
+aggregates with :mod:`tokur_decode.core.aggregate`, exports to dict/JSON/pandas, and renders
 in a notebook as tokens coloured by uncertainty.
 
 Example:
@@ -35,12 +35,11 @@ from typing import Any
 import torch
 
 from . import aggregate
-from .signals import CONFIDENCE_KEYS
+from .signals import OUTPUTS
 
 __all__ = ["StepBuffer", "Trace", "uncertainty_scale"]
 
 #: Signals with a fixed [0, 1] range: coloured on that absolute scale.
-_UNIT_RANGE = frozenset({"max_prob", "chosen_prob", "margin", "logtoku_epistemic"})
 
 
 class StepBuffer:
@@ -213,7 +212,7 @@ class Trace:
 
     def aggregate(self, name: str, reducer: str = "mean", **params) -> torch.Tensor:
         """Response-level value ``[B]`` of signal ``name`` by ``reducer`` (see
-        :data:`tokur_decode.aggregate.REDUCERS`)."""
+        :data:`tokur_decode.core.aggregate.REDUCERS`)."""
         if name not in self.signals:
             raise KeyError(f"signal {name!r} not recorded; have {list(self.signals)}")
         return aggregate.reduce(reducer, self.signals[name], self.lengths, **params)
@@ -312,20 +311,21 @@ class Trace:
 def uncertainty_scale(name: str, values: Sequence[float]) -> list[float]:
     """Map values of signal ``name`` to ``[0, 1]`` where 1 is the most uncertain.
 
-    Probabilities and LogTokU's epistemic use their absolute [0, 1] scale; other
-    signals are min-max scaled over ``values``. Confidence-like signals
-    (:data:`tokur_decode.signals.CONFIDENCE_KEYS`) are flipped.
+    Outputs with values in [0, 1] (probabilities, LogTokU's epistemic) use that
+    absolute scale; others are min-max scaled over ``values``. Confidence outputs are
+    flipped (both facts from :data:`tokur_decode.core.signals.OUTPUTS`).
     """
+    output = OUTPUTS.get(name)
     vals = [float(v) for v in values]
     if not vals:
         return []
-    if name in _UNIT_RANGE:
+    if output is not None and output.unit:
         scaled = [min(max(v, 0.0), 1.0) for v in vals]
     else:
         lo, hi = min(vals), max(vals)
         span = hi - lo
         scaled = [(v - lo) / span if span > 0 and math.isfinite(span) else 0.0 for v in vals]
-    if name in CONFIDENCE_KEYS:
+    if output is not None and output.confidence:
         scaled = [1.0 - s for s in scaled]
     return scaled
 

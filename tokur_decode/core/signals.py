@@ -5,7 +5,7 @@ fp32, fp64) on any device and returns a float32 tensor of shape ``[...]`` on the
 device. Computation happens in float32 (float64 when the input is float64), so half
 precision inputs lose nothing beyond their own rounding.
 
-Formulas (REFERENCE.md section 1; ``p = softmax(z)``, ``lp = log_softmax(z)``):
+Formulas (docs/reference.md section 1; ``p = softmax(z)``, ``lp = log_softmax(z)``):
 
 ==================  ==============================================================
 ``max_prob``        ``max_v p_v``
@@ -39,7 +39,7 @@ signals in one fused pass: one ``log_softmax`` and one ``top-k`` shared by all.
 
 Example:
     >>> import torch
-    >>> from tokur_decode import signals
+    >>> from tokur_decode.core import signals
     >>> logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     >>> signals.entropy(logits)
     tensor([0.8324, 1.0986])
@@ -59,8 +59,15 @@ import torch
 __all__ = [
     "CHOSEN_SIGNALS",
     "CONFIDENCE_KEYS",
+    "DEFAULT_SIGNALS",
     "LOGPROB_FLOOR",
+    "OUTPUTS",
+    "REGISTRY",
+    "SAMPLE_SIGNALS",
     "SIGNALS",
+    "SPEC_PARAMS",
+    "Output",
+    "SignalInfo",
     "SignalSpec",
     "Workspace",
     "bayesian_decomposition",
@@ -74,7 +81,9 @@ __all__ = [
     "logtoku",
     "margin",
     "max_prob",
+    "parse_signals",
     "self_certainty",
+    "signal_of_output",
     "varentropy",
 ]
 
@@ -82,26 +91,188 @@ __all__ = [
 #: normal float32): a token below it has probability zero in float32 anyway.
 LOGPROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
-#: Signal names understood by :func:`compute_signals`, with the output keys each produces.
-SIGNALS: dict[str, tuple[str, ...]] = {
-    "max_prob": ("max_prob",),
-    "chosen_prob": ("chosen_prob",),
-    "chosen_logprob": ("chosen_logprob",),
-    "margin": ("margin",),
-    "entropy": ("entropy",),
-    "varentropy": ("varentropy",),
-    "self_certainty": ("self_certainty",),
-    "deepconf": ("deepconf",),
-    "logtoku": ("logtoku_aleatoric", "logtoku_epistemic", "logtoku_unreliability"),
+
+@dataclass(frozen=True)
+class Output:
+    """One column a signal writes into a trace, and how to read it.
+
+    Attributes:
+        key: the column's name (``"logtoku_epistemic"``).
+        confidence: ``True`` when a larger value means *more* confident.
+        headline: the response-level reducer its paper uses (``tokur_decode.core.aggregate``).
+        unit: the values lie in ``[0, 1]`` (a fixed colour scale can be used).
+        label: a short display name (table headers).
+        needs_token: its value needs the step's emitted token, known only after sampling
+            (a processor completes it at the next step).
+    """
+
+    key: str
+    confidence: bool = False
+    headline: str = "mean"
+    unit: bool = False
+    label: str = ""
+    needs_token: bool = False
+
+    @property
+    def display(self) -> str:
+        return self.label or self.key
+
+
+@dataclass(frozen=True)
+class SignalInfo:
+    """Everything the library knows about one signal, in one place.
+
+    Attributes:
+        name: what callers ask for (``"logtoku"``).
+        outputs: the columns it records.
+        needs_samples: it reads ``M`` predictive samples per step (TokUR), not one
+            logits row: a backend must supply them (``tokur_decode.hf.perturbed``,
+            ``tokur_decode.vllm.tokur_engine_args``).
+        default: recorded when no signals are named.
+    """
+
+    name: str
+    outputs: tuple[Output, ...]
+    needs_samples: bool = False
+    default: bool = False
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(o.key for o in self.outputs)
+
+    @property
+    def step_keys(self) -> tuple[str, ...]:
+        """The outputs known at their own step (those that need no emitted token)."""
+        return tuple(o.key for o in self.outputs if not o.needs_token)
+
+    @property
+    def needs_token(self) -> bool:
+        """Every output waits for the emitted token (the chosen-token signals)."""
+        return all(o.needs_token for o in self.outputs)
+
+
+#: The signal registry. Adding a signal: its formula below, a branch in
+#: :meth:`SignalSpec.compute`, and an entry here; every table the library uses (what
+#: ``"all"`` means, directions, headline reducers, display names) is derived from it.
+REGISTRY: dict[str, SignalInfo] = {
+    info.name: info
+    for info in (
+        SignalInfo(
+            "max_prob",
+            (Output("max_prob", confidence=True, headline="naive", unit=True),),
+            default=True,
+        ),
+        SignalInfo(
+            "chosen_prob",
+            (Output("chosen_prob", True, unit=True, label="p(token)", needs_token=True),),
+            default=True,
+        ),
+        SignalInfo(
+            "chosen_logprob", (Output("chosen_logprob", confidence=True, needs_token=True),)
+        ),
+        SignalInfo("margin", (Output("margin", confidence=True, unit=True),)),
+        SignalInfo("entropy", (Output("entropy", label="entropy"),), default=True),
+        SignalInfo("varentropy", (Output("varentropy"),)),
+        SignalInfo("self_certainty", (Output("self_certainty", confidence=True),)),
+        SignalInfo(
+            "deepconf", (Output("deepconf", confidence=True, headline="deepconf_lowest_group"),)
+        ),
+        SignalInfo(
+            "logtoku",
+            (
+                Output("logtoku_aleatoric", label="LogTokU AU"),
+                Output("logtoku_epistemic", unit=True, label="LogTokU EU"),
+                Output("logtoku_unreliability", headline="topk_mean", label="AU x EU"),
+            ),
+            default=True,
+        ),
+        SignalInfo(
+            "tokur",
+            (
+                Output("tokur_total", headline="sum", label="TokUR TU"),
+                Output("tokur_aleatoric", headline="sum", label="TokUR AU"),
+                Output("tokur_epistemic", headline="sum", label="TokUR EU"),
+                Output("tokur_reward", confidence=True, label="TokUR reward", needs_token=True),
+            ),
+            needs_samples=True,
+        ),
+    )
 }
 
+#: Every output column of every signal, by key.
+OUTPUTS: dict[str, Output] = {o.key: o for info in REGISTRY.values() for o in info.outputs}
+
+#: Signals computed from one step's logits (:class:`SignalSpec`), with their outputs.
+#: ``"all"`` means these: every signal that costs one pass over the logits.
+SIGNALS: dict[str, tuple[str, ...]] = {
+    name: info.keys for name, info in REGISTRY.items() if not info.needs_samples
+}
+
+#: Signals computed from several predictive samples per step (TokUR), with their outputs.
+SAMPLE_SIGNALS: dict[str, tuple[str, ...]] = {
+    name: info.keys for name, info in REGISTRY.items() if info.needs_samples
+}
+
+#: The keyword parameters of a signal pass (:class:`SignalSpec`), which every monitor and
+#: processor takes.
+SPEC_PARAMS = ("deepconf_k", "logtoku_k", "logtoku_evidence")
+
+#: What is recorded when no signals are named.
+DEFAULT_SIGNALS: tuple[str, ...] = tuple(n for n, info in REGISTRY.items() if info.default)
+
 #: Signals that need the emitted token, known only after sampling.
-CHOSEN_SIGNALS = frozenset({"chosen_prob", "chosen_logprob"})
+CHOSEN_SIGNALS = frozenset(n for n, info in REGISTRY.items() if info.needs_token)
 
 #: Output keys where a larger value means *more* confident (all others: more uncertain).
-CONFIDENCE_KEYS = frozenset(
-    {"max_prob", "chosen_prob", "chosen_logprob", "margin", "self_certainty", "deepconf"}
-)
+CONFIDENCE_KEYS = frozenset(key for key, o in OUTPUTS.items() if o.confidence)
+
+
+def signal_of_output(key: str) -> str:
+    """The signal that produces output ``key``.
+
+    Example:
+        >>> signal_of_output("logtoku_epistemic"), signal_of_output("tokur_total")
+        ('logtoku', 'tokur')
+    """
+    for name, info in REGISTRY.items():
+        if key in info.keys:
+            return name
+    raise ValueError(f"signal: unknown output {key!r}; choose from {sorted(OUTPUTS)}")
+
+
+def parse_signals(signals: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Signal names from a list or a comma-separated string, validated, duplicates
+    dropped; ``"all"`` expands to every logit signal (:data:`SIGNALS`; TokUR is asked
+    for by name, as it needs predictive samples); ``None`` is :data:`DEFAULT_SIGNALS`.
+
+    Example:
+        >>> parse_signals("entropy, logtoku,entropy")
+        ('entropy', 'logtoku')
+        >>> parse_signals("all,tokur")[-2:]
+        ('logtoku', 'tokur')
+        >>> parse_signals("all,bogus")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: signals: unknown 'bogus'; choose from ['chosen_logprob', ...] or 'all'
+    """
+    if signals is None:
+        return DEFAULT_SIGNALS
+    if isinstance(signals, str):
+        names = [s.strip() for s in signals.split(",")]
+    else:
+        names = list(signals)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"signals: names must be strings, got {signals!r}")
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("signals: at least one signal name is required")
+    out: list[str] = []
+    for name in names:
+        if name != "all" and name not in REGISTRY:
+            raise ValueError(f"signals: unknown {name!r}; choose from {sorted(REGISTRY)} or 'all'")
+        out += SIGNALS if name == "all" else [name]
+    return tuple(dict.fromkeys(out))
+
 
 _EVIDENCE = ("relu", "shifted")
 
@@ -255,14 +426,13 @@ class SignalSpec:
         logtoku_k: int = 2,
         logtoku_evidence: str = "relu",
     ) -> None:
-        names = (signals,) if isinstance(signals, str) else tuple(signals)
-        if not names:
-            raise ValueError("signals: at least one signal name is required")
-        if "all" in names:
-            names = tuple(SIGNALS)
+        names = parse_signals(signals)
         unknown = [n for n in names if n not in SIGNALS]
         if unknown:
-            raise ValueError(f"signals: unknown {unknown}; choose from {sorted(SIGNALS)} or 'all'")
+            raise ValueError(
+                f"signals: {unknown} need predictive samples, not one logits row; "
+                f"a SignalSpec computes {sorted(SIGNALS)} or 'all'"
+            )
         for pname, value in (("deepconf_k", deepconf_k), ("logtoku_k", logtoku_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{pname} must be a positive integer, got {value!r}")
@@ -270,7 +440,7 @@ class SignalSpec:
             raise ValueError(
                 f"logtoku_evidence must be one of {_EVIDENCE}, got {logtoku_evidence!r}"
             )
-        object.__setattr__(self, "signals", tuple(dict.fromkeys(names)))
+        object.__setattr__(self, "signals", names)
         object.__setattr__(self, "deepconf_k", deepconf_k)
         object.__setattr__(self, "logtoku_k", logtoku_k)
         object.__setattr__(self, "logtoku_evidence", logtoku_evidence)

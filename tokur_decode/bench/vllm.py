@@ -137,8 +137,8 @@ def vllm_overhead(
     """
     from vllm import LLM, SamplingParams
 
-    from .args import uncertainty_args
-    from .client import llm
+    from ..vllm.args import uncertainty_args
+    from ..vllm.client import llm
 
     if model is None:
         from ..models import default_model_path

@@ -1,4 +1,4 @@
-"""Response-level reducers over a trace of token-level values (REFERENCE.md 1.3).
+"""Response-level reducers over a trace of token-level values (docs/reference.md 1.3).
 
 Every reducer takes ``values`` ``[B, T]`` (one row per response, right-padded) and
 ``lengths`` ``[B]`` (the number of valid tokens of each row; ``None`` means all ``T``)
@@ -13,7 +13,7 @@ Empty responses (length 0) never crash and never yield NaN:
 
 Example:
     >>> import torch
-    >>> from tokur_decode import aggregate
+    >>> from tokur_decode.core import aggregate
     >>> v = torch.tensor([[0.9, 0.5, 0.0], [0.2, 0.0, 0.0]])
     >>> aggregate.mean(v, torch.tensor([2, 1]))
     tensor([0.7000, 0.2000])

@@ -1,8 +1,8 @@
 """Strategy recipes: signals + trigger + action + parameters, as TOML or a dict.
 
-Shipped recipes live in the top-level ``strategies/`` folder (inside the wheel as
-``tokur_decode/strategies``) and load by name; a path to a ``.toml`` file or a dict works
-too. Unknown keys and invalid values are rejected with a message naming the key.
+Shipped recipes live in ``tokur_decode/strategies/recipes/`` (package data) and load by
+name; a path to a ``.toml`` file or a dict works too. Unknown keys and invalid values
+are rejected with a message naming the key.
 
 Recipe format::
 
@@ -14,7 +14,7 @@ Recipe format::
     temperature = 0.7    # 0: greedy
     top_p = 1.0
 
-    [trigger]            # for action types "stop" and "resample" (see tokur_decode.policy)
+    [trigger]            # for action types "stop" and "resample" (see tokur_decode.core.policy)
     signal = "logtoku_epistemic"
     threshold = 0.1
     direction = "above"
@@ -54,88 +54,22 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import aggregate
-from .policy import Trigger, signal_of_output
-from .select import METHODS
+from ..core.policy import Trigger
+from .actions import ActionConfig, NoAction, action_config
 
 __all__ = ["Strategy", "available", "strategies_dir"]
 
-_SELECTION_KEYS = {
-    "score": (str,),
-    "reducer": (str,),
-    "higher_is_better": (bool,),
-    "method": (str,),
-    "eta": (int, float),
-}
-_SAMPLING_KEYS = {"n": (int,), "temperature": (int, float), "top_p": (int, float)}
-_ACTION_KEYS = {
-    "none": {},
-    "stop": {"abstain_text": (str, type(None))},
-    "resample": {
-        "mode": (str,),
-        "temperature": (int, float),
-        "entropy_coef": (int, float),
-        "varentropy_coef": (int, float),
-        "min_temperature": (int, float),
-        "max_temperature": (int, float),
-        "min_p": (int, float),
-    },
-    "best-of-n": {**_SAMPLING_KEYS, **_SELECTION_KEYS},
-    "branch": {
-        "k": (int,),
-        "at": (str,),
-        "max_branch_points": (int,),
-        "token_budget": (int,),
-        **_SELECTION_KEYS,
-    },
-    "rollback": {"rewind": (int,), "temperature": (int, float), "max_retries": (int,)},
-    "deepconf-online": {
-        **_SAMPLING_KEYS,
-        "warmup": (int,),
-        "keep": (int, float),
-        "window": (int,),
-        **_SELECTION_KEYS,
-    },
-}
-_SELECTION_DEFAULTS = {"reducer": "mean", "higher_is_better": True, "method": "argmax", "eta": 1.0}
-_DEFAULTS = {
-    "best-of-n": {"n": 8, "temperature": 0.7, "top_p": 1.0, **_SELECTION_DEFAULTS},
-    "branch": {
-        "k": 5,
-        "at": "first",
-        "max_branch_points": 1,
-        "token_budget": 0,
-        **_SELECTION_DEFAULTS,
-        "score": "margin",
-    },
-    "rollback": {"rewind": 4, "temperature": 1.0, "max_retries": 2},
-    "deepconf-online": {
-        "n": 8,
-        "warmup": 4,
-        "keep": 90,
-        "window": 16,
-        "temperature": 0.7,
-        "top_p": 1.0,
-        **_SELECTION_DEFAULTS,
-        "score": "deepconf",
-        "reducer": "deepconf_lowest_group",
-        "method": "weighted",
-    },
-}
-#: Actions that need a [trigger] table (branch only with at = "trigger").
-_NEEDS_TRIGGER = ("stop", "resample", "rollback")
 _TOP_KEYS = {"name", "description", "signals", "generation", "trigger", "action", "tokur"}
 _GENERATION_KEYS = {"temperature": (int, float), "top_p": (int, float)}
 _TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
 
 
 def strategies_dir() -> Path:
-    """The folder of shipped recipes (in a source checkout or inside the wheel)."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "strategies", package.parent / "strategies"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("the shipped strategies/ folder is missing from the installation")
+    """The folder of shipped recipes (``tokur_decode/strategies/recipes``, package data)."""
+    folder = Path(__file__).resolve().parent / "recipes"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the shipped recipes folder {folder} is missing")
+    return folder
 
 
 def available() -> dict[str, str]:
@@ -153,11 +87,15 @@ class Strategy:
     name: str
     description: str = ""
     signals: tuple[str, ...] = ()
-    action: str = "none"
+    config: ActionConfig = NoAction()
     trigger: Trigger | None = None
-    params: dict = field(default_factory=dict)
     tokur: dict | None = None
     generation: dict = field(default_factory=dict)
+
+    @property
+    def action(self) -> str:
+        """The action type (``config.type``)."""
+        return self.config.type
 
     @classmethod
     def load(cls, spec) -> Strategy:
@@ -194,33 +132,17 @@ class Strategy:
         signals = data.get("signals", [])
         if isinstance(signals, str) or not all(isinstance(s, str) for s in signals):
             raise ValueError("signals: must be a list of signal names")
-        action = dict(data.get("action", {"type": "none"}))
-        kind = action.pop("type", "none")
-        if kind not in _ACTION_KEYS:
-            raise ValueError(f"action.type: unknown {kind!r}; choose from {sorted(_ACTION_KEYS)}")
-        for key, value in action.items():
-            allowed = _ACTION_KEYS[kind]
-            if key not in allowed:
-                raise ValueError(
-                    f"action.{key}: not a parameter of {kind!r} (allowed: {sorted(allowed)})"
-                )
-            if not isinstance(value, allowed[key]) or (
-                isinstance(value, bool) and bool not in allowed[key]
-            ):
-                raise ValueError(f"action.{key}: invalid value {value!r}")
+        config = action_config(data.get("action", {"type": "none"}))
         trigger = None
         if "trigger" in data:
             try:
                 trigger = Trigger(**data["trigger"])
             except TypeError as exc:
                 raise ValueError(f"trigger: {exc}") from exc
-        action = {**_DEFAULTS.get(kind, {}), **action}
-        needs_trigger = kind in _NEEDS_TRIGGER or (kind == "branch" and action["at"] == "trigger")
-        if needs_trigger and trigger is None:
-            raise ValueError(f"trigger: action {kind!r} needs a [trigger] table")
-        if trigger is not None and not needs_trigger:
-            raise ValueError(f"trigger: action {kind!r} does not use a [trigger] table")
-        _check_action(kind, action)
+        if config.uses_trigger and trigger is None:
+            raise ValueError(f"trigger: action {config.type!r} needs a [trigger] table")
+        if trigger is not None and not config.uses_trigger:
+            raise ValueError(f"trigger: action {config.type!r} does not use a [trigger] table")
         tokur = data.get("tokur")
         if tokur is not None:
             bad = set(tokur) - _TOKUR_KEYS
@@ -232,9 +154,8 @@ class Strategy:
             name=name,
             description=str(data.get("description", "")),
             signals=tuple(signals),
-            action=kind,
+            config=config,
             trigger=trigger,
-            params=action,
             tokur=dict(tokur) if tokur is not None else None,
             generation=_check_generation(data.get("generation", {})),
         )
@@ -245,7 +166,7 @@ class Strategy:
             "name": self.name,
             "description": self.description,
             "signals": list(self.signals),
-            "action": {"type": self.action, **self.params},
+            "action": self.config.to_dict(),
         }
         if self.trigger is not None:
             data["trigger"] = asdict(self.trigger)
@@ -268,42 +189,3 @@ def _check_generation(table: dict) -> dict:
     if not 0 < table.get("top_p", 1) <= 1:
         raise ValueError(f"generation.top_p: must be in (0, 1], got {table['top_p']}")
     return dict(table)
-
-
-def _check_action(kind: str, p: dict) -> None:
-    """Value checks beyond the types, naming the key."""
-    for key in ("n", "k", "max_branch_points", "rewind", "max_retries", "warmup", "window"):
-        if key in p and p[key] < 1:
-            raise ValueError(f"action.{key}: must be >= 1, got {p[key]}")
-    if "temperature" in p and not p["temperature"] > 0:
-        raise ValueError(f"action.temperature: must be > 0, got {p['temperature']}")
-    if "top_p" in p and not 0 < p["top_p"] <= 1:
-        raise ValueError(f"action.top_p: must be in (0, 1], got {p['top_p']}")
-    if kind == "branch":
-        if p["at"] not in ("first", "trigger"):
-            raise ValueError(f"action.at: 'first' or 'trigger', got {p['at']!r}")
-        if p["token_budget"] < 0:
-            raise ValueError(
-                f"action.token_budget: must be >= 0 (0: no cap), got {p['token_budget']}"
-            )
-    if kind == "deepconf-online":
-        if p["warmup"] >= p["n"]:
-            raise ValueError(f"action.warmup: must be < n ({p['n']}), got {p['warmup']}")
-        if not 0 < p["keep"] <= 100:
-            raise ValueError(f"action.keep: a percentage in (0, 100], got {p['keep']}")
-    if set(_SELECTION_KEYS) <= set(_ACTION_KEYS[kind]):
-        _check_selection(p)
-
-
-def _check_selection(p: dict) -> None:
-    if "score" not in p:
-        raise ValueError("action.score: selection needs a score (a signal output)")
-    signal_of_output(p["score"])
-    if p["reducer"] not in aggregate.REDUCERS:
-        raise ValueError(
-            f"action.reducer: unknown {p['reducer']!r}; choose from {sorted(aggregate.REDUCERS)}"
-        )
-    if p["method"] not in METHODS:
-        raise ValueError(f"action.method: unknown {p['method']!r}; choose from {METHODS}")
-    if not 0 < p["eta"] <= 1:
-        raise ValueError(f"action.eta: must be in (0, 1], got {p['eta']}")

@@ -1,4 +1,4 @@
-"""Best-of-N selection and voting over candidate answers (REFERENCE.md section 2).
+"""Best-of-N selection and voting over candidate answers (docs/reference.md section 2).
 
 Pure functions of host-side lists: ``answers`` are the extracted final answers of N
 candidates (``None`` for a candidate without one), ``scores`` their response-level

@@ -2,17 +2,17 @@
 DeepConf online, and how many alternatives a branch point may fork into.
 
 A backend (transformers, vLLM) decodes the candidates and hands their
-:class:`~tokur_decode.trace.Trace` here; the scoring, the choice and the records in
+:class:`~tokur_decode.core.trace.Trace` here; the scoring, the choice and the records in
 ``result.actions`` are the same whichever backend decoded them.
 
 Example:
     >>> import torch
-    >>> from tokur_decode.trace import Trace
+    >>> from tokur_decode.core.trace import Trace
     >>> trace = Trace(signals={"self_certainty": torch.tensor([[1.0, 2.0], [3.0, 4.0]])},
     ...               token_ids=torch.zeros(2, 2, dtype=torch.long), lengths=torch.tensor([2, 2]),
     ...               texts=["4", "5"])
-    >>> params = {"score": "self_certainty", "reducer": "mean", "higher_is_better": True,
-    ...           "method": "argmax", "eta": 1.0}
+    >>> from tokur_decode.strategies.actions import BestOfN
+    >>> params = BestOfN(score="self_certainty")
     >>> chosen, records, _ = select_rows(trace, [[0, 1]], params, str.strip)
     >>> chosen, records[0]["scores"]
     ([1], [1.5, 3.5])
@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from . import aggregate
-from .policy import Trigger
-from .select import choose
-from .trace import Trace
+from ..core import aggregate
+from ..core.policy import Trigger
+from ..core.select import choose
+from ..core.trace import Trace
+from .actions import DeepConfOnline, Selection
 
 __all__ = [
     "deepconf_thresholds",
@@ -39,22 +40,21 @@ __all__ = [
 def select_rows(
     trace: Trace,
     groups: Sequence[Sequence[int]],
-    params: dict,
+    params: Selection,
     extract: Callable[[str], object],
     **reducer_params,
 ) -> tuple[list[int], list[dict], list[Trace]]:
     """Per group of candidate rows of ``trace``, the row chosen by a recipe's selection
-    keys (``params``: ``score``, ``reducer``, ``higher_is_better``, ``method``, ``eta``;
-    see :func:`tokur_decode.select.choose`); ``extract`` turns a text into the answer
-    that votes.
+    (``params``; see :func:`tokur_decode.core.select.choose`); ``extract`` turns a text
+    into the answer that votes.
 
     Returns ``(chosen rows, one record per group, candidate traces per group)``; a
     record lists every candidate's raw score and answer and the chosen index.
     """
     raw = aggregate.reduce(
-        params["reducer"], trace.signals[params["score"]], trace.lengths, **reducer_params
+        params.reducer, trace.signals[params.score], trace.lengths, **reducer_params
     ).tolist()
-    scores = raw if params["higher_is_better"] else [-x for x in raw]
+    scores = raw if params.higher_is_better else [-x for x in raw]
     answers = [extract(text) for text in trace.texts]
     chosen, records, candidates = [], [], []
     for rows in groups:
@@ -63,8 +63,8 @@ def select_rows(
             choose(
                 [answers[i] for i in rows],
                 [scores[i] for i in rows],
-                params["method"],
-                params["eta"],
+                params.method,
+                params.eta,
             )
         ]
         chosen.append(pick)
@@ -72,11 +72,11 @@ def select_rows(
         records.append(
             {
                 "chosen": rows.index(pick),
-                "score": params["score"],
-                "reducer": params["reducer"],
-                "higher_is_better": params["higher_is_better"],
-                "method": params["method"],
-                "eta": params["eta"],
+                "score": params.score,
+                "reducer": params.reducer,
+                "higher_is_better": params.higher_is_better,
+                "method": params.method,
+                "eta": params.eta,
                 "scores": [raw[i] for i in rows],
                 "answers": [answers[i] for i in rows],
             }
@@ -122,17 +122,17 @@ def deepconf_trigger(window: int) -> Trigger:
     return Trigger("deepconf", direction="below", window=window, min_tokens=window)
 
 
-def deepconf_thresholds(warm: Trace, warmup: int, params: dict) -> list[float]:
+def deepconf_thresholds(warm: Trace, warmup: int, params: DeepConfOnline) -> list[float]:
     """One threshold per prompt from its ``warmup`` consecutive warm-up rows of ``warm``:
     the ``100 - keep`` percentile of their lowest group confidence (DeepConf online)."""
-    window = params["window"]
+    window = params.window
     lowest = aggregate.reduce(
         "deepconf_lowest_group", warm.signals["deepconf"], warm.lengths, window=window
     ).tolist()
     base = deepconf_trigger(window)
     prompts = len(lowest) // warmup
     return [
-        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - params["keep"]).threshold
+        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - params.keep).threshold
         for b in range(prompts)
     ]
 
@@ -142,7 +142,7 @@ def deepconf_vote(
     later: Trace,
     stopped: Sequence[bool],
     thresholds: Sequence[float],
-    params: dict,
+    params: DeepConfOnline,
     extract: Callable[[str], object],
     max_new_tokens: int,
 ) -> tuple[Trace, list[int], list[list[dict]], list[Trace]]:
@@ -155,7 +155,7 @@ def deepconf_vote(
     decoded for the prompt and ``tokens_saved``: what the stopped rows did not decode
     of their ``max_new_tokens`` budget (an upper bound: they might have ended sooner).
     """
-    n, warmup, window = params["n"], params["warmup"], params["window"]
+    n, warmup, window = params.n, params.warmup, params.window
     online = n - warmup
     trace = Trace.concat([warm, later])
     lengths = trace.lengths.tolist()

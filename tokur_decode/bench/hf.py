@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .hf.generation import encode_prompts, sampling_kwargs
-from .hf.monitor import UncertaintyMonitor
-from .hf.tokur import perturbed
+from ..core.text import encode_prompts
+from ..hf.backend import sampling_kwargs
+from ..hf.monitor import UncertaintyMonitor
+from ..hf.tokur import perturbed
 
 __all__ = [
     "ActionCost",
@@ -300,7 +301,7 @@ def actions_cost(
     A response counts as correct when it mentions an accepted answer as a whole word; a
     coarse check, enough to see whether a strategy changes answers.
     """
-    from .hf.generation import generate
+    from ..hf.generation import generate
 
     questions = [q for q, _ in qa]
 

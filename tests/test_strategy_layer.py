@@ -1,0 +1,230 @@
+"""The strategy layer against a scripted backend: what each procedure asks the backend,
+what it does with the answers, and the typed configurations it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokur_decode.core.policy import Trigger
+from tokur_decode.core.signals import REGISTRY
+from tokur_decode.core.trace import Trace
+from tokur_decode.hf.actions import ResampleOnTrigger
+from tokur_decode.hf.controller import Branch as BranchPolicy
+from tokur_decode.hf.controller import Rollback as RollbackPolicy
+from tokur_decode.strategies import Strategy, generate
+from tokur_decode.strategies import actions as A
+from tokur_decode.strategies import backend as B
+from tokur_decode.strategies.candidates import deepconf_thresholds
+
+
+class Scripted:
+    """A backend whose row ``r`` of prompt ``p`` answers ``"p{p}r{r}"``; every output of
+    every requested signal has the value ``p + r / 10`` at each of ``r + 2`` steps;
+    a Stop act stops (event) the rows whose value is below the prompt's threshold."""
+
+    acts = (B.Stop, B.Resample)
+
+    def __init__(self):
+        self.requests: list[B.Request] = []
+
+    def decode(self, prompts, request: B.Request) -> B.Decoded:
+        self.requests.append(request)
+        n, rows, events = request.n, [], []
+        for p in range(len(prompts)):
+            for r in range(n):
+                rows.append((p, r))
+                events.append(self._events(request.act, p, p + r / 10))
+        width = max(r for _, r in rows) + 2
+        keys = [k for name in request.signals for k in REGISTRY[name].keys]
+        values = torch.tensor([[p + r / 10] * width for p, r in rows])
+        trace = Trace(
+            signals={k: values.clone() for k in keys},
+            token_ids=torch.zeros(len(rows), width, dtype=torch.long),
+            lengths=torch.tensor([r + 2 for _, r in rows]),
+            texts=[f"p{p}r{r}" for p, r in rows],
+        )
+        return B.Decoded(trace, [p for p, _ in rows], events, int(trace.lengths.sum()))
+
+    @staticmethod
+    def _events(act, prompt, value):
+        if not isinstance(act, B.Stop):
+            return []
+        threshold = act.thresholds[prompt] if act.thresholds else act.trigger.threshold
+        return [{"action": "stop", "step": 1, "value": value}] if value < threshold else []
+
+
+def test_the_scripted_backend_follows_the_protocol():
+    assert isinstance(Scripted(), B.Backend)
+
+
+def test_best_of_n_asks_for_n_samples_at_the_recipe_temperature_and_keeps_the_best():
+    backend = Scripted()
+    recipe = {"name": "b", "action": {"type": "best-of-n", "n": 3, "score": "max_prob"}}
+    result = generate(backend, ["q0", "q1"], strategy=recipe, seed=7)
+    (request,) = backend.requests
+    assert (request.n, request.sampling.temperature, request.sampling.seed) == (3, 0.7, 7)
+    assert "max_prob" in request.signals  # the score's signal is recorded
+    assert result.texts == ["p0r2", "p1r2"]  # highest max_prob: the last row
+    assert result.actions[0][0]["scores"] == pytest.approx([0.0, 0.1, 0.2])
+    assert [len(c) for c in result.candidates] == [3, 3]
+    assert result.tokens_generated == 2 * (2 + 3 + 4)
+
+
+def test_deepconf_online_stops_later_samples_at_the_warm_ups_thresholds():
+    backend = Scripted()
+    strat = Strategy.load("deepconf-online")
+    result = generate(backend, ["q0", "q1"], strategy=strat, seed=3)
+    warm, later = backend.requests
+    c = strat.config
+    assert (warm.n, later.n) == (c.warmup, c.n - c.warmup)
+    assert later.sampling.seed == 3 + c.warmup  # seeded after the warm-up's samples
+    assert isinstance(later.act, B.Stop) and later.act.trigger.window == c.window
+    warm_trace = backend.decode(["q0", "q1"], warm).trace
+    assert list(later.act.thresholds) == deepconf_thresholds(warm_trace, c.warmup, c)
+    action = result.actions[0][0]
+    assert action["voters"] == c.warmup + (c.n - c.warmup) - len(action["stopped"])
+
+
+def test_abstain_text_replaces_stopped_answers_only():
+    backend = Scripted()
+    recipe = {
+        "name": "s",
+        "trigger": {"signal": "entropy", "threshold": 0.5, "direction": "above"},
+        "action": {"type": "stop", "abstain_text": "I don't know."},
+    }
+    result = generate(backend, ["q0", "q1"], strategy=recipe)
+    # the scripted backend stops values below the threshold: prompt 0 (0.0), not 1 (1.0)
+    assert result.texts == ["I don't know.", "p1r0"]
+    assert backend.requests[0].act.trigger.threshold == 0.5
+    overridden = generate(Scripted(), ["q0", "q1"], strategy=recipe, threshold=2.0)
+    assert overridden.texts == ["I don't know.", "I don't know."]
+
+
+def test_an_action_the_backend_lacks_is_refused_before_anything_is_decoded():
+    backend = Scripted()
+    with pytest.raises(ValueError, match="'rollback' needs tokur-decode's own decoding loop"):
+        generate(backend, "q", strategy="entropy-rollback")
+    with pytest.raises(ValueError, match="'branch' needs forking"):
+        generate(backend, "q", strategy="cot-branch")
+    assert backend.requests == []
+    generate(backend, "q", strategy="logtoku-abstain")  # control: a supported one runs
+    assert len(backend.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"seed": 1.5}, "seed"),
+        ({"signals": "all,bogus"}, "signals"),
+        ({"threshold": 1.0, "strategy": "self-certainty-best-of-n"}, "threshold"),
+        ({"tokur": {"samples": 4}}, "tokur"),
+    ],
+)
+def test_bad_inputs_are_refused_naming_the_parameter(kwargs, name):
+    backend = Scripted()
+    with pytest.raises(ValueError, match=name):
+        generate(backend, "q", **kwargs)
+    assert backend.requests == []
+
+
+def test_a_request_validates_itself():
+    with pytest.raises(ValueError, match="temperature: n > 1"):
+        B.Request(("entropy",), B.Sampling(temperature=0.0), n=2)
+    with pytest.raises(ValueError, match="n: must be"):
+        B.Request(("entropy",), n=0)
+    assert B.Request("all,tokur").wants_samples
+    assert not B.Request("all").wants_samples
+
+
+# ----------------------------------------------------------------- typed configurations
+
+
+def test_every_action_type_has_one_config_class_and_valid_defaults():
+    assert set(A.ACTIONS) == {
+        "none",
+        "stop",
+        "resample",
+        "best-of-n",
+        "branch",
+        "rollback",
+        "deepconf-online",
+    }
+    for kind, cls in A.ACTIONS.items():
+        # best-of-n alone has no default score: what it keeps is the recipe's choice
+        config = A.action_config(
+            {"type": kind, **({"score": "entropy"} if kind == "best-of-n" else {})}
+        )
+        assert isinstance(config, cls)
+        assert A.action_config(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"type": "best-of-n", "score": "entropy", "n": 0}, "action.n"),
+        ({"type": "best-of-n", "score": "entropy", "n": True}, "action.n"),
+        ({"type": "best-of-n", "score": "entropy", "temperature": math.inf}, "action.temp"),
+        ({"type": "best-of-n"}, "action.score: selection needs a score"),
+        ({"type": "best-of-n", "score": "bogus"}, "signal"),
+        ({"type": "best-of-n", "bogus": 1}, "action.bogus"),
+        ({"type": "branch", "at": "middle"}, "action.at"),
+        ({"type": "deepconf-online", "warmup": 8}, "action.warmup"),
+        ({"type": "resample", "mode": "random"}, "action.mode"),
+        ({"type": "stop", "abstain_text": 3}, "action.abstain_text"),
+        ({"type": "jump"}, "action.type"),
+    ],
+)
+def test_a_bad_action_table_is_refused_naming_the_key(table, key):
+    with pytest.raises(ValueError, match=key):
+        A.action_config(table)
+
+
+@given(st.integers(1, 64), st.floats(0.01, 5.0), st.floats(0.01, 1.0))
+def test_best_of_n_configs_round_trip(n, temperature, top_p):
+    config = A.BestOfN(score="entropy", n=n, temperature=temperature, top_p=top_p)
+    assert A.action_config(config.to_dict()) == config
+
+
+def test_the_backends_defaults_are_the_configs():
+    """One place for every default: the processors and the controller's policies read
+    the typed configurations' defaults."""
+    resample = inspect.signature(ResampleOnTrigger.__init__).parameters
+    rule = A.Resample()
+    for f in dataclasses.fields(rule):
+        assert resample[f.name].default == getattr(rule, f.name), f.name
+    branch = inspect.signature(BranchPolicy.__init__).parameters
+    assert (branch["k"].default, branch["max_branch_points"].default) == (5, 1)
+    assert branch["k"].default == A.Branch().k
+    rollback = inspect.signature(RollbackPolicy.__init__).parameters
+    for name in ("rewind", "temperature", "max_retries"):
+        assert rollback[name].default == getattr(A.Rollback(), name)
+
+
+def test_the_triggers_of_recipes_are_checked_against_their_action():
+    with pytest.raises(ValueError, match="needs a \\[trigger\\]"):
+        Strategy.from_dict({"name": "x", "action": {"type": "stop"}})
+    with pytest.raises(ValueError, match="does not use a \\[trigger\\]"):
+        Strategy.from_dict(
+            {
+                "name": "x",
+                "trigger": {"signal": "entropy", "threshold": 1.0},
+                "action": {"type": "best-of-n", "score": "entropy"},
+            }
+        )
+    branch = {"type": "branch", "at": "trigger"}
+    assert Strategy.from_dict(
+        {"name": "x", "trigger": {"signal": "entropy", "threshold": 1.0}, "action": branch}
+    ).config.uses_trigger
+    assert Trigger("entropy", threshold=1.0)  # control: the trigger itself is valid

@@ -1,0 +1,7 @@
+"""``python -m tokur_decode.cli``: the ``tokur-decode`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

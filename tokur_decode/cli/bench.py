@@ -1,0 +1,308 @@
+"""``tokur-decode bench ...``: the benchmarks (:mod:`tokur_decode.bench`), each printing
+ratios against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import json
+
+from .common import load, model_args, signal_list
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline of the same run)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    over = bench_sub.add_parser(
+        "overhead",
+        help="generate with the monitor (all signals) over generate without it",
+        description="Time greedy generation with and without the uncertainty monitor on the same "
+        "prompts in the same run; print seconds per token and the median ratio.",
+    )
+    model_args(over)
+    over.add_argument(
+        "--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)"
+    )
+    over.add_argument("--max-new-tokens", type=int, default=32, help="tokens per run (default 32)")
+    over.add_argument(
+        "--repeats", type=int, default=15, help="timed pairs per batch size (default 15)"
+    )
+    over.add_argument("--signals", default="all")
+    over.add_argument("--json", action="store_true")
+
+    tok = bench_sub.add_parser(
+        "tokur",
+        help="TokUR: plain greedy vs M samples in one forward vs M sequential passes",
+        description="Time per generated token and peak extra memory of plain greedy decoding, "
+        "of TokUR with M samples per step computed in one forward (ours), and of M sequential "
+        "passes per step (the official implementation's cost), as ratios to plain greedy.",
+    )
+    model_args(tok)
+    tok.add_argument("--samples", type=int, default=10, help="M (default 10)")
+    tok.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
+    tok.add_argument("--max-new-tokens", type=int, default=16, help="tokens per run (default 16)")
+    tok.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    tok.add_argument("--json", action="store_true")
+
+    act = bench_sub.add_parser(
+        "actions",
+        help="each strategy recipe vs plain greedy: time, tokens decoded, answers right",
+        description="Run every shipped recipe (or --strategies) on a fixed set of questions "
+        "with known answers, batched, and plain greedy decoding in the same run; print time "
+        "and tokens decoded as ratios to greedy, and how many answers mention the right one.",
+    )
+    model_args(act)
+    act.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
+    act.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (32)")
+    act.add_argument("--seed", type=int, default=0)
+    act.add_argument("--json", action="store_true")
+
+    vb = bench_sub.add_parser(
+        "vllm",
+        help="vLLM throughput: plain vs processor attached vs every request monitored",
+        description="Two vLLM engines (plain, and with the UncertaintyProcessor); greedy, "
+        "ignore_eos; median tokens/s over rounds in rotating order (none opted in, all "
+        "signals, entropy + logtoku); starts not timed.",
+    )
+    vb.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+    vb.add_argument("--prompts", type=int, default=64, help="requests per round (64)")
+    vb.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
+    vb.add_argument("--rounds", type=int, default=5, help="timed rounds (5)")
+    vb.add_argument("--json", action="store_true")
+
+    vt = bench_sub.add_parser(
+        "vllm-tokur",
+        help="vLLM throughput with TokUR's M samples vs plain, and vs M sequential runs",
+        description="A plain vLLM engine and a TokUR one (tokur_engine_args); greedy, "
+        "ignore_eos; median tokens/s of: plain; TokUR engine, nobody asks; every request "
+        "asks for 'tokur'; every other one asks. Starts not timed.",
+    )
+    vt.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+    vt.add_argument("--prompts", type=int, default=16, help="requests per round (16)")
+    vt.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    vt.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
+    vt.add_argument("--samples", type=int, default=10, help="TokUR's M (10)")
+    vt.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    if args.bench == "tokur":
+        return _cmd_bench_tokur(args)
+    if args.bench == "actions":
+        return _cmd_bench_actions(args)
+    if args.bench == "vllm":
+        return _cmd_bench_vllm(args)
+    if args.bench == "vllm-tokur":
+        return _cmd_bench_vllm_tokur(args)
+    from ..bench.hf import monitor_overhead
+
+    model, tokenizer = load(args)
+    rows = []
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        res = monitor_overhead(
+            model,
+            tokenizer,
+            signals=signal_list(args.signals),
+            batch_size=batch,
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+        )
+        rows.append(
+            {
+                "batch_size": batch,
+                "tokens": args.max_new_tokens,
+                "baseline_ms_per_token": 1e3 * res.median_baseline,
+                "monitored_ms_per_token": 1e3 * res.median_monitored,
+                "median_ratio": res.median_ratio,
+                "ratios": res.ratios,
+                "monitor_ms_per_step": 1e3 * res.monitor_step,
+                "step_ratio": res.step_ratio,
+            }
+        )
+    if args.json:
+        print(json.dumps({"signals": list(res.signals), "results": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"Monitor overhead ({len(res.signals)} signal outputs, greedy, {args.repeats} pairs)"
+    )
+    heads = (
+        "batch",
+        "plain ms/token",
+        "monitored ms/token",
+        "median ratio",
+        "min-max ratio",
+        "monitor ms/step",
+        "1 + step/plain",
+    )
+    for head in heads:
+        table.add_column(head, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["batch_size"]),
+            f"{r['baseline_ms_per_token']:.2f}",
+            f"{r['monitored_ms_per_token']:.2f}",
+            f"{r['median_ratio']:.3f}",
+            f"{min(r['ratios']):.3f}-{max(r['ratios']):.3f}",
+            f"{r['monitor_ms_per_step']:.3f}",
+            f"{r['step_ratio']:.3f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_bench_tokur(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench.hf import tokur_cost
+
+    model, tokenizer = load(args)
+    results = [
+        tokur_cost(
+            model,
+            tokenizer,
+            samples=args.samples,
+            batch_size=int(batch),
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+        )
+        for batch in args.batch_sizes.split(",")
+    ]
+    rows = [
+        {
+            "batch_size": r.batch_size,
+            "mode": mode,
+            "ms_per_token": 1e3 * r.seconds[mode],
+            "ratio_to_plain": r.ratios[mode],
+            "peak_extra_mib": r.peak_bytes[mode] / 2**20,
+        }
+        for r in results
+        for mode in r.seconds
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                {"samples": args.samples, "memory": results[0].memory_kind, "results": rows},
+                indent=2,
+            )
+        )
+        return 0
+    memory = results[0].memory_kind
+    table = Table(title=f"TokUR cost, M = {args.samples} ({model.device.type}; memory: {memory})")
+    for head in ("batch", "decoding", "ms/token", "x plain", "peak extra MiB"):
+        table.add_column(head, justify="right")
+    names = {
+        "plain": "plain greedy",
+        "batched": "TokUR, one forward",
+        "sequential": "TokUR, M passes",
+    }
+    for r in rows:
+        table.add_row(
+            str(r["batch_size"]),
+            names[r["mode"]],
+            f"{r['ms_per_token']:.1f}",
+            f"{r['ratio_to_plain']:.2f}",
+            f"{r['peak_extra_mib']:.1f}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_bench_actions(args) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..bench.hf import actions_cost
+    from ..strategies.recipe import available
+
+    names = (
+        [s.strip() for s in args.strategies.split(",") if s.strip()]
+        if args.strategies
+        else list(available())
+    )
+    model, tokenizer = load(args)
+    rows = actions_cost(model, tokenizer, names, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    table = Table(
+        title=f"Strategies on {rows[0].questions} questions ({model.device.type}, "
+        f"max {args.max_new_tokens} new tokens)"
+    )
+    for head in ("strategy", "seconds", "x greedy time", "tokens", "x greedy tokens", "right"):
+        table.add_column(head, justify="right")
+    for r in rows:
+        table.add_row(
+            r.strategy,
+            f"{r.seconds:.1f}",
+            f"{r.time_ratio:.2f}",
+            str(r.tokens),
+            f"{r.token_ratio:.2f}",
+            f"{r.correct}/{r.questions}",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_bench_vllm(args) -> int:
+    from dataclasses import asdict
+
+    from ..bench.vllm import vllm_overhead
+
+    r = vllm_overhead(
+        args.model, prompts=args.prompts, max_tokens=args.max_tokens, rounds=args.rounds
+    )
+    ratios = {
+        "attached_ratio": r.attached_ratio,
+        "monitored_ratio": r.monitored_ratio,
+        "typical_ratio": r.typical_ratio,
+        "same_engine_ratios": r.same_engine_ratios,
+    }
+    if args.json:
+        print(json.dumps({**asdict(r), **ratios}, indent=2))
+        return 0
+    print(f"vLLM, {r.prompts} prompts x {r.max_tokens} tokens, median of {r.rounds} rounds")
+    rows = [
+        ("plain engine", "plain", r.plain_tps, 1.0),
+        ("attached, none opted in", "attached", r.attached_tps, r.attached_ratio),
+        ("attached, all signals", "monitored", r.monitored_tps, r.monitored_ratio),
+        ("entropy + logtoku", "typical", r.typical_tps, r.typical_ratio),
+    ]
+    for label, key, tps, ratio in rows:
+        low, high = min(r.runs[key]), max(r.runs[key])
+        print(f"  {label:24s} {tps:7.1f} tokens/s ({low:.0f}-{high:.0f})   {ratio:.3f}")
+    same_all, same_typical = r.same_engine_ratios
+    print(f"  same engine, over none opted in: all {same_all:.3f}, entropy + logtoku ", end="")
+    print(f"{same_typical:.3f}")
+    return 0
+
+
+def _cmd_bench_vllm_tokur(args) -> int:
+    from dataclasses import asdict
+
+    from ..bench.vllm_tokur import tokur_overhead
+
+    r = tokur_overhead(
+        args.model,
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+        samples=args.samples,
+    )
+    if args.json:
+        print(json.dumps({**asdict(r), "ratios": r.ratios}, indent=2))
+        return 0
+    q = r.ratios
+    print(f"vLLM + TokUR (M = {r.samples}), {r.prompts} prompts x {r.max_tokens} tokens, ", end="")
+    print(f"median of {r.rounds} rounds")
+    print(f"  plain engine              {r.plain_tps:8.1f} tokens/s   1.000")
+    print(f"  TokUR engine, none asks   {r.attached_tps:8.1f} tokens/s   {q['attached']:.3f}")
+    print(f"  TokUR engine, all ask     {r.tokur_tps:8.1f} tokens/s   {q['tokur']:.3f}")
+    print(f"  TokUR engine, half ask    {r.mixed_tps:8.1f} tokens/s   {q['mixed']:.3f}")
+    print(f"  all ask vs M sequential runs (plain / M): {q['tokur_vs_sequential']:.2f}x")
+    return 0

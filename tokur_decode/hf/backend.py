@@ -1,0 +1,189 @@
+"""The transformers adapter of the strategy layer: :class:`HFBackend`.
+
+Plain, stopping and resampling decodes are one batched ``model.generate`` with the
+:class:`~tokur_decode.hf.UncertaintyMonitor` first and the action's logits processor
+after it (``num_return_sequences`` answers per prompt); branching and roll-back run in
+our own decoding loop (:class:`~tokur_decode.hf.controller.Controller`). TokUR is
+recorded inside :func:`~tokur_decode.hf.perturbed`.
+
+Example:
+    >>> from tokur_decode.strategies.backend import Request, Sampling
+    >>> from tokur_decode.models import load_default
+    >>> backend = HFBackend(*load_default())                     # doctest: +SKIP
+    >>> request = Request(("entropy",), Sampling(temperature=0.7), n=2)
+    >>> out = backend.decode(["What is 2 + 2?"], request)         # doctest: +SKIP
+    >>> len(out.trace), out.prompt_of                            # doctest: +SKIP
+    (2, [0, 0])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from ..core.text import encode_prompts
+from ..core.trace import Trace
+from ..strategies import backend as acts
+from .actions import ResampleOnTrigger, StopOnTrigger
+from .controller import Branch, Controller, Rollback
+from .monitor import UncertaintyMonitor, as_id_list
+from .tokur import perturbed
+
+__all__ = ["HFBackend", "sampling_kwargs"]
+
+
+def sampling_kwargs(temperature: float, top_p: float = 1.0) -> dict:
+    """``generate`` keywords for sampling at ``temperature`` (> 0) or greedy decoding (0;
+    the model's own sampling defaults are switched off)."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+class HFBackend:
+    """A transformers causal LM as a :class:`~tokur_decode.strategies.Backend`.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        chat: chat template use (``None``: when the tokenizer has one).
+        batch_size: prompts per batched call (``None``: all at once); batch ``k``
+            starting at prompt ``i`` is seeded with ``seed + i``.
+        signal_params: monitor and action options (``logtoku_k``, ``deepconf_k``,
+            ``logtoku_evidence``).
+    """
+
+    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Rollback)
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        chat: bool | None = None,
+        batch_size: int | None = None,
+        **signal_params,
+    ) -> None:
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"batch_size: must be >= 1 or None, got {batch_size!r}")
+        self.model, self.tokenizer, self.chat = model, tokenizer, chat
+        self.batch_size = batch_size
+        self.signal_params = signal_params
+        eos = model.generation_config.eos_token_id
+        self.eos_token_id = tokenizer.eos_token_id if eos is None else eos
+
+    def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
+        sampling, n, act = request.sampling, request.n, request.act
+        size = self.batch_size or len(prompts)
+        parts = []
+        for start in range(0, len(prompts), size):
+            seed = None if sampling.seed is None else sampling.seed + start
+            chunk = list(prompts[start : start + size])
+            thresholds = act.thresholds if isinstance(act, acts.Stop) else None
+            part_act = act
+            if thresholds is not None:
+                part_act = acts.Stop(act.trigger, thresholds[start : start + size])
+            with self._monitoring(request) as monitor:
+                parts.append(self._decode(chunk, monitor, sampling, seed, n, part_act))
+        return _joined(parts)
+
+    @contextlib.contextmanager
+    def _monitoring(self, request: acts.Request):
+        """A fresh monitor, inside :func:`perturbed` when TokUR is recorded, in inference
+        mode."""
+        context = perturbed(self.model, **(request.tokur or {})) if request.wants_samples else None
+        with context or contextlib.nullcontext() as source, torch.inference_mode():
+            yield UncertaintyMonitor(
+                request.signals,
+                eos_token_id=self.eos_token_id,
+                sample_source=source,
+                **self.signal_params,
+            )
+
+    def _decode(self, prompts, monitor, sampling, seed, n, act) -> acts.Decoded:
+        if isinstance(act, acts.Branch | acts.Rollback):
+            return self._controlled(prompts, monitor, sampling, seed, act)
+        processor = self._processor(act, n)
+        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = self.model.generate(
+            **enc,
+            max_new_tokens=sampling.max_new_tokens,
+            logits_processor=[monitor] + ([processor] if processor else []),
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            num_return_sequences=n,
+            **sampling_kwargs(sampling.temperature, sampling.top_p),
+        )
+        trace = monitor.trace(out, self.tokenizer)
+        events = processor.events(trace.lengths) if processor else [[] for _ in range(len(trace))]
+        return acts.Decoded(
+            trace=trace,
+            prompt_of=[i for i in range(len(prompts)) for _ in range(n)],
+            events=events,
+            tokens=int(trace.lengths.sum()),
+        )
+
+    def _processor(self, act, n: int):
+        if isinstance(act, acts.Stop):
+            thresholds = None
+            if act.thresholds is not None:
+                thresholds = [t for t in act.thresholds for _ in range(n)]
+            return StopOnTrigger(
+                act.trigger,
+                eos_token_id=self.eos_token_id,
+                thresholds=thresholds,
+                **self.signal_params,
+            )
+        if isinstance(act, acts.Resample):
+            rule = act.rule
+            coefficients = {name: getattr(rule, name) for name in rule.RULE}
+            return ResampleOnTrigger(act.trigger, rule.mode, **coefficients, **self.signal_params)
+        return None
+
+    def _controlled(self, prompts, monitor, sampling, seed, act) -> acts.Decoded:
+        """Branch or roll back in our own decoding loop."""
+        c = act.config
+        if isinstance(act, acts.Branch):
+            policy = Branch(
+                c.k,
+                act.trigger,
+                max_branch_points=c.max_branch_points,
+                token_budget=c.token_budget or None,
+            )
+        else:
+            policy = Rollback(
+                act.trigger, rewind=c.rewind, temperature=c.temperature, max_retries=c.max_retries
+            )
+        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        controller = Controller(
+            self.model,
+            monitor,
+            eos_token_ids=as_id_list(self.eos_token_id, "eos_token_id"),
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
+            max_new_tokens=sampling.max_new_tokens,
+        )
+        trace = controller.run(enc, policy, self.tokenizer)
+        prompt_of = policy.origin if isinstance(act, acts.Branch) else list(range(len(prompts)))
+        return acts.Decoded(trace, list(prompt_of), policy.events, int(controller.generated))
+
+
+def _joined(parts: list[acts.Decoded]) -> acts.Decoded:
+    """Batches' results as one (prompt indices offset by the prompts before them)."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_of, offset = [], 0
+    for part in parts:
+        prompt_of += [offset + p for p in part.prompt_of]
+        offset += max(part.prompt_of) + 1
+    return acts.Decoded(
+        trace=Trace.concat([p.trace for p in parts]),
+        prompt_of=prompt_of,
+        events=[e for p in parts for e in p.events],
+        tokens=sum(p.tokens for p in parts),
+    )

@@ -1,0 +1,295 @@
+"""Typed action configurations: one frozen dataclass per action type of a recipe's
+``[action]`` table, every default and every validation rule in one place.
+
+:data:`ACTIONS` maps the ``type`` key to its class; :func:`action_config` builds one from
+a TOML table, naming the key that is wrong. The strategy layer dispatches on the type
+(:data:`tokur_decode.strategies.run.PROCEDURES`); backends read the parameters they
+execute from these objects.
+
+Example:
+    >>> action_config({"type": "best-of-n", "n": 4, "score": "self_certainty"})
+    BestOfN(score='self_certainty', reducer='mean', higher_is_better=True, method='argmax', \
+eta=1.0, n=4, temperature=0.7, top_p=1.0)
+    >>> action_config({"type": "branch", "k": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: action.k: must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..core import aggregate
+from ..core.select import METHODS
+from ..core.signals import signal_of_output
+
+__all__ = [
+    "ACTIONS",
+    "ActionConfig",
+    "BestOfN",
+    "Branch",
+    "DeepConfOnline",
+    "NoAction",
+    "Resample",
+    "Rollback",
+    "Selection",
+    "Stop",
+    "action_config",
+]
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """Base class: ``type`` is the recipe's ``action.type``; ``needs_trigger`` whether the
+    action reads a ``[trigger]`` table."""
+
+    type: ClassVar[str]
+    needs_trigger: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _hints(type(self))[f.name])
+        self.check()
+
+    def check(self) -> None:
+        """Value rules beyond the types (``ValueError`` naming ``action.<key>``)."""
+
+    def to_dict(self) -> dict:
+        """The ``[action]`` table (with ``type``)."""
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+    @property
+    def uses_trigger(self) -> bool:
+        return self.needs_trigger
+
+
+@dataclass(frozen=True)
+class NoAction(ActionConfig):
+    """Record the signals; do nothing."""
+
+    type: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class Stop(ActionConfig):
+    """Stop (force EOS) where the trigger fires; the answer becomes ``abstain_text`` when
+    set."""
+
+    type: ClassVar[str] = "stop"
+    needs_trigger: ClassVar[bool] = True
+    abstain_text: str | None = None
+
+
+@dataclass(frozen=True)
+class Resample(ActionConfig):
+    """Change the distribution where the trigger fires: ``"veto"`` removes the argmax;
+    ``"adaptive"`` (entropix-style) divides the logits by ``clamp(temperature +
+    entropy_coef * H + varentropy_coef * varentropy, min_temperature, max_temperature)``
+    and drops tokens below ``min_p * p_max``."""
+
+    type: ClassVar[str] = "resample"
+    needs_trigger: ClassVar[bool] = True
+    #: The adaptive rule's parameters, in the order the engines take them.
+    RULE: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "entropy_coef",
+        "varentropy_coef",
+        "min_temperature",
+        "max_temperature",
+        "min_p",
+    )
+    mode: str = "veto"
+    temperature: float = 1.0
+    entropy_coef: float = 0.3
+    varentropy_coef: float = 0.1
+    min_temperature: float = 0.5
+    max_temperature: float = 2.0
+    min_p: float = 0.05
+
+    def check(self) -> None:
+        if self.mode not in ("veto", "adaptive"):
+            raise ValueError(f"action.mode: 'veto' or 'adaptive', got {self.mode!r}")
+        _positive(self, "temperature")
+
+    @property
+    def rule(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, name)) for name in self.RULE)
+
+
+@dataclass(frozen=True)
+class Selection(ActionConfig):
+    """How candidates are chosen: the ``reducer`` of output ``score`` per candidate
+    (``higher_is_better``), then ``method`` (see :func:`tokur_decode.core.select.choose`)
+    over the top ``eta`` fraction."""
+
+    score: str = ""
+    reducer: str = "mean"
+    higher_is_better: bool = True
+    method: str = "argmax"
+    eta: float = 1.0
+
+    def check(self) -> None:
+        if not self.score:
+            raise ValueError("action.score: selection needs a score (a signal output)")
+        signal_of_output(self.score)
+        if self.reducer not in aggregate.REDUCERS:
+            raise ValueError(
+                f"action.reducer: unknown {self.reducer!r}; "
+                f"choose from {sorted(aggregate.REDUCERS)}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"action.method: unknown {self.method!r}; choose from {METHODS}")
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"action.eta: must be in (0, 1], got {self.eta}")
+
+
+@dataclass(frozen=True)
+class BestOfN(Selection):
+    """Sample ``n`` answers at ``temperature`` / ``top_p``; keep the selected one."""
+
+    type: ClassVar[str] = "best-of-n"
+    n: int = 8
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        _at_least_one(self, "n")
+        _positive(self, "temperature")
+        _top_p(self)
+
+
+@dataclass(frozen=True)
+class Branch(Selection):
+    """Fork into the top ``k`` tokens at the first token (``at = "first"``) or where the
+    trigger fires (``"trigger"``), at most ``max_branch_points`` times per prompt, within
+    ``token_budget`` tokens per prompt (0: no cap); keep the selected branch."""
+
+    type: ClassVar[str] = "branch"
+    score: str = "margin"
+    k: int = 5
+    at: str = "first"
+    max_branch_points: int = 1
+    token_budget: int = 0
+
+    def check(self) -> None:
+        super().check()
+        _at_least_one(self, "k", "max_branch_points")
+        if self.at not in ("first", "trigger"):
+            raise ValueError(f"action.at: 'first' or 'trigger', got {self.at!r}")
+        if self.token_budget < 0:
+            raise ValueError(
+                f"action.token_budget: must be >= 0 (0: no cap), got {self.token_budget}"
+            )
+
+    @property
+    def uses_trigger(self) -> bool:
+        return self.at == "trigger"
+
+
+@dataclass(frozen=True)
+class Rollback(ActionConfig):
+    """Where the trigger fires, take back ``rewind`` tokens and decode them again at
+    ``temperature``, at most ``max_retries`` times per row."""
+
+    type: ClassVar[str] = "rollback"
+    needs_trigger: ClassVar[bool] = True
+    rewind: int = 4
+    temperature: float = 1.0
+    max_retries: int = 2
+
+    def check(self) -> None:
+        _at_least_one(self, "rewind", "max_retries")
+        _positive(self, "temperature")
+
+
+@dataclass(frozen=True)
+class DeepConfOnline(Selection):
+    """DeepConf online (Fu et al. 2025): ``warmup`` of ``n`` answers calibrate a
+    threshold (the ``100 - keep`` percentile of their lowest ``window``-token group
+    confidence); the others stop below it; the survivors vote."""
+
+    type: ClassVar[str] = "deepconf-online"
+    score: str = "deepconf"
+    reducer: str = "deepconf_lowest_group"
+    method: str = "weighted"
+    n: int = 8
+    warmup: int = 4
+    keep: float = 90
+    window: int = 16
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        _at_least_one(self, "n", "warmup", "window")
+        _positive(self, "temperature")
+        _top_p(self)
+        if self.warmup >= self.n:
+            raise ValueError(f"action.warmup: must be < n ({self.n}), got {self.warmup}")
+        if not 0 < self.keep <= 100:
+            raise ValueError(f"action.keep: a percentage in (0, 100], got {self.keep}")
+
+
+#: Every action type, by its recipe name.
+ACTIONS: dict[str, type[ActionConfig]] = {
+    cls.type: cls for cls in (NoAction, Stop, Resample, BestOfN, Branch, Rollback, DeepConfOnline)
+}
+
+
+def action_config(table: dict) -> ActionConfig:
+    """The typed configuration of a recipe's ``[action]`` table (``type`` included,
+    default ``"none"``).
+
+    Raises:
+        ValueError: naming ``action.<key>``.
+    """
+    table = dict(table)
+    kind = table.pop("type", "none")
+    if kind not in ACTIONS:
+        raise ValueError(f"action.type: unknown {kind!r}; choose from {sorted(ACTIONS)}")
+    cls = ACTIONS[kind]
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in allowed:
+            raise ValueError(f"action.{key}: not a parameter of {kind!r} (allowed: {allowed})")
+    return cls(**table)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(name: str, value, hint) -> None:
+    allowed = typing.get_args(hint) or (hint,)
+    ok = any(
+        (t is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t is bool and isinstance(value, bool))
+        or (t is str and isinstance(value, str))
+        or (t is type(None) and value is None)
+        for t in allowed
+    )
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"action.{name}: invalid value {value!r}")
+
+
+def _at_least_one(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"action.{name}: must be >= 1, got {getattr(config, name)}")
+
+
+def _positive(config, name: str) -> None:
+    if not getattr(config, name) > 0:
+        raise ValueError(f"action.{name}: must be > 0, got {getattr(config, name)}")
+
+
+def _top_p(config) -> None:
+    if not 0 < config.top_p <= 1:
+        raise ValueError(f"action.top_p: must be in (0, 1], got {config.top_p}")

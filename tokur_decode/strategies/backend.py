@@ -1,0 +1,181 @@
+"""The seam between strategies and engines: what a strategy asks a backend to do.
+
+A strategy (:mod:`tokur_decode.strategies.run`) is written once against
+:class:`Backend`; the transformers adapter (:class:`tokur_decode.hf.HFBackend`) and the
+vLLM one (:class:`tokur_decode.vllm.VLLMBackend`) translate it into their engine's calls.
+One call, :meth:`Backend.decode`: "decode ``n`` continuations of each prompt under these
+sampling settings, recording these signals, optionally acting inside decoding", asked
+with one validated :class:`Request` whose act is one of the typed configurations
+below. A backend states which acts it can run in :attr:`Backend.acts`, so an
+unsupported one is refused before anything runs.
+
+Example:
+    >>> Sampling(temperature=0.7, max_new_tokens=32).sampled
+    True
+    >>> Sampling(max_new_tokens=2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_new_tokens: must be an integer >= 1, got 2.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+from ..core.policy import Trigger
+from ..core.signals import REGISTRY, parse_signals
+from ..core.trace import Trace
+from . import actions
+
+__all__ = [
+    "Backend",
+    "Branch",
+    "Decoded",
+    "Request",
+    "Resample",
+    "Rollback",
+    "Sampling",
+    "Stop",
+]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to decode: ``temperature`` 0 is greedy (``top_p`` then 1); ``seed`` makes
+    sampling reproducible (``None``: unseeded); at most ``max_new_tokens`` per answer.
+
+    Raises:
+        ValueError: naming the parameter.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        t, p, n = self.temperature, self.top_p, self.max_new_tokens
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {p!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens: must be an integer >= 1, got {n!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed: must be an integer or None, got {seed!r}")
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop a row where ``trigger`` fires (a forced EOS). ``thresholds``: one per
+    prompt, overriding the trigger's (DeepConf online's calibrated thresholds)."""
+
+    trigger: Trigger
+    thresholds: tuple[float, ...] | None = None
+    needs: ClassVar[str] = "a stop inside decoding"
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Change a row's distribution at the steps where ``trigger`` fires, as ``rule``
+    says. ``recipe``: the shipped name or TOML path the recipe came from, for engines
+    that load it themselves (vLLM)."""
+
+    trigger: Trigger
+    rule: actions.Resample = actions.Resample()
+    recipe: str | None = None
+    needs: ClassVar[str] = "changing a row's distribution inside decoding"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Fork rows as ``config`` says, at the first token (``trigger`` ``None``) or where
+    ``trigger`` fires."""
+
+    trigger: Trigger | None
+    config: actions.Branch = actions.Branch()
+    needs: ClassVar[str] = "forking answers"
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Where ``trigger`` fires, roll back as ``config`` says."""
+
+    trigger: Trigger
+    config: actions.Rollback = actions.Rollback()
+    needs: ClassVar[str] = "tokur-decode's own decoding loop (use the transformers backend)"
+
+
+Act = Stop | Resample | Branch | Rollback
+
+
+@dataclass(frozen=True)
+class Request:
+    """What :meth:`Backend.decode` is asked: ``n`` answers per prompt (``n > 1`` needs
+    sampling) under ``sampling``, recording ``signals`` (names, validated by
+    :func:`~tokur_decode.core.signals.parse_signals`) in the same pass; ``act`` acts
+    inside decoding; ``tokur``: TokUR options for backends that take them per call.
+
+    Raises:
+        ValueError: naming the parameter.
+    """
+
+    signals: tuple[str, ...]
+    sampling: Sampling = Sampling()
+    n: int = 1
+    act: Act | None = None
+    tokur: dict | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signals", parse_signals(self.signals))
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
+        if self.n > 1 and not self.sampling.sampled:
+            raise ValueError("temperature: n > 1 answers per prompt need sampling (> 0)")
+
+    @property
+    def wants_samples(self) -> bool:
+        """Whether a signal needs predictive samples (TokUR)."""
+        return any(REGISTRY[name].needs_samples for name in self.signals)
+
+
+@dataclass
+class Decoded:
+    """What :meth:`Backend.decode` returns.
+
+    Attributes:
+        trace: every decoded row; for a plain or stopping decode ``n`` rows per prompt,
+            prompt-major.
+        prompt_of: the prompt each row answers.
+        events: what the act did, in order: per row (fires, roll-backs); for a
+            :class:`Branch`, whose forks make the rows, per prompt.
+        tokens: tokens decoded in all (forks', roll-backs' and probes' included).
+    """
+
+    trace: Trace
+    prompt_of: list[int]
+    events: list[list[dict]]
+    tokens: int
+
+    def rows_of(self, prompt: int) -> list[int]:
+        return [row for row, p in enumerate(self.prompt_of) if p == prompt]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine as the strategies see it."""
+
+    #: The act types :meth:`decode` runs (a subset of ``Stop, Resample, Branch,
+    #: Rollback``).
+    acts: tuple[type, ...]
+
+    def decode(self, prompts: Sequence[str], request: Request) -> Decoded:
+        """Answer ``prompts`` as ``request`` says."""

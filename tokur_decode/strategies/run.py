@@ -1,0 +1,281 @@
+"""Strategies, written once for every backend: a recipe's decoding defaults, the signals
+it needs, then the action type's procedure through one dispatch table.
+
+=====================  ===========================================================
+action type            what runs (through :meth:`~.backend.Backend.decode`)
+=====================  ===========================================================
+``none``               one decode, signals recorded
+``stop``               one decode with :class:`~.backend.Stop`; a stopped row answers
+                       the recipe's ``abstain_text`` when it has one
+``resample``           one decode with :class:`~.backend.Resample`
+``best-of-n``          ``n`` sampled answers per prompt, one chosen
+                       (:func:`~.candidates.select_rows`)
+``deepconf-online``    warm-up answers calibrate a threshold per prompt, the later
+                       answers stop at it, the survivors vote
+``branch``             :class:`~.backend.Branch` forks, then one candidate is chosen
+``rollback``           :class:`~.backend.Rollback`
+=====================  ===========================================================
+
+Adding an action type: a recipe key table in :mod:`~.recipe`, (if it acts inside
+decoding) an act config in :mod:`~.backend` that the backends execute, and a
+procedure in :data:`PROCEDURES`.
+
+Example:
+    >>> from tokur_decode.hf import HFBackend
+    >>> from tokur_decode.models import load_default
+    >>> backend = HFBackend(*load_default())                              # doctest: +SKIP
+    >>> result = generate(backend, "What is 17 + 25?",
+    ...                   strategy="self-certainty-best-of-n")            # doctest: +SKIP
+    >>> result.actions[0][0]["action"], len(result.candidates[0])        # doctest: +SKIP
+    ('best-of-n', 8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from ..core.result import GenerationResult
+from ..core.signals import SAMPLE_SIGNALS, SPEC_PARAMS, parse_signals, signal_of_output
+from ..core.text import normalize_answer
+from . import backend as b
+from .actions import Selection
+from .candidates import deepconf_thresholds, deepconf_trigger, deepconf_vote, select_rows
+from .recipe import Strategy
+
+__all__ = ["PROCEDURES", "generate", "needed_signals", "split_options"]
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """``(signal pass parameters, the rest)`` of a backend's ``generate(**options)``:
+    :data:`~tokur_decode.core.signals.SPEC_PARAMS` configure the backend, the rest are
+    :func:`generate`'s.
+
+    Example:
+        >>> split_options({"logtoku_k": 5, "strategy": "cot-branch"})
+        ({'logtoku_k': 5}, {'strategy': 'cot-branch'})
+    """
+    signal_params = {k: v for k, v in options.items() if k in SPEC_PARAMS}
+    return signal_params, {k: v for k, v in options.items() if k not in SPEC_PARAMS}
+
+
+def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) -> tuple[str, ...]:
+    """What to record: ``signals`` (else the recipe's, else the defaults) plus what the
+    recipe's trigger and its selection score read.
+
+    Example:
+        >>> needed_signals(Strategy.load("logtoku-abstain"), ["entropy"])
+        ('entropy', 'logtoku')
+    """
+    if signals is None and strat is not None and strat.signals:
+        signals = strat.signals
+    names = parse_signals(signals)
+    needed = []
+    if strat is not None and strat.trigger is not None:
+        needed.append(signal_of_output(strat.trigger.signal))
+    if strat is not None and isinstance(strat.config, Selection):
+        needed.append(signal_of_output(strat.config.score))
+    return tuple(dict.fromkeys([*names, *needed]))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One call's validated inputs, what every procedure reads."""
+
+    backend: b.Backend
+    prompts: list[str]
+    strat: Strategy | None
+    signals: tuple[str, ...]
+    sampling: b.Sampling
+    tokur: dict | None
+    extract: Callable[[str], object]
+    recipe: str | None
+
+    def decode(self, n: int = 1, act=None, sampling: b.Sampling | None = None) -> b.Decoded:
+        request = b.Request(self.signals, sampling or self.sampling, n, act, self.tokur)
+        return self.backend.decode(self.prompts, request)
+
+    def candidate_sampling(self) -> b.Sampling:
+        """A recipe's sampling for its candidates (its own temperature and top_p)."""
+        c = self.strat.config
+        return replace(self.sampling, temperature=c.temperature, top_p=c.top_p)
+
+
+def generate(
+    backend: b.Backend,
+    prompts: str | Sequence[str],
+    *,
+    strategy=None,
+    signals: Iterable[str] | str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+    threshold: float | None = None,
+    tokur: dict | None = None,
+    extract: Callable[[str], object] = normalize_answer,
+) -> GenerationResult:
+    """Answer ``prompts`` on ``backend`` while recording signals, acting on them as
+    ``strategy`` (a shipped recipe name, a TOML path, a dict or a
+    :class:`~tokur_decode.strategies.recipe.Strategy`) says.
+
+    ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
+    ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
+    1). Recipes that sample candidates (best-of-N, DeepConf online) use their own
+    ``temperature`` and ``top_p``. ``signals`` default to the recipe's, else
+    :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
+    score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
+    branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``
+    table) when ``"tokur"`` is recorded. ``extract`` turns a response into the answer
+    that votes.
+
+    Raises:
+        ValueError: naming the parameter, before anything is decoded, for invalid
+            values and for an action the backend cannot run.
+    """
+    strat = Strategy.load(strategy) if strategy is not None else None
+    kind = strat.action if strat else "none"
+    defaults = strat.generation if strat else {}
+    sampling = b.Sampling(
+        temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
+        top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list:
+        raise ValueError("prompts: at least one prompt is required")
+    if not all(isinstance(p, str) for p in prompt_list):
+        raise ValueError("prompts: each prompt must be a string")
+    if threshold is not None:
+        if kind in ("best-of-n", "deepconf-online"):
+            raise ValueError(f"threshold: {kind!r} sets its own (per prompt, calibrated)")
+        if kind == "branch" and strat.trigger is None:
+            raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
+        if strat is None or strat.trigger is None:
+            raise ValueError("threshold: this strategy has no trigger to set it on")
+        strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
+    names = needed_signals(strat, signals)
+    wants_tokur = any(n in SAMPLE_SIGNALS for n in names)
+    tokur = tokur if tokur is not None else (strat.tokur if strat else None)
+    if tokur and not wants_tokur:
+        raise ValueError("tokur: options given but 'tokur' is not among the signals")
+    procedure = PROCEDURES[kind]
+    if procedure.act is not None and procedure.act not in backend.acts:
+        raise ValueError(
+            f"strategy: {kind!r} needs {procedure.act.needs}, which "
+            f"{type(backend).__name__} does not offer (it runs: {', '.join(_runnable(backend))})"
+        )
+    job = _Job(
+        backend=backend,
+        prompts=prompt_list,
+        strat=strat,
+        signals=names,
+        sampling=sampling,
+        tokur=tokur if wants_tokur else None,
+        extract=extract,
+        recipe=strategy if isinstance(strategy, str) else None,
+    )
+    return procedure.run(job)
+
+
+def _runnable(backend: b.Backend) -> list[str]:
+    return [k for k, p in PROCEDURES.items() if p.act is None or p.act in backend.acts]
+
+
+def _single(job: _Job, act=None) -> GenerationResult:
+    """One decode, one answer per prompt."""
+    out = job.decode(act=act)
+    texts = list(out.trace.texts or [])
+    abstain = job.strat.config.abstain_text if job.strat and job.strat.action == "stop" else None
+    if abstain is not None:
+        for i, events in enumerate(out.events):
+            if any("blocked" not in e for e in events):
+                texts[i] = abstain
+    return GenerationResult(
+        texts=texts,
+        trace=out.trace,
+        prompts=job.prompts,
+        actions=out.events,
+        tokens_generated=out.tokens,
+    )
+
+
+def _plain(job: _Job) -> GenerationResult:
+    return _single(job)
+
+
+def _stop(job: _Job) -> GenerationResult:
+    return _single(job, b.Stop(job.strat.trigger))
+
+
+def _resample(job: _Job) -> GenerationResult:
+    return _single(job, b.Resample(job.strat.trigger, job.strat.config, job.recipe))
+
+
+def _best_of_n(job: _Job) -> GenerationResult:
+    p = job.strat.config
+    n = p.n
+    out = job.decode(n=n, sampling=job.candidate_sampling())
+    groups = [out.rows_of(i) for i in range(len(job.prompts))]
+    chosen, records, candidates = select_rows(out.trace, groups, p, job.extract)
+    actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
+    return GenerationResult.chosen(out.trace, job.prompts, chosen, actions, candidates)
+
+
+def _deepconf_online(job: _Job) -> GenerationResult:
+    """DeepConf online (Fu et al. 2025): ``warmup`` answers per prompt set a threshold
+    (the ``100 - keep`` percentile of their lowest group confidence); the other
+    ``n - warmup`` answers stop as soon as their window confidence falls below it
+    (seeded after the warm-up's); the warm-up answers and the later answers that were
+    not stopped vote (:func:`~.candidates.deepconf_vote`)."""
+    p = job.strat.config
+    warmup, online = p.warmup, p.n - p.warmup
+    sampling = job.candidate_sampling()
+    warm = job.decode(n=warmup, sampling=sampling).trace
+    thresholds = deepconf_thresholds(warm, warmup, p)
+    seed = sampling.seed
+    later = job.decode(
+        n=online,
+        act=b.Stop(deepconf_trigger(p.window), thresholds=tuple(thresholds)),
+        sampling=replace(sampling, seed=None if seed is None else seed + warmup),
+    )
+    stopped = [bool(events) for events in later.events]
+    trace, chosen, actions, candidates = deepconf_vote(
+        warm, later.trace, stopped, thresholds, p, job.extract, sampling.max_new_tokens
+    )
+    return GenerationResult.chosen(trace, job.prompts, chosen, actions, candidates)
+
+
+def _branch(job: _Job) -> GenerationResult:
+    p = job.strat.config
+    out = job.decode(act=b.Branch(job.strat.trigger, p))
+    groups = [out.rows_of(i) for i in range(len(job.prompts))]
+    chosen, records, candidates = select_rows(out.trace, groups, p, job.extract)
+    actions = [
+        [*events, {"action": "select", "k": p.k, **record}]
+        for events, record in zip(out.events, records, strict=True)
+    ]
+    return GenerationResult.chosen(out.trace, job.prompts, chosen, actions, candidates, out.tokens)
+
+
+def _rollback(job: _Job) -> GenerationResult:
+    return _single(job, b.Rollback(job.strat.trigger, job.strat.config))
+
+
+@dataclass(frozen=True)
+class _Procedure:
+    run: Callable[[_Job], GenerationResult]
+    act: type | None  # the act the backend must run (None: plain decodes only)
+
+
+#: Each action type's procedure, and the act a backend needs for it.
+PROCEDURES: dict[str, _Procedure] = {
+    "none": _Procedure(_plain, None),
+    "stop": _Procedure(_stop, b.Stop),
+    "resample": _Procedure(_resample, b.Resample),
+    "best-of-n": _Procedure(_best_of_n, None),
+    "deepconf-online": _Procedure(_deepconf_online, b.Stop),
+    "branch": _Procedure(_branch, b.Branch),
+    "rollback": _Procedure(_rollback, b.Rollback),
+}

@@ -1,0 +1,128 @@
+"""The vLLM adapter of the strategy layer: :class:`VLLMBackend`.
+
+Prompts are encoded as the transformers adapter encodes them
+(:func:`tokur_decode.core.text.prompt_token_ids`), sent as token ids with
+:func:`~tokur_decode.vllm.uncertainty_args` (``SamplingParams(n=...)`` for several answers
+per prompt, prompt ``i`` seeded with ``seed + i``), and the traces read back with
+:func:`~tokur_decode.vllm.read_traces`. A stop or resample act travels as the request's
+flat settings; a branch act runs as rounds of re-submitted requests
+(:mod:`tokur_decode.vllm.branching`). Roll-back needs a decoding loop of ours and is
+not offered.
+
+Example:
+    >>> import tokur_decode.vllm as tv
+    >>> from tokur_decode.strategies.backend import Request, Sampling
+    >>> backend = tv.VLLMBackend(tv.llm(enforce_eager=True))             # doctest: +SKIP
+    >>> request = Request(("entropy",), Sampling(temperature=0.7), n=2)
+    >>> out = backend.decode(["What is 2 + 2?"], request)                 # doctest: +SKIP
+    >>> out.prompt_of                                                     # doctest: +SKIP
+    [0, 0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..core.text import prompt_token_ids
+from ..core.trace import Trace
+from ..strategies import backend as acts
+from .args import stop_args, uncertainty_args
+from .client import read_traces
+
+__all__ = ["VLLMBackend"]
+
+
+class VLLMBackend:
+    """A ``vllm.LLM`` built with :func:`tokur_decode.vllm.llm` as a
+    :class:`~tokur_decode.strategies.Backend`.
+
+    Args:
+        engine: the engine.
+        chat: chat template use (``None``: when the tokenizer has one).
+        signal_params: processor options (``logtoku_k``, ``deepconf_k``,
+            ``logtoku_evidence``).
+    """
+
+    acts = (acts.Stop, acts.Resample, acts.Branch)
+
+    def __init__(self, engine, *, chat: bool | None = None, **signal_params) -> None:
+        self.engine, self.chat, self.signal_params = engine, chat, signal_params
+        uncertainty_args("max_prob", **signal_params)  # validated here, not per request
+
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        return prompt_token_ids(self.engine.get_tokenizer(), prompts, self.chat)
+
+    def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
+        """``request.tokur`` is not used: the engine's
+        :func:`~tokur_decode.vllm.tokur_engine_args` set TokUR's options."""
+        signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
+        inputs = self.token_ids(prompts)
+        if isinstance(act, acts.Branch):
+            from .branching import branch
+
+            return branch(self, inputs, signals, act, sampling)
+        params = [
+            self.params(
+                signals,
+                sampling,
+                n=n,
+                seed=None if sampling.seed is None else sampling.seed + i,
+                settings=_settings(act, i),
+            )
+            for i in range(len(inputs))
+        ]
+        _, traces = self.send(inputs, params)
+        return acts.Decoded(
+            trace=Trace.concat(traces),
+            prompt_of=[i for i, t in enumerate(traces) for _ in range(len(t))],
+            events=[events for t in traces for events in t.meta["actions"]],
+            tokens=sum(int(t.lengths.sum()) for t in traces),
+        )
+
+    def params(self, signals, sampling: acts.Sampling, *, n=1, seed=None, settings=None, **kw):
+        """One request's ``SamplingParams``: ``settings`` are
+        :func:`~tokur_decode.vllm.uncertainty_args` overrides (``strategy`` included),
+        ``kw`` further ``SamplingParams`` fields."""
+        from vllm import SamplingParams
+
+        settings = dict(settings or {})
+        recipe = settings.pop("strategy", None)
+        kw.setdefault("max_tokens", sampling.max_new_tokens)
+        return SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.sampled else 1.0,
+            seed=seed if sampling.sampled else None,
+            extra_args=uncertainty_args(list(signals), recipe, **self.signal_params, **settings),
+            **kw,
+        )
+
+    def send(self, inputs: list[list[int]], params: list) -> tuple[list, list[Trace]]:
+        """Token-id prompts with their ``SamplingParams``: the outputs and their traces."""
+        from vllm import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in inputs]
+        outputs = self.engine.generate(prompts, params, use_tqdm=False)
+        traces = read_traces(self.engine, outputs)
+        if any(trace is None for trace in traces):
+            raise ValueError("engine: no trace came back (build it with tokur_decode.vllm.llm)")
+        return outputs, traces
+
+
+def _settings(act, prompt: int) -> dict:
+    """The request settings of ``act`` for prompt number ``prompt``."""
+    if act is None:
+        return {}
+    if isinstance(act, acts.Stop):
+        settings = stop_args(act.trigger)
+        if act.thresholds is not None:
+            settings["threshold"] = act.thresholds[prompt]
+        return settings
+    if act.recipe is not None:  # the engine loads the recipe (its adaptive rule included)
+        return {"strategy": act.recipe, "threshold": act.trigger.threshold}
+    if act.rule.mode == "adaptive":
+        raise ValueError(
+            "strategy: an adaptive resample recipe runs on vLLM by name or TOML path "
+            "(the engine loads its rule), not as a dict"
+        )
+    return {**stop_args(act.trigger), "action": "resample", "mode": "veto"}
