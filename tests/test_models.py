@@ -28,6 +28,7 @@ def test_default_model_path_is_a_complete_transformers_folder(embedded):
         assert (path / name).is_file(), name
 
 
+@pytest.mark.embedded
 def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKUR_DECODE_CACHE", str(tmp_path))
 
@@ -44,6 +45,7 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert leftovers == []
 
 
+@pytest.mark.embedded
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKUR_DECODE_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_GGUF_SHA256", "0" * 64)

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 
+from ..core.signals import wants_samples
 from .common import load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
@@ -116,7 +117,7 @@ def add_parser(sub) -> None:
 
 
 def _tokur_options(args, signals) -> dict | None:
-    if not signals or "tokur" not in signals:
+    if not signals or not wants_samples(signals):
         return None
     return {
         "rank": args.tokur_rank,
@@ -152,7 +153,7 @@ def run(args) -> int:
             tokur=_tokur_options(args, signals),
         )
     row = result.trace.to_dict()["rows"][0]
-    row["summary"] = result.trace.summary(logtoku_k=args.topk)[0]
+    row["summary"] = result.trace.summary(unreliable_k=args.topk)[0]
     report = {
         "question": args.question,
         "answer": result.texts[0],

@@ -78,6 +78,7 @@ __all__ = [
     "deepconf_confidence",
     "entropy",
     "implicit_reward",
+    "logit_signals",
     "logtoku",
     "margin",
     "max_prob",
@@ -85,6 +86,7 @@ __all__ = [
     "self_certainty",
     "signal_of_output",
     "varentropy",
+    "wants_samples",
 ]
 
 #: Floor for log-probabilities that would otherwise be ``-inf`` (``log`` of the smallest
@@ -238,6 +240,28 @@ def signal_of_output(key: str) -> str:
         if key in info.keys:
             return name
     raise ValueError(f"signal: unknown output {key!r}; choose from {sorted(OUTPUTS)}")
+
+
+def logit_signals(names: Iterable[str]) -> tuple[str, ...]:
+    """The signals among ``names`` that one logits row gives (what a
+    :class:`SignalSpec` computes); ``("max_prob",)`` when there is none, so that a record
+    of sample signals alone still has the naive and vanilla scores.
+
+    Example:
+        >>> logit_signals(["tokur", "entropy"]), logit_signals(["tokur"])
+        (('entropy',), ('max_prob',))
+    """
+    return tuple(n for n in names if n in SIGNALS) or ("max_prob",)
+
+
+def wants_samples(names: Iterable[str]) -> bool:
+    """Whether a signal among ``names`` needs predictive samples (TokUR).
+
+    Example:
+        >>> wants_samples(["entropy", "tokur"]), wants_samples(["entropy"])
+        (True, False)
+    """
+    return any(n in SAMPLE_SIGNALS for n in names)
 
 
 def parse_signals(signals: Iterable[str] | str | None) -> tuple[str, ...]:

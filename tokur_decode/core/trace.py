@@ -217,12 +217,12 @@ class Trace:
             raise KeyError(f"signal {name!r} not recorded; have {list(self.signals)}")
         return aggregate.reduce(reducer, self.signals[name], self.lengths, **params)
 
-    def summary(self, *, logtoku_k: int = 25) -> list[dict[str, float]]:
+    def summary(self, *, unreliable_k: int = 25) -> list[dict[str, float]]:
         """Standard response-level scores per row.
 
         ``n_tokens``; ``naive`` and ``vanilla`` uncertainty (from ``max_prob``);
         ``mean_<signal>`` of every recorded signal; ``logtoku_topk_mean`` (mean of the
-        ``logtoku_k`` most unreliable tokens, LogTokU's response score);
+        ``unreliable_k`` most unreliable tokens, LogTokU's response score);
         ``deepconf_lowest_group`` (DeepConf, window 2048); ``sum_tokur_*`` (TokUR's
         detection scores; its selection scores are the means).
         """
@@ -234,7 +234,7 @@ class Trace:
             columns[f"mean_{name}"] = self.aggregate(name, "mean")
         if "logtoku_unreliability" in self.signals:
             columns["logtoku_topk_mean"] = self.aggregate(
-                "logtoku_unreliability", "topk_mean", k=logtoku_k
+                "logtoku_unreliability", "topk_mean", k=unreliable_k
             )
         if "deepconf" in self.signals:
             columns["deepconf_lowest_group"] = self.aggregate("deepconf", "deepconf_lowest_group")

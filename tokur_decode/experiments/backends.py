@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..core.signals import wants_samples
 from ..core.trace import Trace
 from ..strategies.backend import Request, Sampling
 
@@ -164,7 +165,7 @@ class HFBackend:
         adapter = Adapter(
             model, tokenizer, chat=self.chat, batch_size=self.batch_size, **self.signal_params
         )
-        tokur = dict(self.tokur) if "tokur" in signals else None
+        tokur = dict(self.tokur) if wants_samples(signals) else None
         return _generations(
             adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed, tokur
         )

@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
+from ..core.events import Fire
 from ..core.logit_edits import adaptive_temperature, force_eos, veto
 from ..core.policy import Trigger, TriggerState
-from ..core.signals import SignalSpec, signal_of_output
+from ..core.signals import REGISTRY, SignalSpec, signal_of_output
 from ..core.trace import StepBuffer
 from ..strategies.actions import Resample
 from .clock import StepClock
@@ -67,7 +68,7 @@ class TriggeredAction(LogitsProcessor):
         if thresholds is not None and not all(math.isfinite(t) for t in thresholds):
             raise ValueError("thresholds: must be finite numbers, one per row")
         name = signal_of_output(trigger.signal)
-        if name == "tokur":
+        if REGISTRY[name].needs_samples:
             raise ValueError(
                 "trigger: TokUR signals need perturbed samples; use them for selection"
             )
@@ -120,15 +121,15 @@ class TriggeredAction(LogitsProcessor):
         ]
 
     def _event(self, facts: dict[str, float], step: int, row: int) -> dict:
-        t = self.trigger
-        return {
-            "action": self.action,
-            "step": step,
-            "signal": t.signal,
-            "value": facts["value"],
-            "threshold": t.threshold if self.thresholds is None else self.thresholds[row],
-            "direction": t.direction,
-        }
+        threshold = None if self.thresholds is None else self.thresholds[row]
+        return Fire.of(
+            self.trigger,
+            self.action,
+            step=step,
+            value=facts["value"],
+            threshold=threshold,
+            blocked=bool(facts.get("blocked")),
+        ).to_dict()
 
 
 class StopOnTrigger(TriggeredAction):
@@ -167,12 +168,6 @@ class StopOnTrigger(TriggeredAction):
             self._eos_mask = mask.index_fill(0, eos, True)
         stopped, blocked = force_eos(scores, fired, self._eos_mask)
         return stopped, {"blocked": blocked}
-
-    def _event(self, facts: dict[str, float], step: int, row: int) -> dict:
-        event = super()._event(facts, step, row)
-        if facts["blocked"]:
-            event["blocked"] = "EOS forbidden by an earlier processor"
-        return event
 
 
 class ResampleOnTrigger(TriggeredAction):

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..core.events import Fork
 from ..core.policy import Trigger, TriggerState
 from ..core.text import decode_rows
 from ..core.trace import Trace
@@ -408,18 +409,15 @@ class Branch:
                 self.origin.append(prompt)
                 used.append(used[row])
                 running.append(True)
-            self.events[prompt].append(
-                {
-                    "action": "branch",
-                    "step": step,
-                    "candidate": mine.index(row),
-                    "signal": self.trigger.signal if self.trigger else "first token",
-                    "value": float(values[row]) if values is not None else None,
-                    "threshold": self.trigger.threshold if self.trigger else None,
-                    "direction": self.trigger.direction if self.trigger else None,
-                    "alternatives": alternatives,
-                }
+            value = float(values[row]) if values is not None else None
+            fork = Fork.of(
+                self.trigger,
+                step=step,
+                candidate=mine.index(row),
+                value=value,
+                alternatives=alternatives,
             )
+            self.events[prompt].append(fork.to_dict())
         if len(index) > ctrl.batch_size:
             ctrl.select_rows(index)
             if self.state is not None:

@@ -16,6 +16,7 @@ from ..core.signals import (
     bayesian_terms,
     chosen_from_logprobs,
     implicit_reward,
+    logit_signals,
     parse_signals,
 )
 from ..core.text import decode_rows
@@ -104,9 +105,8 @@ class UncertaintyMonitor(LogitsProcessor):
                 "`with tokur_decode.hf.perturbed(model) as pm: pm.processor([...])`"
             )
         self.sample_source = sample_source
-        logit_signals = tuple(n for n in names if n not in SAMPLE_SIGNALS)
         self.spec = SignalSpec(
-            logit_signals or ("max_prob",),  # with only "tokur": max_prob too, for naive/vanilla
+            logit_signals(names),
             deepconf_k=deepconf_k,
             logtoku_k=logtoku_k,
             logtoku_evidence=logtoku_evidence,

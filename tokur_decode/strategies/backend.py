@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 from ..core.policy import Trigger
-from ..core.signals import REGISTRY, parse_signals
+from ..core.signals import parse_signals, wants_samples
 from ..core.trace import Trace
 from . import actions
 
@@ -144,7 +144,7 @@ class Request:
     @property
     def wants_samples(self) -> bool:
         """Whether a signal needs predictive samples (TokUR)."""
-        return any(REGISTRY[name].needs_samples for name in self.signals)
+        return wants_samples(self.signals)
 
 
 @dataclass

@@ -13,7 +13,7 @@ Example:
     ...               texts=["4", "5"])
     >>> from tokur_decode.strategies.actions import BestOfN
     >>> params = BestOfN(score="self_certainty")
-    >>> chosen, records, _ = select_rows(trace, [[0, 1]], params, str.strip)
+    >>> chosen, records, _ = choose_candidates(trace, [[0, 1]], params, str.strip)
     >>> chosen, records[0]["scores"]
     ([1], [1.5, 3.5])
 """
@@ -33,11 +33,11 @@ __all__ = [
     "deepconf_trigger",
     "deepconf_vote",
     "fork_alternatives",
-    "select_rows",
+    "choose_candidates",
 ]
 
 
-def select_rows(
+def choose_candidates(
     trace: Trace,
     groups: Sequence[Sequence[int]],
     params: Selection,
@@ -147,7 +147,7 @@ def deepconf_vote(
     max_new_tokens: int,
 ) -> tuple[Trace, list[int], list[list[dict]], list[Trace]]:
     """DeepConf online's vote: per prompt, the warm-up rows and the later rows that were
-    not ``stopped`` vote (:func:`select_rows`).
+    not ``stopped`` vote (:func:`choose_candidates`).
 
     ``warm`` holds ``warmup`` rows per prompt, ``later`` ``n - warmup`` rows per prompt
     (prompt-major). Returns ``(all rows, chosen rows, actions per prompt, candidates per
@@ -177,7 +177,7 @@ def deepconf_vote(
                 "tokens_saved": sum(max_new_tokens - lengths[mine_later[j]] for j in stops),
             }
         )
-    chosen, records, candidates = select_rows(trace, groups, params, extract, window=window)
+    chosen, records, candidates = choose_candidates(trace, groups, params, extract, window=window)
     for action, record, rows in zip(actions, records, groups, strict=True):
         action.update(record, voters=len(rows))
     return trace, chosen, [[a] for a in actions], candidates

@@ -36,11 +36,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from ..core.result import GenerationResult
-from ..core.signals import SAMPLE_SIGNALS, SPEC_PARAMS, parse_signals, signal_of_output
+from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
 from . import backend as b
 from .actions import Selection
-from .candidates import deepconf_thresholds, deepconf_trigger, deepconf_vote, select_rows
+from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
 __all__ = ["PROCEDURES", "generate", "needed_signals", "split_options"]
@@ -156,7 +156,7 @@ def generate(
             raise ValueError("threshold: this strategy has no trigger to set it on")
         strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
     names = needed_signals(strat, signals)
-    wants_tokur = any(n in SAMPLE_SIGNALS for n in names)
+    wants_tokur = wants_samples(names)
     tokur = tokur if tokur is not None else (strat.tokur if strat else None)
     if tokur and not wants_tokur:
         raise ValueError("tokur: options given but 'tokur' is not among the signals")
@@ -218,7 +218,7 @@ def _best_of_n(job: _Job) -> GenerationResult:
     n = p.n
     out = job.decode(n=n, sampling=job.candidate_sampling())
     groups = [out.rows_of(i) for i in range(len(job.prompts))]
-    chosen, records, candidates = select_rows(out.trace, groups, p, job.extract)
+    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.extract)
     actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
     return GenerationResult.chosen(out.trace, job.prompts, chosen, actions, candidates)
 
@@ -251,7 +251,7 @@ def _branch(job: _Job) -> GenerationResult:
     p = job.strat.config
     out = job.decode(act=b.Branch(job.strat.trigger, p))
     groups = [out.rows_of(i) for i in range(len(job.prompts))]
-    chosen, records, candidates = select_rows(out.trace, groups, p, job.extract)
+    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.extract)
     actions = [
         [*events, {"action": "select", "k": p.k, **record}]
         for events, record in zip(out.events, records, strict=True)

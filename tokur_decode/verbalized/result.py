@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core import aggregate
 from ..core.select import choose
+from ..core.signals import parse_signals, wants_samples
 from ..core.trace import Trace
 from .format import Located, format_regex, is_abstention
 
@@ -94,11 +95,9 @@ def signal_names(signals: Iterable[str] | str | None) -> tuple[str, ...]:
     """
     if signals is None:
         return VERBALIZED_SIGNALS
-    names = (signals,) if isinstance(signals, str) else tuple(signals)
-    if "tokur" in names:
+    names = parse_signals(signals)
+    if wants_samples(names):
         raise ValueError("signals: 'tokur' is not supported with verbalized questions")
-    if "all" in names:
-        return names
     return names + tuple(n for n in _REQUIRED if n not in names)
 
 

@@ -61,11 +61,14 @@ from ..core.policy import Trigger
 from ..core.signals import (
     DEFAULT_SIGNALS,
     OUTPUTS,
+    SAMPLE_SIGNALS,
     SIGNALS,
     SPEC_PARAMS,
     SignalSpec,
+    logit_signals,
     parse_signals,
     signal_of_output,
+    wants_samples,
 )
 from ..strategies.actions import Resample
 from ..strategies.candidates import deepconf_trigger
@@ -123,7 +126,7 @@ class RequestSettings:
         """Requests with equal keys share one signal pass and one trigger state (their
         signal lists and thresholds may differ)."""
         trigger = replace(self.trigger, threshold=None) if self.trigger else None
-        tokur = "tokur" in self.needed_signals()  # rows that need the perturbed samples
+        tokur = wants_samples(self.needed_signals())  # rows that need the perturbed samples
         return (self.spec_params, self.action, trigger, self.mode, self.rule, tokur)
 
     def needed_signals(self) -> tuple[str, ...]:
@@ -224,10 +227,10 @@ def _parse(items: tuple) -> RequestSettings:
         signals = parse_signals(signals)
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{exc}") from exc
-    tokur = "tokur" in signals
+    tokur = wants_samples(signals)
     spec_kwargs = {k: args[f"{PREFIX}{k}"] for k in SPEC_PARAMS if f"{PREFIX}{k}" in args}
-    try:  # "tokur" alone records max_prob too, as in transformers
-        spec = SignalSpec([s for s in signals if s != "tokur"] or ["max_prob"], **spec_kwargs)
+    try:
+        spec = SignalSpec(logit_signals(signals), **spec_kwargs)
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{exc}") from exc
     sigma = args.get(f"{PREFIX}sigma")
@@ -289,7 +292,7 @@ def _parse(items: tuple) -> RequestSettings:
         trigger = None
     adaptive = rule.rule if action == "resample" and mode == "adaptive" else ()
     return RequestSettings(
-        signals=(*spec.signals, "tokur") if tokur else spec.signals,
+        signals=(*spec.signals, *(s for s in signals if s in SAMPLE_SIGNALS)),
         spec_params=(spec.deepconf_k, spec.logtoku_k, spec.logtoku_evidence),
         action=action,
         trigger=trigger,

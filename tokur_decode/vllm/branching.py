@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.events import Fork
 from ..core.text import decode_rows
 from ..core.trace import Trace
 from ..strategies import backend as acts
@@ -179,18 +180,14 @@ def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[
             continuing.append((cand, -1))
             continue
         points[b] += 1
-        events.append(
-            {
-                "action": "branch",
-                "step": s,
-                "candidate": mine.index(cand),
-                "signal": trigger.signal if trigger else "first token",
-                "value": fire["value"],
-                "threshold": trigger.threshold if trigger else None,
-                "direction": trigger.direction if trigger else None,
-                "alternatives": alternatives,
-            }
+        fork = Fork.of(
+            trigger,
+            step=s,
+            candidate=mine.index(cand),
+            value=fire["value"],
+            alternatives=alternatives,
         )
+        events.append(fork.to_dict())
         continuing.append((cand, alternatives[0]))
         for token in alternatives[1:]:
             mine.append(cand.fork())

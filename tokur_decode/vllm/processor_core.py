@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.events import Fire
 from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
 from ..core.policy import TriggerState
 from ..core.signals import (
@@ -54,6 +55,8 @@ from ..core.signals import (
     Workspace,
     bayesian_terms,
     chosen_from_logprobs,
+    logit_signals,
+    wants_samples,
 )
 from . import internals
 from .args import RequestSettings, parse_settings
@@ -303,7 +306,7 @@ class ProcessorCore:
         will be; the model runs its perturbed passes only while some row wants them."""
         rows, keys, sigmas = [], [], []
         for group, members in zip(self.groups, memberships, strict=True):
-            if "tokur" in group.settings.needed_signals():
+            if wants_samples(group.settings.needed_signals()):
                 group.tokur = self.tensor(list(range(len(rows), len(rows) + len(members))))
                 rows += [row for row, _ in members]
                 keys += [id(req.params) for _, req in members]
@@ -316,12 +319,12 @@ class ProcessorCore:
         chosen = tuple(s for s in needed if s in CHOSEN_SIGNALS)
         deepconf_k, logtoku_k, evidence = settings.spec_params
         spec = SignalSpec(
-            [s for s in needed if s not in CHOSEN_SIGNALS and s != "tokur"] or ["max_prob"],
+            logit_signals(s for s in needed if s not in CHOSEN_SIGNALS),
             deepconf_k=deepconf_k,
             logtoku_k=logtoku_k,
             logtoku_evidence=evidence,
         )
-        names = spec.output_names + (TOKUR_OUTPUTS if "tokur" in needed else ())
+        names = spec.output_names + (TOKUR_OUTPUTS if wants_samples(needed) else ())
         slots = self.tensor([r.slot for _, r in members])
         rows = [row for row, _ in members]
         group = Group(
@@ -507,17 +510,15 @@ def _to_python(entry: dict) -> dict:
         t = settings.trigger
         fired = record[:, _COL["action_fired"]]
         for step in fired.nonzero().flatten().tolist():
-            event = {
-                "action": settings.action,
-                "step": step,
-                "signal": t.signal,
-                "value": float(record[step, _COL["action_value"]]),
-                "threshold": entry["threshold"],
-                "direction": t.direction,
-            }
-            if record[step, _COL["action_blocked"]] > 0:
-                event["blocked"] = "EOS forbidden by an earlier processor"
-            events.append(event)
+            fire = Fire.of(
+                t,
+                settings.action,
+                step=step,
+                value=record[step, _COL["action_value"]],
+                threshold=entry["threshold"],
+                blocked=bool(record[step, _COL["action_blocked"]] > 0),
+            )
+            events.append(fire.to_dict())
     return {
         "token_ids": entry["token_ids"],
         "signals": signals,

@@ -20,7 +20,7 @@ from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
 
-from .conftest import vllm_engine  # noqa: E402
+from ..conftest import vllm_engine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

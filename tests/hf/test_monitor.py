@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokur_decode.core.signals import compute_signals
 from tokur_decode.hf import UncertaintyMonitor
+
+from ..helpers import NoHostSync
 
 EOS = 127  # tiny_model(vocab_size=128)
 ALL = "all"
@@ -201,28 +202,6 @@ def test_invalid_monitor_parameters():
 # --------------------------------------------------------------------------- host sync
 
 
-class _NoHostSync(TorchDispatchMode):
-    """Fails on every op that reads tensor data back to the host."""
-
-    FORBIDDEN = {
-        "aten::_local_scalar_dense",
-        "aten::item",
-        "aten::nonzero",
-        "aten::is_nonzero",
-        "aten::equal",
-        "aten::allclose",
-    }
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation in the hot path: {name}")
-        if name == "aten::_to_copy" and kwargs and str(kwargs.get("device", "")) == "cpu":
-            if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
-                raise AssertionError("device-to-host copy in the hot path")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_monitor_call_performs_no_host_synchronisation(device):
     """On ``meta`` any data access (item, tolist, nonzero, printing) raises; on CPU the
@@ -230,7 +209,7 @@ def test_monitor_call_performs_no_host_synchronisation(device):
     completion are covered."""
     monitor = UncertaintyMonitor(ALL, eos_token_id=[2, 3], capacity=2)
     ids = torch.ones(3, 4, dtype=torch.long, device=device)
-    with _NoHostSync():
+    with NoHostSync():
         for _ in range(5):
             scores = torch.randn(3, 9000, device=device)
             monitor(ids, scores)
@@ -240,7 +219,7 @@ def test_monitor_call_performs_no_host_synchronisation(device):
 
 def test_dispatch_guard_catches_item():
     with pytest.raises(AssertionError, match="host synchronisation"):
-        with _NoHostSync():
+        with NoHostSync():
             torch.ones(2).sum().item()
 
 
@@ -262,7 +241,7 @@ def test_tokur_recording_performs_no_host_synchronisation(device):
     source = _FakeSamples(device)
     monitor = UncertaintyMonitor(["tokur", "chosen_prob"], eos_token_id=2, sample_source=source)
     ids = torch.ones(3, 4, dtype=torch.long, device=device)
-    with _NoHostSync():
+    with NoHostSync():
         for _ in range(4):
             source.forward(3)
             monitor(ids, torch.randn(3, 9000, device=device))

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.verbalized import CAPITALS, ask, format_regex, vllm_backend  # noqa: E402
 
-from .conftest import vllm_engine  # noqa: E402
+from ..conftest import vllm_engine  # noqa: E402
 from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]

@@ -15,7 +15,7 @@ from tokur_decode.core.signals import SIGNALS  # noqa: E402
 from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 
-from .conftest import vllm_engine  # noqa: E402
+from ..conftest import vllm_engine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

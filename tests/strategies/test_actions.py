@@ -17,6 +17,8 @@ from tokur_decode.hf.actions import ResampleOnTrigger, StopOnTrigger
 from tokur_decode.models import tiny_model
 from tokur_decode.strategies.recipe import Strategy, available, strategies_dir
 
+from ..helpers import NoHostSync
+
 EOS = 127
 PROMPT = torch.tensor([[1, 5, 9, 3], [4, 4, 2, 8]])
 
@@ -227,11 +229,10 @@ def test_adaptive_resample_is_deterministic_under_a_seed():
     ],
 )
 def test_actions_perform_no_host_synchronisation(device, make):
-    from tests.test_monitor import _NoHostSync
 
     proc = make()
     ids = torch.ones(3, 4, dtype=torch.long, device=device)
-    with _NoHostSync():
+    with NoHostSync():
         for _ in range(4):
             proc(ids, torch.randn(3, 5000, device=device))
             ids = torch.cat([ids, ids[:, :1]], dim=1)
