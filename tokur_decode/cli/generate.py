@@ -133,24 +133,23 @@ def run(args) -> int:
     from ..hf.generation import generate
 
     signals = signal_list(args.signals)
+    options = dict(
+        strategy=args.strategy,
+        signals=signals,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        logtoku_k=args.logtoku_k,
+        logtoku_evidence=args.logtoku_evidence,
+    )
     if args.backend == "vllm":
-        result = _generate_vllm(args, signals)
+        result = _generate_vllm(args, options)
     else:
         model, tokenizer = load(args)
         result = generate(
-            model,
-            tokenizer,
-            args.question,
-            strategy=args.strategy,
-            signals=signals,
-            chat=args.chat,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            logtoku_k=args.logtoku_k,
-            logtoku_evidence=args.logtoku_evidence,
-            tokur=_tokur_options(args, signals),
+            model, tokenizer, args.question, tokur=_tokur_options(args, signals), **options
         )
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(unreliable_k=args.topk)[0]
@@ -256,10 +255,11 @@ def _cmd_verbalized(args) -> int:
     return 0
 
 
-def _generate_vllm(args, signals):
+def _generate_vllm(args, options: dict):
     """``generate --backend vllm``: a vLLM engine with the processor and traces
     (:func:`tokur_decode.vllm.llm`), the question run through
-    :func:`tokur_decode.vllm.generate`; the same result type as the transformers path."""
+    :func:`tokur_decode.vllm.generate` with ``options``; the same result type as the
+    transformers path."""
     from vllm.platforms import current_platform
 
     from ..vllm import generate, llm
@@ -275,19 +275,7 @@ def _generate_vllm(args, signals):
         trust_remote_code=args.trust_remote_code,
         **blocks,
     )
-    return generate(
-        engine,
-        args.question,
-        strategy=args.strategy,
-        signals=signals,
-        chat=args.chat,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        logtoku_k=args.logtoku_k,
-        logtoku_evidence=args.logtoku_evidence,
-    )
+    return generate(engine, args.question, **options)
 
 
 def _print_report(report: dict) -> None:

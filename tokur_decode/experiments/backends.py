@@ -92,7 +92,61 @@ class Backend(Protocol):
         recorded in the same pass; ``temperature=0`` decodes greedily."""
 
 
-class HFBackend:
+class _Decoding:
+    """What :class:`HFBackend` and :class:`VLLMBackend` share: the runners' call over a
+    strategy-layer adapter (:meth:`adapter`), and the run's description."""
+
+    name: str
+    model_name: str
+    dtype: str
+    chat: bool | None
+    signal_params: dict
+
+    def adapter(self):
+        """The strategy-layer backend (the engine loaded on the first call)."""
+        raise NotImplementedError
+
+    def _described(self) -> dict:
+        return {}
+
+    def _tokur(self, signals: Sequence[str]) -> dict | None:
+        return None
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": self.model_name,
+            "dtype": self.dtype,
+            "chat": self.chat,
+            **self._described(),
+            "signal_params": self.signal_params,
+        }
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        signals: Sequence[str],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+    ) -> list[Generation]:
+        _check_n(n, temperature)
+        sampling = Sampling(
+            temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+        )
+        request = Request(tuple(signals), sampling, n, tokur=self._tokur(signals))
+        out = self.adapter().decode(list(prompts), request)
+        generations = []
+        for i in range(len(prompts)):
+            trace = out.trace.select(out.rows_of(i))
+            generations.append(Generation(list(trace.texts or []), trace))
+        return generations
+
+
+class HFBackend(_Decoding):
     """The transformers backend, over the strategy layer's :class:`tokur_decode.hf.HFBackend`.
 
     Args:
@@ -106,6 +160,8 @@ class HFBackend:
             (default: its defaults, rank 8, sigma 0.1, M = 10).
         signal_params: monitor options (``logtoku_k``, ``deepconf_k``, ...).
     """
+
+    name = "hf"
 
     def __init__(
         self,
@@ -132,15 +188,11 @@ class HFBackend:
         self.tokur = dict(tokur or {})
         self.signal_params = signal_params
 
-    def describe(self) -> dict:
-        return {
-            "backend": "hf",
-            "model": self.model_name,
-            "dtype": self.dtype,
-            "chat": self.chat,
-            "tokur": self.tokur,
-            "signal_params": self.signal_params,
-        }
+    def _described(self) -> dict:
+        return {"tokur": self.tokur}
+
+    def _tokur(self, signals: Sequence[str]) -> dict | None:
+        return dict(self.tokur) if wants_samples(signals) else None
 
     def loaded(self) -> tuple:
         """``(model, tokenizer)``, loaded on the first call."""
@@ -148,26 +200,12 @@ class HFBackend:
             self._model, self._tokenizer = self._loader()
         return self._model, self._tokenizer
 
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        signals: Sequence[str],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 64,
-        seed: int = 0,
-    ) -> list[Generation]:
+    def adapter(self):
         from ..hf import HFBackend as Adapter
 
         model, tokenizer = self.loaded()
-        adapter = Adapter(
+        return Adapter(
             model, tokenizer, chat=self.chat, batch_size=self.batch_size, **self.signal_params
-        )
-        tokur = dict(self.tokur) if wants_samples(signals) else None
-        return _generations(
-            adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed, tokur
         )
 
 
@@ -178,10 +216,11 @@ def _check_n(n: int, temperature: float) -> None:
         raise ValueError("temperature: n > 1 responses per prompt need sampling (> 0)")
 
 
-class VLLMBackend:
+class VLLMBackend(_Decoding):
     """The vLLM backend: one request per prompt with ``SamplingParams(n=n)``, the
     signals recorded by :class:`tokur_decode.vllm.UncertaintyProcessor` and read back
-    with :func:`tokur_decode.vllm.read_traces`.
+    with :func:`tokur_decode.vllm.read_traces` (the strategy layer's
+    :class:`tokur_decode.vllm.VLLMBackend`).
 
     Args:
         engine: a ``vllm.LLM`` built with :func:`tokur_decode.vllm.llm`; or ``loader``,
@@ -190,9 +229,12 @@ class VLLMBackend:
         chat: chat template use (``None``: when the tokenizer has one).
         signal_params: processor options (``logtoku_k``, ``deepconf_k``, ...).
 
-    Each request is seeded with ``seed`` plus the prompt's index in the call, so a
-    prompt's candidates do not depend on the rest of the batch.
+    Prompt ``i`` of a call is seeded with ``seed + i * n`` (its samples ``seed + i * n +
+    j``), so a prompt's candidates do not depend on the rest of the batch and no two
+    samples of a call share a seed.
     """
+
+    name = "vllm"
 
     def __init__(
         self,
@@ -212,54 +254,17 @@ class VLLMBackend:
         self.chat = chat
         self.signal_params = signal_params
 
-    def describe(self) -> dict:
-        return {
-            "backend": "vllm",
-            "model": self.model_name,
-            "dtype": self.dtype,
-            "chat": self.chat,
-            "signal_params": self.signal_params,
-        }
-
     def loaded(self) -> tuple:
         """``(engine, None)``: the engine, built on the first call."""
         if self._engine is None:
             self._engine = self._loader()
         return self._engine, None
 
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        signals: Sequence[str],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 64,
-        seed: int = 0,
-    ) -> list[Generation]:
+    def adapter(self):
         from ..vllm import VLLMBackend as Adapter
 
         engine, _ = self.loaded()
-        adapter = Adapter(engine, chat=self.chat, **self.signal_params)
-        return _generations(adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed)
-
-
-def _generations(
-    adapter, prompts, signals, n, temperature, top_p, max_new_tokens, seed, tokur=None
-) -> list[Generation]:
-    """``n`` answers per prompt from a strategy-layer backend, one :class:`Generation`
-    per prompt."""
-    _check_n(n, temperature)
-    sampling = Sampling(
-        temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
-    )
-    out = adapter.decode(list(prompts), Request(tuple(signals), sampling, n, tokur=tokur))
-    generations = []
-    for i in range(len(prompts)):
-        trace = out.trace.select(out.rows_of(i))
-        generations.append(Generation(list(trace.texts or []), trace))
-    return generations
+        return Adapter(engine, chat=self.chat, **self.signal_params)
 
 
 #: The extra scores of :class:`VerbalizedBackend` (confidences, higher = more likely

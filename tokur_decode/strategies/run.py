@@ -9,7 +9,7 @@ action type            what runs (through :meth:`~.backend.Backend.decode`)
                        the recipe's ``abstain_text`` when it has one
 ``resample``           one decode with :class:`~.backend.Resample`
 ``best-of-n``          ``n`` sampled answers per prompt, one chosen
-                       (:func:`~.candidates.select_rows`)
+                       (:func:`~.candidates.choose_candidates`)
 ``deepconf-online``    warm-up answers calibrate a threshold per prompt, the later
                        answers stop at it, the survivors vote
 ``branch``             :class:`~.backend.Branch` forks, then one candidate is chosen

@@ -3,7 +3,9 @@
 Prompts are encoded as the transformers adapter encodes them
 (:func:`tokur_decode.core.text.prompt_token_ids`), sent as token ids with
 :func:`~tokur_decode.vllm.uncertainty_args` (``SamplingParams(n=...)`` for several answers
-per prompt, prompt ``i`` seeded with ``seed + i``), and the traces read back with
+per prompt; vLLM seeds the ``j``-th sample of a request ``seed + j``, so prompt ``i`` is
+sent with ``seed + i * n`` and no two samples of a call share a seed), and the traces
+read back with
 :func:`~tokur_decode.vllm.read_traces`. A stop or resample act travels as the request's
 flat settings; a branch act runs as rounds of re-submitted requests
 (:mod:`tokur_decode.vllm.branching`). Roll-back needs a decoding loop of ours and is
@@ -66,7 +68,7 @@ class VLLMBackend:
                 signals,
                 sampling,
                 n=n,
-                seed=None if sampling.seed is None else sampling.seed + i,
+                seed=None if sampling.seed is None else sampling.seed + i * n,
                 settings=_settings(act, i),
             )
             for i in range(len(inputs))
