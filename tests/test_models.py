@@ -92,3 +92,35 @@ def test_invalid_model_arguments():
         models.resolve_dtype("float8", torch.device("cpu"))
     assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "is not a device"), ("cuda:7", "not available"), ("cuda", "not available")],
+)
+def test_a_device_this_machine_lacks_is_refused_before_loading(device, message, monkeypatch):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(models, "default_model_path", lambda: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=f"device: .*{message}"):
+        models.load_default(device=device)
+    assert models.resolve_device("cpu").type == "cpu"  # control
+
+
+def test_a_model_that_is_not_there_gets_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model: no such folder"):
+        models.load_model(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        models.load_model(tmp_path)  # an empty folder
+    with pytest.raises(ValueError, match="neither a model folder nor a model in the local"):
+        models.load_model("nobody/no-such-model")
+
+
+@pytest.mark.slow
+def test_an_empty_prompt_without_a_chat_template_is_refused(embedded):
+    from tokur_decode.core.text import encode_prompts
+
+    _, tokenizer = embedded
+    with pytest.raises(ValueError, match="prompts: prompt 1 is empty"):
+        encode_prompts(tokenizer, ["Hi", ""], chat=False)
+    assert encode_prompts(tokenizer, [""], chat=True)["input_ids"].shape[1] > 0  # control

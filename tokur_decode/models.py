@@ -139,10 +139,23 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/``None`` picks CUDA when available, else CPU."""
+    """``"auto"``/``None`` picks CUDA when available, else CPU; a device this machine
+    does not have is refused (``ValueError`` naming ``device``) before anything loads."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device: {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)"
+        ) from exc
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"device: {device!r} is not available on this machine (use cpu or auto)")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device: {device!r} is not supported (auto, cpu, cuda, ...)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -171,10 +184,19 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if Path(name_or_path).exists():
-        kwargs["local_files_only"] = True
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"model: {path} has no config.json; it is not a transformers model folder")
+    if not path.exists() and str(name_or_path).startswith((".", "/", "~")):
+        raise ValueError(f"model: no such folder {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:  # not a folder, and not in the local Hugging Face cache
+        raise ValueError(
+            f"model: {name_or_path!r} is neither a model folder nor a model in the local "
+            "Hugging Face cache (no hub is reached)"
+        ) from exc
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, dev), **kwargs
     )
@@ -183,6 +205,7 @@ def load_model(
 
 def load_default(*, device: str | torch.device | None = "auto", dtype="auto"):
     """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (see the module doc)."""
+    resolve_device(device)  # a bad device is refused before the first-call conversion
     return load_model(default_model_path(), device=device, dtype=dtype)
 
 

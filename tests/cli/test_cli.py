@@ -69,11 +69,35 @@ def test_generate_table_sampling_and_model_path(capsys, monkeypatch, embedded):
     assert capsys.readouterr().out == out  # same seed, same sampled answer
 
 
+@pytest.mark.slow
+def test_the_token_table_fits_80_columns_with_every_value_readable(capsys, monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["generate", "--max-new-tokens", "6", "--signals", "all,tokur", QUESTION]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out  # nothing cut
+    tables = out.split("Response-level scores")[0]
+    values = re.findall(r"-?\d+\.\d{4}", tables)
+    assert len(values) == len(report["tokens"]) * len(report["signals"])  # every cell
+    assert "grows with the answer's length" in " ".join(out.split())  # naive explained
+
+
 def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
     assert main(["generate", "--signals", "bogus", QUESTION]) == 2
     assert "signals" in capsys.readouterr().err
     assert main(["generate", "--max-new-tokens", "0", QUESTION]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
+    assert main(["generate", "--signals", "all,bogus", QUESTION]) == 2
+    assert "unknown 'bogus'" in capsys.readouterr().err
+    assert main(["generate", "--device", "tpu", QUESTION]) == 2
+    assert "device: 'tpu'" in capsys.readouterr().err
+    assert main(["generate", "--model", "/no/such/folder", QUESTION]) == 2
+    assert "model: no such folder" in capsys.readouterr().err
 
 
 def test_console_script_help_documents_the_options():
@@ -114,6 +138,7 @@ def test_remote_code_is_not_trusted_by_default(monkeypatch):
     monkeypatch.setattr(
         AutoModelForCausalLM, "from_pretrained", lambda path, **kw: record("model", **kw)
     )
-    assert cli.main(["generate", "--model", "/nonexistent", "hi"]) == 2
-    assert cli.main(["generate", "--model", "/nonexistent", "--trust-remote-code", "hi"]) == 2
+    # a name (not a missing folder, which is refused before any loading)
+    assert cli.main(["generate", "--model", "some-model", "hi"]) == 2
+    assert cli.main(["generate", "--model", "some-model", "--trust-remote-code", "hi"]) == 2
     assert seen["tok"] == [False, True]

@@ -368,3 +368,18 @@ def test_workspace_gives_the_same_signals_and_reuses_its_memory():
         assert torch.equal(got_lp, want_lp)
         seen.add(got_lp.untyped_storage().data_ptr())
     assert len(seen) <= 2  # grown once (4 -> 6 rows), never allocated per call otherwise
+
+
+def test_inputs_of_the_wrong_kind_are_refused_naming_them():
+    import numpy as np
+
+    with pytest.raises(TypeError, match="logits: expected a torch.Tensor, got ndarray"):
+        S.entropy(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"token_ids: must be in \[0, 4\)"):
+        S.compute_signals(torch.zeros(2, 4), ["chosen_prob"], torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match=r"token_ids: must be in \[0, 4\)"):
+        S.compute_signals(torch.zeros(2, 4), ["chosen_prob"], torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="signals: a list of names or a comma-separated"):
+        S.SignalSpec(5)
+    out = S.compute_signals(torch.zeros(2, 4), ["chosen_prob"], torch.tensor([0, 3]))  # control
+    assert torch.allclose(out["chosen_prob"], torch.full((2,), 0.25))

@@ -398,3 +398,17 @@ def test_extra_scores_are_selectable_and_calibrated(tmp_path):
     expected_ece = metrics.ece(correct, stated)
     assert detected.summary["ece"]["verbalized_confidence"]["value"] == pytest.approx(expected_ece)
     assert detected.summary["auroc"]["verbalized_confidence"]["all"] == 1.0
+
+
+def test_a_run_folder_is_refused_for_other_data_or_when_unwritable(tmp_path):
+    items = _items(6)
+    run = dict(signals="entropy", n_resamples=10, progress=False)
+    detection.run_detection(items, ScriptedBackend(items), out=tmp_path / "d", **run)
+    other = data.load("tasks:legs", limit=6)
+    with pytest.raises(ValueError, match=r"out: .* another configuration.*data: "):
+        detection.run_detection(other, ScriptedBackend(other), out=tmp_path / "d", **run)
+    detection.run_detection(items, ScriptedBackend(items), out=tmp_path / "d", **run)  # control
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="out: cannot write to"):
+        detection.run_detection(items, ScriptedBackend(items), out=blocker / "d", **run)

@@ -333,8 +333,13 @@ def test_recipe_generation_table_sets_defaults_the_caller_overrides(embedded):
     explicit = generate(
         model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, seed=0, temperature=0.7
     )
-    greedy = generate(model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, temperature=0)
     assert sampled.texts == explicit.texts
+    # greedy decoding would make the adaptive rule a no-op: refused (issue 15); the
+    # caller's temperature 0 still overrides a recipe's [generation] table
+    with pytest.raises(ValueError, match="temperature: the adaptive resample rule"):
+        generate(model, tok, PROMPTS[1], strategy=recipe, max_new_tokens=12, temperature=0)
+    table_only = {"name": "t", "generation": {"temperature": 0.7}}
+    greedy = generate(model, tok, PROMPTS[1], strategy=table_only, max_new_tokens=12, temperature=0)
     assert greedy.texts == _greedy(model, tok, PROMPTS[1:2], max_new_tokens=12).texts
     assert sampled.texts != greedy.texts
     with pytest.raises(ValueError, match="generation.temperature"):

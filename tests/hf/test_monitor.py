@@ -256,3 +256,32 @@ def test_tokur_recording_refuses_stale_samples():
     monitor(torch.ones(2, 3, dtype=torch.long), torch.randn(2, 9000))
     with pytest.raises(RuntimeError, match="no perturbed samples"):
         monitor(torch.ones(2, 4, dtype=torch.long), torch.randn(2, 9000))
+
+
+def test_wrong_shapes_and_beam_search_get_a_clear_error(tiny_llama):
+    monitor = UncertaintyMonitor(["entropy"], eos_token_id=127)
+    with pytest.raises(ValueError, match=r"scores: expected \[batch, vocab\]"):
+        monitor(torch.ones(1, 3, dtype=torch.long), torch.randn(128))
+    ids = torch.tensor([[1, 2, 3]])
+    out = tiny_llama.generate(
+        ids,
+        max_new_tokens=4,
+        num_beams=2,
+        do_sample=False,
+        logits_processor=[monitor],
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    with pytest.raises(ValueError, match="beam search"):
+        monitor.trace(out)
+    with pytest.raises(ValueError, match="beam search"):  # the bare sequences too
+        monitor.trace(out.sequences)
+    greedy = tiny_llama.generate(  # control: the same monitor, greedy, traces
+        ids,
+        max_new_tokens=4,
+        do_sample=False,
+        logits_processor=[monitor],
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    assert monitor.trace(greedy).signals["entropy"].shape[0] == 1

@@ -309,6 +309,10 @@ def test_shipped_recipes_load_and_round_trip():
         ({"name": "x", "action": {"type": "best-of-n", "score": "entropy", "n": "4"}}, "action.n"),
         ({"name": "x", "tokur": {"samplez": 3}}, "tokur"),
         ({"name": ""}, "name"),
+        (
+            {"name": "x", "trigger": {"signal": "entropy", "threshold": 1.0}},
+            "action: the recipe has a \\[trigger\\] table but no \\[action\\]",
+        ),
     ],
 )
 def test_bad_recipes_fail_naming_the_key(recipe, key):

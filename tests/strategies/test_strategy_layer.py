@@ -228,3 +228,36 @@ def test_the_triggers_of_recipes_are_checked_against_their_action():
         {"name": "x", "trigger": {"signal": "entropy", "threshold": 1.0}, "action": branch}
     ).config.uses_trigger
     assert Trigger("entropy", threshold=1.0)  # control: the trigger itself is valid
+
+
+def test_the_callers_sampling_overrides_a_candidate_recipes():
+    backend = Scripted()
+    generate(backend, "q", strategy="self-certainty-best-of-n", temperature=1.3, top_p=0.9)
+    sampling = backend.requests[0].sampling
+    assert (sampling.temperature, sampling.top_p) == (1.3, 0.9)
+    generate(backend, "q", strategy="self-certainty-best-of-n")  # control: the recipe's
+    assert backend.requests[1].sampling.temperature == 0.7
+    for recipe in ("self-certainty-best-of-n", "deepconf-online"):
+        with pytest.raises(ValueError, match="temperature: .* needs temperature > 0, got 0"):
+            generate(Scripted(), "q", strategy=recipe, temperature=0)
+
+
+def test_an_adaptive_resample_under_greedy_decoding_is_refused():
+    with pytest.raises(ValueError, match="temperature: the adaptive resample rule"):
+        generate(Scripted(), "q", strategy="entropy-resample", temperature=0)
+    generate(Scripted(), "q", strategy="entropy-resample")  # control: its own T = 0.7
+
+
+def test_a_plan_is_checked_without_a_backend():
+    """What an entry point checks before it starts an engine."""
+    from tokur_decode.strategies.run import plan
+
+    with pytest.raises(ValueError, match="'rollback' needs .* which the engine does not offer"):
+        plan(
+            (B.Stop, B.Resample, B.Branch),
+            "q",
+            strategy="entropy-rollback",
+            backend_name="the engine",
+        )
+    checked = plan((B.Stop,), "q", signals="entropy,tokur")
+    assert checked.wants_samples and checked.kind == "none"

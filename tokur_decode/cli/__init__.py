@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokur-decode`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
@@ -49,4 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench.run(args)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "Engine core initialization failed" not in str(exc):
+            raise
+        print(
+            "tokur-decode: error: the vLLM engine did not start (its log above says why); on "
+            "CPU the usual cause is memory held elsewhere: --kv-cache-gib bounds what it "
+            "reserves",
+            file=sys.stderr,
+        )
         return 2

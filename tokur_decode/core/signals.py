@@ -283,8 +283,10 @@ def parse_signals(signals: Iterable[str] | str | None) -> tuple[str, ...]:
         return DEFAULT_SIGNALS
     if isinstance(signals, str):
         names = [s.strip() for s in signals.split(",")]
-    else:
+    elif isinstance(signals, Iterable):
         names = list(signals)
+    else:
+        raise ValueError(f"signals: a list of names or a comma-separated string, got {signals!r}")
     if not all(isinstance(n, str) for n in names):
         raise ValueError(f"signals: names must be strings, got {signals!r}")
     names = [n for n in names if n]
@@ -305,6 +307,11 @@ _EVIDENCE = ("relu", "shifted")
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"logits: expected a torch.Tensor, got {type(logits).__name__} "
+            "(torch.as_tensor converts a numpy array)"
+        )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -477,7 +484,13 @@ class SignalSpec:
     def __call__(
         self, logits: torch.Tensor, token_ids: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Compute the signals of ``logits`` ``[..., V]``; see :meth:`compute`."""
+        """Compute the signals of ``logits`` ``[..., V]``; see :meth:`compute`. Unlike
+        :meth:`compute` (the processors' per-step call), this checks that ``token_ids``
+        index the vocabulary, which reads them on the host."""
+        if token_ids is not None and isinstance(logits, torch.Tensor) and token_ids.numel():
+            vocab = logits.shape[-1]
+            if bool((token_ids < 0).any()) or bool((token_ids >= vocab).any()):
+                raise ValueError(f"token_ids: must be in [0, {vocab}) (the logits' vocabulary)")
         return self.compute(logits, token_ids)[0]
 
     def compute(

@@ -42,6 +42,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool | None = Non
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     else:
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    empty = [i for i, n in enumerate(enc["attention_mask"].sum(-1).tolist()) if n == 0]
+    if empty:
+        raise ValueError(
+            f"prompts: prompt {empty[0]} is empty and has no chat template around it "
+            "(give it text, or chat=True)"
+        )
     return enc.to(device) if device is not None else enc
 
 

@@ -76,6 +76,7 @@ def run_detection(
         "signals": list(names),
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "data": sorted({item.dataset for item in items}),
         **backend.describe(),
     }
     store = RunStore(out, config)

@@ -237,6 +237,7 @@ def run_scaling(
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "data": sorted({item.dataset for item in items}),
         **backend.describe(),
     }
     store = RunStore(out, config)

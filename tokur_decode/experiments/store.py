@@ -41,7 +41,13 @@ class RunStore:
 
     def __init__(self, folder: str | Path, config: dict) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / ".writable"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"out: cannot write to {self.folder} ({exc.strerror})") from exc
         self.config = json.loads(json.dumps(config))  # as it reads back from disk
         config_path = self.folder / CONFIG_NAME
         if config_path.is_file():

@@ -154,6 +154,11 @@ class UncertaintyMonitor(LogitsProcessor):
     # ------------------------------------------------------------------ hot path
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.dim() != 2 or input_ids.dim() != 2 or scores.shape[0] != input_ids.shape[0]:
+            raise ValueError(  # shapes are host metadata: checking them syncs nothing
+                f"scores: expected [batch, vocab] logits beside [batch, length] input_ids, got "
+                f"{tuple(scores.shape)} and {tuple(input_ids.shape)}"
+            )
         batch = input_ids.shape[0]
         step, new = self._clock.tick(input_ids)
         if new:
@@ -248,6 +253,11 @@ class UncertaintyMonitor(LogitsProcessor):
         Raises:
             ValueError: when ``output`` is not the output of the recorded generation.
         """
+        if getattr(output, "beam_indices", None) is not None or hasattr(output, "sequences_scores"):
+            raise ValueError(
+                "output: beam search is not supported (it reorders and prunes rows between "
+                "steps); use greedy decoding or sampling"
+            )
         sequences = getattr(output, "sequences", output)
         if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
             raise ValueError("output: expected generate()'s sequences [B, L] or its output object")
@@ -255,9 +265,11 @@ class UncertaintyMonitor(LogitsProcessor):
             raise ValueError("output: the monitor has not recorded any generation yet")
         steps, buf, prompt_len = self._clock.steps, self._buffer, self._clock.prompt_len
         if sequences.shape != (buf.batch_size, prompt_len + steps):
+            beams = sequences.shape[0] < buf.batch_size and buf.batch_size % sequences.shape[0] == 0
             raise ValueError(
                 f"output: sequences of shape {tuple(sequences.shape)} do not match the recorded "
                 f"generation (batch {buf.batch_size}, prompt {prompt_len}, {steps} steps)"
+                + ("; beam search (num_beams > 1) is not supported" if beams else "")
             )
         generated = sequences[:, prompt_len:].to(buf.device).clone()
         if self._deferred_names:

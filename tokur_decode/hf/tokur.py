@@ -301,11 +301,10 @@ def _find_targets(model, config: PerturbationConfig):
         for name, module in model.named_modules()
         if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, torch.nn.Linear)
     ]
-    if not modules:
-        raise ValueError(
-            f"target_modules: no nn.Linear named {list(config.target_modules)} in "
-            f"{type(model).__name__}"
-        )
+    found = {name.rsplit(".", 1)[-1] for name, _ in modules}
+    missing = [t for t in config.target_modules if t not in found]
+    if missing:
+        raise ValueError(f"target_modules: no nn.Linear named {missing} in {type(model).__name__}")
     for name, module in modules:
         limit = min(module.out_features, module.in_features)
         if config.rank > limit:

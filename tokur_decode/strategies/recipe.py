@@ -132,13 +132,18 @@ class Strategy:
         signals = data.get("signals", [])
         if isinstance(signals, str) or not all(isinstance(s, str) for s in signals):
             raise ValueError("signals: must be a list of signal names")
-        config = action_config(data.get("action", {"type": "none"}))
         trigger = None
         if "trigger" in data:
             try:
                 trigger = Trigger(**data["trigger"])
             except TypeError as exc:
                 raise ValueError(f"trigger: {exc}") from exc
+            if "action" not in data:
+                raise ValueError(
+                    "action: the recipe has a [trigger] table but no [action] table "
+                    '(e.g. type = "stop" or "resample")'
+                )
+        config = action_config(data.get("action", {"type": "none"}))
         if config.uses_trigger and trigger is None:
             raise ValueError(f"trigger: action {config.type!r} needs a [trigger] table")
         if trigger is not None and not config.uses_trigger:

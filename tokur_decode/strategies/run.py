@@ -79,30 +79,48 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One call's validated inputs, what every procedure reads."""
+class Plan:
+    """A validated generation (what :func:`plan` returns), ready to run on any backend
+    that offers its act: everything is checked before a backend, or an engine, exists."""
 
-    backend: b.Backend
     prompts: list[str]
     strat: Strategy | None
     signals: tuple[str, ...]
     sampling: b.Sampling
+    candidates: b.Sampling | None  # how best-of-N and DeepConf online sample candidates
     tokur: dict | None
     extract: Callable[[str], object]
     recipe: str | None
 
+    @property
+    def kind(self) -> str:
+        return self.strat.action if self.strat else "none"
+
+    @property
+    def wants_samples(self) -> bool:
+        """Whether a recorded signal needs predictive samples (a TokUR engine on vLLM)."""
+        return wants_samples(self.signals)
+
+    def run(self, backend: b.Backend) -> GenerationResult:
+        _check_acts(self.kind, backend.acts, type(backend).__name__)
+        return PROCEDURES[self.kind].run(_Job(self, backend))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A plan on a backend: what every procedure reads."""
+
+    plan: Plan
+    backend: b.Backend
+
     def decode(self, n: int = 1, act=None, sampling: b.Sampling | None = None) -> b.Decoded:
-        request = b.Request(self.signals, sampling or self.sampling, n, act, self.tokur)
-        return self.backend.decode(self.prompts, request)
-
-    def candidate_sampling(self) -> b.Sampling:
-        """A recipe's sampling for its candidates (its own temperature and top_p)."""
-        c = self.strat.config
-        return replace(self.sampling, temperature=c.temperature, top_p=c.top_p)
+        p = self.plan
+        request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur)
+        return self.backend.decode(p.prompts, request)
 
 
-def generate(
-    backend: b.Backend,
+def plan(
+    acts: Sequence[type],
     prompts: str | Sequence[str],
     *,
     strategy=None,
@@ -114,24 +132,12 @@ def generate(
     threshold: float | None = None,
     tokur: dict | None = None,
     extract: Callable[[str], object] = normalize_answer,
-) -> GenerationResult:
-    """Answer ``prompts`` on ``backend`` while recording signals, acting on them as
-    ``strategy`` (a shipped recipe name, a TOML path, a dict or a
-    :class:`~tokur_decode.strategies.recipe.Strategy`) says.
-
-    ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
-    ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
-    1). Recipes that sample candidates (best-of-N, DeepConf online) use their own
-    ``temperature`` and ``top_p``. ``signals`` default to the recipe's, else
-    :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
-    score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
-    branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``
-    table) when ``"tokur"`` is recorded. ``extract`` turns a response into the answer
-    that votes.
+    backend_name: str = "the backend",
+) -> Plan:
+    """Validate a :func:`generate` call for a backend that runs ``acts``, without one.
 
     Raises:
-        ValueError: naming the parameter, before anything is decoded, for invalid
-            values and for an action the backend cannot run.
+        ValueError: naming the parameter.
     """
     strat = Strategy.load(strategy) if strategy is not None else None
     kind = strat.action if strat else "none"
@@ -155,39 +161,111 @@ def generate(
         if strat is None or strat.trigger is None:
             raise ValueError("threshold: this strategy has no trigger to set it on")
         strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
-    names = needed_signals(strat, signals)
-    wants_tokur = wants_samples(names)
-    tokur = tokur if tokur is not None else (strat.tokur if strat else None)
-    if tokur and not wants_tokur:
-        raise ValueError("tokur: options given but 'tokur' is not among the signals")
-    procedure = PROCEDURES[kind]
-    if procedure.act is not None and procedure.act not in backend.acts:
-        raise ValueError(
-            f"strategy: {kind!r} needs {procedure.act.needs}, which "
-            f"{type(backend).__name__} does not offer (it runs: {', '.join(_runnable(backend))})"
+    candidates = None
+    if kind in ("best-of-n", "deepconf-online"):  # the caller's sampling wins, else the recipe's
+        c = strat.config
+        chosen_t = c.temperature if temperature is None else temperature
+        if not chosen_t > 0:
+            raise ValueError(
+                f"temperature: {kind!r} samples {c.n} candidates per prompt; it needs "
+                f"temperature > 0, got {chosen_t}"
+            )
+        candidates = replace(
+            sampling, temperature=chosen_t, top_p=c.top_p if top_p is None else top_p
         )
-    job = _Job(
-        backend=backend,
+    if kind == "resample" and strat.config.mode == "adaptive" and not sampling.sampled:
+        raise ValueError(
+            "temperature: the adaptive resample rule reshapes a sampled distribution; under "
+            "greedy decoding it keeps the argmax and changes nothing (sample with "
+            "temperature > 0, or use mode = 'veto')"
+        )
+    names = needed_signals(strat, signals)
+    tokur = tokur if tokur is not None else (strat.tokur if strat else None)
+    if tokur and not wants_samples(names):
+        raise ValueError("tokur: options given but 'tokur' is not among the signals")
+    _check_acts(kind, acts, backend_name)
+    return Plan(
         prompts=prompt_list,
         strat=strat,
         signals=names,
         sampling=sampling,
-        tokur=tokur if wants_tokur else None,
+        candidates=candidates,
+        tokur=tokur if wants_samples(names) else None,
         extract=extract,
         recipe=strategy if isinstance(strategy, str) else None,
     )
-    return procedure.run(job)
 
 
-def _runnable(backend: b.Backend) -> list[str]:
-    return [k for k, p in PROCEDURES.items() if p.act is None or p.act in backend.acts]
+def _check_acts(kind: str, acts: Sequence[type], backend_name: str) -> None:
+    procedure = PROCEDURES[kind]
+    if procedure.act is not None and procedure.act not in acts:
+        runnable = [k for k, p in PROCEDURES.items() if p.act is None or p.act in acts]
+        raise ValueError(
+            f"strategy: {kind!r} needs {procedure.act.needs}, which {backend_name} does "
+            f"not offer (it runs: {', '.join(runnable)})"
+        )
+
+
+def generate(
+    backend: b.Backend,
+    prompts: str | Sequence[str],
+    *,
+    strategy=None,
+    signals: Iterable[str] | str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+    threshold: float | None = None,
+    tokur: dict | None = None,
+    extract: Callable[[str], object] = normalize_answer,
+) -> GenerationResult:
+    """Answer ``prompts`` on ``backend`` while recording signals, acting on them as
+    ``strategy`` (a shipped recipe name, a TOML path, a dict or a
+    :class:`~tokur_decode.strategies.recipe.Strategy`) says.
+
+    ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
+    ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
+    1). Recipes that sample candidates (best-of-N, DeepConf online) use the caller's
+    ``temperature`` and ``top_p`` when given, else their own (they need temperature >
+    0). ``signals`` default to the recipe's, else
+    :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
+    score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
+    branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``
+    table) when ``"tokur"`` is recorded. ``extract`` turns a response into the answer
+    that votes.
+
+    Raises:
+        ValueError: naming the parameter, before anything is decoded, for invalid
+            values and for an action the backend cannot run (:func:`plan` checks the
+            same without a backend).
+    """
+    checked = plan(
+        backend.acts,
+        prompts,
+        strategy=strategy,
+        signals=signals,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        threshold=threshold,
+        tokur=tokur,
+        extract=extract,
+        backend_name=type(backend).__name__,
+    )
+    return checked.run(backend)
 
 
 def _single(job: _Job, act=None) -> GenerationResult:
     """One decode, one answer per prompt."""
     out = job.decode(act=act)
     texts = list(out.trace.texts or [])
-    abstain = job.strat.config.abstain_text if job.strat and job.strat.action == "stop" else None
+    abstain = (
+        job.plan.strat.config.abstain_text
+        if job.plan.strat and job.plan.strat.action == "stop"
+        else None
+    )
     if abstain is not None:
         for i, events in enumerate(out.events):
             if any("blocked" not in e for e in events):
@@ -195,7 +273,7 @@ def _single(job: _Job, act=None) -> GenerationResult:
     return GenerationResult(
         texts=texts,
         trace=out.trace,
-        prompts=job.prompts,
+        prompts=job.plan.prompts,
         actions=out.events,
         tokens_generated=out.tokens,
     )
@@ -206,21 +284,21 @@ def _plain(job: _Job) -> GenerationResult:
 
 
 def _stop(job: _Job) -> GenerationResult:
-    return _single(job, b.Stop(job.strat.trigger))
+    return _single(job, b.Stop(job.plan.strat.trigger))
 
 
 def _resample(job: _Job) -> GenerationResult:
-    return _single(job, b.Resample(job.strat.trigger, job.strat.config, job.recipe))
+    return _single(job, b.Resample(job.plan.strat.trigger, job.plan.strat.config, job.plan.recipe))
 
 
 def _best_of_n(job: _Job) -> GenerationResult:
-    p = job.strat.config
+    p = job.plan.strat.config
     n = p.n
-    out = job.decode(n=n, sampling=job.candidate_sampling())
-    groups = [out.rows_of(i) for i in range(len(job.prompts))]
-    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.extract)
+    out = job.decode(n=n, sampling=job.plan.candidates)
+    groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
+    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
-    return GenerationResult.chosen(out.trace, job.prompts, chosen, actions, candidates)
+    return GenerationResult.chosen(out.trace, job.plan.prompts, chosen, actions, candidates)
 
 
 def _deepconf_online(job: _Job) -> GenerationResult:
@@ -229,9 +307,9 @@ def _deepconf_online(job: _Job) -> GenerationResult:
     ``n - warmup`` answers stop as soon as their window confidence falls below it
     (seeded after the warm-up's); the warm-up answers and the later answers that were
     not stopped vote (:func:`~.candidates.deepconf_vote`)."""
-    p = job.strat.config
+    p = job.plan.strat.config
     warmup, online = p.warmup, p.n - p.warmup
-    sampling = job.candidate_sampling()
+    sampling = job.plan.candidates
     warm = job.decode(n=warmup, sampling=sampling).trace
     thresholds = deepconf_thresholds(warm, warmup, p)
     seed = sampling.seed
@@ -242,25 +320,27 @@ def _deepconf_online(job: _Job) -> GenerationResult:
     )
     stopped = [bool(events) for events in later.events]
     trace, chosen, actions, candidates = deepconf_vote(
-        warm, later.trace, stopped, thresholds, p, job.extract, sampling.max_new_tokens
+        warm, later.trace, stopped, thresholds, p, job.plan.extract, sampling.max_new_tokens
     )
-    return GenerationResult.chosen(trace, job.prompts, chosen, actions, candidates)
+    return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
 def _branch(job: _Job) -> GenerationResult:
-    p = job.strat.config
-    out = job.decode(act=b.Branch(job.strat.trigger, p))
-    groups = [out.rows_of(i) for i in range(len(job.prompts))]
-    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.extract)
+    p = job.plan.strat.config
+    out = job.decode(act=b.Branch(job.plan.strat.trigger, p))
+    groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
+    chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [
         [*events, {"action": "select", "k": p.k, **record}]
         for events, record in zip(out.events, records, strict=True)
     ]
-    return GenerationResult.chosen(out.trace, job.prompts, chosen, actions, candidates, out.tokens)
+    return GenerationResult.chosen(
+        out.trace, job.plan.prompts, chosen, actions, candidates, out.tokens
+    )
 
 
 def _rollback(job: _Job) -> GenerationResult:
-    return _single(job, b.Rollback(job.strat.trigger, job.strat.config))
+    return _single(job, b.Rollback(job.plan.strat.trigger, job.plan.strat.config))
 
 
 @dataclass(frozen=True)

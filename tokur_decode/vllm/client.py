@@ -14,13 +14,27 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ..core.trace import Trace
 
-__all__ = ["EXTENSION", "PROCESSOR", "enable_traces", "engine_args", "llm", "read_traces"]
+__all__ = [
+    "EXTENSION",
+    "PROCESSOR",
+    "enable_traces",
+    "engine_args",
+    "kv_cache_bytes",
+    "llm",
+    "read_traces",
+]
+
+GIB = 2**30
 
 #: Qualified names to give vLLM (also usable on the ``vllm serve`` command line).
 PROCESSOR = "tokur_decode.vllm.processor:UncertaintyProcessor"
@@ -47,15 +61,54 @@ def engine_args(**kwargs) -> dict:
     return {**kwargs, "logits_processors": procs, "worker_extension_cls": EXTENSION}
 
 
+def kv_cache_bytes(model: str, max_model_len: int | None = None, dtype: str = "auto") -> int:
+    """A KV cache for four requests of ``max_model_len`` tokens (default: the model's
+    context), at least 1 GiB, rounded up to whole GiB, from the model folder's
+    ``config.json`` (float32 assumed unless ``dtype`` is a 16-bit one).
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> folder = tempfile.mkdtemp()
+        >>> config = {"num_hidden_layers": 30, "num_attention_heads": 9,
+        ...           "num_key_value_heads": 3, "hidden_size": 576,
+        ...           "max_position_embeddings": 8192}
+        >>> _ = (pathlib.Path(folder) / "config.json").write_text(json.dumps(config))
+        >>> kv_cache_bytes(folder) / 2**30
+        2.0
+    """
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    width = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    tokens = max_model_len or config.get("max_position_embeddings", 4096)
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * width
+    return max(1, math.ceil(4 * tokens * per_token / GIB)) * GIB
+
+
 def llm(model: str | None = None, **kwargs):
     """A ``vllm.LLM`` with the processor and traces enabled; ``model`` defaults to the
-    embedded SmolLM2 folder (:func:`tokur_decode.models.default_model_path`)."""
+    embedded SmolLM2 folder (:func:`tokur_decode.models.default_model_path`).
+
+    On the CPU platform the engine reserves a bounded KV cache (:func:`kv_cache_bytes`)
+    unless ``kv_cache_memory_bytes`` or ``VLLM_CPU_KVCACHE_SPACE`` says otherwise:
+    vLLM's default reserves 92% of the memory node and refuses to start when anything
+    else holds memory.
+
+    Scripts that build an engine need an ``if __name__ == "__main__":`` guard: vLLM on
+    CPU starts its engine process by spawning, which imports the script again."""
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     if model is None:
         from ..models import default_model_path
 
         model = str(default_model_path())
+    bounded = "kv_cache_memory_bytes" in kwargs or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if current_platform.is_cpu() and not bounded and (Path(model) / "config.json").is_file():
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
+            model, kwargs.get("max_model_len"), str(kwargs.get("dtype", "auto"))
+        )
     engine = LLM(**engine_args(model=model, **kwargs))
     enable_traces(engine)
     return engine

@@ -1,0 +1,92 @@
+"""``tokur-decode generate --backend vllm`` as a new user runs it: no KV variable set,
+memory held by another process, JSON on stdout; mistakes refused before the engine
+starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.slow, pytest.mark.engine]
+
+HOLD_GIB = 4
+CLI = [sys.executable, "-m", "tokur_decode.cli", "generate", "--backend", "vllm"]
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def memory_held():
+    """Another process holding HOLD_GIB GiB (touched pages, so the memory is in use)."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"x = b'1' * ({HOLD_GIB} << 30); print('held', flush=True); "
+            "import time; time.sleep(900)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    yield
+    holder.kill()
+    holder.wait()
+
+
+def test_the_default_reservation_fails_under_held_memory(memory_held):
+    """The control: without a bounded KV cache, vLLM's own default does not start here."""
+    from tokur_decode.models import default_model_path
+
+    code = (
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    LLM(model={str(default_model_path())!r}, enforce_eager=True, max_model_len=512)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "Available memory" in proc.stdout + proc.stderr
+
+
+def test_generate_starts_a_bounded_tokur_engine_and_prints_only_json(memory_held):
+    args = ["--json", "--max-new-tokens", "4", "--signals", "entropy,tokur", "What is 2 + 2?"]
+    proc = subprocess.run(
+        [*CLI, *args], env=_clean_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # nothing but the report on stdout
+    assert report["answer"]
+    values = [t["tokur_epistemic"] for t in report["tokens"]]
+    assert values and all(math.isfinite(v) and v >= 0 for v in values)  # a TokUR engine
+    assert "Explicitly set" in proc.stderr  # vLLM's log: a bounded KV cache, on stderr
+
+
+def test_what_the_engine_cannot_do_is_refused_before_it_starts():
+    for args, message in [
+        (["--strategy", "entropy-rollback"], "own decoding loop"),
+        (["--strategy", "self-certainty-best-of-n", "--temperature", "0"], "temperature"),
+        (["--signals", "entropy,bogus"], "unknown 'bogus'"),
+    ]:
+        start = time.monotonic()
+        proc = subprocess.run(
+            [*CLI, *args, "q"], env=_clean_env(), capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr
+        assert "EngineCore" not in proc.stderr  # no engine was started
+        assert "Traceback" not in proc.stderr  # one clear line, not a traceback
+        assert proc.stderr.strip().splitlines()[-1].startswith("tokur-decode: error: ")
+        assert time.monotonic() - start < 120
