@@ -412,3 +412,38 @@ def test_a_run_folder_is_refused_for_other_data_or_when_unwritable(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="out: cannot write to"):
         detection.run_detection(items, ScriptedBackend(items), out=blocker / "d", **run)
+
+
+def test_one_class_runs_say_why_detection_is_undefined_and_intervals_show_progress(
+    tmp_path, capsys
+):
+    items = [i for i in _items(12) if int(i.id) % 3 != 0]  # the scripted backend: all right
+    res = detection.run_detection(
+        items,
+        ScriptedBackend(items),
+        out=tmp_path,
+        signals="entropy",
+        n_resamples=10,
+        progress=False,
+    )
+    assert res.summary["one_class"] == (
+        "every answer is right: detection metrics (AUROC, ...) are undefined"
+    )
+    files = report.write_detection(tmp_path, res.records, res.summary, "tokur-decode eval")
+    assert "n/a below: every answer is right" in (tmp_path / "report.md").read_text()
+    assert files
+    mixed = detection.summarize(_scripted_records(), n_resamples=10, progress=True)
+    assert mixed["one_class"] is None  # control: both classes
+    assert "bootstrap intervals" in capsys.readouterr().err
+
+
+def _scripted_records():
+    items = _items(6)
+    return [
+        detection.record(item, gen)
+        for item, gen in zip(
+            items,
+            ScriptedBackend(items).generate([i.prompt for i in items], signals=["entropy"]),
+            strict=True,
+        )
+    ]

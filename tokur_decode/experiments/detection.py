@@ -91,7 +91,8 @@ def run_detection(
         return [record(item, gen) for item, gen in zip(batch, gens, strict=True)]
 
     records = process(store, items, work, batch_size=batch_size, desc="eval", progress=progress)
-    return RunResult(records, summarize(records, n_resamples=n_resamples, seed=seed))
+    summary = summarize(records, n_resamples=n_resamples, seed=seed, progress=progress)
+    return RunResult(records, summary)
 
 
 def _scores(records: list[dict]) -> dict[str, np.ndarray]:
@@ -106,13 +107,18 @@ def _scores(records: list[dict]) -> dict[str, np.ndarray]:
     return table
 
 
-def summarize(records: list[dict], *, n_resamples: int = 1000, seed: int = 0) -> dict:
+def summarize(
+    records: list[dict], *, n_resamples: int = 1000, seed: int = 0, progress: bool = False
+) -> dict:
     """Detection metrics of ``records`` (from :func:`record`), JSON-able.
 
     Returns ``n``, ``datasets`` (items and accuracy with interval per dataset and
     ``"all"``), ``headline`` (per headline score: AUROC, AUPRC, PRR, Top-p accuracy
     with 95% intervals, pooled over the datasets), ``auroc`` (point AUROC of every score,
-    pooled and per dataset) and ``ece`` (calibration error of probability scores).
+    pooled and per dataset), ``ece`` (calibration error of probability scores) and
+    ``one_class`` (why nothing separates right from wrong answers, when every answer is
+    right or every one wrong; else ``None``). ``progress`` shows a bar over the scores'
+    bootstrap intervals (the slow part).
     """
     if not records:
         raise ValueError("records: nothing to summarize")
@@ -122,11 +128,25 @@ def summarize(records: list[dict], *, n_resamples: int = 1000, seed: int = 0) ->
         d: np.array([r["dataset"] == d for r in records]) for d in datasets
     }
     scores = _scores(records)
-    summary: dict = {"n": len(records), "datasets": {}, "headline": [], "auroc": {}, "ece": {}}
+    one_class = None
+    if correct.all() or not correct.any():
+        which = "right" if correct.all() else "wrong"
+        one_class = f"every answer is {which}: detection metrics (AUROC, ...) are undefined"
+    summary: dict = {
+        "n": len(records),
+        "one_class": one_class,
+        "datasets": {},
+        "headline": [],
+        "auroc": {},
+        "ece": {},
+    }
     for name, mask in groups.items():
         (acc,) = bootstrap(np.mean, correct[mask], n_resamples=n_resamples, seed=seed)
         summary["datasets"][name] = {"n": int(mask.sum()), "accuracy": acc.to_dict()}
-    for name in headline_scores(scores):
+    from tqdm.auto import tqdm
+
+    headline = headline_scores(scores)
+    for name in tqdm(headline, desc="bootstrap intervals", disable=not progress, leave=False):
         metrics = detection_metrics(correct, scores[name], n_resamples=n_resamples, seed=seed)
         summary["headline"].append({"score": name, **{k: v.to_dict() for k, v in metrics.items()}})
     for name, values in scores.items():

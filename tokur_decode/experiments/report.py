@@ -265,6 +265,8 @@ def write_detection(
         files["reliability"] = out / "reliability.png"
         _reliability_plot(records, probability, files["reliability"])
     parts = [f"# Wrong-answer detection\n\n    {command}\n", _DEFINITIONS]
+    if summary.get("one_class"):
+        parts.append(f"**n/a below: {summary['one_class']}.**")
     for title, (head, rows) in detection_tables(summary).items():
         parts.append(f"## {title}\n\n{_md_table(head, rows)}")
     parts.append(
@@ -380,6 +382,10 @@ def print_detection(summary: dict) -> None:
     """Accuracy and the headline detection table (AUROC, AUPRC, PRR), in the terminal."""
     tables = detection_tables(summary)
     _print("Accuracy", *tables["Accuracy"])
+    if summary.get("one_class"):
+        from rich.console import Console
+
+        Console().print(f"[bold]n/a below: {summary['one_class']}.[/bold]")
     title = "Wrong-answer detection (all datasets pooled)"
     head, rows = tables[title]
     _print(title, head[:4], [row[:4] for row in rows])
