@@ -142,3 +142,13 @@ def test_remote_code_is_not_trusted_by_default(monkeypatch):
     assert cli.main(["generate", "--model", "some-model", "hi"]) == 2
     assert cli.main(["generate", "--model", "some-model", "--trust-remote-code", "hi"]) == 2
     assert seen["tok"] == [False, True]
+
+
+def test_a_selection_says_which_way_it_chose():
+    from tokur_decode.cli.generate import _choice
+
+    event = {"reducer": "mean", "score": "tokur_epistemic", "method": "argmax", "eta": 1.0}
+    assert _choice({**event, "higher_is_better": False}) == "the lowest mean of tokur_epistemic"
+    assert _choice({**event, "higher_is_better": True}) == "the highest mean of tokur_epistemic"
+    vote = {**event, "method": "weighted", "eta": 0.9, "higher_is_better": True}
+    assert _choice(vote) == "weighted vote by mean of tokur_epistemic, top 90% kept"

@@ -285,3 +285,8 @@ def test_wrong_shapes_and_beam_search_get_a_clear_error(tiny_llama):
         pad_token_id=0,
     )
     assert monitor.trace(greedy).signals["entropy"].shape[0] == 1
+
+
+def test_an_empty_signal_list_is_refused():
+    with pytest.raises(ValueError, match="signals: at least one"):
+        UncertaintyMonitor([])

@@ -261,3 +261,12 @@ def test_a_plan_is_checked_without_a_backend():
         )
     checked = plan((B.Stop,), "q", signals="entropy,tokur")
     assert checked.wants_samples and checked.kind == "none"
+
+
+def test_no_prompts_and_no_signals_are_refused():
+    backend = Scripted()
+    with pytest.raises(ValueError, match="prompts: at least one prompt"):
+        generate(backend, [])
+    with pytest.raises(ValueError, match="signals: at least one"):
+        generate(backend, "q", signals=[])
+    assert backend.requests == []

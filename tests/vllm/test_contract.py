@@ -266,3 +266,14 @@ def test_v1_and_mrv2_adapters_agree_through_churn():
         assert trace["signals"]["chosen_prob"][0] == pytest.approx(expected, rel=1e-5)
         # the entropy is above the threshold at every step: the trigger skips the first
         assert [e["step"] for e in trace["events"]] == [1]
+
+
+def test_request_settings_name_a_bad_signal_list():
+    import tokur_decode.vllm as tv
+
+    for bad in (5, [], "all,bogus"):
+        with pytest.raises(ValueError, match="tokur_signals: "):
+            tv.uncertainty_args(signals=bad)
+        with pytest.raises(ValueError, match="tokur_signals: "):
+            tv.parse_settings({"tokur_signals": bad})
+    assert tv.uncertainty_args(["entropy"])["tokur_signals"] == "entropy"  # control

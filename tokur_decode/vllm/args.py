@@ -156,7 +156,11 @@ def uncertainty_args(
     """
     args: dict = {}
     if signals is not None:
-        args[f"{PREFIX}signals"] = signals if isinstance(signals, str) else ",".join(signals)
+        try:
+            names = signals if isinstance(signals, str) else ",".join(parse_signals(signals))
+        except ValueError as exc:
+            raise ValueError(f"{PREFIX}{exc}") from exc
+        args[f"{PREFIX}signals"] = names
     if strategy is not None:
         args[f"{PREFIX}strategy"] = strategy
     for key, value in overrides.items():
