@@ -115,10 +115,6 @@ class Output:
     label: str = ""
     needs_token: bool = False
 
-    @property
-    def display(self) -> str:
-        return self.label or self.key
-
 
 @dataclass(frozen=True)
 class SignalInfo:
@@ -484,13 +480,7 @@ class SignalSpec:
     def __call__(
         self, logits: torch.Tensor, token_ids: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Compute the signals of ``logits`` ``[..., V]``; see :meth:`compute`. Unlike
-        :meth:`compute` (the processors' per-step call), this checks that ``token_ids``
-        index the vocabulary, which reads them on the host."""
-        if token_ids is not None and isinstance(logits, torch.Tensor) and token_ids.numel():
-            vocab = logits.shape[-1]
-            if bool((token_ids < 0).any()) or bool((token_ids >= vocab).any()):
-                raise ValueError(f"token_ids: must be in [0, {vocab}) (the logits' vocabulary)")
+        """Compute the signals of ``logits`` ``[..., V]``; see :meth:`compute`."""
         return self.compute(logits, token_ids)[0]
 
     def compute(
@@ -580,7 +570,13 @@ def compute_signals(
         >>> out["max_prob"]
         tensor([0.2500, 0.2500])
     """
-    return SignalSpec(signals, **params)(logits, token_ids)
+    spec = SignalSpec(signals, **params)
+    if token_ids is not None and isinstance(logits, torch.Tensor) and token_ids.numel():
+        # an offline call: reading the ids on the host is fine here (never per step)
+        vocab = logits.shape[-1]
+        if bool((token_ids < 0).any()) or bool((token_ids >= vocab).any()):
+            raise ValueError(f"token_ids: must be in [0, {vocab}) (the logits' vocabulary)")
+    return spec(logits, token_ids)
 
 
 def chosen_from_logprobs(

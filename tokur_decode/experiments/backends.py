@@ -133,7 +133,6 @@ class _Decoding:
         max_new_tokens: int = 64,
         seed: int = 0,
     ) -> list[Generation]:
-        _check_n(n, temperature)
         sampling = Sampling(
             temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
         )

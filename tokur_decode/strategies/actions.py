@@ -52,8 +52,9 @@ class ActionConfig:
     needs_trigger: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _hints(type(self))[f.name])
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
         self.check()
 
     def check(self) -> None:
@@ -259,10 +260,6 @@ def action_config(table: dict) -> ActionConfig:
         if key not in allowed:
             raise ValueError(f"action.{key}: not a parameter of {kind!r} (allowed: {allowed})")
     return cls(**table)
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
 
 
 def _check_type(name: str, value, hint) -> None:
