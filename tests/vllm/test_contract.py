@@ -277,3 +277,19 @@ def test_request_settings_name_a_bad_signal_list():
         with pytest.raises(ValueError, match="tokur_signals: "):
             tv.parse_settings({"tokur_signals": bad})
     assert tv.uncertainty_args(["entropy"])["tokur_signals"] == "entropy"  # control
+
+
+def test_a_branch_token_beyond_the_vocabulary_is_named_and_not_forced(caplog):
+    def first_logits(branch_token: int) -> torch.Tensor:
+        proc = UncertaintyProcessor(_config("branch-token"), torch.device("cpu"), False)
+        extra = uncertainty_args(["entropy"], branch_token=branch_token)
+        params = SamplingParams(max_tokens=4, stop_token_ids=[EOS], extra_args=extra)
+        proc.update_state(BatchUpdate(1, [], [(0, params, [1, 2], [])], []))
+        return proc.apply(_logits(0, 0).unsqueeze(0).clone())[0]
+
+    with caplog.at_level("WARNING", logger="tokur_decode.vllm.processor_core"):
+        beyond = first_logits(V + 5)
+    assert "tokur_branch_token=45" in caplog.text and f"vocabulary {V}" in caplog.text
+    torch.testing.assert_close(beyond, _logits(0, 0), rtol=0, atol=0)  # not forced
+    forced = first_logits(7)  # control: a valid token is forced
+    assert int(forced.argmax()) == 7 != int(_logits(0, 0).argmax())

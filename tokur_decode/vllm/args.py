@@ -25,7 +25,9 @@ one ``tokur_`` key; others are untouched.
 ``tokur_branch_token``     the request continues an answer at a branch point (its prompt
                            ends with the answer so far): its first step is that point,
                            measured as usual, and emits this token id (``-1``: the
-                           engine's own choice); the trigger watches from the next step
+                           engine's own choice); the trigger watches from the next step.
+                           An id beyond the vocabulary is logged by the engine and not
+                           forced (the vocabulary is unknown where requests are checked)
 =========================  ==============================================================
 
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window

@@ -40,6 +40,8 @@ request's id and whether a request that left the batch finished.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -63,6 +65,8 @@ from .args import RequestSettings, parse_settings
 from .tokur import TOKUR_OUTPUTS, link_of
 
 __all__ = ["KEYS", "Group", "ProcessorCore", "TrackedRequest", "validate_params"]
+
+logger = logging.getLogger(__name__)
 
 #: Columns of the per-slot record: every signal output, then the action's facts.
 KEYS: tuple[str, ...] = (
@@ -182,6 +186,14 @@ class ProcessorCore:
         settings = parse_settings(params.extra_args)
         if settings is None:
             return None
+        if settings.branch_token is not None and settings.branch_token >= self.vocab:
+            logger.warning(
+                "tokur_branch_token=%d is not a token id of this model (vocabulary %d): "
+                "the continuation's first token is not forced",
+                settings.branch_token,
+                self.vocab,
+            )
+            settings = dataclasses.replace(settings, branch_token=-1)
         stops = sorted(params.all_stop_token_ids)
         eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
         req = TrackedRequest(settings, params, outputs, self._take_slot(settings), eos)
@@ -348,7 +360,7 @@ class ProcessorCore:
             group.eos_mask = mask.scatter(1, eos, True)
         branch = [r.settings.branch_token for _, r in members]
         if any(token is not None for token in branch):
-            token = [-2 if t is None else t if t < self.vocab else -1 for t in branch]
+            token = [-2 if t is None else t for t in branch]
             token = self.tensor(token)
             group.resumed, group.forced = token >= -1, token >= 0
             group.first_token = token.clamp_min(0)
