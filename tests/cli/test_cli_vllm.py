@@ -90,3 +90,16 @@ def test_what_the_engine_cannot_do_is_refused_before_it_starts():
         assert "Traceback" not in proc.stderr  # one clear line, not a traceback
         assert proc.stderr.strip().splitlines()[-1].startswith("tokur-decode: error: ")
         assert time.monotonic() - start < 120
+
+
+def test_a_failed_engine_start_names_its_cause_and_the_fix():
+    args = ["--kv-cache-gib", "10000", "--max-new-tokens", "2", "q"]
+    proc = subprocess.run(
+        [*CLI, *args], env=_clean_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tokur-decode: error: the vLLM engine did not start: ValueError: ")
+    assert "Available memory" in last and "--kv-cache-gib" in last
+    assert "Exception: could not create" not in last  # a warning quoting one is not the cause
+    assert "(EngineCore pid=" in proc.stderr  # vLLM's log is still passed through

@@ -11,12 +11,14 @@ tokur-decode scale --data tasks:legs --out runs/scale      # accuracy vs N candi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 
 from . import bench, experiments, generate, strategies
 from .common import load, model_args
+from .engine_log import EngineLog, start_failure
 
 __all__ = ["main"]
 
@@ -40,24 +42,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
     args = build_parser().parse_args(argv)
+    log = EngineLog() if _starts_vllm(args) else contextlib.nullcontext()
     try:
-        if args.command == "generate":
-            return generate.run(args)
-        if args.command == "strategies":
-            return strategies.run(args)
-        if args.command in ("eval", "scale"):
-            return experiments.run(args, load, argv)
-        return bench.run(args)
+        with log:
+            return _run(args, argv)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if "Engine core initialization failed" not in str(exc):
+        message = start_failure(exc, log if isinstance(log, EngineLog) else None)
+        if message is None:
             raise
-        print(
-            "tokur-decode: error: the vLLM engine did not start (its log above says why); on "
-            "CPU the usual cause is memory held elsewhere: --kv-cache-gib bounds what it "
-            "reserves",
-            file=sys.stderr,
-        )
+        print(f"tokur-decode: error: {message}", file=sys.stderr)
         return 2
+
+
+def _run(args, argv) -> int:
+    if args.command == "generate":
+        return generate.run(args)
+    if args.command == "strategies":
+        return strategies.run(args)
+    if args.command in ("eval", "scale"):
+        return experiments.run(args, load, argv)
+    return bench.run(args)
+
+
+def _starts_vllm(args) -> bool:
+    """Whether the command starts a vLLM engine (its log is kept for a failed start)."""
+    return getattr(args, "backend", None) == "vllm" or str(getattr(args, "bench", "")).startswith(
+        "vllm"
+    )
