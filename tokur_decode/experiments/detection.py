@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.probe import PROBE
 from ..core.signals import parse_signals
 from .backends import Backend, Generation
 from .data import Item
-from .metrics import auroc, bootstrap, detection_metrics, ece
+from .metrics import auroc, bootstrap, detection_metrics, ece, selective_metrics
+from .probe import fit_probe, probe_features
 from .runner import RunResult, graded, process
 from .scoring import LENGTH, PROBABILITY_SCORES, headline_scores, trace_scores, uncertainty
 from .store import RunStore
@@ -95,9 +97,27 @@ def run_detection(
     return RunResult(records, summary)
 
 
-def _scores(records: list[dict]) -> dict[str, np.ndarray]:
+def score_table(records: list[dict], probe: dict | None = None) -> dict[str, np.ndarray]:
     """Every score of the records as uncertainties (scores some record lacks are left
-    out), and the answer length as the trivial baseline."""
+    out), the answer length as the trivial baseline, and the probe's cross-fitted
+    probability of a wrong answer when ``probe`` (``summary["probe"]``) has one."""
+    table = _scores(records)
+    if probe and "cross_fitted" in probe:
+        table[PROBE] = np.asarray(probe["cross_fitted"], dtype=np.float64)
+    return table
+
+
+def _probe(records: list[dict], correct: np.ndarray, seed: int) -> dict:
+    """``summary["probe"]``: the probe fitted on every item and its cross-fitted
+    scores, or why there is none."""
+    try:
+        fit = fit_probe(probe_features(records), correct, seed=seed)
+    except ValueError as exc:
+        return {"skipped": str(exc)}
+    return {"model": fit.probe.to_dict(), "cross_fitted": fit.cross_fitted.tolist()}
+
+
+def _scores(records: list[dict]) -> dict[str, np.ndarray]:
     names = [n for n in records[0]["scores"]] + list(records[0]["extra"])
     table = {LENGTH: np.array([float(r["n_tokens"]) for r in records])}
     for name in names:
@@ -117,8 +137,11 @@ def summarize(
     with 95% intervals, pooled over the datasets), ``auroc`` (point AUROC of every score,
     pooled and per dataset), ``ece`` (calibration error of probability scores) and
     ``one_class`` (why nothing separates right from wrong answers, when every answer is
-    right or every one wrong; else ``None``). ``progress`` shows a bar over the scores'
-    bootstrap intervals (the slow part).
+    right or every one wrong; else ``None``), ``selective`` (per dataset and ``"all"``,
+    per headline score: AURC, risk at coverages, coverage at risks, with intervals) and
+    ``probe`` (a logistic probe over the response scores, :func:`~.probe.fit_probe`: its
+    numbers and its cross-fitted scores, which join the scores as ``"probe"``; or why it
+    was skipped). ``progress`` shows a bar over the bootstrap intervals (the slow part).
     """
     if not records:
         raise ValueError("records: nothing to summarize")
@@ -127,7 +150,8 @@ def summarize(
     groups = {"all": np.ones(len(records), dtype=bool)} | {
         d: np.array([r["dataset"] == d for r in records]) for d in datasets
     }
-    scores = _scores(records)
+    probe = _probe(records, correct, seed)
+    scores = score_table(records, probe)
     one_class = None
     if correct.all() or not correct.any():
         which = "right" if correct.all() else "wrong"
@@ -139,6 +163,8 @@ def summarize(
         "headline": [],
         "auroc": {},
         "ece": {},
+        "selective": {name: [] for name in groups},
+        "probe": probe,
     }
     for name, mask in groups.items():
         (acc,) = bootstrap(np.mean, correct[mask], n_resamples=n_resamples, seed=seed)
@@ -149,6 +175,13 @@ def summarize(
     for name in tqdm(headline, desc="bootstrap intervals", disable=not progress, leave=False):
         metrics = detection_metrics(correct, scores[name], n_resamples=n_resamples, seed=seed)
         summary["headline"].append({"score": name, **{k: v.to_dict() for k, v in metrics.items()}})
+        for group, mask in groups.items():
+            selective = selective_metrics(
+                correct[mask], scores[name][mask], n_resamples=n_resamples, seed=seed
+            )
+            summary["selective"][group].append(
+                {"score": name, **{k: v.to_dict() for k, v in selective.items()}}
+            )
     for name, values in scores.items():
         summary["auroc"][name] = {g: auroc(correct[m], values[m]) for g, m in groups.items()}
     for name in PROBABILITY_SCORES & set(scores):

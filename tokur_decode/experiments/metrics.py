@@ -16,6 +16,11 @@ to detect WRONG answers, so the positive class is *wrong*:
   accuracy of the kept answers over rejection counts ``0 .. N-1`` (most uncertain
   rejected first), ``AUC_random`` is the plain accuracy and the oracle rejects wrong
   answers first. 1 = oracle, 0 = random.
+* selective prediction (:func:`selective_metrics`): ``risk@c``, the error rate of the
+  ``max(1, floor(c * N))`` least uncertain answers; ``coverage@r``, the largest
+  fraction of answers (least uncertain first) whose error rate is at most ``r``;
+  ``aurc``, the area under the risk-coverage curve (mean error rate of the ``k`` least
+  uncertain answers over ``k = 1 .. N``; lower is better).
 * ``ece``: expected calibration error of a confidence in [0, 1] (10 equal-width bins):
   ``sum_b n_b / N * |accuracy_b - mean confidence_b|``.
 
@@ -53,11 +58,15 @@ __all__ = [
     "prr",
     "reliability",
     "risk_coverage",
+    "selective_metrics",
     "top_p_accuracy",
 ]
 
 #: Fractions for the Top-p accuracy columns.
 TOP_P = (0.1, 0.25, 0.5, 0.75)
+#: Coverages of the ``risk@c`` columns and risks of the ``coverage@r`` columns.
+COVERAGES = (0.25, 0.5, 0.75)
+RISKS = (0.1, 0.2, 0.3)
 
 
 def _arrays(correct, uncertainty) -> tuple[np.ndarray, np.ndarray]:
@@ -260,4 +269,37 @@ def detection_metrics(
         return [auroc(c, u), auprc(c, u), _prr(c, ranked), *(_top_p(ranked, p) for p in TOP_P)]
 
     intervals = bootstrap(statistic, correct, uncertainty, n_resamples=n_resamples, seed=seed)
+    return dict(zip(names, intervals, strict=True))
+
+
+def _selective(ranked: np.ndarray) -> list[float]:
+    k = np.arange(1, ranked.size + 1)
+    risk = 1 - np.cumsum(ranked) / k
+    ok = [k[risk <= r + 1e-12] for r in RISKS]
+    return [
+        float(risk.mean()),
+        *(1 - _top_p(ranked, c) for c in COVERAGES),
+        *(float(x.max() / ranked.size) if x.size else 0.0 for x in ok),
+    ]
+
+
+def selective_metrics(
+    correct, uncertainty, *, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, Interval]:
+    """AURC, risk at :data:`COVERAGES` and coverage at :data:`RISKS`, with 95% intervals.
+
+    Example:
+        >>> m = selective_metrics([True, True, False, False], [0.1, 0.2, 0.9, 0.3],
+        ...                       n_resamples=50)
+        >>> round(m["aurc"].value, 4), m["risk@0.5"].value, m["coverage@0.3"].value
+        (0.2083, 0.0, 0.5)
+    """
+    names = ["aurc", *(f"risk@{c}" for c in COVERAGES), *(f"coverage@{r}" for r in RISKS)]
+    intervals = bootstrap(
+        lambda c, u: _selective(_ranked(c, u)),
+        correct,
+        uncertainty,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
     return dict(zip(names, intervals, strict=True))

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.aggregate import REDUCERS
+from ..core.probe import PROBE
 from ..core.trace import uncertainty_scale
-from .metrics import TOP_P, Interval, reliability, risk_coverage
+from .metrics import COVERAGES, RISKS, TOP_P, Interval, reliability, risk_coverage
 from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES, uncertainty
 
 __all__ = [
@@ -40,8 +41,12 @@ _DEFINITIONS = (
     "confidence). AUPRC: average precision of detecting wrong answers "
     "(scikit-learn's step-wise sum, not the trapezoid rule; chance = error rate). "
     "Top-p: accuracy of the max(1, floor(p N)) most confident answers. PRR: prediction "
-    "rejection ratio (1 = oracle, 0 = random). Ties count as random order. Brackets: 95% "
-    "percentile bootstrap over items (scipy.stats.bootstrap)."
+    "rejection ratio (1 = oracle, 0 = random). Selective prediction: risk@c, the error "
+    "rate of the most confident fraction c; coverage@r, the largest fraction answered "
+    "with error rate at most r; AURC, the area under the risk-coverage curve (lower is "
+    "better). `probe`: a logistic regression over every response score, cross-fitted "
+    "(5 folds: no item is scored by a probe that saw it). Ties count as random order. "
+    "Brackets: 95% percentile bootstrap over items (scipy.stats.bootstrap)."
 )
 
 
@@ -113,6 +118,15 @@ def detection_tables(summary: dict) -> dict[str, tuple[list[str], list[list[str]
             for o in outputs
         ],
     )
+    head = ["score", "AURC", *(f"risk@{c:g}" for c in COVERAGES)]
+    head += [f"coverage@{r:g}" for r in RISKS]
+    keys = ["aurc", *(f"risk@{c}" for c in COVERAGES), *(f"coverage@{r}" for r in RISKS)]
+    for group, rows in summary.get("selective", {}).items():
+        title = "all datasets pooled" if group == "all" else group
+        tables[f"Selective prediction ({title})"] = (
+            head,
+            [[_label(row["score"]), *(_cell(row[k], ".2f") for k in keys)] for row in rows],
+        )
     if summary["ece"]:
         tables["Calibration (ECE, 10 bins)"] = (
             ["score", "ECE"],
@@ -143,7 +157,9 @@ def _line_style(score: str, color) -> dict:
     return dict(lw=2, ls="--", color="grey") if score == LENGTH else dict(lw=1.3, color=color)
 
 
-def _uncertainties(records: list[dict], score: str) -> np.ndarray:
+def _uncertainties(records: list[dict], score: str, summary: dict) -> np.ndarray:
+    if score == PROBE:
+        return np.asarray(summary["probe"]["cross_fitted"], dtype=np.float64)
     if score == LENGTH:
         return np.array([float(r["n_tokens"]) for r in records])
     return np.array([uncertainty(score, {**r["scores"], **r["extra"]}[score]) for r in records])
@@ -159,7 +175,7 @@ def _roc_plot(records, summary, path: Path) -> None:
     for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
         if wrong.all() or not wrong.any():
             break
-        fpr, tpr, _ = roc_curve(wrong, _uncertainties(records, h["score"]))
+        fpr, tpr, _ = roc_curve(wrong, _uncertainties(records, h["score"], summary))
         style = _line_style(h["score"], color)
         ax.plot(fpr, tpr, label=f"{h['score']} ({_num(h['auroc']['value'])})", **style)
     ax.set(
@@ -183,7 +199,7 @@ def _risk_coverage_plot(records, summary, path: Path) -> None:
     ax.plot(coverage, oracle, ls="--", color="grey", label="oracle")
     ax.axhline(correct.mean(), ls=":", color="grey", label="random")
     for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
-        cov, acc = risk_coverage(correct, _uncertainties(records, h["score"]))
+        cov, acc = risk_coverage(correct, _uncertainties(records, h["score"], summary))
         style = _line_style(h["score"], color)
         ax.plot(cov, acc, label=f"{h['score']} (PRR {_num(h['prr']['value'])})", **style)
     ax.set(
@@ -256,6 +272,9 @@ def write_detection(
         "risk": out / "risk_coverage.png",
         "heatmap": out / "heatmap.png",
     }
+    if "model" in summary.get("probe", {}):
+        files["probe"] = out / "probe.json"
+        _json(files["probe"], summary["probe"]["model"])
     _json(files["metrics"], summary)
     _roc_plot(records, summary, files["roc"])
     _risk_coverage_plot(records, summary, files["risk"])

@@ -5,8 +5,9 @@ Every recorded signal output is reduced by every reducer of
 (``"entropy:mean"``, ``"tokur_epistemic:sum"``); ``naive`` and ``vanilla`` read
 probabilities, so they are computed for ``max_prob`` and ``chosen_prob`` only.
 Scores a backend adds outside the trace (``Generation.extra``, e.g.
-``"verbalized_confidence"``) have no colon and are confidences by contract; the one
-exception is :data:`LENGTH`, the answer's length, an uncertainty.
+``"verbalized_confidence"``) have no colon and are confidences by contract; the
+exceptions are :data:`LENGTH`, the answer's length, and ``"probe"``, a probe's
+probability of a wrong answer (:mod:`tokur_decode.core.probe`), both uncertainties.
 
 :func:`uncertainty` orients any score so that higher means "more likely wrong":
 confidence outputs (:data:`tokur_decode.core.signals.CONFIDENCE_KEYS`) and extra scores are
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 
 from ..core import aggregate
+from ..core.probe import PROBE
+from ..core.scores import LENGTH
 from ..core.signals import CONFIDENCE_KEYS, OUTPUTS
 from ..core.trace import Trace
 
@@ -43,10 +46,6 @@ __all__ = [
 
 #: The baseline every signal is compared with: mean log-probability of the emitted tokens.
 BASELINE = "chosen_logprob:mean"
-
-#: The trivial baseline: the answer's length in tokens (longer = more uncertain). Sums
-#: grow with length, so a sum that does not beat it detects length, not uncertainty.
-LENGTH = "response_length"
 
 #: Extra scores that are probabilities of being right (calibration error is reported).
 PROBABILITY_SCORES = frozenset(
@@ -74,7 +73,7 @@ def trace_scores(trace: Trace) -> list[dict[str, float]]:
 
 def is_confidence(name: str) -> bool:
     """Whether a larger value of score ``name`` means more confident."""
-    if name == LENGTH:
+    if name in (LENGTH, PROBE):
         return False
     if ":" not in name:
         return True

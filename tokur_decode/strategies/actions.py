@@ -25,11 +25,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..core import aggregate
+from ..core.probe import PROBE, Probe
+from ..core.scores import check_score_name, outputs_read
 from ..core.select import METHODS
 from ..core.signals import signal_of_output
 
 __all__ = [
     "ACTIONS",
+    "Abstain",
     "ActionConfig",
     "BestOfN",
     "Branch",
@@ -62,7 +65,11 @@ class ActionConfig:
 
     def to_dict(self) -> dict:
         """The ``[action]`` table (with ``type``)."""
-        return {"type": self.type, **dataclasses.asdict(self)}
+        table = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            "type": self.type,
+            **{k: v.to_dict() if isinstance(v, Probe) else v for k, v in table.items()},
+        }
 
     @property
     def uses_trigger(self) -> bool:
@@ -237,9 +244,58 @@ class DeepConfOnline(Selection):
             raise ValueError(f"action.keep: a percentage in (0, 100], got {self.keep}")
 
 
+@dataclass(frozen=True)
+class Abstain(ActionConfig):
+    """Answer, then replace the answer by ``abstain_text`` unless its response score
+    passes the rule: ``score`` (a :mod:`tokur_decode.core.scores` name, or ``"probe"``
+    with a ``probe``) ``>= threshold`` when ``keep = "above"``, ``<= threshold`` when
+    ``"below"``. ``risk``, ``delta``, ``coverage`` and ``calibrated_on`` record the
+    guarantee of a calibrated rule (``tokur-decode calibrate``): with probability at
+    least ``1 - delta`` over the calibration data, at most a ``risk`` fraction of the
+    answers kept are wrong, and about ``coverage`` of the answers are kept."""
+
+    type: ClassVar[str] = "abstain"
+    score: str = ""
+    keep: str = "below"
+    threshold: float = 0.0
+    abstain_text: str = "I don't know."
+    probe: Probe | None = None
+    risk: float | None = None
+    delta: float | None = None
+    coverage: float | None = None
+    calibrated_on: str = ""
+
+    def check(self) -> None:
+        if not self.score:
+            raise ValueError("action.score: the rule needs a response score")
+        if self.score == PROBE:
+            if self.probe is None:
+                raise ValueError("action.probe: score 'probe' needs an [action.probe] table")
+        else:
+            check_score_name(self.score)
+            if self.probe is not None:
+                raise ValueError("action.probe: only for score = 'probe'")
+        if self.keep not in ("above", "below"):
+            raise ValueError(f"action.keep: 'above' or 'below', got {self.keep!r}")
+        for name in ("risk", "delta", "coverage"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"action.{name}: must be in [0, 1], got {value}")
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The signal outputs the rule's score reads."""
+        return self.probe.outputs if self.probe is not None else outputs_read([self.score])
+
+    def keeps(self, value: float) -> bool:
+        """Whether an answer whose score is ``value`` is kept (NaN never is)."""
+        return value >= self.threshold if self.keep == "above" else value <= self.threshold
+
+
 #: Every action type, by its recipe name.
 ACTIONS: dict[str, type[ActionConfig]] = {
-    cls.type: cls for cls in (NoAction, Stop, Resample, BestOfN, Branch, Rollback, DeepConfOnline)
+    cls.type: cls
+    for cls in (NoAction, Stop, Resample, BestOfN, Branch, Rollback, DeepConfOnline, Abstain)
 }
 
 
@@ -259,6 +315,8 @@ def action_config(table: dict) -> ActionConfig:
     for key in table:
         if key not in allowed:
             raise ValueError(f"action.{key}: not a parameter of {kind!r} (allowed: {allowed})")
+    if isinstance(table.get("probe"), dict):
+        table["probe"] = Probe.from_dict(table["probe"])
     return cls(**table)
 
 
@@ -270,6 +328,7 @@ def _check_type(name: str, value, hint) -> None:
         or (t is bool and isinstance(value, bool))
         or (t is str and isinstance(value, str))
         or (t is type(None) and value is None)
+        or (t is Probe and isinstance(value, Probe))
         for t in allowed
     )
     if not ok or (isinstance(value, float) and not math.isfinite(value)):

@@ -24,7 +24,7 @@ Recipe format::
 
     [action]
     type = "stop"        # "none" | "stop" | "resample" | "best-of-n" | "branch" | "rollback"
-                         # | "deepconf-online"
+                         # | "deepconf-online" | "abstain"
     # stop:       abstain_text = "I don't know."
     # resample:   mode = "veto" | "adaptive", temperature, entropy_coef, varentropy_coef,
     #             min_temperature, max_temperature, min_p
@@ -32,6 +32,10 @@ Recipe format::
     # branch:     k, at = "first" | "trigger", max_branch_points, token_budget (0: none),
     #             + selection keys
     # rollback:   rewind, temperature, max_retries
+    # abstain:    score (a response score "<output>:<reducer>" or "probe"), keep =
+    #             "above" | "below", threshold, abstain_text, [action.probe] (a probe's
+    #             numbers), and the calibration's record: risk, delta, coverage,
+    #             calibrated_on (tokur-decode calibrate writes these)
     # deepconf-online: n, warmup, keep (percent of warm-up traces above the threshold),
     #             window, temperature, top_p, + selection keys (score: deepconf)
     # selection keys: score (a signal output), reducer, higher_is_better,
@@ -164,6 +168,20 @@ class Strategy:
             tokur=dict(tokur) if tokur is not None else None,
             generation=_check_generation(data.get("generation", {})),
         )
+
+    def save(self, path: str | Path) -> None:
+        """Write the recipe as TOML (``Strategy.load(path) == self``); unset (``None``)
+        parameters are left out."""
+        import tomli_w
+
+        def present(table: dict) -> dict:
+            return {
+                k: present(v) if isinstance(v, dict) else v
+                for k, v in table.items()
+                if v is not None
+            }
+
+        Path(path).write_text(tomli_w.dumps(present(self.to_dict())), encoding="utf-8")
 
     def to_dict(self) -> dict:
         """The recipe as a plain dict (``Strategy.from_dict(s.to_dict()) == s``)."""

@@ -14,6 +14,9 @@ action type            what runs (through :meth:`~.backend.Backend.decode`)
                        answers stop at it, the survivors vote
 ``branch``             :class:`~.backend.Branch` forks, then one candidate is chosen
 ``rollback``           :class:`~.backend.Rollback`
+``abstain``            one decode; an answer whose response score fails the rule
+                       answers the rule's ``abstain_text`` (a calibrated rule:
+                       ``tokur-decode calibrate``)
 =====================  ===========================================================
 
 Adding an action type: a recipe key table in :mod:`~.recipe`, (if it acts inside
@@ -36,10 +39,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from ..core.result import GenerationResult
+from ..core.scores import response_scores
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
 from . import backend as b
-from .actions import Selection
+from .actions import Abstain, Selection
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
@@ -75,6 +79,8 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
         needed.append(signal_of_output(strat.trigger.signal))
     if strat is not None and isinstance(strat.config, Selection):
         needed.append(signal_of_output(strat.config.score))
+    if strat is not None and isinstance(strat.config, Abstain):
+        needed += [signal_of_output(output) for output in strat.config.outputs]
     return tuple(dict.fromkeys([*names, *needed]))
 
 
@@ -343,6 +349,36 @@ def _rollback(job: _Job) -> GenerationResult:
     return _single(job, b.Rollback(job.plan.strat.trigger, job.plan.strat.config))
 
 
+def _abstain(job: _Job) -> GenerationResult:
+    """Answer; where the response score fails the rule, answer the abstain text. Each
+    prompt's actions record the score, the rule and its guarantee."""
+    rule: Abstain = job.plan.strat.config
+    result = _single(job)
+    if rule.probe is not None:
+        values = rule.probe.p_wrong_trace(result.trace)
+    else:
+        values = response_scores(result.trace, [rule.score])[rule.score]
+    record = {
+        "action": "abstain",
+        "score": rule.score,
+        "keep": rule.keep,
+        "threshold": rule.threshold,
+        **{
+            k: getattr(rule, k)
+            for k in ("risk", "delta", "coverage")
+            if getattr(rule, k) is not None
+        },
+    }
+    actions = []
+    for i, (value, events) in enumerate(zip(values.tolist(), result.actions, strict=True)):
+        kept = rule.keeps(value)
+        if not kept:
+            result.texts[i] = rule.abstain_text
+        actions.append([*events, {**record, "value": value, "abstained": not kept}])
+    result.actions = actions
+    return result
+
+
 @dataclass(frozen=True)
 class _Procedure:
     run: Callable[[_Job], GenerationResult]
@@ -358,4 +394,5 @@ PROCEDURES: dict[str, _Procedure] = {
     "deepconf-online": _Procedure(_deepconf_online, b.Stop),
     "branch": _Procedure(_branch, b.Branch),
     "rollback": _Procedure(_rollback, b.Rollback),
+    "abstain": _Procedure(_abstain, None),
 }
