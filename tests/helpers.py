@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["NoHostSync"]
+__all__ = ["NoHostSync", "calibrated_round_trip"]
 
 
 class NoHostSync(TorchDispatchMode):
@@ -28,3 +28,34 @@ class NoHostSync(TorchDispatchMode):
             if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
                 raise AssertionError("device-to-host copy in the hot path")
         return func(*args, **(kwargs or {}))
+
+
+def calibrated_round_trip(backend, answer, folder, seed: int = 2) -> tuple:
+    """Calibrate, write, load, generate: an ``eval`` run of ``backend`` on 48 built-in
+    items, an abstention rule calibrated on it (``chosen_logprob:sum``, risk 0.5 at
+    delta 0.2; ``seed``: a split for which 48 answers certify a rule), written as a
+    recipe; then ``answer(prompts, recipe_path)`` generates with the recipe and returns
+    a :class:`~tokur_decode.core.result.GenerationResult`. Returns the run's records,
+    the rule's action config and the result."""
+    from tokur_decode.experiments import data, detection
+    from tokur_decode.experiments.abstention import calibrate_run, write_rule
+    from tokur_decode.strategies.recipe import Strategy
+
+    items = data.load("tasks:capitals", limit=24) + data.load("tasks:arithmetic", limit=24)
+    run = detection.run_detection(
+        items,
+        backend,
+        out=folder / "run",
+        signals="chosen_logprob,entropy",
+        max_new_tokens=12,
+        n_resamples=20,
+        progress=False,
+    )
+    calibrated = calibrate_run(
+        folder / "run", risk=0.5, delta=0.2, score="chosen_logprob:sum", seed=seed
+    )
+    recipe = folder / "rule.toml"
+    write_rule(calibrated, recipe)
+    assert Strategy.load(recipe) == calibrated.strategy
+    result = answer([item.prompt for item in items], recipe)
+    return run.records, calibrated.strategy.config, result

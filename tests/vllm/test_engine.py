@@ -417,3 +417,25 @@ def test_branch_token_budget_through_the_engine_equals_transformers(engine, embe
     got = tv.generate(engine, QUESTIONS[2], strategy=strategy, max_new_tokens=12)
     _assert_same_branching(got, want)
     assert len(got.actions[0][0]["alternatives"]) == 3
+
+
+def test_a_calibrated_recipe_round_trips_through_the_engine(engine, tmp_path):
+    """Calibrate on an eval run of this engine, write, load, generate with the recipe:
+    the engine abstains exactly on the answers whose score fails the rule."""
+    from tokur_decode.experiments.backends import VLLMBackend
+
+    from ..helpers import calibrated_round_trip
+
+    def answer(prompts, recipe):
+        return tv.generate(engine, prompts, strategy=str(recipe), max_new_tokens=12)
+
+    backend = VLLMBackend(engine, model_name="embedded", dtype="float32")
+    records, rule, result = calibrated_round_trip(backend, answer, tmp_path)
+    decisions = [a[-1] for a in result.actions]
+    for record, decision, text in zip(records, decisions, result.texts, strict=True):
+        assert decision["value"] == pytest.approx(record["scores"][rule.score], abs=1e-4)
+        assert decision["abstained"] == (not rule.keeps(decision["value"]))
+        assert decision["abstained"] == (text == rule.abstain_text)
+        if abs(record["scores"][rule.score] - rule.threshold) > 1e-3:  # not on the edge
+            assert decision["abstained"] == (not rule.keeps(record["scores"][rule.score]))
+    assert 0 < sum(d["abstained"] for d in decisions) < len(decisions)

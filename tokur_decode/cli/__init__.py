@@ -6,6 +6,7 @@ tokur-decode strategies                                    # the shipped recipes
 tokur-decode bench overhead                                # monitor cost, ratio to plain generate
 tokur-decode eval --data tasks:capitals --out runs/detect  # wrong-answer detection metrics
 tokur-decode scale --data tasks:legs --out runs/scale      # accuracy vs N candidates
+tokur-decode calibrate runs/detect --risk 0.2 --out r.toml # abstention with a guarantee
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import bench, experiments, generate, strategies
+from . import bench, calibrate, experiments, generate, strategies
 from .common import load, model_args
 from .engine_log import EngineLog, start_failure
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     strategies.add_parser(sub)
     bench.add_parser(sub)
     experiments.add_parsers(sub, model_args)  # eval, scale
+    calibrate.add_parser(sub)
     return parser
 
 
@@ -64,6 +66,8 @@ def _run(args, argv) -> int:
         return strategies.run(args)
     if args.command in ("eval", "scale"):
         return experiments.run(args, load, argv)
+    if args.command == "calibrate":
+        return calibrate.run(args)
     return bench.run(args)
 
 

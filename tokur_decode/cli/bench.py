@@ -84,8 +84,28 @@ def add_parser(sub) -> None:
     vt.add_argument("--samples", type=int, default=10, help="TokUR's M (10)")
     vt.add_argument("--json", action="store_true")
 
+    vc = bench_sub.add_parser(
+        "calibration",
+        help="calibrated abstention over repeated splits of an eval run: is the guarantee kept?",
+        description="Split a labelled eval run at random into calibration and test items "
+        "--splits times; calibrate on the first, test on the second. Prints, per method "
+        "(calibrated, answering everything, each shipped abstaining recipe), the fraction "
+        "of splits whose test error among kept answers is at most --risk (the guarantee: "
+        "at least 1 - delta), the coverage and the accuracy among kept answers.",
+    )
+    vc.add_argument("run", help="an eval run folder")
+    vc.add_argument("--risk", type=float, required=True, help="error rate allowed among kept")
+    vc.add_argument("--delta", type=float, default=0.1, help="the guarantee's delta (0.1)")
+    vc.add_argument("--splits", type=int, default=20, help="random splits (20)")
+    vc.add_argument("--test-fraction", type=float, default=0.4, help="test items per split")
+    vc.add_argument("--score", help="calibrate on this score (default: chosen per split)")
+    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--json", action="store_true")
+
 
 def run(args) -> int:
+    if args.bench == "calibration":
+        return _cmd_bench_calibration(args)
     if args.bench == "tokur":
         return _cmd_bench_tokur(args)
     if args.bench == "actions":
@@ -305,4 +325,47 @@ def _cmd_bench_vllm_tokur(args) -> int:
     print(f"  TokUR engine, all ask     {r.tokur_tps:8.1f} tokens/s   {q['tokur']:.3f}")
     print(f"  TokUR engine, half ask    {r.mixed_tps:8.1f} tokens/s   {q['mixed']:.3f}")
     print(f"  all ask vs M sequential runs (plain / M): {q['tokur_vs_sequential']:.2f}x")
+    return 0
+
+
+def _cmd_bench_calibration(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..experiments.validity import validity
+
+    result = validity(
+        args.run,
+        risk=args.risk,
+        delta=args.delta,
+        splits=args.splits,
+        test_fraction=args.test_fraction,
+        score=args.score,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    title = (
+        f"Calibrated abstention, {result['splits']} splits of {result['n']} items "
+        f"({result['test_fraction']:.0%} test): risk {result['risk']:g}, delta "
+        f"{result['delta']:g} (valid in at least {1 - result['delta']:.0%} of splits)"
+    )
+    table = Table(title=title, title_justify="left")
+    for head in ("method", "splits valid", "coverage", "accuracy kept"):
+        table.add_column(head, justify="left" if head == "method" else "right")
+    for name, m in result["methods"].items():
+        acc = m["accuracy_kept"]
+        table.add_row(
+            name,
+            f"{m['valid_fraction']:.0%}",
+            f"{m['coverage']:.2f}",
+            "n/a" if acc is None else f"{acc:.3f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"scores chosen: {result['scores_chosen']}; splits with no certified threshold "
+        f"(abstain on all): {result['methods']['calibrated']['uncertified_splits']}"
+    )
     return 0

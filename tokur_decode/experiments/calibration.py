@@ -12,17 +12,23 @@ How (every step that looks at labels is accounted for):
 
 1. The labelled items are split at random (stratified on right/wrong) into a
    *selection* part (``holdout``, 30% by default) and a *calibration* part.
-2. On the selection part only: the score is chosen (the largest coverage at empirical
-   risk <= alpha, ties by the area under the risk-coverage curve; or the score the
-   caller names), the grid of thresholds is its quantiles there, and the order in which
-   the thresholds are tested is learned from their p-values there (MAPIE's
-   ``learn_fixed_sequence_order``).
+2. On the selection part only: a probe is fitted when ``features`` are given (its
+   cross-fitted scores there, :func:`~tokur_decode.experiments.probe.fit_probe`; the
+   calibration part is scored by the probe fitted on the whole selection part), the
+   score is chosen (the largest coverage that the same test certifies there, ties by
+   the area under the risk-coverage curve; or the score the caller names) and the
+   thresholds to test are its quantiles there, from the strictest one at which the
+   test can still pass with two wrong answers among those kept (:func:`first_tested`,
+   so that one unlucky error among the most confident answers does not end the
+   sequence; one or none when that would keep more than half the calibration items)
+   to keeping every answer.
 3. On the calibration part: each threshold's null hypothesis ``P(wrong | kept) >
    alpha`` gets the binary Hoeffding-Bentkus p-value with the number of answers kept
-   as sample size; fixed-sequence testing in the learned order controls the
-   family-wise error at ``delta`` (MAPIE's ``BinaryClassificationController`` with
-   ``fwer_method="split_fixed_sequence"``); the threshold kept is the valid one that
-   keeps the most answers.
+   as sample size (MAPIE's ``compute_hoeffding_bentkus_p_value``), and the thresholds
+   are tested in that fixed order, strictest first, until one fails (MAPIE's
+   ``control_fwer(..., "fixed_sequence")``), which controls the family-wise error at
+   ``delta`` whatever the risk curve looks like: the order was fixed without the
+   calibration part. The rule is the loosest threshold certified.
 
 Too few calibration items for (alpha, delta) is refused before any fitting: even a rule
 whose kept answers were all right needs ``n >= log(delta) / log(1 - alpha)`` of them.
@@ -49,7 +55,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AbstentionRule", "calibrate", "min_calibration_items"]
+from ..core.probe import PROBE, Probe
+from .metrics import aurc
+from .probe import fit_probe
+
+__all__ = [
+    "AbstentionRule",
+    "calibrate",
+    "first_tested",
+    "fixed_sequence_test",
+    "min_calibration_items",
+]
 
 #: Thresholds tested (quantiles of the chosen score on the selection part).
 GRID = 100
@@ -69,9 +85,11 @@ class AbstentionRule:
         calibration_risk: the error rate among the calibration items kept.
         p_value: the threshold's p-value on the calibration part.
         n_items, n_selection, n_calibration: labelled items, and how they were split.
-        candidates: per candidate score, its selection-part coverage at the target risk
-            and its area under the risk-coverage curve there.
-        skipped: candidate scores left out, with why (non-finite values).
+        candidates: per candidate score, the coverage the test certifies on the
+            selection part and its area under the risk-coverage curve there.
+        skipped: candidate scores left out, with why (non-finite values, a probe that
+            could not be fitted).
+        probe: the probe the rule's score is, when it is ``"probe"``.
     """
 
     score: str
@@ -86,13 +104,17 @@ class AbstentionRule:
     n_calibration: int
     candidates: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    probe: Probe | None = None
 
     def keeps(self, uncertainty) -> np.ndarray:
         """Which answers the rule keeps, from their uncertainties."""
         return np.asarray(uncertainty, dtype=np.float64) <= self.threshold
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """JSON-able (the probe as its numbers)."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["probe"] = self.probe.to_dict() if self.probe is not None else None
+        return data
 
 
 def min_calibration_items(risk: float, delta: float) -> int:
@@ -106,6 +128,21 @@ def min_calibration_items(risk: float, delta: float) -> int:
     return math.ceil(math.log(delta) / math.log1p(-risk))
 
 
+def first_tested(risk: float, delta: float, errors: int = 2) -> int:
+    """How many answers the first threshold tested should keep: the fewest with which
+    the test passes when ``errors`` of them are wrong.
+
+    Example:
+        >>> first_tested(0.2, 0.1), first_tested(0.5, 0.2)
+        (25, 8)
+    """
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    n = np.arange(errors + 1, 100_000, dtype=np.float64)
+    p = compute_hoeffding_bentkus_p_value(errors / n, n, risk, binary=True)[:, 0]
+    return int(n[np.argmax(p <= delta)])
+
+
 def _check(risk: float, delta: float, holdout: float) -> None:
     for name, value in (("risk", risk), ("delta", delta), ("holdout", holdout)):
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -114,16 +151,41 @@ def _check(risk: float, delta: float, holdout: float) -> None:
             raise ValueError(f"{name}: must be in (0, 1), got {value}")
 
 
-def _coverage_at_risk(correct: np.ndarray, u: np.ndarray, risk: float) -> tuple[float, float]:
-    """``(largest coverage with empirical risk <= risk, area under the risk-coverage
-    curve)``, thresholds only between distinct values."""
-    order = np.argsort(u, kind="stable")
-    wrong = (~correct[order]).astype(np.float64)
-    ends = np.r_[np.flatnonzero(np.diff(u[order])), u.size - 1] + 1  # kept counts
-    risks = np.cumsum(wrong)[ends - 1] / ends
-    ok = ends[risks <= risk]
-    k = np.arange(1, u.size + 1)
-    return (float(ok.max() / u.size) if ok.size else 0.0), float(np.mean(np.cumsum(wrong) / k))
+def fixed_sequence_test(
+    correct: np.ndarray, u: np.ndarray, grid: np.ndarray, risk: float, delta: float
+) -> tuple[int | None, np.ndarray, np.ndarray]:
+    """Learn-then-Test with a fixed order: test "``P(wrong | u <= grid[i]) > risk``" for
+    ``i = 0, 1, ...`` until one is not rejected at level ``delta`` (binary
+    Hoeffding-Bentkus p-values, MAPIE). The order must not depend on these answers.
+
+    Returns:
+        ``(index of the last threshold certified, or None; p-values; answers kept)``.
+
+    Example:
+        >>> correct = np.array([True] * 30 + [False] * 10)
+        >>> u = np.arange(40.0)
+        >>> best, p, kept = fixed_sequence_test(correct, u, np.array([19, 29, 31, 39.0]),
+        ...                                      risk=0.2, delta=0.1)
+        >>> best, kept.tolist()                # 32 kept with 2 wrong is certified; 40, 10 not
+        (2, [20.0, 30.0, 32.0, 40.0])
+    """
+    from mapie.risk_control.fwer_control import control_fwer
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    kept = u[None, :] <= grid[:, None]
+    n_kept = kept.sum(axis=1).astype(np.float64)
+    errors = (kept & ~correct[None, :]).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_hat = np.where(n_kept > 0, errors / np.maximum(n_kept, 1), 1.0)
+    p = compute_hoeffding_bentkus_p_value(r_hat, n_kept, risk, binary=True)[:, 0]
+    p = np.where(n_kept > 0, p, 1.0)
+    valid = control_fwer(p, delta, fwer_method="fixed_sequence")
+    return (int(valid.max()) if valid.size else None), p, n_kept
+
+
+def _grid(u_select: np.ndarray, start: float) -> np.ndarray:
+    """Thresholds at the selection part's quantiles from coverage ``start`` to 1."""
+    return np.unique(np.quantile(u_select, np.linspace(min(start, 1.0), 1.0, GRID)))
 
 
 def calibrate(
@@ -133,6 +195,7 @@ def calibrate(
     risk: float,
     delta: float = 0.1,
     score: str | None = None,
+    features: Mapping[str, Sequence[float]] | None = None,
     holdout: float = 0.3,
     seed: int = 0,
 ) -> AbstentionRule:
@@ -143,7 +206,10 @@ def calibrate(
         scores: uncertainty per answer (higher = more likely wrong), by score name.
         risk: the error rate allowed among the answers kept (alpha).
         delta: the probability that the guarantee fails.
-        score: the score to use (default: chosen on the selection part).
+        score: the score to use (default: chosen on the selection part); ``"probe"``
+            for a probe fitted on ``features``.
+        features: response scores by name (:mod:`tokur_decode.core.scores`) for a
+            probe candidate, fitted on the selection part.
         holdout: the fraction of items held back to choose the score and the thresholds.
         seed: the split's seed.
 
@@ -152,8 +218,6 @@ def calibrate(
             many are needed), a single class, an unknown score, a named score with
             non-finite values, or no threshold that can be certified.
     """
-    from mapie.risk_control import BinaryClassificationController, precision
-    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
     from sklearn.model_selection import train_test_split
 
     _check(risk, delta, holdout)
@@ -182,8 +246,9 @@ def calibrate(
             f"correct: every answer is {which}; calibration needs both right and wrong "
             "answers (a run on harder or easier items)"
         )
-    if score is not None and score not in scores:
-        raise ValueError(f"score: {score!r} was not recorded; recorded: {sorted(scores)}")
+    known = [*scores, *([PROBE] if features is not None else [])]
+    if score is not None and score not in known:
+        raise ValueError(f"score: {score!r} was not recorded; recorded: {sorted(known)}")
     table = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
     for name, values in table.items():
         if values.shape != (n,):
@@ -193,69 +258,77 @@ def calibrate(
         for name, v in table.items()
         if not np.all(np.isfinite(v))
     }
+    select, cal = train_test_split(
+        np.arange(n), test_size=n_cal, random_state=seed, stratify=c if _stratifiable(c) else None
+    )
+    probe = None
+    if features is not None and score in (None, PROBE):
+        try:
+            probe, table[PROBE] = _selection_probe(features, c, select, cal, seed)
+        except ValueError as exc:
+            skipped[PROBE] = str(exc)
     if score is not None and score in skipped:
         raise ValueError(f"score: {score!r} has {skipped[score]}")
     names = [score] if score is not None else [k for k in table if k not in skipped]
     if not names:
         raise ValueError(f"scores: no score with finite values ({skipped})")
 
-    select, cal = train_test_split(
-        np.arange(n), test_size=n_cal, random_state=seed, stratify=c if _stratifiable(c) else None
-    )
-    candidates = {}
+    errors = next((e for e in (2, 1) if first_tested(risk, delta, e) <= n_cal / 2), 0)
+    start = first_tested(risk, delta, errors) / n_cal
+    candidates, grids = {}, {}
     for name in names:
-        cov, aurc = _coverage_at_risk(c[select], table[name][select], risk)
-        candidates[name] = {"selection_coverage": cov, "selection_aurc": aurc}
+        u_sel = table[name][select]
+        grids[name] = _grid(u_sel, start)
+        best, _, n_kept = fixed_sequence_test(c[select], u_sel, grids[name], risk, delta)
+        candidates[name] = {
+            "selection_coverage": 0.0 if best is None else float(n_kept[best] / select.size),
+            "selection_aurc": aurc(c[select], u_sel),
+        }
     chosen = max(
         names, key=lambda k: (candidates[k]["selection_coverage"], -candidates[k]["selection_aurc"])
     )
     u = table[chosen]
-    grid = np.unique(np.quantile(u[select], np.linspace(0, 1, GRID)))
-
-    def predict(x):  # MAPIE keeps an item when column 1 >= the parameter: use -u >= -lambda
-        x = np.asarray(x, dtype=np.float64)
-        return np.column_stack([x, -x])
-
-    controller = BinaryClassificationController(
-        predict_function=predict,
-        risk=precision,  # precision of "kept" = accuracy among the answers kept
-        target_level=1 - risk,
-        confidence_level=1 - delta,
-        list_predict_params=-grid,
-        fwer_method="split_fixed_sequence",
-    )
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MAPIE warns when the risk is not monotone in lambda
-        controller.learn_fixed_sequence_order(u[select], c[select].astype(int), binary=True)
-        controller.calibrate(u[cal], c[cal].astype(int))
-    if controller.best_predict_param is None:
+    best, p, n_kept = fixed_sequence_test(c[cal], u[cal], grids[chosen], risk, delta)
+    if best is None:
         raise ValueError(
             f"risk: no threshold on {chosen!r} keeps the error among kept answers at "
             f"{risk:g} with confidence {1 - delta:g} on these {n_cal} calibration items "
-            "(allow a larger --risk or --delta, or label more items)"
+            f"(the first one tested has p-value {p[0]:.3g} > {delta:g}); allow a larger "
+            "--risk or --delta, or label more items"
         )
-    threshold = -float(controller.best_predict_param)
+    threshold = float(grids[chosen][best])
     kept = u[cal] <= threshold
-    calibration_risk = float(np.mean(~c[cal][kept]))
-    p_value = compute_hoeffding_bentkus_p_value(
-        np.array([calibration_risk]), np.array([float(kept.sum())]), risk, binary=True
-    )
     return AbstentionRule(
         score=chosen,
         threshold=threshold,
         risk=float(risk),
         delta=float(delta),
         coverage=float(kept.mean()),
-        calibration_risk=calibration_risk,
-        p_value=float(p_value.ravel()[0]),
+        calibration_risk=float(np.mean(~c[cal][kept])),
+        p_value=float(p[best]),
         n_items=n,
         n_selection=int(select.size),
         n_calibration=int(cal.size),
         candidates=candidates,
         skipped=skipped,
+        probe=probe if chosen == PROBE else None,
     )
+
+
+def _selection_probe(features, correct, select, cal, seed) -> tuple[Probe, np.ndarray]:
+    """A probe fitted on the selection part and its scores: cross-fitted there (to
+    compare it with the other candidates, and for its thresholds: closer to how it
+    scores unseen answers than its in-sample values), its own on the calibration part
+    (which it never saw)."""
+    import torch
+
+    columns = {k: np.asarray(v, dtype=np.float64) for k, v in features.items()}
+    fit = fit_probe({k: v[select] for k, v in columns.items()}, correct[select], seed=seed)
+    values = np.full(correct.size, np.nan)
+    values[select] = fit.cross_fitted
+    on_cal = {k: torch.from_numpy(v[cal]) for k, v in columns.items()}
+    values[cal] = fit.probe.p_wrong(on_cal).numpy()
+    return fit.probe, values
 
 
 def _stratifiable(c: np.ndarray) -> bool:

@@ -52,6 +52,7 @@ __all__ = [
     "Interval",
     "auprc",
     "auroc",
+    "aurc",
     "bootstrap",
     "detection_metrics",
     "ece",
@@ -272,9 +273,24 @@ def detection_metrics(
     return dict(zip(names, intervals, strict=True))
 
 
+def _risks(ranked: np.ndarray) -> np.ndarray:
+    """Error rate of the ``k`` least uncertain answers, ``k = 1 .. N``."""
+    return 1 - np.cumsum(ranked) / np.arange(1, ranked.size + 1)
+
+
+def aurc(correct, uncertainty) -> float:
+    """Area under the risk-coverage curve (ties in random order, in expectation).
+
+    Example:
+        >>> aurc([True, False], [0.0, 1.0]), aurc([True, False], [0.5, 0.5])
+        (0.25, 0.5)
+    """
+    return float(_risks(_ranked(correct, uncertainty)).mean())
+
+
 def _selective(ranked: np.ndarray) -> list[float]:
     k = np.arange(1, ranked.size + 1)
-    risk = 1 - np.cumsum(ranked) / k
+    risk = _risks(ranked)
     ok = [k[risk <= r + 1e-12] for r in RISKS]
     return [
         float(risk.mean()),

@@ -28,6 +28,7 @@ from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES, uncertainty
 
 __all__ = [
     "detection_tables",
+    "calibration_plot",
     "print_detection",
     "print_scaling",
     "scaling_tables",
@@ -212,6 +213,37 @@ def _risk_coverage_plot(records, summary, path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_plot(result, path: Path) -> None:
+    """The risk-coverage curve of a calibrated rule's score (error rate among the
+    answers kept, least uncertain first) with the target risk and the rule's point
+    (``result``: a :class:`~tokur_decode.experiments.abstention.CalibratedRun`)."""
+    plt = _plt()
+    rule = result.rule
+    fig, ax = plt.subplots(figsize=(7, 5))
+    coverage, accuracy = risk_coverage(result.correct, result.uncertainty)
+    ax.plot(coverage, 1 - accuracy, color="C0", label=f"{rule.score} (all {rule.n_items} items)")
+    ax.axhline(rule.risk, ls="--", color="C3", label=f"target risk {rule.risk:g}")
+    ax.axhline(1 - result.correct.mean(), ls=":", color="grey", label="answer everything")
+    ax.plot(
+        [rule.coverage],
+        [rule.calibration_risk],
+        "o",
+        color="C3",
+        label=f"rule on the calibration part (coverage {rule.coverage:.2f})",
+    )
+    ax.set(
+        xlabel="coverage (fraction answered, least uncertain first)",
+        ylabel="error rate among the answers kept",
+        title=f"Calibrated abstention: risk {rule.risk:g}, delta {rule.delta:g}",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 

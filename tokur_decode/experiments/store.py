@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["RunStore"]
+__all__ = ["RunStore", "read_run"]
 
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.jsonl"
@@ -98,3 +98,31 @@ class RunStore:
             os.fsync(fh.fileno())
         for record in records:
             self.done[record["key"]] = record
+
+
+def read_run(folder: str | Path) -> tuple[dict, list[dict]]:
+    """``(config, records)`` of a finished or interrupted run, read only.
+
+    Raises:
+        ValueError: ``folder`` holds no run (naming what is missing) or no result yet.
+    """
+    folder = Path(folder)
+    config_path, results = folder / CONFIG_NAME, folder / RESULTS_NAME
+    for path in (config_path, results):
+        if not path.is_file():
+            raise ValueError(f"run: {folder} is not a run folder (no {path.name})")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    records = []
+    lines = results.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines):
+                break  # the line being written when the run stopped
+            raise ValueError(f"{results}:{lineno}: invalid JSON: {exc.msg}") from exc
+    if not records:
+        raise ValueError(f"run: {folder} has no results yet")
+    return config, records

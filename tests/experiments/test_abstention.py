@@ -1,0 +1,139 @@
+"""From an eval run to a calibrated recipe: the files written (all or none), the CLI,
+the refusals, and the round trip on the embedded model (calibrate, write, load,
+generate) abstaining exactly where the rule fails. The vLLM round trip is in
+``tests/vllm/test_engine.py``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokur_decode.experiments import data, detection, report
+from tokur_decode.experiments.abstention import calibrate_run, write_rule
+from tokur_decode.experiments.store import read_run
+from tokur_decode.strategies.recipe import Strategy
+
+from ..helpers import calibrated_round_trip
+from .test_runners import ScriptedBackend
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    """60 scripted answers (40 right: low entropy; 20 wrong: high entropy)."""
+    folder = tmp_path_factory.mktemp("run")
+    items = data.load("tasks:arithmetic", limit=60)
+    detection.run_detection(
+        items,
+        ScriptedBackend(items),
+        out=folder,
+        signals="entropy,deepconf",
+        n_resamples=10,
+        progress=False,
+    )
+    return folder
+
+
+def test_a_run_becomes_a_recipe_a_report_and_a_plot(scripted_run, tmp_path):
+    result = calibrate_run(scripted_run, risk=0.2, delta=0.1)
+    files = write_rule(result, tmp_path / "rule.toml")
+    assert [f.name for f in files] == ["rule.toml", "rule.json", "rule.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rule.json", "rule.png", "rule.toml"]
+    loaded = Strategy.load(tmp_path / "rule.toml")
+    assert loaded == result.strategy and loaded.action == "abstain"
+    rule = loaded.config
+    assert rule.risk == 0.2 and rule.delta == 0.1 and 0.6 < rule.coverage <= 0.8
+    assert rule.score == result.rule.score and "60 items" in rule.calibrated_on
+    # on the scripted answers: every right one kept, and few wrong ones
+    _, records = read_run(scripted_run)
+    kept = [r for r in records if rule.keeps(r["scores"][rule.score])]
+    assert all(rule.keeps(r["scores"][rule.score]) for r in records if r["correct"])
+    assert sum(not r["correct"] for r in kept) / len(kept) <= 0.2 < 20 / 60
+    report_ = json.loads((tmp_path / "rule.json").read_text())
+    assert report_["guarantee"].startswith("with probability at least 0.9")
+    assert report_["recipe"]["action"]["threshold"] == rule.threshold
+
+
+def test_nothing_is_written_when_calibration_or_writing_fails(scripted_run, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="needs at least 91 calibration items"):
+        calibrate_run(scripted_run, risk=0.025, delta=0.1)
+    result = calibrate_run(scripted_run, risk=0.2)
+
+    def broken(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "calibration_plot", broken)
+    with pytest.raises(ValueError, match="No space left on device"):
+        write_rule(result, tmp_path / "rule.toml")
+    assert list(tmp_path.iterdir()) == []  # neither the recipe nor a temporary file
+    with pytest.raises(ValueError, match="does not exist"):
+        write_rule(result, tmp_path / "no" / "rule.toml")
+    with pytest.raises(ValueError, match="is not a run folder"):
+        calibrate_run(tmp_path, risk=0.1)
+
+
+def test_the_cli_writes_the_rule_or_says_what_is_missing(scripted_run, tmp_path, capsys):
+    from tokur_decode.cli import main
+
+    out = tmp_path / "rule.toml"
+    assert main(["calibrate", str(scripted_run), "--risk", "0.2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Rule: keep when" in printed and "Guarantee: with probability" in printed
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    args = ["calibrate", str(scripted_run), "--risk", "0.02", "--out", str(tmp_path / "x.toml")]
+    assert main(args) == 2
+    assert "needs at least 114 calibration items" in capsys.readouterr().err
+    assert not (tmp_path / "x.toml").exists() and not (tmp_path / "x.json").exists()
+    for bad, message in [
+        (["--score", "margin:mean"], "score: 'margin:mean' was not recorded"),
+        (["--delta", "1"], "delta: must be in (0, 1)"),
+        (["--out", str(tmp_path / "r.txt")], "--out: the recipe is a .toml file"),
+    ]:
+        argv = ["calibrate", str(scripted_run), "--risk", "0.2", "--out", str(out), *bad]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert main(["calibrate", str(scripted_run), "--risk", "0.2", "--json", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.split("\nwrote ")[0])["score"]
+
+
+def test_a_probe_rule_is_written_as_numbers_and_read_back(scripted_run, tmp_path):
+    result = calibrate_run(scripted_run, risk=0.2, score="probe")
+    write_rule(result, tmp_path / "probe.toml")
+    text = (tmp_path / "probe.toml").read_text()
+    assert "[action.probe]" in text and "pickle" not in text
+    loaded = Strategy.load(tmp_path / "probe.toml")
+    assert loaded.config.probe == result.rule.probe and loaded.config.keep == "below"
+    assert set(loaded.signals) <= {"entropy", "deepconf"}
+
+
+@pytest.mark.slow
+def test_the_round_trip_on_the_embedded_model_abstains_exactly_where_the_rule_fails(
+    embedded, tmp_path
+):
+    from tokur_decode.core.result import GenerationResult
+    from tokur_decode.experiments.backends import HFBackend
+    from tokur_decode.hf import generate
+
+    model, tok = embedded
+
+    def answer(prompts, recipe) -> GenerationResult:  # eval's batches of 8, so equal numbers
+        parts = [
+            generate(model, tok, prompts[i : i + 8], strategy=str(recipe), max_new_tokens=12)
+            for i in range(0, len(prompts), 8)
+        ]
+        texts = [t for p in parts for t in p.texts]
+        actions = [a for p in parts for a in p.actions]
+        return GenerationResult(texts, parts[0].trace, prompts, actions)
+
+    backend = HFBackend(loader=lambda: embedded, model_name="embedded")
+    records, rule, result = calibrated_round_trip(backend, answer, tmp_path)
+    decisions = [a[-1] for a in result.actions]
+    assert all(d["action"] == "abstain" and d["risk"] == 0.5 for d in decisions)
+    for record, decision, text in zip(records, decisions, result.texts, strict=True):
+        assert decision["value"] == pytest.approx(record["scores"][rule.score], abs=1e-6)
+        fails = not rule.keeps(record["scores"][rule.score])
+        assert decision["abstained"] == fails == (text == rule.abstain_text)
+        if not fails:
+            assert text == record["response"]
+    abstained = sum(d["abstained"] for d in decisions)
+    assert 0 < abstained < len(decisions)  # the rule acts, and not on everything
