@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tokur_decode.core.policy import Trigger
 from tokur_decode.experiments import data, detection, report
-from tokur_decode.experiments.abstention import calibrate_run, write_rule
+from tokur_decode.experiments.abstention import (
+    _float32_inside,
+    calibrate_run,
+    trigger_score,
+    write_rule,
+)
 from tokur_decode.experiments.store import read_run
+from tokur_decode.experiments.validity import trigger_fires
 from tokur_decode.strategies.recipe import Strategy
 
 from ..helpers import calibrated_round_trip
@@ -97,7 +107,7 @@ def test_the_cli_writes_the_rule_or_says_what_is_missing(scripted_run, tmp_path,
 
 
 def test_a_probe_rule_is_written_as_numbers_and_read_back(scripted_run, tmp_path):
-    result = calibrate_run(scripted_run, risk=0.2, score="probe")
+    result = calibrate_run(scripted_run, risk=0.2, score="probe", holdout=0.5)
     write_rule(result, tmp_path / "probe.toml")
     text = (tmp_path / "probe.toml").read_text()
     assert "[action.probe]" in text and "pickle" not in text
@@ -137,3 +147,54 @@ def test_the_round_trip_on_the_embedded_model_abstains_exactly_where_the_rule_fa
             assert text == record["response"]
     abstained = sum(d["abstained"] for d in decisions)
     assert 0 < abstained < len(decisions)  # the rule acts, and not on everything
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-5, 5, width=32), min_size=0, max_size=12),
+    st.floats(-5, 5),
+    st.sampled_from(["above", "below"]),
+    st.integers(1, 3),
+    st.integers(0, 4),
+    st.integers(1, 3),
+)
+def test_the_trigger_score_says_exactly_where_the_trigger_fires(
+    values, lam, direction, patience, min_tokens, window
+):
+    trigger = Trigger("entropy", lam, direction, patience, min_tokens, window)
+    u = trigger_score(trigger, values)
+    fires = trigger_fires(trigger, values)
+    # the rule "keep when u <= threshold", written back as the trigger's float32 threshold
+    written = _float32_inside(lam if direction == "above" else -lam, direction)
+    again = trigger_fires(
+        Trigger("entropy", written, direction, patience, min_tokens, window), values
+    )
+    assert again == (not u <= (lam if direction == "above" else -lam))
+    if direction == "above":
+        assert fires == (u > np.float32(lam))
+    else:
+        assert fires == (-u < np.float32(lam))
+
+
+def test_a_stop_recipe_gets_a_certified_threshold(scripted_run, tmp_path):
+    recipe = {
+        "name": "entropy-abstain",
+        "description": "Abstain when entropy stays high.",
+        "trigger": {"signal": "entropy", "threshold": 9.0, "patience": 2},
+        "action": {"type": "stop", "abstain_text": "No idea."},
+    }
+    result = calibrate_run(scripted_run, risk=0.2, recipe=recipe, name="calibrated")
+    write_rule(result, tmp_path / "calibrated.toml")
+    loaded = Strategy.load(tmp_path / "calibrated.toml")
+    assert loaded.action == "stop" and loaded.trigger.patience == 2
+    assert loaded.trigger.threshold != 9.0 and "Threshold calibrated: with probability" in (
+        loaded.description
+    )
+    _, records = read_run(scripted_run)
+    stopped = [trigger_fires(loaded.trigger, r["values"]["entropy"]) for r in records]
+    kept = [r for r, s in zip(records, stopped, strict=True) if not s]
+    assert sum(not r["correct"] for r in kept) / len(kept) <= 0.2
+    with pytest.raises(ValueError, match="reads 'logtoku_epistemic', which the run did not record"):
+        calibrate_run(scripted_run, risk=0.2, recipe="logtoku-abstain")
+    with pytest.raises(ValueError, match="does not abstain"):
+        calibrate_run(scripted_run, risk=0.2, recipe="entropy-resample")

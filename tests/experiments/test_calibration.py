@@ -188,7 +188,7 @@ def test_cross_fitted_probe_scores_equal_a_reference_scikit_learn_fit():
     got = fit.probe.p_wrong({k: torch.from_numpy(v) for k, v in new.items()}).numpy()
     np.testing.assert_allclose(got, full.predict_proba(np.column_stack(list(new.values())))[:, 1])
     assert fit.probe.C in CS
-    with pytest.raises(ValueError, match="at least 5 right and 5 wrong answers"):
+    with pytest.raises(ValueError, match="at least 10 right and 10 wrong answers"):
         fit_probe({k: v[:20] for k, v in table.items()}, np.r_[np.ones(17), np.zeros(3)] > 0)
     bad = {**table, "entropy:mean": np.r_[np.inf, table["entropy:mean"][1:]]}
     with pytest.raises(ValueError, match=r"non-finite values in \['entropy:mean'\]"):

@@ -64,6 +64,47 @@ def test_the_scripted_backend_follows_the_protocol():
     assert isinstance(Scripted(), B.Backend)
 
 
+def test_abstain_replaces_exactly_the_answers_whose_score_fails_and_records_the_rule():
+    backend = Scripted()
+    recipe = {
+        "name": "a",
+        "generation": {"max_new_tokens": 7},
+        "action": {
+            "type": "abstain",
+            "score": "entropy:max",
+            "keep": "below",
+            "threshold": 1.0,
+            "risk": 0.2,
+            "delta": 0.1,
+        },
+    }
+    result = generate(backend, ["q0", "q1", "q2"], strategy=recipe)
+    (request,) = backend.requests
+    assert "entropy" in request.signals and request.sampling.max_new_tokens == 7
+    assert result.texts == ["p0r0", "p1r0", "I don't know."]  # entropy 0, 1, 2: 1 <= 1 kept
+    decisions = [a[-1] for a in result.actions]
+    assert [d["abstained"] for d in decisions] == [False, False, True]
+    assert decisions[2] == {
+        "action": "abstain",
+        "score": "entropy:max",
+        "keep": "below",
+        "threshold": 1.0,
+        "risk": 0.2,
+        "delta": 0.1,
+        "value": 2.0,
+        "abstained": True,
+    }
+    above = {**recipe, "action": {**recipe["action"], "keep": "above"}}
+    assert generate(Scripted(), ["q0", "q1", "q2"], strategy=above).texts == [
+        "I don't know.",
+        "p1r0",
+        "p2r0",
+    ]
+    # the caller's budget wins over the recipe's
+    generate(backend, ["q0"], strategy=recipe, max_new_tokens=3)
+    assert backend.requests[-1].sampling.max_new_tokens == 3
+
+
 def test_best_of_n_asks_for_n_samples_at_the_recipe_temperature_and_keeps_the_best():
     backend = Scripted()
     recipe = {"name": "b", "action": {"type": "best-of-n", "n": 3, "score": "max_prob"}}
@@ -160,12 +201,12 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         "branch",
         "rollback",
         "deepconf-online",
+        "abstain",
     }
     for kind, cls in A.ACTIONS.items():
-        # best-of-n alone has no default score: what it keeps is the recipe's choice
-        config = A.action_config(
-            {"type": kind, **({"score": "entropy"} if kind == "best-of-n" else {})}
-        )
+        # best-of-n and abstain have no default score: what they read is the recipe's choice
+        score = {"best-of-n": "entropy", "abstain": "entropy:mean"}.get(kind)
+        config = A.action_config({"type": kind, **({"score": score} if score else {})})
         assert isinstance(config, cls)
         assert A.action_config(config.to_dict()) == config
 
@@ -184,6 +225,13 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         ({"type": "resample", "mode": "random"}, "action.mode"),
         ({"type": "stop", "abstain_text": 3}, "action.abstain_text"),
         ({"type": "jump"}, "action.type"),
+        ({"type": "abstain"}, "action.score: the rule needs a response score"),
+        ({"type": "abstain", "score": "entropy"}, "is not a response score"),
+        ({"type": "abstain", "score": "probe"}, "action.probe: score 'probe' needs"),
+        ({"type": "abstain", "score": "entropy:mean", "keep": "inside"}, "action.keep"),
+        ({"type": "abstain", "score": "entropy:mean", "risk": 1.5}, "action.risk"),
+        ({"type": "abstain", "score": "entropy:mean", "threshold": math.nan}, "action.threshold"),
+        ({"type": "abstain", "score": "entropy:mean", "probe": {"coef": []}}, "probe: missing key"),
     ],
 )
 def test_a_bad_action_table_is_refused_naming_the_key(table, key):

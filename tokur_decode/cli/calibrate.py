@@ -4,6 +4,7 @@ guarantee out (:mod:`tokur_decode.experiments.abstention`).
     tokur-decode eval --data tasks:capitals,tasks:arithmetic,tasks:legs --out runs/detect
     tokur-decode calibrate runs/detect --risk 0.2 --delta 0.1 --out my-rule.toml
     tokur-decode generate --strategy my-rule.toml "What is the capital of Peru?"
+    tokur-decode calibrate runs/detect --risk 0.3 --recipe logtoku-abstain --out lt.toml
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def add_parser(sub) -> None:
         "the held-back part",
     )
     p.add_argument(
+        "--recipe",
+        help="calibrate the trigger threshold of this abstaining stop recipe (e.g. "
+        "logtoku-abstain) instead: the recipe comes back with the certified threshold",
+    )
+    p.add_argument(
         "--holdout",
         type=float,
         default=0.3,
@@ -59,6 +65,7 @@ def run(args) -> int:
         risk=args.risk,
         delta=args.delta,
         score=args.score,
+        recipe=args.recipe,
         holdout=args.holdout,
         seed=args.seed,
         abstain_text=args.abstain_text,

@@ -42,7 +42,10 @@ def add_parser(sub) -> None:
         "requests of the model's context, at least 1 GiB)",
     )
     gen.add_argument(
-        "--max-new-tokens", type=int, default=64, help="generation budget (default 64)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation budget (default: the recipe's, else 64)",
     )
     gen.add_argument(
         "--temperature",
@@ -135,6 +138,16 @@ def _tokur_options(args, signals) -> dict | None:
     }
 
 
+def _budget(args) -> int:
+    """The answer budget used: ``--max-new-tokens``, else the recipe's, else 64."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    from ..strategies.recipe import Strategy
+
+    recipe = Strategy.load(args.strategy) if args.strategy else None
+    return recipe.generation.get("max_new_tokens", 64) if recipe else 64
+
+
 def run(args) -> int:
     if args.verbalized:
         return _cmd_verbalized(args)
@@ -168,7 +181,7 @@ def run(args) -> int:
         "actions": result.actions[0],
         "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
         "settings": {
-            "max_new_tokens": args.max_new_tokens,
+            "max_new_tokens": _budget(args),
             "temperature": args.temperature,
             "top_p": args.top_p,
             "seed": args.seed,

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..core.policy import Trigger, TriggerState
 from ..core.probe import PROBE
 from ..core.scores import outputs_read
 from ..core.signals import signal_of_output
@@ -38,7 +40,7 @@ from .probe import probe_features
 from .scoring import headline_scores, is_confidence
 from .store import read_run
 
-__all__ = ["CalibratedRun", "calibrate_run", "write_rule"]
+__all__ = ["CalibratedRun", "calibrate_run", "trigger_score", "write_rule"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,31 @@ class CalibratedRun:
     rule: AbstentionRule
     strategy: Strategy
     correct: np.ndarray
-    uncertainty: np.ndarray  # the rule's score per answer (NaN where it has none)
+    uncertainty: np.ndarray  # the rule's score per answer
     run: str
+
+    @property
+    def rule_text(self) -> str:
+        """The rule in words."""
+        s = self.strategy
+        if s.action == "stop":
+            t = s.trigger
+            return (
+                f"stop and answer {s.config.abstain_text!r} as soon as {t.signal} is "
+                f"{t.direction} {t.threshold:.6g} for {t.patience} step(s) "
+                f"(from token {t.min_tokens}, window {t.window})"
+            )
+        a = s.config
+        return (
+            f"keep when {a.score} {'>=' if a.keep == 'above' else '<='} {a.threshold:.6g}, "
+            f"else answer {a.abstain_text!r}"
+        )
 
     def report(self) -> dict:
         """The rule, the guarantee in words and where it holds (JSON-able)."""
-        action = self.strategy.config
         return {
             "run": self.run,
-            "rule": f"keep when {action.score} {'>=' if action.keep == 'above' else '<='} "
-            f"{action.threshold:.6g}, else answer {action.abstain_text!r}",
+            "rule": self.rule_text,
             "guarantee": _guarantee(self.rule),
             **self.rule.to_dict(),
             "recipe": self.strategy.to_dict(),
@@ -72,18 +89,63 @@ def _guarantee(rule: AbstentionRule) -> str:
     )
 
 
+def trigger_score(trigger: Trigger, values) -> float:
+    """Where ``trigger`` stands on one recorded answer, as an uncertainty ``u``: it fires
+    somewhere on ``values`` (the answer's per-token values of ``trigger.signal``) at
+    threshold ``lam`` exactly when ``u > lam`` (direction ``"above"``; for ``"below"``,
+    when ``-u < lam``). An answer too short to fire scores the lowest float32.
+
+    Example:
+        >>> t = Trigger("entropy", threshold=0.0, patience=2)
+        >>> trigger_score(t, [0.1, 3.0, 2.0, 0.5])     # the best 2-step run stays above 2.0
+        2.0
+    """
+    state = TriggerState(replace(trigger, threshold=0.0), batch_size=1, device="cpu")
+    smoothed = []
+    for step, value in enumerate(values):
+        state.update(torch.tensor([float(value)]), step)
+        smoothed.append(float(state.smoothed_value[0]))
+    p = trigger.patience
+    first = max(trigger.min_tokens, p) - 1
+    runs = [smoothed[t - p + 1 : t + 1] for t in range(first, len(smoothed))]
+    if not runs:
+        return float(np.finfo(np.float32).min)
+    if trigger.direction == "above":
+        return max(min(run) for run in runs)
+    return -min(max(run) for run in runs)
+
+
+def _float32_inside(threshold: float, direction: str) -> float:
+    """The float32 threshold that keeps exactly the answers ``u <= threshold`` (the
+    trigger compares float32 values): rounded down for "above", up for "below"."""
+    target = threshold if direction == "above" else -threshold
+    t = np.float32(target)
+    if direction == "above" and float(t) > target:  # compared in float64
+        t = np.nextafter(t, np.float32(-np.inf))
+    if direction == "below" and float(t) < target:
+        t = np.nextafter(t, np.float32(np.inf))
+    return float(t)
+
+
 def calibrate_run(
     run: str | Path,
     *,
     risk: float,
     delta: float = 0.1,
     score: str | None = None,
+    recipe=None,
     holdout: float = 0.3,
     seed: int = 0,
     abstain_text: str = "I don't know.",
     name: str = "calibrated-abstain",
 ) -> CalibratedRun:
     """Calibrate an abstention rule on the ``eval`` run in folder ``run``.
+
+    With ``recipe`` (an abstaining ``stop`` recipe: a shipped name, a path), its
+    trigger's threshold is calibrated instead: the answers it would stop are known
+    exactly from the recorded per-token values (:func:`trigger_score`), and the recipe
+    comes back with the certified threshold (an online stop, which can end an answer
+    early).
 
     Raises:
         ValueError: not a detection run, or what :func:`~.calibration.calibrate` refuses.
@@ -92,6 +154,12 @@ def calibrate_run(
     if config.get("kind") != "detect":
         raise ValueError(f"run: {run} is a {config.get('kind')!r} run; calibrate needs an eval run")
     correct = np.array([r["correct"] for r in records], dtype=bool)
+    if recipe is not None:
+        if score is not None:
+            raise ValueError("score: give either a score or a recipe whose trigger to calibrate")
+        return _calibrate_trigger(
+            Strategy.load(recipe), config, records, correct, run, risk, delta, holdout, seed, name
+        )
     features = probe_features(records)
     table = score_table(records)
     if score is None:  # the candidates: one score per output (its paper's) and the probe
@@ -118,23 +186,58 @@ def calibrate_run(
     return CalibratedRun(rule, strategy, correct, uncertainty, str(run))
 
 
-def _tensor(values):
-    import torch
+def _calibrate_trigger(strat, config, records, correct, run, risk, delta, holdout, seed, name):
+    trigger = strat.trigger
+    if strat.action != "stop" or strat.config.abstain_text is None:
+        raise ValueError(
+            f"recipe: {strat.name!r} does not abstain (a 'stop' recipe with an abstain_text)"
+        )
+    missing = [r["key"] for r in records if trigger.signal not in r["values"]]
+    if missing:
+        raise ValueError(
+            f"recipe: the trigger reads {trigger.signal!r}, which the run did not record "
+            f"(first item without it: {missing[0]})"
+        )
+    u = np.array([trigger_score(trigger, r["values"][trigger.signal]) for r in records])
+    label = f"trigger:{trigger.signal}"
+    rule = calibrate(
+        correct, {label: u}, risk=risk, delta=delta, score=label, holdout=holdout, seed=seed
+    )
+    threshold = _float32_inside(rule.threshold, trigger.direction)
+    description = (
+        f"{strat.description} Threshold calibrated: {_guarantee(rule)}; for answers made as "
+        f"in {run} ({_where(config)})."
+    )
+    strategy = replace(
+        strat,
+        name=name,
+        description=description,
+        trigger=replace(trigger, threshold=threshold),
+        generation={"temperature": 0, "max_new_tokens": int(config["max_new_tokens"])},
+    )
+    return CalibratedRun(rule, strategy, correct, u, str(run))
 
+
+def _where(config: dict) -> str:
+    chat = {None: "the tokenizer's default", True: "on", False: "off"}[config.get("chat")]
+    return (
+        f"model {config.get('model')}, chat template {chat}, greedy, max_new_tokens "
+        f"{config.get('max_new_tokens')}, data {', '.join(config.get('data', []))}"
+    )
+
+
+def _tensor(values):
     return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
 def _recipe(rule, config, run, abstain_text, name, outputs) -> Strategy:
     confidence = rule.score != PROBE and is_confidence(rule.score)
-    where = (
-        f"model {config.get('model')}, chat {config.get('chat')}, greedy, "
-        f"max_new_tokens {config.get('max_new_tokens')}, data {', '.join(config.get('data', []))}"
-    )
     table = {
         "name": name,
         "description": f"Abstain unless {rule.score} passes a calibrated threshold: "
-        f"{_guarantee(rule)}; for answers made as in {run} ({where}).",
+        f"{_guarantee(rule)}; for answers made as in {run} ({_where(config)}).",
         "signals": list(dict.fromkeys(signal_of_output(o) for o in outputs)),
+        "generation": {"temperature": 0, "max_new_tokens": int(config["max_new_tokens"])},
         "action": {
             "type": "abstain",
             "score": rule.score,

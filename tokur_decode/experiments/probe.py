@@ -83,7 +83,7 @@ def fit_probe(
     """Fit a probe for "wrong" on ``features`` (score name -> one value per item).
 
     Raises:
-        ValueError: one class only, a class with fewer than ``folds`` items, a
+        ValueError: one class only, a class with fewer than ``2 * folds`` items, a
             non-finite feature value, or a name that is not a response score.
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -103,11 +103,13 @@ def fit_probe(
     if bad:
         raise ValueError(f"features: non-finite values in {bad}")
     smaller = min(int(wrong.sum()), int((~wrong).sum()))
-    if smaller < folds:
+    need = 2 * folds  # each outer training part keeps >= folds of each for the inner CV
+    if smaller < need:
         which = "wrong" if wrong.sum() <= (~wrong).sum() else "right"
         raise ValueError(
-            f"correct: a probe needs at least {folds} right and {folds} wrong answers for "
-            f"{folds}-fold cross-fitting; this run has {smaller} {which}"
+            f"correct: a probe needs at least {need} right and {need} wrong answers for "
+            f"{folds}-fold cross-fitting with {folds}-fold regularisation choice; this run "
+            f"has {smaller} {which}"
         )
     outer = StratifiedKFold(folds, shuffle=True, random_state=seed)
     cross = cross_val_predict(_pipeline(folds, seed), x, wrong, cv=outer, method="predict_proba")

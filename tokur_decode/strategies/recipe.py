@@ -13,6 +13,7 @@ Recipe format::
     [generation]         # optional decoding defaults (the caller's arguments win)
     temperature = 0.7    # 0: greedy
     top_p = 1.0
+    max_new_tokens = 64  # the answer budget (a calibrated rule's: the run's)
 
     [trigger]            # for action types "stop" and "resample" (see tokur_decode.core.policy)
     signal = "logtoku_epistemic"
@@ -64,7 +65,7 @@ from .actions import ActionConfig, NoAction, action_config
 __all__ = ["Strategy", "available", "strategies_dir"]
 
 _TOP_KEYS = {"name", "description", "signals", "generation", "trigger", "action", "tokur"}
-_GENERATION_KEYS = {"temperature": (int, float), "top_p": (int, float)}
+_GENERATION_KEYS = {"temperature": (int, float), "top_p": (int, float), "max_new_tokens": (int,)}
 _TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
 
 
@@ -211,4 +212,6 @@ def _check_generation(table: dict) -> dict:
         raise ValueError(f"generation.temperature: must be >= 0, got {table['temperature']}")
     if not 0 < table.get("top_p", 1) <= 1:
         raise ValueError(f"generation.top_p: must be in (0, 1], got {table['top_p']}")
+    if table.get("max_new_tokens", 1) < 1:
+        raise ValueError(f"generation.max_new_tokens: must be >= 1, got {table['max_new_tokens']}")
     return dict(table)

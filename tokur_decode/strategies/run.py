@@ -131,7 +131,7 @@ def plan(
     *,
     strategy=None,
     signals: Iterable[str] | str | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = 0,
@@ -152,7 +152,9 @@ def plan(
         temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
         top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
         seed=seed,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=defaults.get("max_new_tokens", 64)
+        if max_new_tokens is None
+        else max_new_tokens,
     )
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
@@ -218,7 +220,7 @@ def generate(
     *,
     strategy=None,
     signals: Iterable[str] | str | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = 0,
@@ -232,7 +234,7 @@ def generate(
 
     ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
     ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
-    1). Recipes that sample candidates (best-of-N, DeepConf online) use the caller's
+    1; ``max_new_tokens`` 64). Recipes that sample candidates (best-of-N, DeepConf online) use the caller's
     ``temperature`` and ``top_p`` when given, else their own (they need temperature >
     0). ``signals`` default to the recipe's, else
     :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
