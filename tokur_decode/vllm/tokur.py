@@ -114,6 +114,7 @@ def tokur_engine_args(
     seed: int = 0,
     target_modules=("q_proj", "v_proj"),
     direction: str = "right",
+    mode: str = "batched",
     cache_dir: str | os.PathLike | None = None,
     **engine_kwargs,
 ) -> dict:
@@ -128,6 +129,9 @@ def tokur_engine_args(
             depend on what else is in the batch.
         target_modules: slices of the fused ``qkv_proj`` perturbed: any of
             ``q_proj``, ``k_proj``, ``v_proj`` (TokUR: q and v).
+        mode: ``"batched"`` (the ``M - 1`` perturbed samples as extra rows of one
+            forward; vLLM's CPU attention backend) or ``"sequential"`` (``M`` decoder
+            passes per step, any backend): see :mod:`tokur_decode.vllm.tokur_models`.
         cache_dir: where the SVD bases are cached (the transformers path's cache,
             :func:`tokur_decode.models.cache_dir`, by default).
         engine_kwargs: other ``LLM`` arguments, returned with ours
@@ -146,12 +150,13 @@ def tokur_engine_args(
         seed=seed,
         target_modules=targets,
         direction=direction,
+        mode=mode,
     )
     if engine_kwargs.get("enforce_eager", True) is not True:
         raise ValueError("enforce_eager: TokUR's noise hooks need an eager forward")
     if "hf_overrides" in engine_kwargs:
         raise ValueError("hf_overrides: TokUR sets the architecture through hf_overrides")
-    settings = {k: v for k, v in asdict(config).items() if k not in ("decode", "mode")} | {
+    settings = {k: v for k, v in asdict(config).items() if k != "decode"} | {
         "cache_dir": None if cache_dir is None else str(cache_dir)
     }
     settings["target_modules"] = list(targets)
@@ -187,7 +192,10 @@ class TokurLink:
     span: int = 0  # 1 + the largest row: a batch with fewer rows is not ours
     generators: list[torch.Generator] = field(default_factory=list)
     samples: torch.Tensor | None = None  # [R, M, V] logits of the last forward
-    steps: int = 0  # forwards that ran the perturbed passes (a plain counter)
+    steps: int = 0  # forwards with asking rows (a plain counter)
+    batched_steps: int = 0  # of those, how many ran as one batched forward
+    check: str | None = None  # diagnostics: None, "on" or "broken" (see tokur_check)
+    checks: list[dict] = field(default_factory=list)  # what the diagnostics found
     _streams: dict[int, torch.Generator] = field(default_factory=dict)
 
     def publish(self, rows: list[int], keys: list[int], sigmas: list[float | None], device) -> None:

@@ -3,26 +3,32 @@
 ``TokurLlamaForCausalLM`` and ``TokurQwen2ForCausalLM`` are vLLM's own classes plus
 :class:`PerturbedMixin`. vLLM runs a step's tokens (every request's prefill chunk or
 decode token, flattened) through ``forward`` and then ``compute_logits`` on the last
-token of each request. When some row of the batch asked for TokUR (``R`` rows,
+token of each request. When some rows of the batch asked for TokUR (``R`` rows,
 published by the processor through the engine's :class:`~tokur_decode.vllm.tokur.
-TokurLink`), ``forward`` runs the decoder ``M`` times on the step's tokens:
+TokurLink`), each of them needs ``M - 1`` perturbed samples of its last token: TokUR's
+noise ``sigma * ||x|| * U_r eps`` on the q/v slices of the fused ``qkv_proj`` output
+(fresh ``eps`` per row, layer and sample, from the request's own generator), the token
+attending to the clean prefix and to itself, as in the transformers path.
 
-* passes ``1 .. M-1`` add TokUR's noise ``sigma * ||x|| * U_r eps`` to the q/v slices
-  of the fused ``qkv_proj`` output, **on the last token of the asking requests only**
-  (fresh ``eps`` per row, layer and pass, from the request's own generator); every
-  other token of the pass is computed exactly as in the clean pass, so the perturbed
-  token attends to the clean prefix and to itself, as in the transformers path;
-* pass ``M`` is the clean model; it runs last, so the K/V it writes (to the same cache
-  slots) replace the perturbed ones: the cache and the decoding follow the clean model.
+Two modes (``tokur_engine_args(mode=...)``), equal to each other with the same noise:
 
-``compute_logits`` turns the clean and the kept perturbed hidden states of the asking
-rows into logits and leaves ``[R, M, V]`` (sample 0 clean) in the link for the
-processor. A step where no row
-asked is one plain pass (the check is a Python ``is None`` on the link, no device sync).
+* ``"batched"`` (the default): **one forward**. The step's ``N`` tokens are followed by
+  ``M - 1`` copies of each asking request's last token at the same position
+  (request-major), the noise goes on the copies only, and every layer runs once over
+  ``N + R (M - 1)`` rows; attention is split by hooks on vLLM's ``Attention`` modules
+  (:mod:`tokur_decode.vllm.copies_attention`): vLLM's own kernel and cache write see
+  the ``N`` clean rows, the copies attend to the clean cache and to themselves, and the
+  cache is left as the clean model wrote it. The runner gets the first ``N`` hidden
+  rows. A step whose extra rows would exceed the engine's token budget
+  (``max_num_batched_tokens``, what vLLM planned memory for) runs as M passes.
+* ``"sequential"``: the reference, **M decoder passes**: passes ``1 .. M-1`` add the
+  noise on the asking tokens only (every other token computed exactly as in the clean
+  pass); pass ``M`` is the clean model and runs last, so the K/V it writes replace the
+  perturbed ones.
 
-Cost: a step with at least one asking row costs ``M`` decoder passes over *all* the
-step's tokens (the attention backend's metadata is for the whole batch), plus the
-``lm_head`` on ``R * M`` extra rows.
+``compute_logits`` turns the clean and the perturbed hidden states of the asking rows
+into logits and leaves ``[R, M, V]`` (sample 0 clean) in the link for the processor. A
+step where no row asked is one plain pass (a Python ``is None`` check, no device sync).
 
 The SVD bases of the q/v weights are computed when the weights are loaded (or read
 from the safetensors cache the transformers path fills: same names, same bytes, same
@@ -46,6 +52,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..core.perturbation import bases_for, low_rank_noise, split_noise
+from .copies_attention import CopiesStep, unsupported
 from .tokur import link_of, settings_of
 
 __all__ = ["PerturbedMixin", "TokurLlamaForCausalLM", "TokurQwen2ForCausalLM"]
@@ -83,8 +90,20 @@ class PerturbedMixin:
             self._by_layer.setdefault(layer, []).append(index)
         self._bases: list[torch.Tensor] = []
         self._noise_sizes: list[int] = []
-        self._noise: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # this pass
+        # this pass's noise: ("tokens", token indices, per-target [R, size]) for a
+        # perturbed pass, ("copies", N, per-target [R (M-1), size]) for a batched forward
+        self._noise: tuple | None = None
         self._pending: torch.Tensor | None = None  # [R, M - 1, H] perturbed hidden states
+        self._copies: CopiesStep | None = None  # a batched forward's attention state
+        self._budget = vllm_config.scheduler_config.max_num_batched_tokens
+        if self.tokur.mode == "batched":
+            for block in self.model.layers:
+                attn = block.self_attn.attn
+                reason = unsupported(attn)
+                if reason is not None:
+                    raise ValueError(f"mode: {reason}")
+                attn.register_forward_pre_hook(self._attention_pre_hook, with_kwargs=True)
+                attn.register_forward_hook(self._attention_hook, with_kwargs=True)
 
     # ------------------------------------------------------------------ loading
 
@@ -115,10 +134,47 @@ class PerturbedMixin:
         if tokens is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         eps = self._draw()
-        self._link.steps += 1
+        link = self._link
+        link.steps += 1
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds, tokens, eps)
+        if link.check is not None:
+            return self._checked(*args)
+        if self._fits(input_ids, positions, inputs_embeds, tokens):
+            link.batched_steps += 1
+            clean, self._pending = self._batched(*args)
+        else:
+            clean, self._pending = self._passes(*args)
+        return clean
+
+    def _fits(self, input_ids, positions, inputs_embeds, tokens) -> bool:
+        """Whether this step can run batched: the mode, token inputs, and the extra
+        rows within the token budget vLLM planned memory for."""
+        if self.tokur.mode != "batched" or inputs_embeds is not None or positions.dim() != 1:
+            return False
+        extra = tokens.numel() * (self.tokur.samples - 1)
+        return input_ids.shape[0] + extra <= self._budget
+
+    def _batched(self, input_ids, positions, intermediate_tensors, inputs_embeds, tokens, eps):
+        """One forward with the copies as extra rows: ``(clean hidden [N, H], the
+        copies' hidden [R, M - 1, H])``."""
+        copies = self.tokur.samples - 1
+        n = input_ids.shape[0]
+        ids = torch.cat([input_ids, input_ids.index_select(0, tokens).repeat_interleave(copies)])
+        pos = torch.cat([positions, positions.index_select(0, tokens).repeat_interleave(copies)])
+        broken = self._link.check == "broken"
+        self._copies = CopiesStep(self._link.rows, tokens, n, copies, broken)
+        self._noise = ("copies", n, [e[:, 1:].flatten(0, 1) for e in eps])
+        try:
+            hidden = super().forward(ids, pos, intermediate_tensors, None)
+        finally:
+            self._copies, self._noise = None, None
+        return hidden[:n], hidden[n:].view(tokens.numel(), copies, -1)
+
+    def _passes(self, input_ids, positions, intermediate_tensors, inputs_embeds, tokens, eps):
+        """M decoder passes (the reference): the same result as :meth:`_batched`."""
         kept = []
         for sample in range(1, self.tokur.samples):
-            self._noise = (tokens, [e[:, sample] for e in eps])
+            self._noise = ("tokens", tokens, [e[:, sample] for e in eps])
             try:
                 hidden = super().forward(
                     input_ids,
@@ -131,8 +187,33 @@ class PerturbedMixin:
             kept.append(hidden.index_select(0, tokens))
         clean = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         width = clean.shape[-1]
-        self._pending = torch.stack(kept, 1) if kept else clean.new_zeros(len(eps[0]), 0, width)
-        return clean
+        pending = torch.stack(kept, 1) if kept else clean.new_zeros(tokens.numel(), 0, width)
+        return clean, pending
+
+    def _checked(self, *args):
+        """Diagnostics (:meth:`~tokur_decode.vllm.worker.TraceExtension.tokur_check`):
+        the batched forward, then the M passes with the same noise; how far apart their
+        clean and perturbed hidden states are, and whether the KV cache after the
+        batched forward is the one the passes leave."""
+        clean_b, copies_b = self._batched(*args)
+        caches = [block.self_attn.attn.kv_cache.clone() for block in self.model.layers]
+        clean_s, copies_s = self._passes(*args)
+        tokens = args[4]
+        self._link.checks.append(
+            {
+                "tokens": int(args[0].shape[0]),
+                "asking": int(tokens.numel()),
+                "clean": float((clean_b - clean_s).abs().max()),
+                "copies": float((copies_b - copies_s).abs().max()),
+                "noise": float((copies_s - clean_s.index_select(0, tokens)[:, None]).abs().max()),
+                "cache_equal": all(
+                    torch.equal(c, block.self_attn.attn.kv_cache)
+                    for c, block in zip(caches, self.model.layers, strict=True)
+                ),
+            }
+        )
+        self._pending = copies_b
+        return clean_b
 
     def compute_logits(self, hidden_states):
         logits = super().compute_logits(hidden_states)
@@ -181,14 +262,25 @@ class PerturbedMixin:
     def _add_noise(self, layer: int, module, args, output):
         if self._noise is None:
             return output
-        tokens, eps = self._noise
+        kind, where, eps = self._noise
         out = output[0]
-        x = args[0].index_select(0, tokens)
         for index in self._by_layer.get(layer, ()):
             bounds = self._targets[index][2]
-            noise = low_rank_noise(x, self._bases[index], eps[index], 1.0, self.tokur.direction)
-            out[:, bounds].index_add_(0, tokens, noise)
+            base = self._bases[index]
+            if kind == "copies":  # rows `where:` are the copies, one noise row each
+                noise = low_rank_noise(args[0][where:], base, eps[index], 1.0, self.tokur.direction)
+                out[where:, bounds] += noise
+            else:  # a perturbed pass: the asking tokens only
+                x = args[0].index_select(0, where)
+                noise = low_rank_noise(x, base, eps[index], 1.0, self.tokur.direction)
+                out[:, bounds].index_add_(0, where, noise)
         return output
+
+    def _attention_pre_hook(self, module, args, kwargs):
+        return None if self._copies is None else self._copies.pre_hook(module, args, kwargs)
+
+    def _attention_hook(self, module, args, kwargs, output):
+        return None if self._copies is None else self._copies.hook(module, args, kwargs, output)
 
 
 class TokurLlamaForCausalLM(PerturbedMixin, LlamaForCausalLM):

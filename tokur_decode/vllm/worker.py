@@ -12,12 +12,15 @@ for you):
   kept only once bound.
 * ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
   forgets them.
+* ``tokur_check(mode)`` (diagnostics of a TokUR engine's batched mode, e.g. on new
+  hardware): returns what the checks found so far, forgets it, and sets the mode.
 """
 
 from __future__ import annotations
 
 from . import internals
 from .processor import UncertaintyProcessor
+from .tokur import link_of
 
 try:
     from .processor_v2 import UncertaintyProcessorV2
@@ -46,3 +49,18 @@ class TraceExtension:
     def tokur_collect(self, request_ids: list[str] | None = None) -> list[dict]:
         """Finished traces whose vLLM request id is in ``request_ids`` (all if None)."""
         return [t for proc in self._tokur_processors() for t in proc.collect(request_ids)]
+
+    def tokur_check(self, mode: str | None = None) -> dict:
+        """Diagnostics of TokUR's batched mode. While ``mode`` is ``"on"``, every step
+        with asking rows runs the batched forward and then the M passes with the same
+        noise, and records the largest differences of their clean and perturbed hidden
+        states and whether the KV cache ends the same; ``"broken"`` does the same with
+        the copies attending to the clean token instead of themselves (a control that
+        must show a difference); ``None`` turns it off. Returns ``{"steps",
+        "batched_steps", "checks"}`` so far and forgets the checks."""
+        if mode not in (None, "on", "broken"):
+            raise ValueError(f"mode: None, 'on' or 'broken', got {mode!r}")
+        link = link_of(self.vllm_config)
+        found = {"steps": link.steps, "batched_steps": link.batched_steps, "checks": link.checks}
+        link.check, link.checks = mode, []
+        return found
