@@ -234,9 +234,9 @@ def generate(
 
     ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
     ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
-    1; ``max_new_tokens`` 64). Recipes that sample candidates (best-of-N, DeepConf online) use the caller's
-    ``temperature`` and ``top_p`` when given, else their own (they need temperature >
-    0). ``signals`` default to the recipe's, else
+    1; ``max_new_tokens`` 64). Recipes that sample candidates (best-of-N, DeepConf
+    online) use the caller's ``temperature`` and ``top_p`` when given, else their own
+    (they need temperature > 0). ``signals`` default to the recipe's, else
     :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
     score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
     branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``

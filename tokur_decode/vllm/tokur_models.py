@@ -199,10 +199,13 @@ class PerturbedMixin:
         caches = [block.self_attn.attn.kv_cache.clone() for block in self.model.layers]
         clean_s, copies_s = self._passes(*args)
         tokens = args[4]
+        metadata = next(iter(get_forward_context().attn_metadata.values()))
         self._link.checks.append(
             {
                 "tokens": int(args[0].shape[0]),
                 "asking": int(tokens.numel()),
+                "longest_query": int(metadata.max_query_len),
+                "scale": float(clean_s.abs().max()),
                 "clean": float((clean_b - clean_s).abs().max()),
                 "copies": float((copies_b - copies_s).abs().max()),
                 "noise": float((copies_s - clean_s.index_select(0, tokens)[:, None]).abs().max()),
