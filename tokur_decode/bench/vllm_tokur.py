@@ -1,75 +1,91 @@
 """``tokur-decode bench vllm-tokur``: what TokUR's samples cost inside vLLM.
 
-Two engines live side by side for the whole run (starts excluded from the timings): a
-plain one (vLLM's own model class) and a TokUR one (:func:`~tokur_decode.vllm.
-tokur_engine_args`, ``M`` samples). Each round times the same prompts (greedy,
-``ignore_eos`` so every request decodes exactly ``max_tokens``) four ways, in rotating
-order:
+Three engines live side by side for the whole run (starts excluded from the timings): a
+plain one (vLLM's own model class), a TokUR one in batched mode (the ``M - 1``
+perturbed samples as extra rows of one forward) and a TokUR one in sequential mode
+(``M`` decoder passes per step, the reference). At each batch size the same prompts are
+timed (greedy, ``ignore_eos`` so every request decodes exactly ``max_tokens``) in
+rotating order: plain; each TokUR engine with nobody asking, every other request asking
+and every request asking. Next to them, the transformers path's cost at the same batch
+(:func:`tokur_decode.bench.hf.tokur_cost`: TokUR in one forward over plain greedy).
 
-* ``plain``: the plain engine;
-* ``attached``: the TokUR engine, no request asks (one pass per step: what requests
-  that do not ask pay);
-* ``tokur``: the TokUR engine, every request asks for ``"tokur"``;
-* ``mixed``: the TokUR engine, every other request asks.
-
-Reported: median generated tokens/s of each, their ratios to plain, and the ratio of
-``tokur`` to ``plain / M``, the throughput of running the ``M`` samples as ``M``
-sequential generations (what the official implementation does).
+Reported per batch size: median generated tokens/s of each run, each TokUR run's cost
+(plain throughput over its throughput: ``M`` for running every sample as a full pass),
+the batched mode's speed-up over M passes, and its cost over the transformers path's.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .vllm import bound_kv_cache, chat_texts, timed_rounds
 
 __all__ = ["TokurBenchResult", "tokur_overhead"]
 
+#: Who asks for TokUR in a run: nobody, every other request, everybody.
+ASKING = ("none", "half", "all")
+
 
 @dataclass
 class TokurBenchResult:
-    """Median throughputs (generated tokens per second)."""
+    """Median throughputs (generated tokens per second) per batch size and run
+    (``"plain"``, ``"batched/none"``, ..., ``"sequential/all"``), and the transformers
+    path's cost ratio per batch size."""
 
-    prompts: int
     max_tokens: int
     rounds: int
     samples: int
-    plain_tps: float
-    attached_tps: float
-    tokur_tps: float
-    mixed_tps: float
+    dtype: str
+    tps: dict[int, dict[str, float]] = field(default_factory=dict)
+    hf_cost: dict[int, float] = field(default_factory=dict)
 
-    @property
-    def ratios(self) -> dict[str, float]:
-        """Each throughput over plain, and TokUR over ``M`` sequential generations."""
-        return {
-            "attached": self.attached_tps / self.plain_tps,
-            "tokur": self.tokur_tps / self.plain_tps,
-            "mixed": self.mixed_tps / self.plain_tps,
-            "tokur_vs_sequential": self.tokur_tps / (self.plain_tps / self.samples),
-        }
+    def cost(self, batch: int, run: str) -> float:
+        """Plain throughput over the run's (1.0: free; ``M``: a full pass per sample)."""
+        return self.tps[batch]["plain"] / self.tps[batch][run]
+
+    def speedup(self, batch: int, asking: str = "all") -> float:
+        """Batched mode's throughput over the M passes'."""
+        return self.tps[batch][f"batched/{asking}"] / self.tps[batch][f"sequential/{asking}"]
+
+    def vs_transformers(self, batch: int) -> float:
+        """Batched mode's cost (everybody asking) over the transformers path's."""
+        return self.cost(batch, "batched/all") / self.hf_cost[batch]
+
+
+def _params(prompts: int, max_tokens: int, asking: str):
+    from vllm import SamplingParams
+
+    from ..vllm.args import uncertainty_args
+
+    base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    off = SamplingParams(**base)
+    on = SamplingParams(**base, extra_args=uncertainty_args(["tokur"]))
+    pick = {"none": lambda i: off, "half": lambda i: on if i % 2 == 0 else off}
+    return [pick.get(asking, lambda i: on)(i) for i in range(prompts)]
 
 
 def tokur_overhead(
     model: str | None = None,
     *,
-    prompts: int = 16,
-    max_tokens: int = 32,
+    batch_sizes=(1, 4, 16),
+    max_tokens: int = 16,
     rounds: int = 3,
     samples: int = 10,
+    dtype: str = "bfloat16",
+    transformers: bool = True,
     **engine_kwargs,
 ) -> TokurBenchResult:
-    """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines.
+    """Run the benchmark (see the module doc) with the model in ``dtype`` on every
+    engine and in transformers; ``engine_kwargs`` go to every engine.
 
     Example:
-        >>> r = tokur_overhead(prompts=16, max_tokens=32, samples=10)     # doctest: +SKIP
-        >>> round(r.ratios["tokur"], 2)                                  # doctest: +SKIP
-        0.12
+        >>> r = tokur_overhead(batch_sizes=(1, 4), max_tokens=16)         # doctest: +SKIP
+        >>> round(r.speedup(1), 1)                                       # doctest: +SKIP
+        4.2
     """
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from ..vllm.args import uncertainty_args
     from ..vllm.client import llm
     from ..vllm.tokur import tokur_engine_args
 
@@ -77,31 +93,46 @@ def tokur_overhead(
         from ..models import default_model_path
 
         model = str(default_model_path())
-    kwargs = {"enforce_eager": True, "max_model_len": 1024, "seed": 0, **engine_kwargs}
-    bound_kv_cache()
-    plain = LLM(model=model, **kwargs)
-    ours = llm(model, **tokur_engine_args(samples=samples, **kwargs))
-    texts = chat_texts(plain.get_tokenizer(), prompts)
-    base = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-    off = SamplingParams(**base)
-    on = SamplingParams(**base, extra_args=uncertainty_args(["tokur"]))
-    runs = {
-        "plain": (plain, [off] * prompts),
-        "attached": (ours, [off] * prompts),
-        "tokur": (ours, [on] * prompts),
-        "mixed": (ours, [on, off] * (prompts // 2) + [on] * (prompts % 2)),
+    kwargs = {
+        "enforce_eager": True,
+        "max_model_len": 1024,
+        "seed": 0,
+        "dtype": dtype,
+        **engine_kwargs,
     }
-    runs_tps = timed_rounds(runs, texts, rounds, max_tokens, traces_on=ours)
-    tps = {name: statistics.median(values) for name, values in runs_tps.items()}
-    for engine in (plain, ours):
-        engine.llm_engine.engine_core.shutdown()
-    return TokurBenchResult(
-        prompts,
-        max_tokens,
-        rounds,
-        samples,
-        tps["plain"],
-        tps["attached"],
-        tps["tokur"],
-        tps["mixed"],
-    )
+    bound_kv_cache()
+    engines = {
+        "plain": LLM(model=model, **kwargs),
+        "batched": llm(model, **tokur_engine_args(samples=samples, mode="batched", **kwargs)),
+        "sequential": llm(model, **tokur_engine_args(samples=samples, mode="sequential", **kwargs)),
+    }
+    result = TokurBenchResult(max_tokens, rounds, samples, dtype)
+    try:
+        for batch in batch_sizes:
+            texts = chat_texts(engines["plain"].get_tokenizer(), batch)
+            runs = {"plain": (engines["plain"], _params(batch, max_tokens, "none"))}
+            for mode in ("batched", "sequential"):
+                for asking in ASKING:
+                    runs[f"{mode}/{asking}"] = (engines[mode], _params(batch, max_tokens, asking))
+            per_run = timed_rounds(runs, texts, rounds, max_tokens, traces_on=engines["batched"])
+            engines["sequential"].collective_rpc("tokur_collect", args=(None,))
+            result.tps[batch] = {name: statistics.median(v) for name, v in per_run.items()}
+    finally:
+        for engine in engines.values():
+            engine.llm_engine.engine_core.shutdown()
+    if transformers:
+        from ..models import load_model
+        from .hf import tokur_cost
+
+        hf_model, tokenizer = load_model(model, dtype=dtype)
+        for batch in batch_sizes:
+            cost = tokur_cost(
+                hf_model,
+                tokenizer,
+                samples=samples,
+                batch_size=batch,
+                max_new_tokens=max_tokens,
+                repeats=rounds,
+            )
+            result.hf_cost[batch] = cost.ratios["batched"]
+    return result

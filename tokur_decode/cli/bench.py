@@ -72,16 +72,23 @@ def add_parser(sub) -> None:
 
     vt = bench_sub.add_parser(
         "vllm-tokur",
-        help="vLLM throughput with TokUR's M samples vs plain, and vs M sequential runs",
-        description="A plain vLLM engine and a TokUR one (tokur_engine_args); greedy, "
-        "ignore_eos; median tokens/s of: plain; TokUR engine, nobody asks; every request "
-        "asks for 'tokur'; every other one asks. Starts not timed.",
+        help="vLLM throughput with TokUR: plain, batched mode, M passes, and transformers",
+        description="A plain vLLM engine and two TokUR ones (batched mode: one forward; "
+        "sequential: M passes), greedy, ignore_eos, at each batch size: median tokens/s "
+        "with nobody, every other request and every request asking for 'tokur'; and the "
+        "transformers path's TokUR cost at the same batch. Starts not timed.",
     )
     vt.add_argument("--model", default=None, help="model folder (default: the embedded one)")
-    vt.add_argument("--prompts", type=int, default=16, help="requests per round (16)")
-    vt.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
+    vt.add_argument(
+        "--batch-sizes", default="1,4,16", help="requests per run, comma-separated (1,4,16)"
+    )
+    vt.add_argument("--max-tokens", type=int, default=16, help="tokens per request (16)")
     vt.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
     vt.add_argument("--samples", type=int, default=10, help="TokUR's M (10)")
+    vt.add_argument("--dtype", default="bfloat16", help="every engine's and transformers' dtype")
+    vt.add_argument(
+        "--no-transformers", action="store_true", help="skip the transformers comparison"
+    )
     vt.add_argument("--json", action="store_true")
 
     vc = bench_sub.add_parser(
@@ -103,6 +110,17 @@ def add_parser(sub) -> None:
     vc.add_argument("--json", action="store_true")
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch-sizes``: comma-separated positive integers."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes: comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def run(args) -> int:
     if args.bench == "calibration":
         return _cmd_bench_calibration(args)
@@ -118,7 +136,7 @@ def run(args) -> int:
 
     model, tokenizer = load(args)
     rows = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    for batch in _batch_sizes(args.batch_sizes):
         res = monitor_overhead(
             model,
             tokenizer,
@@ -185,11 +203,11 @@ def _cmd_bench_tokur(args) -> int:
             model,
             tokenizer,
             samples=args.samples,
-            batch_size=int(batch),
+            batch_size=batch,
             max_new_tokens=args.max_new_tokens,
             repeats=args.repeats,
         )
-        for batch in args.batch_sizes.split(",")
+        for batch in _batch_sizes(args.batch_sizes)
     ]
     rows = [
         {
@@ -305,26 +323,48 @@ def _cmd_bench_vllm(args) -> int:
 def _cmd_bench_vllm_tokur(args) -> int:
     from dataclasses import asdict
 
-    from ..bench.vllm_tokur import tokur_overhead
+    from ..bench.vllm_tokur import ASKING, tokur_overhead
 
+    batches = _batch_sizes(args.batch_sizes)
     r = tokur_overhead(
         args.model,
-        prompts=args.prompts,
+        batch_sizes=batches,
         max_tokens=args.max_tokens,
         rounds=args.rounds,
         samples=args.samples,
+        dtype=args.dtype,
+        transformers=not args.no_transformers,
     )
     if args.json:
-        print(json.dumps({**asdict(r), "ratios": r.ratios}, indent=2))
+        summary = {
+            b: {
+                "speedup_vs_passes": r.speedup(b),
+                **({"vs_transformers": r.vs_transformers(b)} if r.hf_cost else {}),
+            }
+            for b in batches
+        }
+        print(json.dumps({**asdict(r), "summary": summary}, indent=2))
         return 0
-    q = r.ratios
-    print(f"vLLM + TokUR (M = {r.samples}), {r.prompts} prompts x {r.max_tokens} tokens, ", end="")
-    print(f"median of {r.rounds} rounds")
-    print(f"  plain engine              {r.plain_tps:8.1f} tokens/s   1.000")
-    print(f"  TokUR engine, none asks   {r.attached_tps:8.1f} tokens/s   {q['attached']:.3f}")
-    print(f"  TokUR engine, all ask     {r.tokur_tps:8.1f} tokens/s   {q['tokur']:.3f}")
-    print(f"  TokUR engine, half ask    {r.mixed_tps:8.1f} tokens/s   {q['mixed']:.3f}")
-    print(f"  all ask vs M sequential runs (plain / M): {q['tokur_vs_sequential']:.2f}x")
+    print(
+        f"vLLM + TokUR (M = {r.samples}, {r.dtype}), {r.max_tokens} tokens per request, "
+        f"median of {r.rounds} rounds; cost = plain tokens/s over the run's"
+    )
+    for b in batches:
+        print(f"batch {b}: plain {r.tps[b]['plain']:.1f} tokens/s")
+        for mode in ("batched", "sequential"):
+            cells = "  ".join(
+                f"{asking} asks {r.tps[b][f'{mode}/{asking}']:6.1f} tok/s "
+                f"({r.cost(b, f'{mode}/{asking}'):.2f}x)"
+                for asking in ASKING
+            )
+            print(f"  {mode:<10} {cells}")
+        line = f"  batched over M passes (all ask): {r.speedup(b):.2f}x faster"
+        if r.hf_cost:
+            line += (
+                f"; transformers' TokUR cost {r.hf_cost[b]:.2f}x plain, batched vLLM's "
+                f"{r.cost(b, 'batched/all'):.2f}x ({r.vs_transformers(b):.2f}x of it)"
+            )
+        print(line)
     return 0
 
 

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..core.signals import wants_samples
 from ..core.text import prompt_token_ids
 from ..core.trace import Trace
 from ..strategies import backend as acts
 from .args import stop_args, uncertainty_args
 from .client import read_traces
+from .tokur import is_tokur_engine
 
 __all__ = ["VLLMBackend"]
 
@@ -58,6 +60,11 @@ class VLLMBackend:
         """``request.tokur`` is not used: the engine's
         :func:`~tokur_decode.vllm.tokur_engine_args` set TokUR's options."""
         signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
+        if wants_samples(signals) and not is_tokur_engine(self.engine):
+            raise ValueError(
+                "signals: 'tokur' needs an engine with TokUR's model: "
+                "tokur_decode.vllm.llm(**tokur_decode.vllm.tokur_engine_args(...))"
+            )
         inputs = self.token_ids(prompts)
         if isinstance(act, acts.Branch):
             from .branching import branch

@@ -194,6 +194,11 @@ class ProcessorCore:
                 self.vocab,
             )
             settings = dataclasses.replace(settings, branch_token=-1)
+        if self._tokur.config is None and wants_samples(settings.signals):
+            logger.warning(
+                "tokur_signals asks for 'tokur' on an engine without TokUR's model: its "
+                "values are NaN (build the engine with tokur_engine_args)"
+            )
         stops = sorted(params.all_stop_token_ids)
         eos = params.eos_token_id if params.eos_token_id is not None else stops[0]
         req = TrackedRequest(settings, params, outputs, self._take_slot(settings), eos)

@@ -54,6 +54,7 @@ __all__ = [
     "ARCHITECTURES",
     "TOKUR_OUTPUTS",
     "TokurLink",
+    "is_tokur_engine",
     "link_of",
     "register",
     "tokur_engine_args",
@@ -162,6 +163,11 @@ def tokur_engine_args(
     settings["target_modules"] = list(targets)
     register()
     return {**engine_kwargs, "enforce_eager": True, "hf_overrides": TokurOverrides(settings)}
+
+
+def is_tokur_engine(engine) -> bool:
+    """Whether the ``vllm.LLM`` ``engine`` was built with :func:`tokur_engine_args`."""
+    return hasattr(engine.llm_engine.model_config.hf_config, CONFIG_KEY)
 
 
 def settings_of(hf_config) -> tuple[PerturbationConfig, str | None]:

@@ -64,8 +64,7 @@ class PerturbedMixin:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if vllm_config.parallel_config.world_size > 1:
-            raise ValueError("tensor_parallel_size: TokUR in vLLM runs on one worker")
+        _refuse_unsupported(vllm_config)
         self.tokur, self._cache_dir = settings_of(vllm_config.model_config.hf_config)
         self._link = link_of(vllm_config)
         self._link.config = self.tokur
@@ -284,6 +283,25 @@ class PerturbedMixin:
 
     def _attention_hook(self, module, args, kwargs, output):
         return None if self._copies is None else self._copies.hook(module, args, kwargs, output)
+
+
+def _refuse_unsupported(vllm_config) -> None:
+    """What TokUR's model cannot run under, refused by name when the engine starts."""
+    parallel = vllm_config.parallel_config
+    refused = {
+        "tensor_parallel_size": parallel.tensor_parallel_size > 1,
+        "pipeline_parallel_size": parallel.pipeline_parallel_size > 1,
+        "speculative_config": vllm_config.speculative_config is not None,
+        "kv_transfer_config": vllm_config.kv_transfer_config is not None,
+        "enable_lora": vllm_config.lora_config is not None,
+    }
+    for name, bad in refused.items():
+        if bad:
+            raise ValueError(
+                f"{name}: TokUR in vLLM runs on one worker, without speculative decoding, "
+                "KV connectors or LoRA (the perturbed samples would not be drawn or kept "
+                "consistently there)"
+            )
 
 
 class TokurLlamaForCausalLM(PerturbedMixin, LlamaForCausalLM):
