@@ -59,8 +59,8 @@ test-core: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check tokur_decode tests examples conftest.py
-	$(BIN)/ruff format --check tokur_decode tests examples conftest.py
+	$(BIN)/ruff check tokur_decode tests examples scripts conftest.py
+	$(BIN)/ruff format --check tokur_decode tests examples scripts conftest.py
 	$(BIN)/lint-imports
 
 bench: $(STAMP)

@@ -24,8 +24,10 @@ cache is bit-identical afterwards.
 
 The NVIDIA backends would compute the same without touching the cache ("split +
 merge": attention over the clean prefix with its log-sum-exp, the self term in closed
-form, merged); that path is not built: :func:`unsupported` names the backend and the
-M-pass mode (``tokur_engine_args(mode="sequential")``) runs there.
+form, merged): :func:`split_merge` composes vLLM's kernels for it, but no GPU was
+available to verify it, so the engine does not use it yet (``scripts/
+gpu_check_batched_tokur.py`` is the check to run on a GPU); :func:`unsupported` names
+the backend and the M-pass mode (``tokur_engine_args(mode="sequential")``) runs there.
 
 Example:
     >>> import torch
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CopiesStep", "unsupported"]
+__all__ = ["CopiesStep", "split_merge", "unsupported"]
 
 #: The attention implementation batched mode runs on.
 SUPPORTED_IMPL = "CPUAttentionBackendImpl"
@@ -53,7 +55,7 @@ def unsupported(attention_module) -> str | None:
     if impl != SUPPORTED_IMPL:
         return (
             f"TokUR's batched mode runs on vLLM's CPU attention backend; this engine's is "
-            f"{impl} (its 'split + merge' path is not built): use "
+            f"{impl} (its 'split + merge' path is not verified on a GPU yet): use "
             "tokur_engine_args(mode='sequential'), which runs M decoder passes"
         )
     return None
@@ -195,3 +197,63 @@ class CopiesStep:
         if not self.broken:
             write(clean_k.reshape(r, kv_heads, size), clean_v.reshape(r, kv_heads, size))
         return out.view(r * self.copies, heads * size)
+
+
+def split_merge(
+    query: torch.Tensor,
+    self_key: torch.Tensor,
+    self_value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The copies' attention on the NVIDIA FlashAttention backend, without writing the
+    cache ("split + merge"; **unverified**: no GPU was available, and the engine does not
+    use it yet; ``scripts/gpu_check_batched_tokur.py`` checks it against a float64
+    reference on a GPU).
+
+    ``query`` ``[R, C, H, D]``, ``self_key`` / ``self_value`` ``[R, C, Hkv, D]`` (each
+    request's ``C`` copies); ``block_table`` ``[R, blocks]`` and ``prefix_lens`` ``[R]``
+    (int32: the clean tokens before the copies' position) describe each request's paged
+    prefix in vLLM's FlashAttention cache views. Per request, one non-causal attention of
+    its ``C`` copies over the prefix with its log-sum-exp (vLLM's
+    ``flash_attn_varlen_func``), the self term in closed form (weight
+    ``exp(scale q . k_self)`` on ``v_self``), merged by vLLM's ``merge_attn_states``.
+    Returns ``[R, C, H, D]``."""
+    from vllm.v1.attention.backends.fa_utils import (
+        flash_attn_varlen_func,
+        get_flash_attn_version,
+    )
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    r, c, heads, size = query.shape
+    group = heads // self_key.shape[2]
+    q = query.reshape(r * c, heads, size).contiguous()
+    starts = torch.arange(0, r * c + 1, c, dtype=torch.int32, device=q.device)
+    prefix = torch.empty_like(q)
+    _, prefix_lse = flash_attn_varlen_func(
+        q=q,
+        k=key_cache,
+        v=value_cache,
+        out=prefix,
+        cu_seqlens_q=starts,
+        max_seqlen_q=c,
+        seqused_k=prefix_lens,
+        max_seqlen_k=int(prefix_lens.max()),
+        softmax_scale=scale,
+        causal=False,
+        block_table=block_table,
+        return_softmax_lse=True,
+        fa_version=get_flash_attn_version(),
+    )
+    k_self = self_key.reshape(r * c, -1, size).repeat_interleave(group, 1)
+    v_self = self_value.reshape(r * c, -1, size).repeat_interleave(group, 1).contiguous()
+    self_lse = ((q.float() * k_self.float()).sum(-1) * scale).T.contiguous()  # [H, R C]
+    empty = (prefix_lens == 0).repeat_interleave(c)  # no prefix: the copy sees itself only
+    prefix_lse[:, empty] = float("-inf")
+    prefix[empty] = 0.0
+    out = torch.empty_like(q)
+    merge_attn_states(out, prefix, prefix_lse, v_self, self_lse)
+    return out.view(r, c, heads, size)
