@@ -76,7 +76,11 @@ def test_tokur_bench_arithmetic_and_report(monkeypatch, capsys):
     assert result.cost(1, "batched/all") == pytest.approx(3.0)
     assert result.speedup(1) == pytest.approx(20 / 6)
     assert result.vs_transformers(1) == pytest.approx(3.0 / 2.5)
-    monkeypatch.setattr(vllm_tokur, "tokur_overhead", lambda *a, **k: result)
+    def fake(*args, on_batch=None, **kwargs):
+        on_batch(result, 1)
+        return result
+
+    monkeypatch.setattr(vllm_tokur, "tokur_overhead", fake)
     assert main(["bench", "vllm-tokur", "--batch-sizes", "1"]) == 0
     out = capsys.readouterr().out
     assert "batched over M passes (all ask): 3.33x faster" in out and "(1.20x of it)" in out

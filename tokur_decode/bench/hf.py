@@ -180,12 +180,13 @@ def tokur_cost(
     batch_size: int = 1,
     max_new_tokens: int = 16,
     repeats: int = 3,
+    sequential: bool = True,
 ) -> TokurCostResult:
     """Time greedy decoding without TokUR (``plain``), with ``samples`` TokUR samples in
-    one forward per step (``batched``) and as ``samples`` passes per step
-    (``sequential``, the official implementation's cost), interleaved over ``repeats``
-    rounds after a warm-up round; and the peak memory each adds (CUDA: allocator peak;
-    CPU: peak resident-set growth, sampled every millisecond)."""
+    one forward per step (``batched``) and (unless ``sequential=False``) as ``samples``
+    passes per step (``sequential``, the official implementation's cost), interleaved
+    over ``repeats`` rounds after a warm-up round; and the peak memory each adds (CUDA:
+    allocator peak; CPU: peak resident-set growth, sampled every millisecond)."""
     timer = _GenerateTimer(model, tokenizer, batch_size, max_new_tokens)
     eos = model.generation_config.eos_token_id
 
@@ -196,7 +197,9 @@ def tokur_cost(
             monitor = pm.processor(["tokur"], eos_token_id=eos)
             return _with_peak_memory(model.device, lambda: timer(logits_processor=[monitor]))
 
-    modes = {"plain": None, "batched": "batched", "sequential": "sequential"}
+    modes = {"plain": None, "batched": "batched"} | (
+        {"sequential": "sequential"} if sequential else {}
+    )
     times: dict[str, list[float]] = {k: [] for k in modes}
     peaks: dict[str, int] = dict.fromkeys(modes, 0)
     for rnd in range(repeats + 1):

@@ -74,10 +74,12 @@ def tokur_overhead(
     samples: int = 10,
     dtype: str = "bfloat16",
     transformers: bool = True,
+    on_batch=None,
     **engine_kwargs,
 ) -> TokurBenchResult:
     """Run the benchmark (see the module doc) with the model in ``dtype`` on every
-    engine and in transformers; ``engine_kwargs`` go to every engine.
+    engine and in transformers; ``engine_kwargs`` go to every engine. ``on_batch(result,
+    batch)`` is called as each batch size is done (progress).
 
     Example:
         >>> r = tokur_overhead(batch_sizes=(1, 4), max_tokens=16)         # doctest: +SKIP
@@ -107,6 +109,11 @@ def tokur_overhead(
         "sequential": llm(model, **tokur_engine_args(samples=samples, mode="sequential", **kwargs)),
     }
     result = TokurBenchResult(max_tokens, rounds, samples, dtype)
+    hf = None
+    if transformers:
+        from ..models import load_model
+
+        hf = load_model(model, dtype=dtype)
     try:
         for batch in batch_sizes:
             texts = chat_texts(engines["plain"].get_tokenizer(), batch)
@@ -117,22 +124,21 @@ def tokur_overhead(
             per_run = timed_rounds(runs, texts, rounds, max_tokens, traces_on=engines["batched"])
             engines["sequential"].collective_rpc("tokur_collect", args=(None,))
             result.tps[batch] = {name: statistics.median(v) for name, v in per_run.items()}
+            if hf is not None:
+                from .hf import tokur_cost
+
+                cost = tokur_cost(
+                    *hf,
+                    samples=samples,
+                    batch_size=batch,
+                    max_new_tokens=max_tokens,
+                    repeats=rounds,
+                    sequential=False,
+                )
+                result.hf_cost[batch] = cost.ratios["batched"]
+            if on_batch is not None:
+                on_batch(result, batch)
     finally:
         for engine in engines.values():
             engine.llm_engine.engine_core.shutdown()
-    if transformers:
-        from ..models import load_model
-        from .hf import tokur_cost
-
-        hf_model, tokenizer = load_model(model, dtype=dtype)
-        for batch in batch_sizes:
-            cost = tokur_cost(
-                hf_model,
-                tokenizer,
-                samples=samples,
-                batch_size=batch,
-                max_new_tokens=max_tokens,
-                repeats=rounds,
-            )
-            result.hf_cost[batch] = cost.ratios["batched"]
     return result

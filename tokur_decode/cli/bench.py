@@ -325,31 +325,12 @@ def _cmd_bench_vllm_tokur(args) -> int:
 
     from ..bench.vllm_tokur import ASKING, tokur_overhead
 
-    batches = _batch_sizes(args.batch_sizes)
-    r = tokur_overhead(
-        args.model,
-        batch_sizes=batches,
-        max_tokens=args.max_tokens,
-        rounds=args.rounds,
-        samples=args.samples,
-        dtype=args.dtype,
-        transformers=not args.no_transformers,
-    )
-    if args.json:
-        summary = {
-            b: {
-                "speedup_vs_passes": r.speedup(b),
-                **({"vs_transformers": r.vs_transformers(b)} if r.hf_cost else {}),
-            }
-            for b in batches
-        }
-        print(json.dumps({**asdict(r), "summary": summary}, indent=2))
-        return 0
-    print(
-        f"vLLM + TokUR (M = {r.samples}, {r.dtype}), {r.max_tokens} tokens per request, "
-        f"median of {r.rounds} rounds; cost = plain tokens/s over the run's"
-    )
-    for b in batches:
+    def show(r, b):
+        if b == batches[0]:
+            print(
+                f"vLLM + TokUR (M = {r.samples}, {r.dtype}), {r.max_tokens} tokens per "
+                f"request, median of {r.rounds} rounds; cost = plain tokens/s over the run's"
+            )
         print(f"batch {b}: plain {r.tps[b]['plain']:.1f} tokens/s")
         for mode in ("batched", "sequential"):
             cells = "  ".join(
@@ -364,7 +345,28 @@ def _cmd_bench_vllm_tokur(args) -> int:
                 f"; transformers' TokUR cost {r.hf_cost[b]:.2f}x plain, batched vLLM's "
                 f"{r.cost(b, 'batched/all'):.2f}x ({r.vs_transformers(b):.2f}x of it)"
             )
-        print(line)
+        print(line, flush=True)
+
+    batches = _batch_sizes(args.batch_sizes)
+    r = tokur_overhead(
+        args.model,
+        batch_sizes=batches,
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+        samples=args.samples,
+        dtype=args.dtype,
+        transformers=not args.no_transformers,
+        on_batch=None if args.json else show,
+    )
+    if args.json:
+        summary = {
+            b: {
+                "speedup_vs_passes": r.speedup(b),
+                **({"vs_transformers": r.vs_transformers(b)} if r.hf_cost else {}),
+            }
+            for b in batches
+        }
+        print(json.dumps({**asdict(r), "summary": summary}, indent=2))
     return 0
 
 
