@@ -76,6 +76,7 @@ def test_tokur_bench_arithmetic_and_report(monkeypatch, capsys):
     assert result.cost(1, "batched/all") == pytest.approx(3.0)
     assert result.speedup(1) == pytest.approx(20 / 6)
     assert result.vs_transformers(1) == pytest.approx(3.0 / 2.5)
+
     def fake(*args, on_batch=None, **kwargs):
         on_batch(result, 1)
         return result
