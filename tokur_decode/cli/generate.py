@@ -140,12 +140,13 @@ def _tokur_options(args, signals) -> dict | None:
 
 def _budget(args) -> int:
     """The answer budget used: ``--max-new-tokens``, else the recipe's, else 64."""
+    from ..strategies.recipe import Strategy
+    from ..strategies.run import DEFAULT_MAX_NEW_TOKENS
+
     if args.max_new_tokens is not None:
         return args.max_new_tokens
-    from ..strategies.recipe import Strategy
-
-    recipe = Strategy.load(args.strategy) if args.strategy else None
-    return recipe.generation.get("max_new_tokens", 64) if recipe else 64
+    defaults = Strategy.load(args.strategy).generation if args.strategy else {}
+    return defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
 
 
 def run(args) -> int:

@@ -162,11 +162,11 @@ def calibrate_run(
         )
     features = probe_features(records)
     table = score_table(records)
-    if score is None:  # the candidates: one score per output (its paper's) and the probe
-        table = {k: table[k] for k in headline_scores(table)}
+    # the candidates: one score per output (its paper's) and the probe, or the named one
+    candidates = table if score is not None else {k: table[k] for k in headline_scores(table)}
     rule = calibrate(
         correct,
-        table,
+        candidates,
         risk=risk,
         delta=delta,
         score=score,
@@ -176,11 +176,11 @@ def calibrate_run(
     )
     if rule.score == PROBE:
         uncertainty = rule.probe.p_wrong(
-            {k: _tensor(v) for k, v in features.items() if k in rule.probe.features}
+            {k: torch.from_numpy(features[k]) for k in rule.probe.features}
         ).numpy()
         outputs = rule.probe.outputs
     else:
-        uncertainty = score_table(records)[rule.score]
+        uncertainty = table[rule.score]
         outputs = outputs_read([rule.score])
     strategy = _recipe(rule, config, run, abstain_text, name, outputs)
     return CalibratedRun(rule, strategy, correct, uncertainty, str(run))
@@ -226,12 +226,8 @@ def _where(config: dict) -> str:
     )
 
 
-def _tensor(values):
-    return torch.as_tensor(np.asarray(values, dtype=np.float64))
-
-
 def _recipe(rule, config, run, abstain_text, name, outputs) -> Strategy:
-    confidence = rule.score != PROBE and is_confidence(rule.score)
+    confidence = is_confidence(rule.score)
     table = {
         "name": name,
         "description": f"Abstain unless {rule.score} passes a calibrated threshold: "

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ..core.aggregate import REDUCERS
-from ..core.probe import PROBE
 from ..core.trace import uncertainty_scale
+from .detection import score_table
 from .metrics import COVERAGES, RISKS, TOP_P, Interval, reliability, risk_coverage
-from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES, uncertainty
+from .scoring import BASELINE, LENGTH, PROBABILITY_SCORES
 
 __all__ = [
     "detection_tables",
@@ -158,25 +158,18 @@ def _line_style(score: str, color) -> dict:
     return dict(lw=2, ls="--", color="grey") if score == LENGTH else dict(lw=1.3, color=color)
 
 
-def _uncertainties(records: list[dict], score: str, summary: dict) -> np.ndarray:
-    if score == PROBE:
-        return np.asarray(summary["probe"]["cross_fitted"], dtype=np.float64)
-    if score == LENGTH:
-        return np.array([float(r["n_tokens"]) for r in records])
-    return np.array([uncertainty(score, {**r["scores"], **r["extra"]}[score]) for r in records])
-
-
 def _roc_plot(records, summary, path: Path) -> None:
     from sklearn.metrics import roc_curve
 
     plt = _plt()
     wrong = np.array([not r["correct"] for r in records])
+    table = score_table(records, summary.get("probe"))
     fig, ax = plt.subplots(figsize=(10, 6))
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="random")
     for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
         if wrong.all() or not wrong.any():
             break
-        fpr, tpr, _ = roc_curve(wrong, _uncertainties(records, h["score"], summary))
+        fpr, tpr, _ = roc_curve(wrong, table[h["score"]])
         style = _line_style(h["score"], color)
         ax.plot(fpr, tpr, label=f"{h['score']} ({_num(h['auroc']['value'])})", **style)
     ax.set(
@@ -195,12 +188,13 @@ def _roc_plot(records, summary, path: Path) -> None:
 def _risk_coverage_plot(records, summary, path: Path) -> None:
     plt = _plt()
     correct = np.array([r["correct"] for r in records])
+    table = score_table(records, summary.get("probe"))
     fig, ax = plt.subplots(figsize=(10, 6))
     coverage, oracle = risk_coverage(correct, ~correct)
     ax.plot(coverage, oracle, ls="--", color="grey", label="oracle")
     ax.axhline(correct.mean(), ls=":", color="grey", label="random")
     for h, color in zip(summary["headline"], _colors(len(summary["headline"])), strict=True):
-        cov, acc = risk_coverage(correct, _uncertainties(records, h["score"], summary))
+        cov, acc = risk_coverage(correct, table[h["score"]])
         style = _line_style(h["score"], color)
         ax.plot(cov, acc, label=f"{h['score']} (PRR {_num(h['prr']['value'])})", **style)
     ax.set(

@@ -71,18 +71,8 @@ class RunStore:
 
     def _read(self) -> None:
         data = self.path.read_bytes()
-        offset = 0
-        for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
-            complete = line.endswith(b"\n")
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as exc:
-                if not complete:  # the line being written when the run stopped
-                    break
-                raise ValueError(f"{self.path}:{lineno}: invalid JSON: {exc.msg}") from exc
-            offset += len(line)
-            if record is not None:
-                self.done[record["key"]] = record
+        records, offset = _parse(data, self.path)
+        self.done = {record["key"]: record for record in records}
         with self.path.open("r+b") as fh:
             fh.truncate(offset)
             if offset and not data[:offset].endswith(b"\n"):
@@ -112,17 +102,25 @@ def read_run(folder: str | Path) -> tuple[dict, list[dict]]:
         if not path.is_file():
             raise ValueError(f"run: {folder} is not a run folder (no {path.name})")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    records = []
-    lines = results.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines):
-                break  # the line being written when the run stopped
-            raise ValueError(f"{results}:{lineno}: invalid JSON: {exc.msg}") from exc
+    records, _ = _parse(results.read_bytes(), results)
     if not records:
         raise ValueError(f"run: {folder} has no results yet")
     return config, records
+
+
+def _parse(data: bytes, path: Path) -> tuple[list[dict], int]:
+    """The records of a results file's bytes and how many bytes they take: a last line
+    cut short by a crash (no newline, not JSON) is left out; any other bad line is an
+    error naming ``path`` and the line."""
+    records, offset = [], 0
+    for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as exc:
+            if not line.endswith(b"\n"):  # the line being written when the run stopped
+                break
+            raise ValueError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+        offset += len(line)
+        if record is not None:
+            records.append(record)
+    return records, offset

@@ -47,7 +47,10 @@ from .actions import Abstain, Selection
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
-__all__ = ["PROCEDURES", "generate", "needed_signals", "split_options"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "PROCEDURES", "generate", "needed_signals", "split_options"]
+
+#: The answer budget when neither the caller nor the recipe's ``[generation]`` sets one.
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def split_options(options: dict) -> tuple[dict, dict]:
@@ -152,7 +155,7 @@ def plan(
         temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
         top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
         seed=seed,
-        max_new_tokens=defaults.get("max_new_tokens", 64)
+        max_new_tokens=defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         if max_new_tokens is None
         else max_new_tokens,
     )
