@@ -32,7 +32,7 @@ QUESTIONS = [
 ]
 SAMPLES, SIGMA, RANK = 10, 0.1, 8
 STEPS = 12
-TOKUR = ("tokur_total", "tokur_aleatoric", "tokur_epistemic")
+TOKUR = ("tokur_total", "tokur_aleatoric", "tokur_epistemic", "tokur_reward")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,9 @@ def _link_state(worker):
     return link.steps, None if link.samples is None else link.samples.tolist()  # plain RPC
 
 
-def _float64_decomposition(samples: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TokUR's TU / AU / EU of ``[..., M, V]`` logits, written out in float64."""
+def _float64_decomposition(samples: torch.Tensor, token: int) -> dict[str, torch.Tensor]:
+    """TokUR's TU / AU / EU of ``[M, V]`` logits and the implicit reward of ``token``
+    (``log p_bar(y) - mean_m log p_m(y)``), written out in float64."""
     lp = torch.log_softmax(samples.double(), dim=-1)
     p = lp.exp()
     aleatoric = -(p * lp).sum(-1).mean(-1)
@@ -105,6 +106,7 @@ def _float64_decomposition(samples: torch.Tensor) -> dict[str, torch.Tensor]:
         "tokur_total": total,
         "tokur_aleatoric": aleatoric,
         "tokur_epistemic": total - aleatoric,
+        "tokur_reward": torch.log(p_bar[token]) - lp[:, token].mean(),
     }
 
 
@@ -159,32 +161,40 @@ def test_sigma_zero_is_the_clean_model_exactly(engine, prompt_ids):
 
 def test_first_token_matches_float64_decomposition_of_the_samples(engine, prompt_ids):
     """One step (the prefill): the worker's [1, M, V] samples, decomposed independently
-    in float64, give the values recorded at step 0."""
+    in float64, give the values recorded at step 0 (the reward, which needs the emitted
+    token, completed when the request finished)."""
     outs, (trace,) = _run(engine, prompt_ids, [2], _params(max_tokens=1, signals=["tokur"]))
     (_, samples), *_ = engine.collective_rpc(_link_state)
     samples = torch.tensor(samples, dtype=torch.float32)
     assert samples.shape == (1, SAMPLES, engine.get_tokenizer().vocab_size)
-    assert torch.equal(samples[0, 0].argmax(), torch.tensor(outs[0].outputs[0].token_ids[0]))
-    expected = _float64_decomposition(samples[0])
+    token = outs[0].outputs[0].token_ids[0]
+    assert torch.equal(samples[0, 0].argmax(), torch.tensor(token))
+    expected = _float64_decomposition(samples[0], token)
     for key in TOKUR:
         torch.testing.assert_close(
             trace.signals[key][0, 0].double(), expected[key], atol=1e-5, rtol=1e-5
         )
     assert expected["tokur_epistemic"] > 1e-4  # the perturbed samples differ
+    assert expected["tokur_reward"] > 1e-5  # ... and so does the reward from 0
 
 
 def test_same_noise_same_values_as_transformers(engine, prompt_ids, hf_tokur):
     """sigma = 0.1, seed 0: each request alone draws transformers' noise; same greedy
-    tokens, same TU / AU / EU at every step, the first generated token included."""
+    tokens, same TU / AU / EU and implicit reward at every step, the first generated
+    token and the last (completed when the request finished) included."""
     outs, traces = _run(engine, prompt_ids, [0, 1], _params(signals=["entropy", "tokur"]))
     for out, trace, ref in zip(outs, traces, hf_tokur, strict=True):
         n = int(ref.lengths[0])
         assert list(out.outputs[0].token_ids)[:n] == ref.token_ids[0, :n].tolist()
-        for key in ("entropy", *TOKUR):
+        for key in ("entropy", "tokur_total", "tokur_aleatoric", "tokur_epistemic"):
             torch.testing.assert_close(
                 _values(trace, key, n), ref.signals[key][0, :n], atol=2e-3, rtol=2e-3
             )
         assert _values(trace, "tokur_epistemic", n)[0] > 1e-4
+        # The reward is small (often < 1e-3): compared tighter, and not vacuously.
+        reward = _values(trace, "tokur_reward", n)
+        torch.testing.assert_close(reward, ref.signals["tokur_reward"][0, :n], atol=1e-4, rtol=0.05)
+    assert max(float(ref.signals["tokur_reward"].max()) for ref in hf_tokur) > 1e-2
 
 
 def test_mixed_batch_gives_each_request_its_values_alone(engine, prompt_ids):

@@ -16,12 +16,13 @@ Bookkeeping (vLLM's persistent batch reorders rows under the processor):
 * Steps are keyed on the **number of output tokens** (the live ``output_ids`` list), not
   on calls: a chunked prefill calls the processor several times at step 0; each call
   overwrites the step's record and redoes the trigger's update for it.
-* The chosen-token signals of step ``t`` are completed at step ``t + 1`` (or when the
-  request finishes or leaves the batch) from the live ``output_ids``: each settings
-  group keeps a reference to its last step's log-probabilities (the tensor the signal
-  pass made anyway; nothing is copied) and each slot its row and step there, so the
-  completion is one gather of one value per row, done before the group's next signal
-  pass reuses that memory.
+* The values that need the emitted token (the chosen-token signals, TokUR's implicit
+  reward) of step ``t`` are completed at step ``t + 1`` (or when the request finishes or
+  leaves the batch) from the live ``output_ids``: each settings group keeps a reference
+  to its last step's log-probabilities (the tensors the signal pass and the TokUR pass
+  made anyway; nothing is copied) and each slot its row and step there, so the
+  completion is one gather per row, done before the group's next signal pass reuses
+  that memory.
 
 Per step, the opted-in rows are processed in one vectorised pass per settings group
 (requests with equal signal parameters, trigger and action; usually one group): the
@@ -57,12 +58,13 @@ from ..core.signals import (
     Workspace,
     bayesian_terms,
     chosen_from_logprobs,
+    implicit_reward,
     logit_signals,
     wants_samples,
 )
 from . import internals
 from .args import RequestSettings, parse_settings
-from .tokur import TOKUR_OUTPUTS, link_of
+from .tokur import TOKUR_OUTPUTS, TOKUR_STEP_OUTPUTS, link_of
 
 __all__ = ["KEYS", "Group", "ProcessorCore", "TrackedRequest", "validate_params"]
 
@@ -102,8 +104,7 @@ class Group:
     slots: torch.Tensor
     outputs: list[list[int]]
     cols: torch.Tensor
-    chosen: tuple[str, ...]
-    chosen_cols: torch.Tensor
+    chosen: tuple[str, ...]  # the outputs completed at the next step (need the token)
     start: int | None = None  # first row when the rows are contiguous
     present: torch.Tensor | None = None  # [S] bool
     eos_mask: torch.Tensor | None = None  # [rows, V] bool
@@ -164,9 +165,11 @@ class ProcessorCore:
         self._slots = 0
         self._cap = 0
         self._record = torch.zeros(0, 0, len(KEYS), device=self.device)
-        # Chosen-token signals: each group's last log-probabilities [rows, V] (by group
-        # key), each slot's row and step there (-1: nothing pending).
+        # Values that need the emitted token: each group's last log-probabilities
+        # [rows, V] and TokUR's (lp [rows, M, V], log p_bar [rows, 1, V]) (by group key),
+        # each slot's row and step there (-1: nothing pending).
         self._last_lp: dict[tuple, torch.Tensor] = {}
+        self._last_bayes: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._workspaces: dict[tuple, Workspace] = {}  # per group key: no [rows, V] allocations
         self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
         self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -244,20 +247,12 @@ class ProcessorCore:
             self.complete_from(req, n, last)
 
     def complete_from(self, req: TrackedRequest, n: torch.Tensor, last: torch.Tensor) -> None:
-        """Write the request's pending chosen-token values from ``[1]`` tensors: its
-        number of output tokens and its last one (on the device: no host
-        synchronisation)."""
-        prev = self._last_lp.get(req.settings.group_key)
-        chosen = [s for s in req.settings.signals if s in CHOSEN_SIGNALS]
-        if not (chosen and prev is not None):
-            return
-        slot = self.tensor([req.slot])
-        row = self._lp_row.index_select(0, slot).clamp(max=prev.shape[0] - 1)
-        pending = (self._lp_pos.index_select(0, slot) == n - 1) & (n > 0)
-        values = chosen_from_logprobs(prev, last, chosen, rows=row)
-        where = (slot, (n - 1).clamp_min(0), self.tensor([_COL[k] for k in chosen]))
-        new = torch.cat([values[k] for k in chosen])
-        self._record.index_put_(where, torch.where(pending, new, self._record[where]))
+        """Write the request's pending values of its last step (those that need its
+        token) from ``[1]`` tensors: its number of output tokens and its last one (on
+        the device: no host synchronisation)."""
+        chosen = _deferred_outputs(req.settings.signals)
+        if chosen:
+            self._write_deferred(req.settings.group_key, chosen, self.tensor([req.slot]), n, last)
 
     def _finish(self, req: TrackedRequest) -> None:
         self._complete(req)
@@ -315,6 +310,7 @@ class ProcessorCore:
         self.groups = [self._group(members) for members in by_key.values()]
         self._publish_tokur(list(by_key.values()))
         self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
+        self._last_bayes = {k: v for k, v in self._last_bayes.items() if k in by_key}
         self._workspaces = {k: self._workspaces.get(k) or Workspace() for k in by_key}
 
     def _publish_tokur(self, memberships: list[list[tuple[int, TrackedRequest]]]) -> None:
@@ -333,7 +329,7 @@ class ProcessorCore:
     def _group(self, members: list[tuple[int, TrackedRequest]]) -> Group:
         settings = members[0][1].settings
         needed = dict.fromkeys(s for _, r in members for s in r.settings.needed_signals())
-        chosen = tuple(s for s in needed if s in CHOSEN_SIGNALS)
+        chosen = _deferred_outputs(needed)
         deepconf_k, logtoku_k, evidence = settings.spec_params
         spec = SignalSpec(
             logit_signals(s for s in needed if s not in CHOSEN_SIGNALS),
@@ -341,7 +337,7 @@ class ProcessorCore:
             logtoku_k=logtoku_k,
             logtoku_evidence=evidence,
         )
-        names = spec.output_names + (TOKUR_OUTPUTS if wants_samples(needed) else ())
+        names = spec.output_names + (TOKUR_STEP_OUTPUTS if wants_samples(needed) else ())
         slots = self.tensor([r.slot for _, r in members])
         rows = [row for row, _ in members]
         group = Group(
@@ -353,7 +349,6 @@ class ProcessorCore:
             names=names,
             cols=self.tensor([_COL[k] for k in names]),
             chosen=chosen,
-            chosen_cols=self.tensor([_COL[k] for k in chosen]),
             start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
         )
         if settings.trigger is not None:
@@ -407,6 +402,10 @@ class ProcessorCore:
                 )
         return out
 
+    def stats(self) -> dict[str, int]:
+        """How many requests are tracked and how many finished traces wait."""
+        return {"tracked": len(self._by_params), "unread": len(self._finished)}
+
     # ------------------------------------------------------------------ hot path
 
     def apply_group(
@@ -422,12 +421,12 @@ class ProcessorCore:
             z = logits.index_select(0, g.rows)
         else:
             z = logits.narrow(0, g.start, g.slots.shape[0])
-        if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
-            self._complete_group(g, pos, last)
         key = g.settings.group_key
+        if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
+            self._write_deferred(key, g.chosen, g.slots, pos, last)
         values, lp = g.spec.compute(z, workspace=self._workspaces[key])
         if g.tokur is not None:
-            values |= self._tokur_values(g)
+            values |= self._tokur_values(g, key)
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
@@ -488,33 +487,63 @@ class ProcessorCore:
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
         return edited
 
-    def _tokur_values(self, g: Group) -> dict[str, torch.Tensor]:
+    def _tokur_values(self, g: Group, key: tuple) -> dict[str, torch.Tensor]:
         """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN
-        on an engine without the TokUR model: see ``tokur_engine_args``)."""
+        on an engine without the TokUR model: see ``tokur_engine_args``); keeps the
+        log-probabilities for the implicit reward, completed at the next step."""
         samples = self._tokur.samples
         if samples is None:
+            self._last_bayes[key] = None
             nan = torch.full((len(g.outputs),), float("nan"), device=self.device)
-            return dict.fromkeys(TOKUR_OUTPUTS, nan)
-        out, _, _ = bayesian_terms(samples.index_select(0, g.tokur))
+            return dict.fromkeys(TOKUR_STEP_OUTPUTS, nan)
+        out, lp, log_pbar = bayesian_terms(samples.index_select(0, g.tokur))
+        self._last_bayes[key] = (lp, log_pbar)
         return {f"tokur_{k}": v for k, v in out.items()}
 
-    def _complete_group(self, g: Group, pos: torch.Tensor, last: torch.Tensor) -> None:
-        """Complete the chosen-token values of each row's previous step, where the kept
-        log-probabilities hold it."""
-        prev = self._last_lp.get(g.settings.group_key)
-        if prev is None:
+    def _write_deferred(
+        self,
+        key: tuple,
+        names: tuple[str, ...],
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        last: torch.Tensor,
+    ) -> None:
+        """Complete outputs ``names`` (chosen-token signals, ``tokur_reward``) of the
+        previous step of the requests in ``slots`` (``pos``: their number of output
+        tokens, ``last``: their last one), where the kept log-probabilities hold it."""
+        values: dict[str, torch.Tensor] = {}
+        chosen = tuple(n for n in names if n != "tokur_reward")
+        prev = self._last_lp.get(key)
+        if chosen and prev is not None:
+            row = self._lp_row.index_select(0, slots).clamp(max=prev.shape[0] - 1)
+            values |= chosen_from_logprobs(prev, last, chosen, rows=row)
+        if "tokur_reward" in names and key in self._last_bayes:
+            bayes = self._last_bayes[key]
+            if bayes is None:  # no TokUR model: NaN, as the step's other TokUR values
+                values["tokur_reward"] = torch.full(last.shape, float("nan"), device=self.device)
+            else:
+                lp, log_pbar = bayes
+                row = self._lp_row.index_select(0, slots).clamp(max=lp.shape[0] - 1)
+                values["tokur_reward"] = implicit_reward(lp[row], log_pbar[row], last)
+        names = tuple(n for n in names if n in values)
+        if not names:
             return
-        row = self._lp_row.index_select(0, g.slots).clamp(max=prev.shape[0] - 1)
-        pending = (self._lp_pos.index_select(0, g.slots) == pos - 1) & (pos > 0)
-        chosen = chosen_from_logprobs(prev, last, g.chosen, rows=row)
-        where = (g.slots[:, None], (pos - 1).clamp_min(0)[:, None], g.chosen_cols[None, :])
-        new = torch.stack([chosen[k] for k in g.chosen], dim=-1)
+        pending = (self._lp_pos.index_select(0, slots) == pos - 1) & (pos > 0)
+        cols = self.tensor([_COL[k] for k in names])
+        where = (slots[:, None], (pos - 1).clamp_min(0)[:, None], cols[None, :])
+        new = torch.stack([values[k] for k in names], dim=-1)
         self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
 
     def _grow_steps(self, needed: int) -> None:
         cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
         self._record = torch.nn.functional.pad(self._record, (0, 0, 0, cap - self._cap))
         self._cap = cap
+
+
+def _deferred_outputs(signals) -> tuple[str, ...]:
+    """The outputs of ``signals`` that need the step's emitted token."""
+    chosen = tuple(s for s in signals if s in CHOSEN_SIGNALS)
+    return chosen + (("tokur_reward",) if wants_samples(signals) else ())
 
 
 def _to_python(entry: dict) -> dict:

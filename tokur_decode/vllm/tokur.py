@@ -53,6 +53,7 @@ from ..core.signals import REGISTRY
 __all__ = [
     "ARCHITECTURES",
     "TOKUR_OUTPUTS",
+    "TOKUR_STEP_OUTPUTS",
     "TokurLink",
     "is_tokur_engine",
     "link_of",
@@ -65,10 +66,11 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "TokurLlamaForCausalLM",
     "Qwen2ForCausalLM": "TokurQwen2ForCausalLM",
 }
-#: The trace columns of the ``"tokur"`` signal in vLLM (TokUR's implicit reward, which
-#: needs the ``M`` log-probabilities of the emitted token kept per request until the
-#: next step, is not recorded there).
-TOKUR_OUTPUTS = REGISTRY["tokur"].step_keys
+#: The trace columns of the ``"tokur"`` signal: TU / AU / EU, known at the step, and the
+#: implicit reward, which needs the emitted token (completed at the next step).
+TOKUR_OUTPUTS = REGISTRY["tokur"].keys
+#: The ones known at the step.
+TOKUR_STEP_OUTPUTS = REGISTRY["tokur"].step_keys
 #: The q/k/v slices of vLLM's fused ``qkv_proj`` that can be perturbed.
 TARGETS = ("q_proj", "k_proj", "v_proj")
 #: Attribute of the model's (HF) config that carries the settings into the worker.
@@ -95,16 +97,29 @@ class TokurOverrides:
 
     def __call__(self, config):
         archs = [a for a in getattr(config, "architectures", None) or [] if a]
+        if not archs:  # vLLM probes the callable with an empty config first
+            return config
+        for key, value in self.for_architectures(archs).items():
+            setattr(config, key, value)
+        return config
+
+    def for_architectures(self, archs: list[str]) -> dict:
+        """The same overrides as a JSON-able dict, for a checkpoint of architectures
+        ``archs`` (what ``vllm serve --hf-overrides`` takes).
+
+        Example:
+            >>> TokurOverrides({"samples": 4}).for_architectures(["LlamaForCausalLM"])
+            {'architectures': ['TokurLlamaForCausalLM'], 'tokur_perturbation': {'samples': 4}}
+        """
         ours = set(ARCHITECTURES.values())
-        if archs and not all(a in ARCHITECTURES or a in ours for a in archs):
+        if not all(a in ARCHITECTURES or a in ours for a in archs):
             raise ValueError(
                 f"model: TokUR in vLLM supports {sorted(ARCHITECTURES)}, the checkpoint is {archs}"
             )
-        if not archs:  # vLLM probes the callable with an empty config first
-            return config
-        config.architectures = [ARCHITECTURES.get(a, a) for a in archs]
-        setattr(config, CONFIG_KEY, dict(self.settings))
-        return config
+        return {
+            "architectures": [ARCHITECTURES.get(a, a) for a in archs],
+            CONFIG_KEY: dict(self.settings),
+        }
 
 
 def tokur_engine_args(
