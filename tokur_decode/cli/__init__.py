@@ -7,6 +7,7 @@ tokur-decode bench overhead                                # monitor cost, ratio
 tokur-decode eval --data tasks:capitals --out runs/detect  # wrong-answer detection metrics
 tokur-decode scale --data tasks:legs --out runs/scale      # accuracy vs N candidates
 tokur-decode calibrate runs/detect --risk 0.2 --out r.toml # abstention with a guarantee
+tokur-decode serve --port 8000                             # OpenAI server, traces in responses
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import bench, calibrate, experiments, generate, strategies
+from . import bench, calibrate, experiments, generate, serve, strategies
 from .common import load, model_args
 from .engine_log import EngineLog, start_failure
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     experiments.add_parsers(sub, model_args)  # eval, scale
     calibrate.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
@@ -43,10 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokur-decode`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     log = EngineLog() if _starts_vllm(args) else contextlib.nullcontext()
     try:
         with log:
+            if args.command == "serve":
+                return serve.run(args, rest)
             return _run(args, argv)
     except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)

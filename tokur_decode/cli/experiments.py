@@ -9,6 +9,7 @@ command line (the runners: :mod:`tokur_decode.experiments`).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -27,10 +28,19 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
     p.add_argument("--out", required=True, help="run folder (results, report, plots); resumable")
     p.add_argument(
         "--backend",
-        choices=("hf", "vllm"),
+        choices=("hf", "vllm", "openai"),
         default="hf",
-        help="hf: transformers (default); vllm: a vLLM engine with the UncertaintyProcessor",
+        help="hf: transformers (default); vllm: a vLLM engine with the UncertaintyProcessor; "
+        "openai: a server started with tokur-decode serve (--base-url)",
     )
+    server = p.add_argument_group("a server (--backend openai)")
+    server.add_argument("--base-url", help="the server, e.g. http://127.0.0.1:8000")
+    server.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="the server's --api-key (default: $OPENAI_API_KEY)",
+    )
+    server.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
     p.add_argument(
         "--verbalized",
         action="store_true",
@@ -119,8 +129,24 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
 
 
 def _backend(args, load: Callable, tokur: dict):
-    from ..experiments.backends import HFBackend, VerbalizedBackend, VLLMBackend
+    from ..experiments.backends import HFBackend, OpenAIBackend, VerbalizedBackend, VLLMBackend
 
+    if args.backend == "openai":
+        if tokur:
+            raise ValueError("--tokur-*: the server's tokur-decode serve --tokur-* set them")
+        if args.verbalized:
+            raise ValueError("--verbalized: runs in-process (--backend hf or vllm)")
+        if not args.base_url:
+            raise ValueError("--base-url: needed with --backend openai")
+        return OpenAIBackend(
+            args.base_url,
+            api_key=args.api_key,
+            model=args.model,
+            chat=args.chat,
+            concurrency=args.concurrency,
+        )
+    if args.base_url:
+        raise ValueError("--base-url: only with --backend openai")
     name = args.model or "embedded:SmolLM2-135M-Instruct"
     if args.backend == "vllm":
         if tokur:

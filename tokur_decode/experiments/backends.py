@@ -9,11 +9,12 @@ go in :attr:`Generation.extra`; the runners report them beside the trace aggrega
 (and their calibration error when they are probabilities, see
 :data:`tokur_decode.experiments.scoring.PROBABILITY_SCORES`).
 
-Three backends ship: :class:`HFBackend` (transformers), :class:`VLLMBackend` (a vLLM
-engine with :class:`tokur_decode.vllm.UncertaintyProcessor`) and
-:class:`VerbalizedBackend`, which asks either engine for ``Answer: ...`` and
-``Confidence: NN`` (:func:`tokur_decode.verbalized.ask`) and adds the verbalized
-scores (:data:`VERBALIZED_EXTRA`).
+Four backends ship: :class:`HFBackend` (transformers), :class:`VLLMBackend` (a vLLM
+engine with :class:`tokur_decode.vllm.UncertaintyProcessor`), :class:`OpenAIBackend` (a
+server started with ``tokur-decode serve``, over HTTP) and :class:`VerbalizedBackend`,
+which asks either in-process engine for ``Answer: ...`` and ``Confidence: NN``
+(:func:`tokur_decode.verbalized.ask`) and adds the verbalized scores
+(:data:`VERBALIZED_EXTRA`).
 
 Example:
     >>> from tokur_decode.models import load_default
@@ -42,6 +43,7 @@ __all__ = [
     "Backend",
     "Generation",
     "HFBackend",
+    "OpenAIBackend",
     "VLLMBackend",
     "VerbalizedBackend",
 ]
@@ -264,6 +266,58 @@ class VLLMBackend(_Decoding):
 
         engine, _ = self.loaded()
         return Adapter(engine, chat=self.chat, **self.signal_params)
+
+
+class OpenAIBackend(_Decoding):
+    """A server started with ``tokur-decode serve`` (or any vLLM server with our
+    plugins), over HTTP: the strategy layer's :class:`tokur_decode.vllm.remote.
+    RemoteBackend`, so the requests, seeds and traces are those of :class:`VLLMBackend`
+    on the same model.
+
+    Args:
+        base_url: the server (``http://host:port``).
+        api_key: its ``--api-key``, if any.
+        model: the served model's name (default: the server's first).
+        model_name: how the model is named in the run's configuration (default: the
+            served name).
+        chat: chat template use (``None``: when the tokenizer has one).
+        concurrency: requests in flight at once.
+        signal_params: processor options (``logtoku_k``, ``deepconf_k``, ...).
+    """
+
+    name = "openai"
+    dtype = "the server's"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        model_name: str | None = None,
+        chat: bool | None = None,
+        concurrency: int = 8,
+        **signal_params,
+    ) -> None:
+        from ..vllm.remote import RemoteBackend
+
+        self._remote = RemoteBackend(
+            base_url,
+            api_key=api_key,
+            model=model,
+            chat=chat,
+            concurrency=concurrency,
+            **signal_params,
+        )
+        self.model_name = model_name or self._remote.model
+        self.chat = chat
+        self.signal_params = signal_params
+
+    def _described(self) -> dict:
+        return {"served_model": self._remote.model}
+
+    def adapter(self):
+        return self._remote
 
 
 #: The extra scores of :class:`VerbalizedBackend` (confidences, higher = more likely

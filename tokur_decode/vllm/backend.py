@@ -53,6 +53,13 @@ class VLLMBackend:
         self.engine, self.chat, self.signal_params = engine, chat, signal_params
         uncertainty_args("max_prob", **signal_params)  # validated here, not per request
 
+    #: How to get an engine that has TokUR's model (for the error without one).
+    TOKUR_HOW = "tokur_decode.vllm.llm(**tokur_decode.vllm.tokur_engine_args(...))"
+
+    def has_tokur(self) -> bool:
+        """Whether the engine has TokUR's model."""
+        return is_tokur_engine(self.engine)
+
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         return prompt_token_ids(self.engine.get_tokenizer(), prompts, self.chat)
 
@@ -60,10 +67,9 @@ class VLLMBackend:
         """``request.tokur`` is not used: the engine's
         :func:`~tokur_decode.vllm.tokur_engine_args` set TokUR's options."""
         signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
-        if wants_samples(signals) and not is_tokur_engine(self.engine):
+        if wants_samples(signals) and not self.has_tokur():
             raise ValueError(
-                "signals: 'tokur' needs an engine with TokUR's model: "
-                "tokur_decode.vllm.llm(**tokur_decode.vllm.tokur_engine_args(...))"
+                f"signals: 'tokur' needs an engine with TokUR's model: {self.TOKUR_HOW}"
             )
         inputs = self.token_ids(prompts)
         if isinstance(act, acts.Branch):

@@ -32,6 +32,7 @@ __all__ = [
     "kv_cache_bytes",
     "llm",
     "read_traces",
+    "trace_of",
 ]
 
 GIB = 2**30
@@ -141,11 +142,17 @@ def read_traces(engine, outputs: Sequence, tokenizer=None) -> list[Trace | None]
         if any(item is None for item in items):
             traces.append(None)
             continue
-        traces.append(_trace(items, [c.text for c in out.outputs], tokenizer, out.request_id))
+        tokens = [[tokenizer.decode([t]) for t in item["token_ids"]] for item in items]
+        traces.append(trace_of(items, [c.text for c in out.outputs], tokens, out.request_id))
     return traces
 
 
-def _trace(items: list[dict], texts: list[str], tokenizer, request_id: str) -> Trace:
+def trace_of(
+    items: list[dict], texts: list[str], tokens: list[list[str]], request_id: str
+) -> Trace:
+    """The :class:`~tokur_decode.core.trace.Trace` of one request's completions:
+    ``items`` as the processor returns them (``token_ids``, ``signals``, ``events``), one
+    per completion, with the completions' ``texts`` and each token's text."""
     lengths = [len(item["token_ids"]) for item in items]
     width = max(lengths, default=0)
 
@@ -157,7 +164,7 @@ def _trace(items: list[dict], texts: list[str], tokenizer, request_id: str) -> T
         signals={k: padded([item["signals"][k] for item in items]).float() for k in names},
         token_ids=padded([item["token_ids"] for item in items]).long(),
         lengths=torch.tensor(lengths),
-        tokens=[[tokenizer.decode([t]) for t in item["token_ids"]] for item in items],
+        tokens=tokens,
         texts=texts,
         meta={"request_id": request_id, "actions": [item["events"] for item in items]},
     )
