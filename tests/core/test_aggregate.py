@@ -41,7 +41,7 @@ def ref(name: str, row: list[float], **kw) -> float:
     if name == "deepconf_lowest_group":
         return float(np.min(groups))
     if name == "deepconf_bottom_groups":
-        c = max(1, math.ceil(len(groups) * kw.get("frac", 0.1)))
+        c = max(1, int(len(groups) * kw.get("frac", 0.1)))  # DeepConf's count
         return float(np.mean(sorted(groups)[:c]))
     if name == "deepconf_tail":
         return float(np.mean(row[-w:]))

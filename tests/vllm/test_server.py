@@ -301,6 +301,7 @@ def test_scale_from_the_command_line_against_the_server(server, tmp_path):
     command += ["--base-url", server, "--api-key", API_KEY, "--data", "tasks:arithmetic"]
     command += ["--limit", "2", "--n", "1,2", "--max-new-tokens", "8", "--out", str(out)]
     command += ["--repeats", "2", "--bootstrap", "20", "--no-progress"]
+    command += ["--strategies", "self-certainty-best-of-n,deepconf-online"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -131,8 +131,11 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
 def _backend(args, load: Callable, tokur: dict):
     from ..experiments.backends import HFBackend, OpenAIBackend, VerbalizedBackend, VLLMBackend
 
+    explicit = [
+        k for k in ("rank", "sigma", "samples", "seed") if getattr(args, f"tokur_{k}") is not None
+    ]
     if args.backend == "openai":
-        if tokur:
+        if explicit:
             raise ValueError("--tokur-*: the server's tokur-decode serve --tokur-* set them")
         if args.verbalized:
             raise ValueError("--verbalized: runs in-process (--backend hf or vllm)")
@@ -149,7 +152,7 @@ def _backend(args, load: Callable, tokur: dict):
         raise ValueError("--base-url: only with --backend openai")
     name = args.model or "embedded:SmolLM2-135M-Instruct"
     if args.backend == "vllm":
-        if tokur:
+        if explicit:
             raise ValueError("--tokur-*: TokUR options apply to the transformers backend")
         backend = VLLMBackend(
             loader=lambda: _vllm_engine(args),

@@ -202,14 +202,25 @@ def deepconf_lowest_group(values, lengths=None, *, window: int = 2048, empty: fl
 
 
 def deepconf_bottom_groups(
-    values, lengths=None, *, window: int = 2048, frac: float = 0.1, empty: float = 0.0
+    values,
+    lengths=None,
+    *,
+    window: int = 2048,
+    frac: float = 0.1,
+    rule: str = "deepconf",
+    empty: float = 0.0,
 ):
-    """Mean of the lowest ``ceil(frac * G)`` group confidences (DeepConf bottom-10%)."""
+    """Mean of the lowest group confidences (DeepConf's bottom-10% confidence): of
+    ``G`` groups, ``max(1, int(frac * G))`` as DeepConf's code keeps them (``rule =
+    "deepconf"``), or ``max(1, ceil(frac * G))`` (``"ceil"``)."""
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
+    if rule not in ("deepconf", "ceil"):
+        raise ValueError(f"rule: 'deepconf' or 'ceil', got {rule!r}")
     groups, gl = group_confidences(values, lengths, window=window)
     g, _, mask = _prepare(groups, gl)
-    count = torch.ceil(gl.to(torch.float64) * frac).long().clamp_min(1)
+    scaled = gl.to(torch.float64) * frac
+    count = (torch.ceil(scaled) if rule == "ceil" else torch.floor(scaled)).long().clamp_min(1)
     return _finish(_sorted_prefix_mean(g, mask, count, largest=False), gl, empty)
 
 

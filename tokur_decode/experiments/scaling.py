@@ -67,8 +67,8 @@ class Method:
     """How N candidates become one answer.
 
     ``kind``: ``"select"`` (:func:`tokur_decode.core.select.choose` by ``score:reducer``
-    with ``method`` and ``eta``) or ``"deepconf-online"`` (also ``warmup``, ``keep``,
-    ``window``).
+    with ``method``, ``eta``, ``eta_rule`` and ``borda_p``) or ``"deepconf-online"``
+    (also ``warmup``, ``keep``, ``window``).
     """
 
     name: str
@@ -78,6 +78,8 @@ class Method:
     higher_is_better: bool = True
     method: str = "argmax"
     eta: float = 1.0
+    eta_rule: str = "deepconf"
+    borda_p: float = 0.5
     warmup: int = 0
     keep: float = 100.0
     window: int = 2048
@@ -112,6 +114,8 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
             higher_is_better=p.higher_is_better,
             method=p.method,
             eta=float(p.eta),
+            eta_rule=p.eta_rule,
+            borda_p=float(p.borda_p),
         )
         if strat.action == "deepconf-online":
             extra = dict(warmup=p.warmup, keep=float(p.keep), window=p.window)
@@ -119,10 +123,10 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
         else:
             recipes.append(Method(strat.name, "select", **common))
     out = list(recipes)
-    seen = {(m.kind, m.label, m.higher_is_better, m.method, m.eta) for m in recipes}
+    seen = {(m.kind, m.label, m.higher_is_better, m.method, m.eta, m.eta_rule) for m in recipes}
     for m in recipes:
         for v in _variants(m, eta):
-            key = ("select", v.label, v.higher_is_better, v.method, v.eta)
+            key = ("select", v.label, v.higher_is_better, v.method, v.eta, v.eta_rule)
             if key not in seen:
                 seen.add(key)
                 out.append(v)
@@ -137,14 +141,14 @@ def extra_methods(names: Sequence[str], *, eta: float = 0.5) -> list[Method]:
     Example:
         >>> [m.name for m in extra_methods(["verbalized_confidence"])]
         ['best-of-N verbalized_confidence', 'weighted vote verbalized_confidence', \
-'top-0.5 vote verbalized_confidence']
+'Borda vote verbalized_confidence', 'top-0.5 vote verbalized_confidence']
     """
     return [v for name in names for v in _variants(Method(name, "select", name, ""), eta)]
 
 
 def _variants(m: Method, eta: float) -> list[Method]:
-    """Best-of-N, weighted vote and top-eta vote by ``m``'s score (the recipe's eta when
-    below 1, else ``eta``)."""
+    """Best-of-N, weighted vote, Borda vote and top-eta vote by ``m``'s score (the
+    recipe's eta when below 1, else ``eta``; the recipe's eta rule and Borda power)."""
     keep = m.eta if m.eta < 1 else eta
     return [
         Method(
@@ -155,12 +159,15 @@ def _variants(m: Method, eta: float) -> list[Method]:
             m.higher_is_better,
             method,
             keep_eta,
+            eta_rule=m.eta_rule,
+            borda_p=m.borda_p,
             window=m.window,
             variant=True,
         )
         for title, method, keep_eta in (
             ("best-of-N", "argmax", 1.0),
             ("weighted vote", "weighted-softmax", 1.0),
+            ("Borda vote", "borda", 1.0),
             (f"top-{keep:g} vote", "majority", keep),
         )
     ]
@@ -297,7 +304,7 @@ def _confidences(cands: list[dict], m: Method) -> np.ndarray:
 
 
 def _pick(answers: list, conf: np.ndarray, m: Method) -> int:
-    return choose(answers, conf.tolist(), m.method, m.eta)
+    return choose(answers, conf.tolist(), m.method, m.eta, eta_rule=m.eta_rule, borda_p=m.borda_p)
 
 
 def _deepconf_online(cands, conf, subsets: np.ndarray, m: Method) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from typing import ClassVar
 from ..core import aggregate
 from ..core.probe import PROBE, Probe
 from ..core.scores import check_score_name, outputs_read
-from ..core.select import METHODS
+from ..core.select import ETA_RULES, METHODS
 from ..core.signals import signal_of_output
 
 __all__ = [
@@ -133,13 +133,17 @@ class Resample(ActionConfig):
 class Selection(ActionConfig):
     """How candidates are chosen: the ``reducer`` of output ``score`` per candidate
     (``higher_is_better``), then ``method`` (see :func:`tokur_decode.core.select.choose`)
-    over the top ``eta`` fraction."""
+    over the top ``eta`` fraction as ``eta_rule`` counts it (``"deepconf"``, ``"tokur"``
+    or ``"ceil"``: :func:`tokur_decode.core.select.top_eta`); ``borda_p``: the power of
+    the ``"borda"`` vote."""
 
     score: str = ""
     reducer: str = "mean"
     higher_is_better: bool = True
     method: str = "argmax"
     eta: float = 1.0
+    eta_rule: str = "deepconf"
+    borda_p: float = 0.5
 
     def check(self) -> None:
         if not self.score:
@@ -154,6 +158,10 @@ class Selection(ActionConfig):
             raise ValueError(f"action.method: unknown {self.method!r}; choose from {METHODS}")
         if not 0 < self.eta <= 1:
             raise ValueError(f"action.eta: must be in (0, 1], got {self.eta}")
+        if self.eta_rule not in ETA_RULES:
+            raise ValueError(f"action.eta_rule: unknown {self.eta_rule!r}; choose from {ETA_RULES}")
+        if not (isinstance(self.borda_p, int | float) and self.borda_p > 0):
+            raise ValueError(f"action.borda_p: must be > 0, got {self.borda_p!r}")
 
 
 @dataclass(frozen=True)

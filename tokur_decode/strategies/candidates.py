@@ -65,6 +65,8 @@ def choose_candidates(
                 [scores[i] for i in rows],
                 params.method,
                 params.eta,
+                eta_rule=params.eta_rule,
+                borda_p=params.borda_p,
             )
         ]
         chosen.append(pick)
@@ -77,6 +79,7 @@ def choose_candidates(
                 "higher_is_better": params.higher_is_better,
                 "method": params.method,
                 "eta": params.eta,
+                "eta_rule": params.eta_rule,
                 "scores": [raw[i] for i in rows],
                 "answers": [answers[i] for i in rows],
             }
