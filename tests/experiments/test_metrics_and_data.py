@@ -74,7 +74,7 @@ def test_jsonl_shapes_gsm8k_math_and_per_item_grader(tmp_path):
     items = data.load(str(gsm))
     assert [i.answer for i in items] == ["1234", "7"]
     assert [i.id for i in items] == ["0", "x"]
-    assert items[0].grader == "numeric" and items[0].prompt.endswith("just the number.")
+    assert items[0].grader == "numeric" and items[0].prompt == "Sum?"  # as written
     math_file = tmp_path / "math.jsonl"
     math_file.write_text(
         json.dumps({"problem": "Half?", "solution": r"It is $\boxed{\frac{1}{2}}$."})
@@ -328,3 +328,42 @@ def test_store_resumes_refuses_other_configs_and_drops_a_torn_line(tmp_path):
     (tmp_path / "results.jsonl").write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(ValueError, match=r"results\.jsonl:2: invalid JSON"):
         RunStore(tmp_path, {"kind": "detect", "seed": 0, "signals": ["a"]})
+
+
+def test_jsonl_prompts_are_sent_as_written_unless_asked(tmp_path, embedded):
+    """A JSONL question reaches the model unchanged; a suffix or a named template only
+    when asked; built-in tasks keep their instruction (the control)."""
+    from tokur_decode.core.text import prompt_token_ids
+    from tokur_decode.experiments.graders import grade
+
+    _, tok = embedded
+    path = tmp_path / "gsm.jsonl"
+    question = "Natalia sold 48 clips in April and half as many in May. How many in all?"
+    path.write_text(json.dumps({"question": question, "answer": "#### 72"}) + "\n")
+    (item,) = data.load(str(path))
+    assert item.prompt == question and item.system is None and item.messages == question
+    (sent,) = prompt_token_ids(tok, [item.messages])
+    alone = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+    )
+    assert sent == list(getattr(alone, "input_ids", alone))  # nothing appended
+
+    (suffixed,) = data.load(str(path), prompt_suffix="Answer with just the number.")
+    assert suffixed.prompt == question + " Answer with just the number."
+    (qwen,) = data.load(str(path), prompt_template="tokur-qwen")
+    assert qwen.prompt.startswith(question) and qwen.prompt.endswith("within \\boxed{}.")
+    (llama,) = data.load(str(path), prompt_template="tokur-llama")
+    assert llama.prompt == question and "\\boxed{answer}" in llama.system
+    (with_system,) = prompt_token_ids(tok, [llama.messages])
+    assert "Therefore, the final answer is" in tok.decode(with_system)
+    assert question in tok.decode(with_system)
+    with pytest.raises(ValueError, match="chat template"):
+        prompt_token_ids(tok, [llama.messages], chat=False)
+    with pytest.raises(ValueError, match="prompt_template: unknown"):
+        data.load(str(path), prompt_template="nope")
+    with pytest.raises(ValueError, match="prompt_suffix"):
+        data.load(str(path), prompt_suffix="x", prompt_template="tokur-qwen")
+    assert data.load("tasks:legs", limit=1)[0].prompt.endswith("Answer with just the number.")
+    answer = "... = 72.\nTherefore, the final answer is: $\\boxed{72}$. I hope it is correct."
+    assert grade(answer, "72", "math") and grade(answer, "72", "numeric")
+    assert not grade(answer.replace("{72}", "{71}"), "72", "math")

@@ -14,6 +14,8 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from ..experiments.prompts import TEMPLATES
+
 __all__ = ["add_parsers", "run"]
 
 DEFAULT_STRATEGIES = "tokur-best-of-n,deepconf-online,self-certainty-best-of-n"
@@ -54,6 +56,17 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
     p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (0)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in tasks (0)")
     p.add_argument("--grader", choices=("numeric", "string", "math"), help="JSONL files' grader")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--prompt-suffix",
+        metavar="TEXT",
+        help="append TEXT to each JSONL question (default: questions are sent as written)",
+    )
+    shape.add_argument(
+        "--prompt-template",
+        choices=sorted(TEMPLATES),
+        help="shape each JSONL question with a named template (TokUR's evaluation prompts)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=batch, help=f"items per generate call ({batch})"
     )
@@ -198,7 +211,14 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = "tokur-decode " + " ".join(shlex.quote(a) for a in argv)
-    items = data.load_many(args.data, seed=args.data_seed, limit=args.limit, grader=args.grader)
+    items = data.load_many(
+        args.data,
+        seed=args.data_seed,
+        limit=args.limit,
+        grader=args.grader,
+        prompt_suffix=args.prompt_suffix,
+        prompt_template=args.prompt_template,
+    )
     progress = not args.no_progress
     if args.command == "eval":
         signals = _eval_signals(args)

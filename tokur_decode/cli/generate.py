@@ -91,6 +91,13 @@ def add_parser(sub) -> None:
         default=25,
         help="LogTokU response score: mean of the k most unreliable tokens",
     )
+    gen.add_argument(
+        "--alternatives",
+        type=int,
+        default=0,
+        metavar="K",
+        help="show each step's K most probable tokens with their probabilities (0-20)",
+    )
     gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
     verb = gen.add_argument_group("verbalized confidence")
     verb.add_argument(
@@ -165,6 +172,7 @@ def run(args) -> int:
         seed=args.seed,
         logtoku_k=args.logtoku_k,
         logtoku_evidence=args.logtoku_evidence,
+        alternatives=args.alternatives,
     )
     if args.backend == "vllm":
         result = _generate_vllm(args, options)
@@ -204,11 +212,20 @@ def run(args) -> int:
 
 
 def _token_rows(row: dict) -> list[dict]:
-    """One dict per token of a ``Trace.to_dict()`` row: index, text, id and every signal."""
-    return [
+    """One dict per token of a ``Trace.to_dict()`` row: index, text, id, every signal,
+    and the step's alternatives (``[{"token", "token_id", "prob"}]``) when recorded."""
+    rows = [
         {"index": i, "token": tok, "token_id": tid, **{k: v[i] for k, v in row["values"].items()}}
         for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
     ]
+    alt = row.get("alternatives")
+    if alt is not None:
+        for i, out in enumerate(rows):
+            out["alternatives"] = [
+                {"token": t, "token_id": a, "prob": p}
+                for t, a, p in zip(alt["tokens"][i], alt["ids"][i], alt["probs"][i], strict=True)
+            ]
+    return rows
 
 
 def _cmd_verbalized(args) -> int:
@@ -343,12 +360,17 @@ def _print_report(report: dict) -> None:
         acting = step_actions and n == len(parts)
         if acting:
             table.add_column("action", overflow="fold", min_width=12)
+        alternatives = n == len(parts) and "alternatives" in (report["tokens"] or [{}])[0]
+        if alternatives:
+            table.add_column("top alternatives", overflow="fold", min_width=20)
         for i, tok in enumerate(report["tokens"]):
             cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in part]
             if acting:
                 cells.append(
                     Text(_describe(step_actions[i]) if i in step_actions else "", style="bold")
                 )
+            if alternatives:
+                cells.append(Text(_alternatives(tok["alternatives"]), style="dim"))
             table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
         console.print(table)
     for event in report["actions"]:
@@ -379,6 +401,11 @@ def _print_report(report: dict) -> None:
 
 #: Widths of the per-token table: a value cell (``0.1234`` or its header) and the token.
 _CELL_WIDTH, _TOKEN_WIDTH = 8, 14
+
+
+def _alternatives(alternatives: list[dict]) -> str:
+    """``'Paris' .98  'Lyon' .01`` (probabilities to two digits)."""
+    return "  ".join(f"{a['token']!r} {a['prob']:.2f}" for a in alternatives)
 
 
 def _fit(columns: list, width: int) -> list[list]:

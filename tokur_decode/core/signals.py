@@ -78,6 +78,7 @@ __all__ = [
     "deepconf_confidence",
     "entropy",
     "implicit_reward",
+    "log_probs",
     "logit_signals",
     "logtoku",
     "margin",
@@ -311,6 +312,17 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` of ``logits`` ``[..., V]`` under the module's non-finite
+    conventions (NaN never reaches the result), in the compute dtype.
+
+    Example:
+        >>> log_probs(torch.tensor([0.0, float("nan")])).exp().tolist()
+        [1.0, 0.0]
+    """
+    return torch.log_softmax(_sanitize(logits), dim=-1)
 
 
 def _sanitize(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,24 +18,31 @@ import torch
 __all__ = ["decode_rows", "encode_prompts", "normalize_answer", "prompt_token_ids"]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool | None = None, device=None):
+def encode_prompts(
+    tokenizer, prompts: Sequence[str | list[dict]], *, chat: bool | None = None, device=None
+):
     """Tokenise ``prompts`` as a left-padded batch.
 
     ``chat=None`` uses the tokenizer's chat template when it has one (each prompt as a
     user message, generation prompt appended); ``True`` requires one; ``False`` feeds
-    the raw text.
+    the raw text. A prompt may also be a list of chat messages (a system prompt and the
+    user message), which needs the template.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat and not has_template:
         raise ValueError("chat: the tokenizer has no chat template; pass chat=False")
     use_chat = has_template if chat is None else chat
+    if not use_chat and any(not isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: chat messages (a system prompt) need the chat template")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if use_chat:
         texts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+                add_generation_prompt=True,
+                tokenize=False,
             )
             for p in prompts
         ]
@@ -52,7 +59,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool | None = Non
 
 
 def prompt_token_ids(
-    tokenizer, prompts: Sequence[str], chat: bool | None = None
+    tokenizer, prompts: Sequence[str | list[dict]], chat: bool | None = None
 ) -> list[list[int]]:
     """``prompts`` as :func:`encode_prompts` encodes them, one unpadded token-id list
     each (what an engine that takes token ids, e.g. ``vllm.TokensPrompt``, needs)."""

@@ -37,7 +37,25 @@ import torch
 from . import aggregate
 from .signals import OUTPUTS
 
-__all__ = ["StepBuffer", "Trace", "uncertainty_scale"]
+__all__ = [
+    "MAX_ALTERNATIVES",
+    "Alternatives",
+    "StepBuffer",
+    "Trace",
+    "check_alternatives",
+    "uncertainty_scale",
+]
+
+#: The most alternatives per step a trace records.
+MAX_ALTERNATIVES = 20
+
+
+def check_alternatives(k, name: str = "alternatives") -> int:
+    """``k`` if it is a number of alternatives to record (0: none), else ``ValueError``."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_ALTERNATIVES:
+        raise ValueError(f"{name}: an integer from 0 to {MAX_ALTERNATIVES}, got {k!r}")
+    return k
+
 
 #: Signals with a fixed [0, 1] range: coloured on that absolute scale.
 
@@ -106,6 +124,72 @@ class StepBuffer:
 
 
 @dataclass
+class Alternatives:
+    """The ``k`` most probable tokens of every step, from the distribution the step's
+    token was drawn from (the monitor's logits): ``ids`` ``[B, T, k]`` and their
+    probabilities ``probs`` ``[B, T, k]``, most probable first; ``tokens`` their text
+    per row and step (when a tokenizer was given).
+
+    Example:
+        >>> alt = Alternatives.of_logprobs(torch.log(torch.tensor([[[0.1, 0.6, 0.3]]])), k=2)
+        >>> alt.ids.tolist(), [round(p, 2) for p in alt.probs[0, 0].tolist()]
+        ([[[1, 2]]], [0.6, 0.3])
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tokens: list[list[list[str]]] | None = None
+
+    @classmethod
+    def of_logprobs(cls, logprobs: torch.Tensor, k: int) -> Alternatives:
+        """The top ``k`` of log-probabilities ``[..., V]`` (on their device)."""
+        values, ids = logprobs.topk(k, dim=-1)
+        return cls(ids, values.exp())
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def rows(self, rows: list[int]) -> Alternatives:
+        index = torch.tensor(rows, dtype=torch.long, device=self.ids.device)
+        tokens = None if self.tokens is None else [self.tokens[i] for i in rows]
+        return Alternatives(
+            self.ids.index_select(0, index), self.probs.index_select(0, index), tokens
+        )
+
+    def trimmed(self, row: int, n: int) -> Alternatives:
+        tokens = None if self.tokens is None else [self.tokens[row][:n]]
+        return Alternatives(self.ids[row : row + 1, :n], self.probs[row : row + 1, :n], tokens)
+
+    def padded(self, width: int) -> Alternatives:
+        pad = (0, 0, 0, width - self.ids.shape[1])
+        return Alternatives(
+            torch.nn.functional.pad(self.ids, pad),
+            torch.nn.functional.pad(self.probs, pad),
+            self.tokens,
+        )
+
+    def with_tokens(self, tokenizer, lengths: list[int]) -> Alternatives:
+        """A copy with each valid step's alternatives decoded by ``tokenizer``."""
+        ids = self.ids.detach().cpu().tolist()
+        tokens = [
+            [[tokenizer.decode([t]) for t in step] for step in row[:n]]
+            for row, n in zip(ids, lengths, strict=True)
+        ]
+        return Alternatives(self.ids, self.probs, tokens)
+
+    def row(self, i: int, n: int) -> dict[str, list]:
+        """Row ``i``'s first ``n`` steps as plain lists (``ids``, ``probs``, ``tokens``)."""
+        out = {
+            "ids": self.ids[i, :n].detach().cpu().tolist(),
+            "probs": self.probs[i, :n].detach().cpu().tolist(),
+        }
+        if self.tokens is not None:
+            out["tokens"] = self.tokens[i][:n]
+        return out
+
+
+@dataclass
 class Trace:
     """Token-level signals of ``B`` generated responses.
 
@@ -117,6 +201,7 @@ class Trace:
         tokens: per row, the text of each valid token (when a tokenizer was given).
         texts: per row, the decoded response without special tokens.
         meta: free-form facts about how the trace was measured (e.g. ``measured_on``).
+        alternatives: each step's top-``k`` tokens (:class:`Alternatives`), when asked.
     """
 
     signals: dict[str, torch.Tensor]
@@ -125,6 +210,7 @@ class Trace:
     tokens: list[list[str]] | None = None
     texts: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    alternatives: Alternatives | None = None
 
     # ------------------------------------------------------------------ access
 
@@ -147,6 +233,7 @@ class Trace:
             tokens=None if self.tokens is None else [self.tokens[index]],
             texts=None if self.texts is None else [self.texts[index]],
             meta=dict(self.meta),
+            alternatives=None if self.alternatives is None else self.alternatives.trimmed(index, n),
         )
 
     def select(self, rows) -> Trace:
@@ -160,6 +247,7 @@ class Trace:
             tokens=None if self.tokens is None else [self.tokens[i] for i in rows],
             texts=None if self.texts is None else [self.texts[i] for i in rows],
             meta=dict(self.meta),
+            alternatives=None if self.alternatives is None else self.alternatives.rows(rows),
         )
 
     @classmethod
@@ -184,17 +272,26 @@ class Trace:
         def padded(x: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
-        def joined(attr: str):
-            lists = [getattr(t, attr) for t in traces]
+        def joined(lists):
             return None if any(x is None for x in lists) else [r for x in lists for r in x]
 
+        alternatives = None
+        alts = [t.alternatives for t in traces]
+        if all(a is not None for a in alts) and len({a.k for a in alts}) == 1:
+            alts = [a.padded(width) for a in alts]
+            alternatives = Alternatives(
+                torch.cat([a.ids for a in alts]),
+                torch.cat([a.probs for a in alts]),
+                joined([a.tokens for a in alts]),
+            )
         return cls(
             signals={n: torch.cat([padded(t.signals[n]) for t in traces]) for n in names},
             token_ids=torch.cat([padded(t.token_ids) for t in traces]),
             lengths=torch.cat([t.lengths for t in traces]),
-            tokens=joined("tokens"),
-            texts=joined("texts"),
+            tokens=joined([t.tokens for t in traces]),
+            texts=joined([t.texts for t in traces]),
             meta=dict(traces[0].meta),
+            alternatives=alternatives,
         )
 
     @property
@@ -262,6 +359,8 @@ class Trace:
             if self.tokens is not None:
                 row["tokens"] = self.tokens[i]
             row["values"] = {name: values[name][i] for name in self.signals}
+            if self.alternatives is not None:
+                row["alternatives"] = self.alternatives.row(i, n)
             row["summary"] = summaries[i]
             rows.append(row)
         return {"signals": list(self.signals), "meta": self.meta, "rows": rows}
@@ -281,12 +380,18 @@ class Trace:
                 if "tokens" in row:
                     rec["token"] = row["tokens"][t]
                 rec.update({name: vals[t] for name, vals in row["values"].items()})
+                if "alternatives" in row:  # lists per step: the top-k ids, probabilities
+                    alt = row["alternatives"]
+                    rec["alt_ids"], rec["alt_probs"] = alt["ids"][t], alt["probs"][t]
+                    if "tokens" in alt:
+                        rec["alt_tokens"] = alt["tokens"][t]
                 records.append(rec)
         return pd.DataFrame.from_records(records)
 
     def _repr_html_(self, color_by: str | None = None) -> str:
         """Tokens coloured from green (confident) to red (uncertain) by ``color_by``
-        (default: ``chosen_prob``, else ``max_prob``, else the first signal)."""
+        (default: ``chosen_prob``, else ``max_prob``, else the first signal); hovering
+        a token shows the value and, when recorded, its step's top-``k`` alternatives."""
         name = color_by or next(
             (n for n in ("chosen_prob", "max_prob") if n in self.signals), self.names[0]
         )
@@ -295,10 +400,17 @@ class Trace:
         for i, vals in enumerate(self.values(name)):
             scale = uncertainty_scale(name, vals)
             toks = self.tokens[i] if self.tokens is not None else [str(t) for t in ids[i]]
+            alts = None if self.alternatives is None else self.alternatives.row(i, len(vals))
             spans = []
-            for tok, v, u in zip(toks, vals, scale, strict=True):
+            for t, (tok, v, u) in enumerate(zip(toks, vals, scale, strict=True)):
+                title = f"{name}={v:.4g}"
+                if alts is not None:
+                    names = alts["tokens"][t] if "tokens" in alts else alts["ids"][t]
+                    title += "".join(
+                        f"\n{a!r}: {p:.3f}" for a, p in zip(names, alts["probs"][t], strict=True)
+                    )
                 spans.append(
-                    f'<span title="{html.escape(name)}={v:.4g}" style="background:{_rgb(u)};'
+                    f'<span title="{html.escape(title)}" style="background:{_rgb(u)};'
                     f'padding:0 1px;border-radius:2px">{html.escape(tok)}</span>'
                 )
             parts.append(

@@ -370,6 +370,8 @@ class VerbalizedBackend:
         from ..verbalized import ask
 
         _check_n(n, temperature)
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("prompt_template: a system prompt does not go with --verbalized")
         model, tokenizer = self.inner.loaded()
         options = dict(
             signals=list(signals),

@@ -15,8 +15,12 @@ judges a response, and the prompt sent to the model). :func:`load` takes a spec:
   A dataset's grader is inferred from its answers unless given: all numbers ->
   ``numeric``; any LaTeX (or a ``problem`` key, MATH's shape) -> ``math``; else ``string``.
 
-Built-in tasks are generated offline from ``seed`` (same seed, same items). Prompts are
-plain user messages; the backend wraps them in the model's chat template when it has one.
+Built-in tasks are generated offline from ``seed`` (same seed, same items) and end their
+prompts with an instruction ("Answer with just the number."). A JSONL question is sent
+**as written**: nothing is appended unless ``prompt_suffix`` is given, or a named
+``prompt_template`` (:mod:`tokur_decode.experiments.prompts`, e.g. TokUR's ``tokur-qwen``)
+shapes it, possibly with a system prompt. Prompts are user messages; the backend wraps
+them in the model's chat template when it has one (:attr:`Item.messages`).
 
 Example:
     >>> items = load("tasks:arithmetic", limit=2)
@@ -35,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .graders import GRADERS, boxed, parse_number
+from .prompts import apply
 
 __all__ = ["TASKS", "Item", "load", "load_jsonl", "load_many"]
 
@@ -54,6 +59,7 @@ class Item:
         answer: the gold answer (aliases separated by ``|`` for string answers).
         grader: a key of :data:`tokur_decode.experiments.graders.GRADERS`.
         prompt: the user message sent to the model.
+        system: a system prompt sent before it (``None``: none).
     """
 
     dataset: str
@@ -62,6 +68,17 @@ class Item:
     answer: str
     grader: str
     prompt: str
+    system: str | None = None
+
+    @property
+    def messages(self) -> str | list[dict]:
+        """What a backend is sent: the user message, or the system and user messages."""
+        if self.system is None:
+            return self.prompt
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": self.prompt},
+        ]
 
     @property
     def key(self) -> str:
@@ -232,8 +249,16 @@ def _infer_grader(answers: list[str], has_problem: bool) -> str:
     return "string"
 
 
-def load_jsonl(path: str | Path, *, grader: str | None = None) -> list[Item]:
-    """Items of a JSONL file (see the module docstring for the accepted shapes).
+def load_jsonl(
+    path: str | Path,
+    *,
+    grader: str | None = None,
+    prompt_suffix: str | None = None,
+    prompt_template: str | None = None,
+) -> list[Item]:
+    """Items of a JSONL file (see the module docstring for the accepted shapes), each
+    question sent as written, or with ``prompt_suffix`` appended, or shaped by the
+    named ``prompt_template``.
 
     Raises:
         ValueError: naming the file and the line of malformed input (invalid JSON, not an
@@ -243,6 +268,10 @@ def load_jsonl(path: str | Path, *, grader: str | None = None) -> list[Item]:
     path = Path(path)
     if grader is not None and grader not in GRADERS:
         raise ValueError(f"grader: unknown {grader!r}; choose from {sorted(GRADERS)}")
+    if prompt_suffix is not None and prompt_template is not None:
+        raise ValueError("prompt_suffix: give a suffix or a template, not both")
+    if prompt_template is not None:
+        apply(prompt_template, "")  # an unknown name fails before the file is read
     rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -276,8 +305,12 @@ def load_jsonl(path: str | Path, *, grader: str | None = None) -> list[Item]:
             raise ValueError(f"{where}: duplicate id {item_id!r}")
         seen.add(item_id)
         kind = item_grader or default
-        suffix = f" {_NUMBER_SUFFIX}" if kind == "numeric" else ""
-        items.append(Item(str(path), item_id, question, gold, kind, question + suffix))
+        system, prompt = None, question
+        if prompt_template is not None:
+            system, prompt = apply(prompt_template, question)
+        elif prompt_suffix:
+            prompt = f"{question} {prompt_suffix}"
+        items.append(Item(str(path), item_id, question, gold, kind, prompt, system))
     return items
 
 
@@ -285,20 +318,29 @@ def load_jsonl(path: str | Path, *, grader: str | None = None) -> list[Item]:
 
 
 def load(
-    spec: str, *, seed: int = 0, limit: int | None = None, grader: str | None = None
+    spec: str,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    grader: str | None = None,
+    prompt_suffix: str | None = None,
+    prompt_template: str | None = None,
 ) -> list[Item]:
     """The items of one dataset spec (``tasks:NAME`` or a JSONL path), the first
     ``limit`` of them when given.
 
     ``seed`` generates the built-in tasks; ``grader`` overrides a JSONL file's inferred
-    grader (items with their own ``"grader"`` keep it).
+    grader (items with their own ``"grader"`` keep it); ``prompt_suffix`` /
+    ``prompt_template`` shape a JSONL file's prompts (built-in tasks keep theirs).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if spec.startswith("tasks:"):
         items = _task(spec.removeprefix("tasks:"), seed, limit)
     else:
-        items = load_jsonl(spec, grader=grader)
+        items = load_jsonl(
+            spec, grader=grader, prompt_suffix=prompt_suffix, prompt_template=prompt_template
+        )
     return items[:limit] if limit is not None else items
 
 

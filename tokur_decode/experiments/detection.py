@@ -85,7 +85,7 @@ def run_detection(
 
     def work(batch: list[Item], first: int) -> list[dict]:
         gens = backend.generate(
-            [item.prompt for item in batch],
+            [item.messages for item in batch],
             signals=names,
             max_new_tokens=max_new_tokens,
             seed=seed + first,

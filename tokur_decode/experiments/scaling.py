@@ -250,7 +250,7 @@ def run_scaling(
     store = RunStore(out, config)
 
     def work(batch: list[Item], first: int) -> list[dict]:
-        prompts = [item.prompt for item in batch]
+        prompts = [item.messages for item in batch]
         settings = dict(signals=names, max_new_tokens=max_new_tokens, seed=seed + first)
         sampled = backend.generate(
             prompts, n=n_max, temperature=temperature, top_p=top_p, **settings

@@ -98,6 +98,7 @@ class HFBackend:
                 request.signals,
                 eos_token_id=self.eos_token_id,
                 sample_source=source,
+                alternatives=request.alternatives,
                 **self.signal_params,
             )
 

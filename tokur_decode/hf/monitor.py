@@ -16,11 +16,12 @@ from ..core.signals import (
     bayesian_terms,
     chosen_from_logprobs,
     implicit_reward,
+    log_probs,
     logit_signals,
     parse_signals,
 )
 from ..core.text import decode_rows
-from ..core.trace import StepBuffer, Trace
+from ..core.trace import Alternatives, StepBuffer, Trace, check_alternatives
 from .clock import StepClock
 
 __all__ = ["UncertaintyMonitor"]
@@ -63,6 +64,8 @@ class UncertaintyMonitor(LogitsProcessor):
             tokenizer's ``eos_token_id``.
         deepconf_k, logtoku_k, logtoku_evidence: see :class:`~tokur_decode.core.signals.SignalSpec`.
         capacity: initial number of steps preallocated (grows by doubling).
+        alternatives: record each step's ``k`` most probable tokens and their
+            probabilities (``trace.alternatives``; 0: none).
         sample_source: an object whose ``last_samples`` holds the ``[B, M, V]`` logits of
             the current step's predictive samples and ``forward_count`` counts forward
             passes (a :class:`~tokur_decode.hf.PerturbedModel`; use its ``processor()``).
@@ -96,8 +99,10 @@ class UncertaintyMonitor(LogitsProcessor):
         logtoku_evidence: str = "relu",
         capacity: int = 256,
         sample_source=None,
+        alternatives: int = 0,
     ) -> None:
         names = parse_signals(signals)
+        self.alternatives = check_alternatives(alternatives)
         self.sample_signals = tuple(n for n in names if n in SAMPLE_SIGNALS)
         if self.sample_signals and sample_source is None:
             raise ValueError(
@@ -134,6 +139,8 @@ class UncertaintyMonitor(LogitsProcessor):
             _TOKUR_STEP if self._tokur else ()
         )
         self._deferred_names = self._chosen + (("tokur_reward",) if self._tokur else ())
+        k = range(self.alternatives)  # ids (exact in float32) then probabilities
+        self._alt_names = tuple(f"_alt_id{j}" for j in k) + tuple(f"_alt_prob{j}" for j in k)
         self.output_names = self.spec.output_names + (
             SAMPLE_SIGNALS["tokur"] if self._tokur else ()
         )
@@ -169,12 +176,16 @@ class UncertaintyMonitor(LogitsProcessor):
         values: dict[str, torch.Tensor] = {}
         if self._step_spec is not None:
             values, logprobs = self._step_spec.compute(scores)
-        elif self._chosen:
-            logprobs = torch.log_softmax(scores.float(), dim=-1)
+        elif self._chosen or self.alternatives:
+            logprobs = log_probs(scores)
         if self._chosen:
             self._last_logprobs = logprobs
         if self._tokur:
             values = {**values, **self._tokur_step(batch)}
+        if self.alternatives:
+            alt = Alternatives.of_logprobs(logprobs, self.alternatives)
+            columns = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
+            values |= dict(zip(self._alt_names, columns.unbind(-1), strict=True))
         if values:
             buf.write(step, values)
         return scores
@@ -236,7 +247,7 @@ class UncertaintyMonitor(LogitsProcessor):
         """A new generation (the clock has already restarted): fresh buffers and state."""
         self._clear_pending()
         self._buffer = StepBuffer(
-            self._step_names + self._deferred_names, batch, device, self.capacity
+            self._step_names + self._alt_names + self._deferred_names, batch, device, self.capacity
         )
 
     # ------------------------------------------------------------------ result
@@ -283,6 +294,13 @@ class UncertaintyMonitor(LogitsProcessor):
         recorded = buf.view(steps)
         signals = {name: recorded[name].clone() for name in self.output_names}
         tokens, texts = decode_rows(tokenizer, generated, lengths)
+        alternatives = None
+        if self.alternatives:
+            k = self.alternatives
+            columns = torch.stack([recorded[n] for n in self._alt_names], dim=-1)
+            alternatives = Alternatives(columns[..., :k].long(), columns[..., k:].clone())
+            if tokenizer is not None:
+                alternatives = alternatives.with_tokens(tokenizer, lengths.tolist())
         return Trace(
             signals=signals,
             token_ids=generated,
@@ -298,6 +316,7 @@ class UncertaintyMonitor(LogitsProcessor):
                     "logtoku_evidence": self.spec.logtoku_evidence,
                 },
             },
+            alternatives=alternatives,
         )
 
 

@@ -42,6 +42,7 @@ from ..core.result import GenerationResult
 from ..core.scores import response_scores
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
+from ..core.trace import check_alternatives
 from . import backend as b
 from .actions import Abstain, Selection
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
@@ -100,6 +101,7 @@ class Plan:
     tokur: dict | None
     extract: Callable[[str], object]
     recipe: str | None
+    alternatives: int = 0
 
     @property
     def kind(self) -> str:
@@ -124,7 +126,7 @@ class _Job:
 
     def decode(self, n: int = 1, act=None, sampling: b.Sampling | None = None) -> b.Decoded:
         p = self.plan
-        request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur)
+        request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur, p.alternatives)
         return self.backend.decode(p.prompts, request)
 
 
@@ -141,6 +143,7 @@ def plan(
     threshold: float | None = None,
     tokur: dict | None = None,
     extract: Callable[[str], object] = normalize_answer,
+    alternatives: int = 0,
     backend_name: str = "the backend",
 ) -> Plan:
     """Validate a :func:`generate` call for a backend that runs ``acts``, without one.
@@ -204,6 +207,7 @@ def plan(
         tokur=tokur if wants_samples(names) else None,
         extract=extract,
         recipe=strategy if isinstance(strategy, str) else None,
+        alternatives=check_alternatives(alternatives),
     )
 
 
@@ -230,6 +234,7 @@ def generate(
     threshold: float | None = None,
     tokur: dict | None = None,
     extract: Callable[[str], object] = normalize_answer,
+    alternatives: int = 0,
 ) -> GenerationResult:
     """Answer ``prompts`` on ``backend`` while recording signals, acting on them as
     ``strategy`` (a shipped recipe name, a TOML path, a dict or a
@@ -244,7 +249,8 @@ def generate(
     score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
     branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``
     table) when ``"tokur"`` is recorded. ``extract`` turns a response into the answer
-    that votes.
+    that votes. ``alternatives``: record each step's top-``k`` tokens
+    (``result.trace.alternatives``).
 
     Raises:
         ValueError: naming the parameter, before anything is decoded, for invalid
@@ -263,6 +269,7 @@ def generate(
         threshold=threshold,
         tokur=tokur,
         extract=extract,
+        alternatives=alternatives,
         backend_name=type(backend).__name__,
     )
     return checked.run(backend)

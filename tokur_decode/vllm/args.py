@@ -22,6 +22,7 @@ one ``tokur_`` key; others are untouched.
 ``tokur_deepconf_k``,      see :class:`tokur_decode.core.signals.SignalSpec`
 ``tokur_logtoku_k``,
 ``tokur_logtoku_evidence``
+``tokur_alternatives``     record each step's ``k`` most probable tokens (0 to 20; 0: none)
 ``tokur_branch_token``     the request continues an answer at a branch point (its prompt
                            ends with the answer so far): its first step is that point,
                            measured as usual, and emits this token id (``-1``: the
@@ -72,6 +73,7 @@ from ..core.signals import (
     signal_of_output,
     wants_samples,
 )
+from ..core.trace import check_alternatives
 from ..strategies.actions import Resample
 from ..strategies.candidates import deepconf_trigger
 from ..strategies.recipe import Strategy
@@ -90,6 +92,7 @@ _KEYS = frozenset(
         "mode",
         "trigger",
         "sigma",
+        "alternatives",
         "branch_token",
         *_TRIGGER_KEYS,
         *SPEC_PARAMS,
@@ -117,6 +120,7 @@ class RequestSettings:
     rule: tuple[float, ...] = ()
     sigma: float | None = None  # TokUR's noise scale; None: the engine's
     branch_token: int | None = None  # a branch continuation's first token (-1: not forced)
+    alternatives: int = 0  # top-k tokens recorded per step
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -129,7 +133,15 @@ class RequestSettings:
         signal lists and thresholds may differ)."""
         trigger = replace(self.trigger, threshold=None) if self.trigger else None
         tokur = wants_samples(self.needed_signals())  # rows that need the perturbed samples
-        return (self.spec_params, self.action, trigger, self.mode, self.rule, tokur)
+        return (
+            self.spec_params,
+            self.action,
+            trigger,
+            self.mode,
+            self.rule,
+            tokur,
+            self.alternatives,
+        )
 
     def needed_signals(self) -> tuple[str, ...]:
         """Recorded signals plus what the trigger and the adaptive rule read."""
@@ -247,6 +259,7 @@ def _parse(items: tuple) -> RequestSettings:
             f"{PREFIX}sigma: a number >= 0 for a request that asks for 'tokur', got {sigma!r}"
         )
 
+    alternatives = check_alternatives(args.get(f"{PREFIX}alternatives", 0), f"{PREFIX}alternatives")
     branch_token = args.get(f"{PREFIX}branch_token")
     if branch_token is not None and (
         isinstance(branch_token, bool) or not isinstance(branch_token, int) or branch_token < -1
@@ -306,4 +319,5 @@ def _parse(items: tuple) -> RequestSettings:
         rule=adaptive,
         sigma=None if sigma is None else float(sigma),
         branch_token=branch_token,
+        alternatives=alternatives,
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.trace import Trace
+from ..core.trace import Alternatives, Trace
 
 __all__ = [
     "EXTENSION",
@@ -143,6 +143,10 @@ def read_traces(engine, outputs: Sequence, tokenizer=None) -> list[Trace | None]
             traces.append(None)
             continue
         tokens = [[tokenizer.decode([t]) for t in item["token_ids"]] for item in items]
+        for item in items:
+            if "alternatives" in item:
+                alt = item["alternatives"]
+                alt["tokens"] = [[tokenizer.decode([t]) for t in step] for step in alt["ids"]]
         traces.append(trace_of(items, [c.text for c in out.outputs], tokens, out.request_id))
     return traces
 
@@ -151,8 +155,9 @@ def trace_of(
     items: list[dict], texts: list[str], tokens: list[list[str]], request_id: str
 ) -> Trace:
     """The :class:`~tokur_decode.core.trace.Trace` of one request's completions:
-    ``items`` as the processor returns them (``token_ids``, ``signals``, ``events``), one
-    per completion, with the completions' ``texts`` and each token's text."""
+    ``items`` as the processor returns them (``token_ids``, ``signals``, ``events``, and
+    ``alternatives`` when asked: ``ids``, ``probs`` and ``tokens`` per step), one per
+    completion, with the completions' ``texts`` and each token's text."""
     lengths = [len(item["token_ids"]) for item in items]
     width = max(lengths, default=0)
 
@@ -160,6 +165,21 @@ def trace_of(
         return torch.tensor([list(r) + [0] * (width - len(r)) for r in rows])
 
     names = list(items[0]["signals"])
+    alternatives = None
+    if all("alternatives" in item for item in items):
+        alts = [item["alternatives"] for item in items]
+        k = max((len(step) for a in alts for step in a["ids"]), default=0)
+
+        def cube(key: str, dtype) -> torch.Tensor:
+            rows = [a[key] + [[0] * k] * (width - len(a[key])) for a in alts]
+            return torch.tensor(rows, dtype=dtype).reshape(len(alts), width, k)
+
+        tokens_of = [a.get("tokens") for a in alts]
+        alternatives = Alternatives(
+            cube("ids", torch.long),
+            cube("probs", torch.float32),
+            None if any(t is None for t in tokens_of) else tokens_of,
+        )
     return Trace(
         signals={k: padded([item["signals"][k] for item in items]).float() for k in names},
         token_ids=padded([item["token_ids"] for item in items]).long(),
@@ -167,4 +187,5 @@ def trace_of(
         tokens=tokens,
         texts=texts,
         meta={"request_id": request_id, "actions": [item["events"] for item in items]},
+        alternatives=alternatives,
     )

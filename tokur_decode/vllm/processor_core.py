@@ -33,6 +33,10 @@ trigger update, one ``index_copy_`` of the edited rows. The only per-row Python 
 reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
 the host. A batch where no request opted in returns at once.
 
+A request with ``tokur_alternatives = k`` also gets each step's top-``k`` tokens (one
+``topk`` of the group's log-probabilities) in a separate ``[slots, steps, 2 x 20]``
+record, allocated when the first such request arrives.
+
 Finished requests' traces wait, bounded (:attr:`ProcessorCore.max_finished`,
 oldest dropped first), until the caller collects them through the worker extension
 (:mod:`tokur_decode.vllm.worker`); the extension also tells the processor each
@@ -62,6 +66,7 @@ from ..core.signals import (
     logit_signals,
     wants_samples,
 )
+from ..core.trace import MAX_ALTERNATIVES, Alternatives
 from . import internals
 from .args import RequestSettings, parse_settings
 from .tokur import TOKUR_OUTPUTS, TOKUR_STEP_OUTPUTS, link_of
@@ -176,6 +181,8 @@ class ProcessorCore:
         self._triggers: dict[tuple, _TriggerSlots] = {}
         self._finished: OrderedDict[str, dict] = OrderedDict()
         self._requests = 0  # opted-in requests seen (a counter for operators)
+        # Top-k alternatives [slots, steps, ids then probabilities], once someone asks.
+        self._alts: torch.Tensor | None = None
         self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
         self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
 
@@ -259,8 +266,10 @@ class ProcessorCore:
     def _finish(self, req: TrackedRequest) -> None:
         self._complete(req)
         n = len(req.outputs)
+        k = req.settings.alternatives
         self._finished[req.req_id] = {
             "record": self._record[req.slot, :n].clone(),
+            "alternatives": None if not k else self._alts[req.slot, :n].clone(),
             "token_ids": list(req.outputs),
             "settings": req.settings,
             "threshold": req.threshold,
@@ -290,6 +299,8 @@ class ProcessorCore:
         self._record = torch.nn.functional.pad(self._record, pad)
         self._lp_row = torch.nn.functional.pad(self._lp_row, (0, slots - old))
         self._lp_pos = torch.nn.functional.pad(self._lp_pos, (0, slots - old), value=-1)
+        if self._alts is not None:
+            self._alts = torch.nn.functional.pad(self._alts, pad)
         index = torch.arange(slots, device=self.device).clamp(max=max(old - 1, 0))
         new = torch.arange(slots, device=self.device) >= old
         for trig in self._triggers.values():
@@ -433,6 +444,8 @@ class ProcessorCore:
         values, lp = g.spec.compute(z, workspace=self._workspaces[key])
         if g.tokur is not None:
             values |= self._tokur_values(g, key)
+        if g.settings.alternatives:
+            self._record_alternatives(g, lp, pos)
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
@@ -493,6 +506,18 @@ class ProcessorCore:
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
         return edited
 
+    def _record_alternatives(self, g: Group, lp: torch.Tensor, pos: torch.Tensor) -> None:
+        """Each row's top-``k`` tokens and probabilities at its step ``pos``."""
+        if self._alts is None:
+            self._alts = torch.zeros(
+                self._slots, self._cap, 2 * MAX_ALTERNATIVES, device=self.device
+            )
+        k = g.settings.alternatives
+        alt = Alternatives.of_logprobs(lp, k)
+        cols = torch.cat([torch.arange(k), MAX_ALTERNATIVES + torch.arange(k)]).to(self.device)
+        values = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
+        self._alts.index_put_((g.slots[:, None], pos[:, None], cols[None, :]), values)
+
     def _tokur_values(self, g: Group, key: tuple) -> dict[str, torch.Tensor]:
         """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN
         on an engine without the TokUR model: see ``tokur_engine_args``); keeps the
@@ -543,6 +568,8 @@ class ProcessorCore:
     def _grow_steps(self, needed: int) -> None:
         cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
         self._record = torch.nn.functional.pad(self._record, (0, 0, 0, cap - self._cap))
+        if self._alts is not None:
+            self._alts = torch.nn.functional.pad(self._alts, (0, 0, 0, cap - self._cap))
         self._cap = cap
 
 
@@ -571,8 +598,11 @@ def _to_python(entry: dict) -> dict:
                 blocked=bool(record[step, _COL["action_blocked"]] > 0),
             )
             events.append(fire.to_dict())
-    return {
-        "token_ids": entry["token_ids"],
-        "signals": signals,
-        "events": events,
-    }
+    out = {"token_ids": entry["token_ids"], "signals": signals, "events": events}
+    if settings.alternatives:
+        k, alts = settings.alternatives, entry["alternatives"].cpu()
+        out["alternatives"] = {
+            "ids": alts[:, :k].long().tolist(),
+            "probs": alts[:, MAX_ALTERNATIVES : MAX_ALTERNATIVES + k].tolist(),
+        }
+    return out

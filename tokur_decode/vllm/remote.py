@@ -153,11 +153,15 @@ class RemoteBackend(VLLMBackend):
         return self._tokur
 
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        def encode(prompt: str) -> list[int]:
+        def encode(prompt) -> list[int]:
             if self.chat is False:
+                if not isinstance(prompt, str):
+                    raise ValueError("prompts: chat messages need the chat template")
                 body = {"model": self.model, "prompt": prompt}
             else:
-                messages = [{"role": "user", "content": prompt}]
+                messages = (
+                    [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                )
                 body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
             return self.call("POST", "/tokenize", body)["tokens"]
 

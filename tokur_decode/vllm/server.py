@@ -140,6 +140,10 @@ class TraceEndpoints:
                 "signals": item["signals"],
                 "events": item["events"],
             }
+            if "alternatives" in item:  # the top-k tokens of each step, with their text
+                alt = item["alternatives"]
+                alt["tokens"] = [[self.tokenizer.decode([t]) for t in s] for s in alt["ids"]]
+                traces[index]["alternatives"] = alt
         return traces
 
     def drop(self, ids: dict[str, int]) -> None:
