@@ -290,3 +290,59 @@ def test_wrong_shapes_and_beam_search_get_a_clear_error(tiny_llama):
 def test_an_empty_signal_list_is_refused():
     with pytest.raises(ValueError, match="signals: at least one"):
         UncertaintyMonitor([])
+
+
+# --------------------------------------------------------------------------- alternatives
+
+
+def test_alternatives_equal_a_float64_top_k_of_the_raw_logits(tiny_llama):
+    """Each step's top-5 ids and probabilities equal a float64 top-k of the logits the
+    token was drawn from; rows keep their own through batching and sampling."""
+    monitor = UncertaintyMonitor(["entropy"], eos_token_id=EOS, alternatives=5, capacity=2)
+    prompt = torch.tensor([[1, 5, 9, 3], [4, 4, 2, 8]])
+    out = run(tiny_llama, prompt, monitor, do_sample=True, temperature=1.5)
+    trace = monitor.trace(out)
+    logits = torch.stack(out.logits, dim=1).double()  # [B, T, V]
+    probs, ids = torch.softmax(logits, dim=-1).topk(5, dim=-1)
+    alt = trace.alternatives
+    assert alt.ids.shape == (2, logits.shape[1], 5) and alt.tokens is None
+    torch.testing.assert_close(alt.probs.double(), probs, atol=1e-6, rtol=1e-5)
+    distinct = (probs[..., 1:] - probs[..., :-1]).abs().amin(-1) > 1e-6  # no near-ties
+    assert distinct.any()
+    assert torch.equal(alt.ids[distinct], ids[distinct])
+    # the drawn token is usually, but not always, the most probable: sampling at 1.5
+    n = int(trace.lengths[0])
+    assert (trace.token_ids[0, :n] != alt.ids[0, :n, 0]).any()
+    row = trace.to_dict()["rows"][1]["alternatives"]
+    assert len(row["ids"]) == int(trace.lengths[1]) and len(row["probs"][0]) == 5
+    assert trace[1].alternatives.ids.shape == (1, int(trace.lengths[1]), 5)
+    joined = type(trace).concat([trace[0], trace[1]])
+    assert torch.equal(
+        joined.alternatives.ids[1, : int(trace.lengths[1])], alt.ids[1, : int(trace.lengths[1])]
+    )
+    frame = trace.to_pandas()
+    assert list(frame["alt_ids"].iloc[0]) == alt.ids[0, 0].tolist()
+    first = f"{int(alt.ids[0, 0, 0])}: {float(alt.probs[0, 0, 0]):.3f}"
+    assert first in trace._repr_html_()  # the hover text lists the step's alternatives
+    assert first not in monitor.trace(out).select([1])._repr_html_()  # control: row 1's
+
+
+def test_alternatives_of_non_finite_logits_and_bad_k():
+    monitor = UncertaintyMonitor(["entropy"], eos_token_id=EOS, alternatives=3)
+    scores = torch.tensor([[float("nan"), 1.0, float("inf"), -float("inf"), 0.0]] * 2)
+    monitor(torch.ones(2, 3, dtype=torch.long), scores)
+    (probs,) = [monitor._buffer.view(1)[f"_alt_prob{j}"] for j in (0,)]
+    assert torch.isfinite(probs).all()
+    for bad in (-1, 21, 2.0, True):
+        with pytest.raises(ValueError, match="alternatives"):
+            UncertaintyMonitor(alternatives=bad)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_alternatives_perform_no_host_synchronisation(device):
+    monitor = UncertaintyMonitor(["entropy", "chosen_prob"], alternatives=5, capacity=2)
+    ids = torch.ones(3, 4, dtype=torch.long, device=device)
+    with NoHostSync():
+        for _ in range(4):
+            monitor(ids, torch.randn(3, 9000, device=device))
+            ids = torch.cat([ids, ids[:, :1]], dim=1)

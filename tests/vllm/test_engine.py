@@ -124,6 +124,35 @@ def test_signals_match_transformers(engine, prompt_ids, hf_traces):
         assert trace.meta["actions"] == [[]]
 
 
+def test_alternatives_match_transformers_and_vllms_own_logprobs(engine, prompt_ids, embedded):
+    """Each step's top-5 from the processor's own pass: the transformers path's (same
+    prompt, greedy), and vLLM's raw log-probabilities of the same request; a request
+    in the same batch that does not ask has none."""
+    model, tok = embedded
+    ref = generate(model, tok, QUESTIONS[0], signals=["entropy"], alternatives=5, max_new_tokens=8)
+    params = vllm.SamplingParams(
+        max_tokens=8,
+        temperature=0,
+        logprobs=5,
+        extra_args=tv.uncertainty_args(signals=["entropy"], alternatives=5),
+    )
+    plain = _params(max_tokens=8, signals=["entropy"])
+    outs = engine.generate(_prompts(prompt_ids, [0, 1]), [params, plain], use_tqdm=False)
+    trace, other = tv.read_traces(engine, outs)
+    assert other.alternatives is None
+    alt, hf = trace.alternatives, ref.trace.alternatives
+    assert alt.ids.shape == (1, 8, 5) and alt.tokens[0][0][0] == hf.tokens[0][0][0]
+    same = int((trace.token_ids[0] == ref.trace.token_ids[0, :8]).cumprod(0).sum())
+    assert same >= 4
+    torch.testing.assert_close(alt.probs[0, :same], hf.probs[0, :same], atol=2e-3, rtol=2e-3)
+    assert torch.equal(alt.ids[0, :same, :2], hf.ids[0, :same, :2])
+    for t, step in enumerate(outs[0].outputs[0].logprobs):  # vLLM's own top-5, per step
+        theirs = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:5]
+        assert [i for i, _ in theirs][:2] == alt.ids[0, t, :2].tolist()
+        expected = torch.tensor([lp.logprob for _, lp in theirs]).exp()
+        torch.testing.assert_close(alt.probs[0, t], expected, atol=1e-4, rtol=1e-3)
+
+
 def _expected_stop(values: list[float], threshold: float) -> int | None:
     """Step where an 'entropy above threshold' trigger fires first (patience 1)."""
     return next((t for t, v in enumerate(values) if v > threshold), None)

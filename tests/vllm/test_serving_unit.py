@@ -158,6 +158,39 @@ def test_a_json_answer_gets_each_choice_its_trace_and_a_right_length():
     assert [c["tokur"]["token_ids"] for c in answer["choices"]] == [[5], [5]]
 
 
+def test_a_failing_trace_read_still_delivers_the_answer():
+    async def app(send):
+        body = json.dumps({"id": "cmpl-a", "choices": [{"index": 0, "text": "4"}]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async def broken(ids):
+        raise ConnectionError("engine gone")
+
+    plugin, sent = FakePlugin(), []
+    plugin.take = broken
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps({"prompt": "q", **XARGS}).encode()}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    asyncio.run(TraceMiddleware(app_of(app), plugin)(scope, receive, send))
+    answer = json.loads(sent[1]["body"])
+    assert answer["choices"][0]["text"] == "4" and answer["choices"][0]["tokur"] is None
+    assert "engine gone" in answer["tokur_error"]
+
+
+def app_of(app):
+    async def inner(scope, receive, send):
+        await receive()
+        await app(send)
+
+    return inner
+
+
 def test_a_client_that_leaves_mid_stream_has_its_trace_dropped():
     app = _stream_app([b'data: {"id": "cmpl-a", "choices": []}\n\n'] * 5)
     sent, plugin, _ = _run(app, {"prompt": "q", **XARGS}, leave_after=2)

@@ -81,15 +81,19 @@ def monitor_overhead(
     batch_size: int = 1,
     max_new_tokens: int = 32,
     repeats: int = 15,
+    alternatives: int = 0,
 ) -> OverheadResult:
-    """Time ``model.generate`` with the monitor (``signals``) against plain ``generate``.
+    """Time ``model.generate`` with the monitor (``signals``, and each step's top
+    ``alternatives`` tokens) against plain ``generate``.
 
     Both runs decode greedily exactly ``max_new_tokens`` tokens (``min_new_tokens`` is
     set for both) on the same prompts; the order of the pair alternates between
     repetitions, and one warm-up pair is discarded.
     """
     timer = _GenerateTimer(model, tokenizer, batch_size, max_new_tokens)
-    monitor = UncertaintyMonitor(signals, eos_token_id=model.generation_config.eos_token_id)
+    monitor = UncertaintyMonitor(
+        signals, eos_token_id=model.generation_config.eos_token_id, alternatives=alternatives
+    )
 
     def timed(with_monitor: bool) -> float:
         return timer(logits_processor=[monitor] if with_monitor else None)

@@ -7,6 +7,7 @@ tokur-decode bench overhead                                # monitor cost, ratio
 tokur-decode eval --data tasks:capitals --out runs/detect  # wrong-answer detection metrics
 tokur-decode scale --data tasks:legs --out runs/scale      # accuracy vs N candidates
 tokur-decode calibrate runs/detect --risk 0.2 --out r.toml # abstention with a guarantee
+tokur-decode score --data gens.jsonl --out runs/scored     # signals of saved generations
 tokur-decode serve --port 8000                             # OpenAI server, traces in responses
 """
 
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import bench, calibrate, experiments, generate, serve, strategies
+from . import bench, calibrate, experiments, generate, score, serve, strategies
 from .common import load, model_args
 from .engine_log import EngineLog, start_failure
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     experiments.add_parsers(sub, model_args)  # eval, scale
     calibrate.add_parser(sub)
+    score.add_parser(sub, model_args)
     serve.add_parser(sub)
     return parser
 
@@ -75,6 +77,8 @@ def _run(args, argv) -> int:
         return experiments.run(args, load, argv)
     if args.command == "calibrate":
         return calibrate.run(args)
+    if args.command == "score":
+        return score.run(args, load, argv)
     return bench.run(args)
 
 

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
         "--repeats", type=int, default=15, help="timed pairs per batch size (default 15)"
     )
     over.add_argument("--signals", default="all")
+    over.add_argument(
+        "--alternatives", type=int, default=0, metavar="K", help="also record the top-K tokens"
+    )
     over.add_argument("--json", action="store_true")
 
     tok = bench_sub.add_parser(
@@ -144,6 +147,7 @@ def run(args) -> int:
             batch_size=batch,
             max_new_tokens=args.max_new_tokens,
             repeats=args.repeats,
+            alternatives=args.alternatives,
         )
         rows.append(
             {

@@ -99,6 +99,12 @@ def add_parsers(sub, model_args: Callable) -> None:
     )
     _common(ev, model_args, batch=8, tokens=64)
     ev.add_argument(
+        "--tokur-seeds",
+        metavar="S1,S2,...",
+        help="TokUR's evaluation: generate once, measure TokUR with each noise seed, report "
+        "every TokUR score's metrics as mean +- std over the seeds (e.g. 96,89,64)",
+    )
+    ev.add_argument(
         "--signals",
         help="comma-separated signals, or all (every signal + tokur); default: all on the "
         "transformers backend, every signal but tokur with --backend vllm or --verbalized",
@@ -197,6 +203,15 @@ def _vllm_engine(args):
     )
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--tokur-seeds: comma-separated integers, got {text!r}") from exc
+
+
 def _eval_signals(args) -> str:
     """``--signals``, by default every logit signal (``all``), and TokUR too on the
     transformers backend."""
@@ -222,7 +237,13 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     if args.command == "eval":
         signals = _eval_signals(args)
-        backend = _backend(args, load, _tokur(args))
+        seeds = _seeds(args.tokur_seeds)
+        tokur = _tokur(args)
+        if seeds is not None:
+            if tokur.get("seed", seeds[0]) != seeds[0]:
+                raise ValueError("--tokur-seed: with --tokur-seeds the first seed is used")
+            tokur["seed"] = seeds[0]
+        backend = _backend(args, load, tokur)
         result = detection.run_detection(
             items,
             backend,
@@ -233,6 +254,7 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,
             progress=progress,
+            tokur_seeds=seeds,
         )
         files = report.write_detection(args.out, result.records, result.summary, command)
         report.print_detection(result.summary)

@@ -201,6 +201,35 @@ class HFBackend(_Decoding):
             self._model, self._tokenizer = self._loader()
         return self._model, self._tokenizer
 
+    def rescore(
+        self,
+        prompts: Sequence,
+        responses: Sequence[Sequence[int]],
+        *,
+        signals: Sequence[str],
+        tokur_seed: int | None = None,
+    ):
+        """The trace of saved ``responses`` (token ids) teacher-forced after their
+        prompts (:func:`tokur_decode.hf.scoring.score`), with ``signals``; TokUR with
+        the backend's options and ``tokur_seed`` as its noise seed when given."""
+        from ..hf.scoring import score
+
+        model, tokenizer = self.loaded()
+        tokur = dict(self.tokur) if wants_samples(signals) else None
+        if tokur is not None and tokur_seed is not None:
+            tokur["seed"] = tokur_seed
+        return score(
+            model,
+            tokenizer,
+            list(prompts),
+            list(responses),
+            signals=list(signals),
+            tokur=tokur,
+            chat=self.chat,
+            batch_size=self.batch_size,
+            **self.signal_params,
+        )
+
     def adapter(self):
         from ..hf import HFBackend as Adapter
 

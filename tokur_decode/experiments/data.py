@@ -41,7 +41,7 @@ from pathlib import Path
 from .graders import GRADERS, boxed, parse_number
 from .prompts import apply
 
-__all__ = ["TASKS", "Item", "load", "load_jsonl", "load_many"]
+__all__ = ["TASKS", "Item", "infer_grader", "load", "load_jsonl", "load_many"]
 
 _QUESTION_KEYS = ("question", "problem", "prompt", "input")
 _ANSWER_KEYS = ("answer", "solution", "target", "output")
@@ -241,7 +241,8 @@ def _gold(raw) -> str:
     return boxed(text) or text
 
 
-def _infer_grader(answers: list[str], has_problem: bool) -> str:
+def infer_grader(answers: list[str], has_problem: bool) -> str:
+    """The grader a dataset's gold ``answers`` call for (``has_problem``: MATH's shape)."""
     if all(parse_number(a) is not None and re.fullmatch(r"[-+$\d.,\s%]+", a) for a in answers):
         return "numeric"
     if has_problem or any("\\" in a or "^" in a for a in answers):
@@ -297,7 +298,7 @@ def load_jsonl(
             rows.append((where, obj, question, _gold(answer), item_grader))
     if not rows:
         raise ValueError(f"{path}: no items")
-    default = grader or _infer_grader([r[3] for r in rows], any("problem" in r[1] for r in rows))
+    default = grader or infer_grader([r[3] for r in rows], any("problem" in r[1] for r in rows))
     items, seen = [], set()
     for index, (where, obj, question, gold, item_grader) in enumerate(rows):
         item_id = str(obj.get("id", obj.get("idx", index)))

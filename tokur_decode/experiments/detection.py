@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..core.probe import PROBE
-from ..core.signals import parse_signals
+from ..core.signals import parse_signals, wants_samples
 from .backends import Backend, Generation
 from .data import Item
 from .metrics import auroc, bootstrap, detection_metrics, ece, selective_metrics
 from .probe import fit_probe, probe_features
 from .runner import RunResult, graded, process
 from .scoring import LENGTH, PROBABILITY_SCORES, headline_scores, trace_scores, uncertainty
+from .seeds import seed_statistics, tokur_scores
 from .store import RunStore
 
 __all__ = ["record", "run_detection", "summarize"]
@@ -45,6 +46,7 @@ def record(item: Item, gen: Generation, row: int = 0) -> dict:
         **item.to_dict(),
         **graded(item, gen.texts[row]),
         "n_tokens": int(trace.lengths[0]),
+        "token_ids": trace.token_ids[0].tolist(),
         "scores": trace_scores(trace)[0],
         "extra": dict(gen.extra[row]),
         "tokens": trace.tokens[0] if trace.tokens is not None else None,
@@ -63,9 +65,15 @@ def run_detection(
     batch_size: int = 8,
     n_resamples: int = 1000,
     progress: bool = True,
+    tokur_seeds: Sequence[int] | None = None,
 ) -> RunResult:
     """Generate a greedy answer per item (skipping items ``out`` already has); return
     the records of all ``items`` and their :func:`summarize`.
+
+    ``tokur_seeds`` (TokUR's evaluation: 96, 89, 64; the transformers backend): the
+    answers are generated with the first seed's noise and TokUR measured again on them
+    with each other seed (:mod:`tokur_decode.experiments.seeds`); each record keeps
+    every seed's TokUR scores and the summary their statistics over the seeds.
 
     ``seed`` seeds generation (TokUR's noise has its own seed in the backend) and the
     bootstrap.
@@ -78,23 +86,49 @@ def run_detection(
         "signals": list(names),
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "tokur_seeds": None if tokur_seeds is None else [int(s) for s in tokur_seeds],
         "data": sorted({item.dataset for item in items}),
         **backend.describe(),
     }
+    if tokur_seeds is not None:
+        _check_seeds(tokur_seeds, names, backend)
     store = RunStore(out, config)
 
     def work(batch: list[Item], first: int) -> list[dict]:
+        prompts = [item.messages for item in batch]
         gens = backend.generate(
-            [item.messages for item in batch],
-            signals=names,
-            max_new_tokens=max_new_tokens,
-            seed=seed + first,
+            prompts, signals=names, max_new_tokens=max_new_tokens, seed=seed + first
         )
-        return [record(item, gen) for item, gen in zip(batch, gens, strict=True)]
+        records = [record(item, gen) for item, gen in zip(batch, gens, strict=True)]
+        if tokur_seeds is not None:
+            _measure_seeds(backend, prompts, records, tokur_seeds)
+        return records
 
     records = process(store, items, work, batch_size=batch_size, desc="eval", progress=progress)
     summary = summarize(records, n_resamples=n_resamples, seed=seed, progress=progress)
     return RunResult(records, summary)
+
+
+def _check_seeds(seeds: Sequence[int], names: Sequence[str], backend) -> None:
+    if not wants_samples(names):
+        raise ValueError("tokur_seeds: needs 'tokur' among the signals")
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"tokur_seeds: at least two different seeds, got {list(seeds)}")
+    if not hasattr(backend, "rescore"):
+        raise ValueError("tokur_seeds: runs on the transformers backend (--backend hf)")
+    if backend.tokur.get("seed", 0) != seeds[0]:
+        raise ValueError("tokur_seeds: the backend's TokUR seed must be the first seed")
+
+
+def _measure_seeds(backend, prompts, records: list[dict], seeds: Sequence[int]) -> None:
+    """Each record's TokUR scores under every seed (the first: as generated)."""
+    responses = [r["token_ids"][: r["n_tokens"]] for r in records]
+    for r in records:
+        r["tokur_seeds"] = {str(seeds[0]): tokur_scores(r["scores"])}
+    for s in seeds[1:]:
+        trace = backend.rescore(prompts, responses, signals=["tokur"], tokur_seed=s)
+        for r, scores in zip(records, trace_scores(trace), strict=True):
+            r["tokur_seeds"][str(s)] = tokur_scores(scores)
 
 
 def score_table(records: list[dict], probe: dict | None = None) -> dict[str, np.ndarray]:
@@ -184,6 +218,8 @@ def summarize(
             )
     for name, values in scores.items():
         summary["auroc"][name] = {g: auroc(correct[m], values[m]) for g, m in groups.items()}
+    if "tokur_seeds" in records[0] and one_class is None:
+        summary["tokur_seeds"] = seed_statistics(records)
     for name in PROBABILITY_SCORES & set(scores):
         (value,) = bootstrap(
             lambda c, u: ece(c, -u), correct, scores[name], n_resamples=n_resamples, seed=seed

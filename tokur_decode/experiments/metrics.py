@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "DETECTION_METRICS",
     "TOP_P",
     "Interval",
     "auprc",
@@ -55,6 +56,7 @@ __all__ = [
     "aurc",
     "bootstrap",
     "detection_metrics",
+    "detection_values",
     "ece",
     "prr",
     "reliability",
@@ -263,14 +265,28 @@ def detection_metrics(
         >>> sorted(m), m["auroc"].value
         (['auprc', 'auroc', 'prr', 'top_0.1', 'top_0.25', 'top_0.5', 'top_0.75'], 1.0)
     """
-    names = ["auroc", "auprc", "prr", *(f"top_{p}" for p in TOP_P)]
+    intervals = bootstrap(_detection, correct, uncertainty, n_resamples=n_resamples, seed=seed)
+    return dict(zip(DETECTION_METRICS, intervals, strict=True))
 
-    def statistic(c, u):
-        ranked = _ranked(c, u)
-        return [auroc(c, u), auprc(c, u), _prr(c, ranked), *(_top_p(ranked, p) for p in TOP_P)]
 
-    intervals = bootstrap(statistic, correct, uncertainty, n_resamples=n_resamples, seed=seed)
-    return dict(zip(names, intervals, strict=True))
+#: The names of :func:`detection_metrics` and :func:`detection_values`, in order.
+DETECTION_METRICS = ("auroc", "auprc", "prr", *(f"top_{p}" for p in TOP_P))
+
+
+def detection_values(correct, uncertainty) -> dict[str, float]:
+    """The point values of :func:`detection_metrics` (no bootstrap).
+
+    Example:
+        >>> detection_values([True, False, True, False], [0.1, 0.9, 0.2, 0.8])["auroc"]
+        1.0
+    """
+    c, u = _arrays(correct, uncertainty)
+    return dict(zip(DETECTION_METRICS, _detection(c, u), strict=True))
+
+
+def _detection(c, u) -> list[float]:
+    ranked = _ranked(c, u)
+    return [auroc(c, u), auprc(c, u), _prr(c, ranked), *(_top_p(ranked, p) for p in TOP_P)]
 
 
 def _risks(ranked: np.ndarray) -> np.ndarray:

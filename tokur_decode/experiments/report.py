@@ -128,6 +128,8 @@ def detection_tables(summary: dict) -> dict[str, tuple[list[str], list[list[str]
             head,
             [[_label(row["score"]), *(_cell(row[k], ".2f") for k in keys)] for row in rows],
         )
+    if "tokur_seeds" in summary:
+        tables.update(_seed_table(summary))
     if summary["ece"]:
         tables["Calibration (ECE, 10 bins)"] = (
             ["score", "ECE"],
@@ -423,6 +425,34 @@ def _print(title: str, head: list[str], rows: list[list[str]]) -> None:
     Console().print(table)
 
 
+def _seed_table(summary: dict) -> dict:
+    """TokUR's headline scores over the noise seeds: mean +- std of each metric, beside
+    the bootstrap interval of the first seed's AUROC."""
+    seeds = summary["tokur_seeds"]
+    stats = seeds["scores"]
+    headline = {h["score"]: h for h in summary["headline"]}
+    names = [n for n in headline if n in stats] or [n for n in stats if n.endswith(":sum")]
+
+    def pm(d: dict) -> str:
+        return "n/a" if math.isnan(d["mean"]) else f"{d['mean']:.3f} +- {d['std']:.3f}"
+
+    head = ["score", "AUROC", "AUROC 95% CI (first seed)", "AUPRC", "PRR"]
+    head += [f"Top-{p:g}" for p in TOP_P]
+    rows = [
+        [
+            _label(n),
+            pm(stats[n]["auroc"]),
+            _cell(headline[n]["auroc"]) if n in headline else "",
+            pm(stats[n]["auprc"]),
+            pm(stats[n]["prr"]),
+            *(pm(stats[n][f"top_{p}"]) for p in TOP_P),
+        ]
+        for n in names
+    ]
+    title = "TokUR over noise seeds " + ", ".join(map(str, seeds["seeds"])) + " (mean +- std)"
+    return {title: (head, rows)}
+
+
 def print_detection(summary: dict) -> None:
     """Accuracy and the headline detection table (AUROC, AUPRC, PRR), in the terminal."""
     tables = detection_tables(summary)
@@ -434,6 +464,9 @@ def print_detection(summary: dict) -> None:
     title = "Wrong-answer detection (all datasets pooled)"
     head, rows = tables[title]
     _print(title, head[:4], [row[:4] for row in rows])
+    for title, (head, rows) in tables.items():
+        if title.startswith("TokUR over noise seeds"):
+            _print(title, head[:5], [row[:5] for row in rows])
 
 
 def print_scaling(summary: dict) -> None:

@@ -241,9 +241,11 @@ class _Exchange:
     async def _answer(self) -> None:
         """The buffered JSON answer with each choice's trace."""
         answer = json.loads(bytes(self._body))
-        traces = await self.plugin.take(self.ids)
+        traces, error = await self._take()
         for choice in answer.get("choices", []):
             choice["tokur"] = traces.get(choice.get("index", 0))
+        if error:
+            answer["tokur_error"] = error
         body = json.dumps(answer).encode()
         headers = [(k, v) for k, v in self._start.get("headers", []) if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -270,16 +272,24 @@ class _Exchange:
             await self._send({"type": "http.response.body", "body": bytes(self._body)})
 
     async def _send_traces(self) -> None:
-        traces = await self.plugin.take(self.ids)
+        traces, error = await self._take()
         chat = self._meta.get("object", "").startswith("chat")
         empty = {"delta": {}} if chat else {"text": ""}
         choices = [
             {"index": i, **empty, "finish_reason": None, "tokur": trace}
             for i, trace in sorted(traces.items())
         ]
-        chunk = {**self._meta, "choices": choices}
+        chunk = {**self._meta, "choices": choices, **({"tokur_error": error} if error else {})}
         await self._pass(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         self.done = True
+
+    async def _take(self) -> tuple[dict[int, dict], str | None]:
+        """The traces, or none and why: the generated answer goes out either way."""
+        try:
+            return await self.plugin.take(self.ids), None
+        except Exception as exc:  # the engine's side failed; the answer must not be lost
+            logger.exception("tokur_traces: could not take the traces of %s", list(self.ids))
+            return {}, f"the traces could not be read: {type(exc).__name__}: {exc}"
 
     async def _pass(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})

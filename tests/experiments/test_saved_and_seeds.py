@@ -1,0 +1,136 @@
+"""Scoring saved generations equals what generation recorded, and TokUR's multi-seed
+evaluation equals a hand computation (the real embedded model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tokur_decode.experiments import data, detection
+from tokur_decode.experiments.backends import HFBackend
+from tokur_decode.experiments.saved import load_generations, run_scoring
+from tokur_decode.experiments.scoring import uncertainty
+
+pytestmark = pytest.mark.slow
+
+SIGNALS = "entropy,chosen_prob,logtoku,deepconf,tokur"
+TOKUR = {"samples": 4, "sigma": 0.1, "rank": 8, "seed": 96}
+
+
+def _backend(embedded, **tokur) -> HFBackend:
+    model, tok = embedded
+    return HFBackend(model, tok, model_name="embedded", batch_size=4, tokur={**TOKUR, **tokur})
+
+
+def _eval(embedded, tmp_path, items, **kw):
+    return detection.run_detection(
+        items,
+        _backend(embedded),
+        out=tmp_path,
+        signals=SIGNALS,
+        max_new_tokens=16,
+        batch_size=4,
+        n_resamples=20,
+        progress=False,
+        **kw,
+    )
+
+
+def _generations(path, records, graded=True):
+    lines = []
+    for r in records:
+        line = {"id": r["id"], "prompt": r["prompt"], "response": r["response"]}
+        if graded:
+            line["correct"] = r["correct"]
+        lines.append(json.dumps(line))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_scoring_saved_generations_equals_the_values_recorded_while_generating(embedded, tmp_path):
+    items = data.load("tasks:arithmetic", limit=4)
+    generated = _eval(embedded, tmp_path / "eval", items)
+    path = _generations(tmp_path / "gens.jsonl", generated.records)
+    scored = run_scoring(
+        load_generations(path),
+        _backend(embedded),
+        out=tmp_path / "scored",
+        signals=SIGNALS,
+        batch_size=4,
+        n_resamples=20,
+        progress=False,
+    )
+    for a, b in zip(generated.records, scored.records, strict=True):
+        assert b["tokens"] == a["tokens"] and b["n_tokens"] == a["n_tokens"]
+        assert b["correct"] == a["correct"] and b["response"] == a["response"]
+        for name, values in a["values"].items():
+            torch.testing.assert_close(
+                torch.tensor(b["values"][name]), torch.tensor(values), atol=1e-4, rtol=1e-4
+            )
+    assert scored.summary["n"] == 4  # graded: the report's summary is there
+    # The control: another noise seed gives other TokUR values (the check can fail).
+    other = run_scoring(
+        load_generations(path),
+        _backend(embedded, seed=5),
+        out=tmp_path / "other",
+        signals="tokur",
+        batch_size=4,
+        progress=False,
+        n_resamples=20,
+    )
+    a, b = generated.records[0]["values"], other.records[0]["values"]
+    assert not np.allclose(a["tokur_epistemic"], b["tokur_epistemic"], atol=1e-4)
+
+
+def test_ungraded_generations_are_scored_without_metrics(embedded, tmp_path):
+    path = tmp_path / "gens.jsonl"
+    path.write_text(json.dumps({"prompt": "Name a colour.", "response": "Blue."}) + "\n")
+    result = run_scoring(
+        load_generations(path),
+        _backend(embedded),
+        out=tmp_path / "out",
+        signals="entropy",
+        progress=False,
+    )
+    (rec,) = result.records
+    assert rec["correct"] is None and result.summary == {}
+    n = len(embedded[1]("Blue.", add_special_tokens=False).input_ids)  # no EOS appended
+    assert len(rec["values"]["entropy"]) == rec["n_tokens"] == n
+    for bad, message in [
+        ('{"response": "x"}', "no prompt"),
+        ('{"prompt": "x"}', "no response"),
+        ('{"prompt": "x", "response": "y", "correct": 1}', "correct"),
+    ]:
+        path.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_generations(path)
+
+
+def test_multi_seed_tokur_metrics_equal_a_hand_computation(embedded, tmp_path):
+    items = data.load_many("tasks:arithmetic,tasks:capitals", limit=6)
+    seeds = (96, 89, 64)
+    result = _eval(embedded, tmp_path / "seeds", items, tokur_seeds=seeds)
+    records = result.records
+    assert all(list(r["tokur_seeds"]) == ["96", "89", "64"] for r in records)
+    for r in records:  # the first seed is the generation's own measurement
+        first = r["tokur_seeds"]["96"]
+        assert first == {k: v for k, v in r["scores"].items() if k.startswith("tokur_")}
+    name = "tokur_epistemic:sum"
+    assert records[0]["tokur_seeds"]["89"][name] != records[0]["tokur_seeds"]["64"][name]
+    wrong = np.array([not r["correct"] for r in records])
+    assert 0 < wrong.sum() < len(records)
+    by_hand = [
+        roc_auc_score(wrong, [uncertainty(name, r["tokur_seeds"][str(s)][name]) for r in records])
+        for s in seeds
+    ]
+    stats = result.summary["tokur_seeds"]["scores"][name]["auroc"]
+    assert stats["per_seed"] == pytest.approx(by_hand)
+    assert stats["mean"] == pytest.approx(np.mean(by_hand))
+    assert stats["std"] == pytest.approx(np.std(by_hand))
+    assert result.summary["tokur_seeds"]["seeds"] == list(seeds)
+    with pytest.raises(ValueError, match="tokur_seeds"):
+        _eval(embedded, tmp_path / "bad", items, tokur_seeds=(96,))

@@ -1,0 +1,87 @@
+"""``tokur-decode score``: every signal of saved generations, without generating again.
+
+    tokur-decode score --data generations.jsonl --out runs/scored
+    tokur-decode calibrate runs/scored --risk 0.2 --out rule.toml
+
+The file has one ``{"prompt": ..., "response": ..., "answer" | "correct": ...}`` per line
+(:mod:`tokur_decode.experiments.saved`); the run folder has ``eval``'s format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub, model_args: Callable) -> None:
+    """``tokur-decode score``."""
+    p = sub.add_parser(
+        "score",
+        help="every signal of saved generations (teacher-forced), in eval's format",
+        description="Teacher-force each saved response through the model (transformers) and "
+        "record every signal per token, TokUR included, as during generation; write "
+        "results.jsonl and, when every response is graded, the detection report.",
+    )
+    p.add_argument("--data", required=True, help="a JSONL file of prompt / response lines")
+    p.add_argument("--out", required=True, help="run folder (results, report); resumable")
+    p.add_argument("--signals", default="all,tokur", help="signals to record (all,tokur)")
+    p.add_argument("--grader", choices=("numeric", "string", "math"), help="the file's grader")
+    p.add_argument("--batch-size", type=int, default=8, help="responses per pass (8)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (default: when the tokenizer has one)",
+    )
+    model_args(p)
+    tok = p.add_argument_group("TokUR (when 'tokur' is among the signals)")
+    tok.add_argument("--tokur-rank", type=int, default=8, help="perturbed singular directions (8)")
+    tok.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
+    tok.add_argument("--tokur-samples", type=int, default=10, help="predictive samples M (10)")
+    tok.add_argument("--tokur-seed", type=int, default=0, help="noise seed (0)")
+
+
+def run(args, load: Callable, argv=None) -> int:
+    from ..experiments import report
+    from ..experiments.backends import HFBackend
+    from ..experiments.saved import load_generations, run_scoring
+
+    saved = load_generations(args.data, grader=args.grader)
+    tokur = {k: getattr(args, f"tokur_{k}") for k in ("rank", "sigma", "samples", "seed")}
+    backend = HFBackend(
+        loader=lambda: load(args),
+        model_name=args.model or "embedded:SmolLM2-135M-Instruct",
+        dtype=args.dtype,
+        chat=args.chat,
+        batch_size=args.batch_size,
+        tokur=tokur,
+    )
+    result = run_scoring(
+        saved,
+        backend,
+        out=args.out,
+        signals=args.signals,
+        batch_size=args.batch_size,
+        n_resamples=args.bootstrap,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if result.summary:
+        command = "tokur-decode " + " ".join(shlex.quote(a) for a in argv)
+        report.write_detection(args.out, result.records, result.summary, command)
+        report.print_detection(result.summary)
+    else:
+        print(
+            f"scored {len(result.records)} responses into {args.out}/results.jsonl; "
+            "no metrics: not every response has an answer or a correct flag",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,136 @@
+"""Scoring saved generations (``tokur-decode score``): signals for text generated elsewhere.
+
+A JSONL file holds one generation per line: ``"prompt"`` (or ``"question"``) and
+``"response"`` (text), optionally ``"id"``, a gold ``"answer"`` (graded with
+``"grader"``, the file's ``--grader`` or the one inferred from the answers, as
+:mod:`tokur_decode.experiments.data` does) or a ready ``"correct"`` (true / false).
+:func:`run_scoring` teacher-forces each response through the model
+(:meth:`~tokur_decode.experiments.backends.HFBackend.rescore`), so every signal, TokUR
+included, is measured per token as it would have been while generating; the records and
+the report have the format of ``eval``'s (resumable; ``calibrate`` reads the folder),
+with the detection metrics when every response is graded.
+
+Example:
+    >>> import json, tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "gens.jsonl"
+    >>> _ = path.write_text(json.dumps({"prompt": "2 + 2?", "response": "4", "answer": "4"}))
+    >>> (saved,) = load_generations(path)
+    >>> saved.item.grader, saved.response, saved.correct
+    ('numeric', '4', None)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.signals import parse_signals
+from .backends import Generation, HFBackend
+from .data import Item, infer_grader
+from .detection import record, summarize
+from .graders import GRADERS
+from .runner import RunResult, process
+from .store import RunStore
+
+__all__ = ["Saved", "load_generations", "run_scoring"]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One saved generation: its item (prompt, gold answer, grader), the response text
+    and, when the file says so, whether it is correct."""
+
+    item: Item
+    response: str
+    correct: bool | None = None
+
+
+def load_generations(path: str | Path, *, grader: str | None = None) -> list[Saved]:
+    """The generations of a JSONL file (see the module docstring).
+
+    Raises:
+        ValueError: naming the file and line (invalid JSON, no prompt or response, a
+            non-boolean ``correct``, an unknown grader, a duplicate id).
+    """
+    path = Path(path)
+    if grader is not None and grader not in GRADERS:
+        raise ValueError(f"grader: unknown {grader!r}; choose from {sorted(GRADERS)}")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        prompt = obj.get("prompt", obj.get("question"))
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{where}: no prompt ("prompt" or "question")')
+        if not isinstance(obj.get("response"), str):
+            raise ValueError(f'{where}: no response ("response": the generated text)')
+        correct = obj.get("correct")
+        if correct is not None and not isinstance(correct, bool):
+            raise ValueError(f"{where}: correct: true or false, got {correct!r}")
+        if obj.get("grader") is not None and obj["grader"] not in GRADERS:
+            raise ValueError(f"{where}: grader: unknown {obj['grader']!r}")
+        rows.append((where, obj, prompt, correct))
+    if not rows:
+        raise ValueError(f"{path}: no generations")
+    answers = [str(o["answer"]) for _, o, _, _ in rows if o.get("answer") is not None]
+    default = grader or (infer_grader(answers, False) if answers else "string")
+    saved, seen = [], set()
+    for index, (where, obj, prompt, correct) in enumerate(rows):
+        item_id = str(obj.get("id", index))
+        if item_id in seen:
+            raise ValueError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        answer = "" if obj.get("answer") is None else str(obj["answer"])
+        item = Item(str(path), item_id, prompt, answer, obj.get("grader") or default, prompt)
+        saved.append(Saved(item, obj["response"], correct))
+    return saved
+
+
+def run_scoring(
+    saved: Sequence[Saved],
+    backend: HFBackend,
+    *,
+    out: str | Path,
+    signals: str | Sequence[str] = "all,tokur",
+    batch_size: int = 8,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> RunResult:
+    """Score every saved response (skipping those ``out`` has); the records, and the
+    detection summary when every response is graded (else ``summary`` is ``{}``)."""
+    names = parse_signals(signals)
+    config = {"kind": "detect", "scored": True, "signals": list(names), **backend.describe()}
+    store = RunStore(out, config)
+    by_key = {s.item.key: s for s in saved}
+
+    def work(batch: list[Item], first: int) -> list[dict]:
+        _, tokenizer = backend.loaded()
+        texts = [by_key[item.key].response for item in batch]
+        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        trace = backend.rescore([item.messages for item in batch], ids, signals=names)
+        records = []
+        for row, item in enumerate(batch):
+            rec = record(item, Generation([texts[row]], trace.select([row])))
+            given = by_key[item.key].correct
+            if given is not None:
+                rec["correct"] = given
+            elif not item.answer:
+                rec["correct"] = None  # nothing to grade against
+            records.append(rec)
+        return records
+
+    items = [s.item for s in saved]
+    records = process(store, items, work, batch_size=batch_size, desc="score", progress=progress)
+    graded = all(isinstance(r["correct"], bool) for r in records)
+    summary = summarize(records, n_resamples=n_resamples, seed=seed) if graded else {}
+    return RunResult(records, summary)
