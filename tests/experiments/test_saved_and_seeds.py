@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
-from tokur_decode.experiments import data, detection
-from tokur_decode.experiments.backends import HFBackend
-from tokur_decode.experiments.saved import load_generations, run_scoring
-from tokur_decode.experiments.scoring import uncertainty
+roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
+
+from tokur_decode.experiments import data, detection  # noqa: E402
+from tokur_decode.experiments.backends import HFBackend  # noqa: E402
+from tokur_decode.experiments.saved import load_generations, run_scoring  # noqa: E402
+from tokur_decode.experiments.scoring import uncertainty  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +41,13 @@ def _eval(embedded, tmp_path, items, **kw):
     )
 
 
-def _generations(path, records, graded=True):
+def _generations(path, records, ids=True):
     lines = []
     for r in records:
         line = {"id": r["id"], "prompt": r["prompt"], "response": r["response"]}
-        if graded:
-            line["correct"] = r["correct"]
+        line["correct"] = r["correct"]
+        if ids:
+            line["token_ids"] = r["token_ids"][: r["n_tokens"]]
         lines.append(json.dumps(line))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -72,6 +74,26 @@ def test_scoring_saved_generations_equals_the_values_recorded_while_generating(e
                 torch.tensor(b["values"][name]), torch.tensor(values), atol=1e-4, rtol=1e-4
             )
     assert scored.summary["n"] == 4  # graded: the report's summary is there
+    # Text only (no ids): its tokens, the saved EOS not among them, score the same.
+    text_only = run_scoring(
+        load_generations(_generations(tmp_path / "text.jsonl", generated.records, ids=False)),
+        _backend(embedded),
+        out=tmp_path / "text",
+        signals=SIGNALS,
+        batch_size=4,
+        n_resamples=20,
+        progress=False,
+    )
+    for a, b in zip(generated.records, text_only.records, strict=True):
+        n = b["n_tokens"]
+        assert b["tokens"] == a["tokens"][:n] and n >= a["n_tokens"] - 1
+        for name in ("entropy", "logtoku_epistemic", "tokur_epistemic"):
+            torch.testing.assert_close(
+                torch.tensor(b["values"][name]),
+                torch.tensor(a["values"][name][:n]),
+                atol=1e-4,
+                rtol=1e-4,
+            )
     # The control: another noise seed gives other TokUR values (the check can fail).
     other = run_scoring(
         load_generations(path),

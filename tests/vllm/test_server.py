@@ -68,6 +68,13 @@ def _assert_same(item: dict, trace, row: int) -> None:
             torch.tensor(values), trace.signals[key][row, :n], atol=1e-5, rtol=1e-5
         )
     assert item["events"] == trace.meta["actions"][row]
+    if trace.alternatives is not None:
+        alt = item["alternatives"]
+        assert alt["ids"] == trace.alternatives.ids[row, :n].tolist()
+        assert alt["tokens"] == trace.alternatives.tokens[row]
+        torch.testing.assert_close(
+            torch.tensor(alt["probs"]), trace.alternatives.probs[row, :n], atol=1e-5, rtol=1e-5
+        )
 
 
 def _stats(base: str) -> list[dict]:
@@ -111,7 +118,7 @@ def test_streaming_with_two_samples_sends_the_traces_in_the_last_chunk(server, e
     ``[DONE]`` carries both choices' traces, equal to the in-process engine's and to
     the text streamed for each choice."""
     prompt_ids = tv.VLLMBackend(engine).token_ids(["Name a colour."])[0]
-    xargs = tv.uncertainty_args(signals=["entropy", "chosen_prob", "deepconf"])
+    xargs = tv.uncertainty_args(signals=["entropy", "chosen_prob", "deepconf"], alternatives=3)
     params = {"n": 2, "temperature": 0.8, "seed": 5, "max_tokens": 12}
     body = {"model": MODEL, "prompt": prompt_ids, **params, "vllm_xargs": xargs}
     events = stream(server, "/v1/completions", body)

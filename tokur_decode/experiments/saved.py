@@ -1,7 +1,9 @@
 """Scoring saved generations (``tokur-decode score``): signals for text generated elsewhere.
 
 A JSONL file holds one generation per line: ``"prompt"`` (or ``"question"``) and
-``"response"`` (text), optionally ``"id"``, a gold ``"answer"`` (graded with
+``"response"`` (text; tokenized without special tokens, so a saved EOS is not scored),
+optionally ``"token_ids"`` (the response's exact token ids, EOS included, which are then
+scored instead of the text's tokens), ``"id"``, a gold ``"answer"`` (graded with
 ``"grader"``, the file's ``--grader`` or the one inferred from the answers, as
 :mod:`tokur_decode.experiments.data` does) or a ready ``"correct"`` (true / false).
 :func:`run_scoring` teacher-forces each response through the model
@@ -45,6 +47,7 @@ class Saved:
     item: Item
     response: str
     correct: bool | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 def load_generations(path: str | Path, *, grader: str | None = None) -> list[Saved]:
@@ -76,6 +79,12 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
         correct = obj.get("correct")
         if correct is not None and not isinstance(correct, bool):
             raise ValueError(f"{where}: correct: true or false, got {correct!r}")
+        ids = obj.get("token_ids")
+        if ids is not None and (
+            not isinstance(ids, list)
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
+            raise ValueError(f"{where}: token_ids: a list of token ids")
         if obj.get("grader") is not None and obj["grader"] not in GRADERS:
             raise ValueError(f"{where}: grader: unknown {obj['grader']!r}")
         rows.append((where, obj, prompt, correct))
@@ -91,7 +100,8 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
         seen.add(item_id)
         answer = "" if obj.get("answer") is None else str(obj["answer"])
         item = Item(str(path), item_id, prompt, answer, obj.get("grader") or default, prompt)
-        saved.append(Saved(item, obj["response"], correct))
+        ids = obj.get("token_ids")
+        saved.append(Saved(item, obj["response"], correct, None if ids is None else tuple(ids)))
     return saved
 
 
@@ -116,7 +126,12 @@ def run_scoring(
     def work(batch: list[Item], first: int) -> list[dict]:
         _, tokenizer = backend.loaded()
         texts = [by_key[item.key].response for item in batch]
-        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        ids = [
+            list(by_key[item.key].token_ids)
+            if by_key[item.key].token_ids is not None
+            else tokenizer(text, add_special_tokens=False).input_ids
+            for item, text in zip(batch, texts, strict=True)
+        ]
         trace = backend.rescore([item.messages for item in batch], ids, signals=names)
         records = []
         for row, item in enumerate(batch):

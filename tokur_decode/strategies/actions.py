@@ -9,7 +9,7 @@ execute from these objects.
 Example:
     >>> action_config({"type": "best-of-n", "n": 4, "score": "self_certainty"})
     BestOfN(score='self_certainty', reducer='mean', higher_is_better=True, method='argmax', \
-eta=1.0, n=4, temperature=0.7, top_p=1.0)
+eta=1.0, eta_rule='deepconf', borda_p=0.5, n=4, temperature=0.7, top_p=1.0)
     >>> action_config({"type": "branch", "k": 0})
     Traceback (most recent call last):
     ...
