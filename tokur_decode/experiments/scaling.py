@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..core import aggregate
+from ..core.adaptive import drawn_until_settled
 from ..core.policy import Trigger, TriggerState, calibrate_from_traces
 from ..core.select import choose, vote
 from ..core.signals import parse_signals, signal_of_output
@@ -59,7 +60,7 @@ from .store import RunStore
 
 __all__ = ["Method", "extra_methods", "recipe_methods", "run_scaling", "summarize"]
 
-_SWEPT = ("best-of-n", "deepconf-online")
+_SWEPT = ("best-of-n", "deepconf-online", "adaptive-sampling")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Method:
 
     ``kind``: ``"select"`` (:func:`tokur_decode.core.select.choose` by ``score:reducer``
     with ``method``, ``eta``, ``eta_rule`` and ``borda_p``) or ``"deepconf-online"``
-    (also ``warmup``, ``keep``, ``window``).
+    (also ``warmup``, ``keep``, ``window``) or ``"adaptive-sampling"`` (``rule``,
+    ``step`` answers per round, ``threshold``; the budget is N; majority of the drawn).
     """
 
     name: str
@@ -84,6 +86,9 @@ class Method:
     keep: float = 100.0
     window: int = 2048
     variant: bool = False  # a generic selection by a recipe's score, not a recipe
+    rule: str = ""  # adaptive sampling: its stopping rule, answers per round, threshold
+    step: int = 0
+    threshold: float = 0.95
 
     @property
     def label(self) -> str:
@@ -108,6 +113,19 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
                 f"sweeps {' and '.join(_SWEPT)} recipes"
             )
         p = strat.config
+        if strat.action == "adaptive-sampling":
+            recipes.append(
+                Method(
+                    strat.name,
+                    "adaptive-sampling",
+                    score="",
+                    reducer="",
+                    rule=p.rule,
+                    step=p.window,
+                    threshold=float(p.threshold),
+                )
+            )
+            continue
         common = dict(
             score=p.score,
             reducer=p.reducer,
@@ -125,6 +143,8 @@ def recipe_methods(strategies: Sequence[str], *, eta: float = 0.5) -> list[Metho
     out = list(recipes)
     seen = {(m.kind, m.label, m.higher_is_better, m.method, m.eta, m.eta_rule) for m in recipes}
     for m in recipes:
+        if m.kind == "adaptive-sampling":
+            continue
         for v in _variants(m, eta):
             key = ("select", v.label, v.higher_is_better, v.method, v.eta, v.eta_rule)
             if key not in seen:
@@ -346,6 +366,23 @@ def _deepconf_online(cands, conf, subsets: np.ndarray, m: Method) -> tuple[np.nd
     return correct, tokens
 
 
+def _adaptive(answers, right, lengths, subsets: np.ndarray, m: Method) -> tuple[float, float]:
+    """Mean correctness and tokens of adaptive sampling over the ordered subsets: the
+    candidates are drawn in their order, ``m.step`` at a time, until the rule settles."""
+    correct, tokens = [], []
+    for idx in subsets:
+        drawn = idx[
+            : drawn_until_settled(
+                [answers[i] for i in idx], window=m.step, rule=m.rule, threshold=m.threshold
+            )
+        ]
+        ballots = [answers[i] for i in drawn]
+        winner = vote(ballots, method="majority")
+        correct.append(right[drawn[ballots.index(winner)]])
+        tokens.append(lengths[drawn].sum())
+    return float(np.mean(correct)), float(np.mean(tokens))
+
+
 def _per_item(rec: dict, n: int, methods: list[Method], repeats: int, seed: int) -> dict:
     """Mean correctness and tokens over ``repeats`` subsets of ``n`` candidates, per method."""
     cands = rec["candidates"]
@@ -370,6 +407,9 @@ def _per_item(rec: dict, n: int, methods: list[Method], repeats: int, seed: int)
         spent.mean(),
     )
     for m in methods:
+        if m.kind == "adaptive-sampling":
+            out[m.name] = _adaptive(answers, right, lengths, subsets, m)
+            continue
         conf = _confidences(cands, m)
         if m.kind == "deepconf-online":
             correct, tokens = _deepconf_online(cands, conf, subsets, m)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..core import aggregate
+from ..core.adaptive import RULES as ADAPTIVE_RULES
 from ..core.probe import PROBE, Probe
 from ..core.scores import check_score_name, outputs_read
 from ..core.select import ETA_RULES, METHODS
@@ -34,6 +35,7 @@ __all__ = [
     "ACTIONS",
     "Abstain",
     "ActionConfig",
+    "AdaptiveSampling",
     "BestOfN",
     "Branch",
     "DeepConfOnline",
@@ -253,6 +255,33 @@ class DeepConfOnline(Selection):
 
 
 @dataclass(frozen=True)
+class AdaptiveSampling(ActionConfig):
+    """Sample answers ``window`` at a time, at most ``n``, until the vote is settled
+    (``rule``: ``"esc"``, a window that agrees; ``"beta"``, Adaptive-Consistency's
+    ``P(leader beats runner-up) >= threshold``: :mod:`tokur_decode.core.adaptive`); the
+    answers drawn vote (majority)."""
+
+    type: ClassVar[str] = "adaptive-sampling"
+    rule: str = "esc"
+    window: int = 4
+    n: int = 16
+    threshold: float = 0.95
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        if self.rule not in ADAPTIVE_RULES:
+            raise ValueError(f"action.rule: {self.rule!r}; choose from {ADAPTIVE_RULES}")
+        _at_least_one(self, "window", "n")
+        if self.window > self.n:
+            raise ValueError(f"action.window: at most n ({self.n}), got {self.window}")
+        if not 0.5 < self.threshold < 1:
+            raise ValueError(f"action.threshold: in (0.5, 1), got {self.threshold}")
+        _positive(self, "temperature")
+        _top_p(self)
+
+
+@dataclass(frozen=True)
 class Abstain(ActionConfig):
     """Answer, then replace the answer by ``abstain_text`` unless its response score
     passes the rule: ``score`` (a :mod:`tokur_decode.core.scores` name, or ``"probe"``
@@ -303,7 +332,17 @@ class Abstain(ActionConfig):
 #: Every action type, by its recipe name.
 ACTIONS: dict[str, type[ActionConfig]] = {
     cls.type: cls
-    for cls in (NoAction, Stop, Resample, BestOfN, Branch, Rollback, DeepConfOnline, Abstain)
+    for cls in (
+        NoAction,
+        Stop,
+        Resample,
+        BestOfN,
+        Branch,
+        Rollback,
+        DeepConfOnline,
+        AdaptiveSampling,
+        Abstain,
+    )
 }
 
 

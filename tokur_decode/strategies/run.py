@@ -38,11 +38,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from ..core.adaptive import settled
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
+from ..core.select import vote
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
-from ..core.trace import check_alternatives
+from ..core.trace import Trace, check_alternatives
 from . import backend as b
 from .actions import Abstain, Selection
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
@@ -125,9 +127,16 @@ class _Job:
     backend: b.Backend
 
     def decode(self, n: int = 1, act=None, sampling: b.Sampling | None = None) -> b.Decoded:
+        return self.decode_some(range(len(self.plan.prompts)), n, act, sampling)
+
+    def decode_some(
+        self, prompts: Iterable[int], n: int = 1, act=None, sampling: b.Sampling | None = None
+    ) -> b.Decoded:
+        """:meth:`decode` of the prompts numbered ``prompts`` only (``prompt_of``
+        counts within them)."""
         p = self.plan
         request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur, p.alternatives)
-        return self.backend.decode(p.prompts, request)
+        return self.backend.decode([p.prompts[i] for i in prompts], request)
 
 
 def plan(
@@ -168,15 +177,15 @@ def plan(
     if not all(isinstance(p, str) for p in prompt_list):
         raise ValueError("prompts: each prompt must be a string")
     if threshold is not None:
-        if kind in ("best-of-n", "deepconf-online"):
-            raise ValueError(f"threshold: {kind!r} sets its own (per prompt, calibrated)")
+        if kind in ("best-of-n", "deepconf-online", "adaptive-sampling"):
+            raise ValueError(f"threshold: {kind!r} has no trigger threshold to set")
         if kind == "branch" and strat.trigger is None:
             raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
         if strat is None or strat.trigger is None:
             raise ValueError("threshold: this strategy has no trigger to set it on")
         strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
     candidates = None
-    if kind in ("best-of-n", "deepconf-online"):  # the caller's sampling wins, else the recipe's
+    if kind in _SAMPLED:  # the caller's sampling wins, else the recipe's
         c = strat.config
         chosen_t = c.temperature if temperature is None else temperature
         if not chosen_t > 0:
@@ -343,6 +352,63 @@ def _deepconf_online(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
+def _adaptive_sampling(job: _Job) -> GenerationResult:
+    """Adaptive sampling (:mod:`tokur_decode.core.adaptive`): each round samples
+    ``window`` more answers for every prompt whose vote is not settled (at most ``n``);
+    the answers drawn vote (majority, the earliest drawn of the winners is the
+    answer). Records per prompt what was drawn and the tokens saved against ``n``."""
+    p = job.plan.strat.config
+    sampling = job.plan.candidates
+    prompts = range(len(job.plan.prompts))
+    drawn: dict[int, list] = {i: [] for i in prompts}  # (trace row, answer) per prompt
+    parts, open_ = [], list(prompts)
+    rounds = 0
+    while open_:
+        seed = sampling.seed
+        step = replace(sampling, seed=None if seed is None else seed + rounds * p.n)
+        out = job.decode_some(open_, n=p.window, sampling=step)
+        offset = sum(len(t) for t in parts)
+        parts.append(out.trace)
+        texts = list(out.trace.texts or [])
+        for row, local in enumerate(out.prompt_of):
+            drawn[open_[local]].append((offset + row, job.plan.extract(texts[row])))
+        rounds += 1
+        open_ = [
+            i
+            for i in open_
+            if len(drawn[i]) < p.n
+            and not settled(
+                [a for _, a in drawn[i]], window=p.window, rule=p.rule, threshold=p.threshold
+            )
+        ]
+    trace = Trace.concat(parts)
+    chosen, actions, candidates = [], [], []
+    for i in prompts:
+        rows, answers = [r for r, _ in drawn[i]], [a for _, a in drawn[i]]
+        winner = vote(answers, method="majority")
+        pick = answers.index(winner)
+        lengths = trace.lengths[rows].tolist()
+        spent = sum(lengths)
+        chosen.append(rows[pick])
+        candidates.append(trace.select(rows))
+        actions.append(
+            [
+                {
+                    "action": "adaptive-sampling",
+                    "rule": p.rule,
+                    "window": p.window,
+                    "n": p.n,
+                    "drawn": len(rows),
+                    "tokens": spent,
+                    "tokens_saved": round((p.n - len(rows)) * spent / len(rows)),
+                    "chosen": pick,
+                    "answers": answers,
+                }
+            ]
+        )
+    return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
+
+
 def _branch(job: _Job) -> GenerationResult:
     p = job.plan.strat.config
     out = job.decode(act=b.Branch(job.plan.strat.trigger, p))
@@ -407,4 +473,7 @@ PROCEDURES: dict[str, _Procedure] = {
     "branch": _Procedure(_branch, b.Branch),
     "rollback": _Procedure(_rollback, b.Rollback),
     "abstain": _Procedure(_abstain, None),
+    "adaptive-sampling": _Procedure(_adaptive_sampling, None),
 }
+#: The procedures that sample candidates (at the caller's or the recipe's temperature).
+_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling")
