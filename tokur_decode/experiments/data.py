@@ -41,7 +41,7 @@ from pathlib import Path
 from .graders import GRADERS, boxed, parse_number
 from .prompts import apply
 
-__all__ = ["TASKS", "Item", "infer_grader", "load", "load_jsonl", "load_many"]
+__all__ = ["TASKS", "Item", "infer_grader", "json_objects", "load", "load_jsonl", "load_many"]
 
 _QUESTION_KEYS = ("question", "problem", "prompt", "input")
 _ANSWER_KEYS = ("answer", "solution", "target", "output")
@@ -250,6 +250,24 @@ def infer_grader(answers: list[str], has_problem: bool) -> str:
     return "string"
 
 
+def json_objects(path: str | Path):
+    """``(where, object)`` for each non-empty line of a JSONL file, ``where`` being
+    ``file:line``; ``ValueError`` naming it for invalid JSON or a non-object line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
 def load_jsonl(
     path: str | Path,
     *,
@@ -274,28 +292,18 @@ def load_jsonl(
     if prompt_template is not None:
         apply(prompt_template, "")  # an unknown name fails before the file is read
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON: {exc.msg}") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            question, answer = _field(obj, _QUESTION_KEYS), _field(obj, _ANSWER_KEYS)
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: no question (one of {', '.join(_QUESTION_KEYS)})")
-            if answer is None or not str(answer).strip():
-                raise ValueError(f"{where}: no answer (one of {', '.join(_ANSWER_KEYS)})")
-            item_grader = obj.get("grader")
-            if item_grader is not None and item_grader not in GRADERS:
-                raise ValueError(
-                    f"{where}: grader: unknown {item_grader!r}; choose from {sorted(GRADERS)}"
-                )
-            rows.append((where, obj, question, _gold(answer), item_grader))
+    for where, obj in json_objects(path):
+        question, answer = _field(obj, _QUESTION_KEYS), _field(obj, _ANSWER_KEYS)
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: no question (one of {', '.join(_QUESTION_KEYS)})")
+        if answer is None or not str(answer).strip():
+            raise ValueError(f"{where}: no answer (one of {', '.join(_ANSWER_KEYS)})")
+        item_grader = obj.get("grader")
+        if item_grader is not None and item_grader not in GRADERS:
+            raise ValueError(
+                f"{where}: grader: unknown {item_grader!r}; choose from {sorted(GRADERS)}"
+            )
+        rows.append((where, obj, question, _gold(answer), item_grader))
     if not rows:
         raise ValueError(f"{path}: no items")
     default = grader or infer_grader([r[3] for r in rows], any("problem" in r[1] for r in rows))

@@ -23,14 +23,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.signals import parse_signals
 from .backends import Generation, HFBackend
-from .data import Item, infer_grader
+from .data import Item, infer_grader, json_objects
 from .detection import record, summarize
 from .graders import GRADERS
 from .runner import RunResult, process
@@ -61,16 +60,7 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
     if grader is not None and grader not in GRADERS:
         raise ValueError(f"grader: unknown {grader!r}; choose from {sorted(GRADERS)}")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object")
+    for where, obj in json_objects(path):
         prompt = obj.get("prompt", obj.get("question"))
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f'{where}: no prompt ("prompt" or "question")')
