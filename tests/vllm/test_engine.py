@@ -344,6 +344,24 @@ def test_deepconf_online_through_the_engine(engine):
     assert result.tokens_generated == event["tokens"]
 
 
+def test_adaptive_sampling_through_the_engine(engine):
+    """ESC on the engine: each prompt draws windows of 2 until one agrees (at most 6); its
+    answer is the majority of what it drew; only open prompts are sent again."""
+    from tokur_decode.core.adaptive import drawn_until_settled
+    from tokur_decode.core.select import vote
+    from tokur_decode.core.text import normalize_answer
+
+    recipe = {"name": "esc", "action": {"type": "adaptive-sampling", "window": 2, "n": 6}}
+    prompts = ["What is 2 + 2? Answer with just the number.", QUESTIONS[1]]
+    result = tv.generate(engine, prompts, strategy=recipe, max_new_tokens=6, seed=1)
+    for text, (event,), cands in zip(result.texts, result.actions, result.candidates, strict=True):
+        answers = [normalize_answer(t) for t in cands.texts]
+        assert event["answers"] == answers and event["drawn"] == len(cands)
+        assert event["drawn"] == drawn_until_settled(answers, window=2) <= 6
+        assert normalize_answer(text) == vote(answers, method="majority")
+    assert result.tokens_generated == sum(int(c.lengths.sum()) for c in result.candidates)
+
+
 def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
     import json
 
