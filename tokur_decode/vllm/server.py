@@ -376,7 +376,10 @@ def engine_ids(path: str, request: dict, base: str) -> dict[str, int]:
     response_id = ROUTES[path] + base
     if path != "/v1/completions":
         return {response_id: 0}
-    n = request.get("n") or 1
+    try:  # vLLM validates n; a value it would coerce must not break the mapping here
+        n = max(1, int(request.get("n") or 1))
+    except (TypeError, ValueError):
+        n = 1
     prompt = request.get("prompt")
     several = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
     prompts = len(prompt) if several else 1
