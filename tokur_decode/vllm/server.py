@@ -240,7 +240,13 @@ class _Exchange:
 
     async def _answer(self) -> None:
         """The buffered JSON answer with each choice's trace."""
-        answer = json.loads(bytes(self._body))
+        try:
+            answer = json.loads(bytes(self._body))
+        except ValueError:  # not what vLLM answers; pass it on untouched
+            await self._send(self._start)
+            await self._send({"type": "http.response.body", "body": bytes(self._body)})
+            self.done = True
+            return
         traces, error = await self._take()
         for choice in answer.get("choices", []):
             choice["tokur"] = traces.get(choice.get("index", 0))
