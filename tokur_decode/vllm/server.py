@@ -246,6 +246,7 @@ class _Exchange:
             await self._send(self._start)
             await self._send({"type": "http.response.body", "body": bytes(self._body)})
             self.done = True
+            self.plugin.drop(self.ids)
             return
         traces, error = await self._take()
         for choice in answer.get("choices", []):
