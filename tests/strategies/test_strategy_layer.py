@@ -201,6 +201,7 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         "branch",
         "rollback",
         "deepconf-online",
+        "adaptive-sampling",
         "abstain",
     }
     for kind, cls in A.ACTIONS.items():
