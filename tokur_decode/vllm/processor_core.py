@@ -391,7 +391,15 @@ class ProcessorCore:
         """Finished traces of the requests whose caller-side id (``RequestOutput.
         request_id``) is in ``request_ids`` (all when ``None``), forgotten once returned;
         plain Python values, for the RPC. Each carries ``request_id`` (the caller's id)
-        and ``index`` (the completion's index when ``n > 1``, else 0)."""
+        and ``index`` (the completion's index when ``n > 1``, else 0).
+
+        Runs in inference mode: the records were made in the engine's forward (inference
+        tensors), and finishing a request here writes its last deferred values into them.
+        """
+        with torch.inference_mode():
+            return self._collect(request_ids)
+
+    def _collect(self, request_ids) -> list[dict]:
         wanted = None if request_ids is None else set(request_ids)
         # The caller holds these outputs, so they are finished, but vLLM tells the worker
         # only at its next step (never, after the last one): finish them now.
