@@ -119,6 +119,7 @@ class Group:
     forced: torch.Tensor | None = None  # [rows] bool: ... whose first token is given
     first_token: torch.Tensor | None = None  # [rows]: that token (0 where none)
     first_logits: torch.Tensor | None = None  # [rows, V]: logits that emit it
+    alt_cols: torch.Tensor | None = None  # the alternatives' columns (ids, then probs)
 
 
 class _TriggerSlots:
@@ -364,6 +365,11 @@ class ProcessorCore:
             chosen=chosen,
             start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
         )
+        k = settings.alternatives
+        if k:
+            group.alt_cols = self.tensor(
+                [*range(k), *range(MAX_ALTERNATIVES, MAX_ALTERNATIVES + k)]
+            )
         if settings.trigger is not None:
             present = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
             group.present = present.index_fill(0, slots, True)
@@ -520,11 +526,9 @@ class ProcessorCore:
             self._alts = torch.zeros(
                 self._slots, self._cap, 2 * MAX_ALTERNATIVES, device=self.device
             )
-        k = g.settings.alternatives
-        alt = Alternatives.of_logprobs(lp, k)
-        cols = torch.cat([torch.arange(k), MAX_ALTERNATIVES + torch.arange(k)]).to(self.device)
+        alt = Alternatives.of_logprobs(lp, g.settings.alternatives)
         values = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
-        self._alts.index_put_((g.slots[:, None], pos[:, None], cols[None, :]), values)
+        self._alts.index_put_((g.slots[:, None], pos[:, None], g.alt_cols[None, :]), values)
 
     def _tokur_values(self, g: Group, key: tuple) -> dict[str, torch.Tensor]:
         """TU / AU / EU of the group's rows from the model's ``[R, M, V]`` samples (NaN
