@@ -184,6 +184,7 @@ class ProcessorCore:
         self._requests = 0  # opted-in requests seen (a counter for operators)
         # Top-k alternatives [slots, steps, ids then probabilities], once someone asks.
         self._alts: torch.Tensor | None = None
+        self._columns: dict[tuple[str, ...], torch.Tensor] = {}  # record columns, on device
         self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
         self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
 
@@ -361,7 +362,7 @@ class ProcessorCore:
             slots=slots,
             outputs=[r.outputs for _, r in members],
             names=names,
-            cols=self.tensor([_COL[k] for k in names]),
+            cols=self.columns(names),
             chosen=chosen,
             start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
         )
@@ -385,6 +386,13 @@ class ProcessorCore:
             group.first_token = token.clamp_min(0)
             group.first_logits = token_logits(group.first_token, self.vocab)
         return group
+
+    def columns(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The record's column indices of ``names`` on the device (made once per tuple:
+        the per-step writes reuse them)."""
+        if names not in self._columns:
+            self._columns[names] = self.tensor([_COL[k] for k in names])
+        return self._columns[names]
 
     def tensor(self, values: list[int]) -> torch.Tensor:
         """``values`` as a long tensor on the device (through pinned memory when allowed)."""
@@ -516,7 +524,7 @@ class ProcessorCore:
         facts = torch.stack(
             [fired.float(), state.smoothed_value.index_select(0, slots), blocked.float()], -1
         )
-        cols = self.tensor([_COL["action_fired"], _COL["action_value"], _COL["action_blocked"]])
+        cols = self.columns(("action_fired", "action_value", "action_blocked"))
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
         return edited
 
@@ -557,22 +565,22 @@ class ProcessorCore:
         values: dict[str, torch.Tensor] = {}
         chosen = tuple(n for n in names if n != "tokur_reward")
         prev = self._last_lp.get(key)
+        row = self._lp_row.index_select(0, slots)
         if chosen and prev is not None:
-            row = self._lp_row.index_select(0, slots).clamp(max=prev.shape[0] - 1)
-            values |= chosen_from_logprobs(prev, last, chosen, rows=row)
+            values |= chosen_from_logprobs(prev, last, chosen, rows=row.clamp(max=len(prev) - 1))
         if "tokur_reward" in names and key in self._last_bayes:
             bayes = self._last_bayes[key]
             if bayes is None:  # no TokUR model: NaN, as the step's other TokUR values
                 values["tokur_reward"] = torch.full(last.shape, float("nan"), device=self.device)
             else:
                 lp, log_pbar = bayes
-                row = self._lp_row.index_select(0, slots).clamp(max=lp.shape[0] - 1)
+                row = row.clamp(max=len(lp) - 1)
                 values["tokur_reward"] = implicit_reward(lp[row], log_pbar[row], last)
         names = tuple(n for n in names if n in values)
         if not names:
             return
         pending = (self._lp_pos.index_select(0, slots) == pos - 1) & (pos > 0)
-        cols = self.tensor([_COL[k] for k in names])
+        cols = self.columns(names)
         where = (slots[:, None], (pos - 1).clamp_min(0)[:, None], cols[None, :])
         new = torch.stack([values[k] for k in names], dim=-1)
         self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
