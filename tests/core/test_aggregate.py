@@ -100,7 +100,8 @@ def test_empty_responses_return_documented_values():
     values = torch.empty(2, 0)
     lengths = torch.zeros(2, dtype=torch.long)
     for name in A.REDUCERS:
-        got = A.reduce(name, values, lengths)
+        steps = {"step_of": torch.zeros(2, 0, dtype=torch.long)} if name in A.STEP_REDUCERS else {}
+        got = A.reduce(name, values, lengths, **steps)
         assert got.tolist() == [0.0, 0.0], name
     assert A.mean(values, lengths, empty=-1.0).tolist() == [-1.0, -1.0]
 

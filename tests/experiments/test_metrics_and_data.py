@@ -286,7 +286,7 @@ def test_bootstrap_intervals_cover_the_point_and_skip_undefined_resamples():
 
 
 def test_trace_scores_cover_every_reducer_and_orientation():
-    from tokur_decode.core.aggregate import REDUCERS
+    from tokur_decode.core.aggregate import REDUCERS, STEP_REDUCERS
 
     trace = Trace(
         {
@@ -297,9 +297,13 @@ def test_trace_scores_cover_every_reducer_and_orientation():
         torch.tensor([2, 1]),
     )
     rows = scoring.trace_scores(trace)
-    assert set(rows[0]) == {f"max_prob:{r}" for r in REDUCERS} | {
-        f"entropy:{r}" for r in REDUCERS if r not in ("naive", "vanilla")
+    per_token = set(REDUCERS) - set(STEP_REDUCERS)  # no token texts: no steps
+    assert set(rows[0]) == {f"max_prob:{r}" for r in per_token} | {
+        f"entropy:{r}" for r in per_token if r not in ("naive", "vanilla")
     }
+    trace.tokens = [["1", "\n\n"], ["2"]]
+    with_steps = scoring.trace_scores(trace)
+    assert with_steps[0]["entropy:step_mean_max"] == pytest.approx(1.05)  # one step
     assert rows[0]["entropy:mean"] == pytest.approx(1.05)  # padding ignored
     assert rows[0]["max_prob:naive"] == pytest.approx(1 - 0.45)
     assert scoring.uncertainty("max_prob:mean", 0.7) == -0.7

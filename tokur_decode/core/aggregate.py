@@ -5,6 +5,10 @@ Every reducer takes ``values`` ``[B, T]`` (one row per response, right-padded) a
 and returns float32 ``[B]`` on the same device. Padding beyond a row's length is
 ignored whatever it holds (NaN included).
 
+The step reducers (:data:`STEP_REDUCERS`) also take ``step_of``, each token's reasoning
+step (:mod:`tokur_decode.core.steps`), and reduce the per-step means: the worst step
+(``step_mean_max`` of an uncertainty, ``step_mean_min`` of a confidence) or the last.
+
 Empty responses (length 0) never crash and never yield NaN:
 
 * ``sum`` is 0 (empty sum); ``naive`` and ``vanilla`` are 0 (empty product 1, and
@@ -31,6 +35,7 @@ import torch
 
 __all__ = [
     "REDUCERS",
+    "STEP_REDUCERS",
     "deepconf_bottom_groups",
     "deepconf_lowest_group",
     "deepconf_tail",
@@ -41,6 +46,10 @@ __all__ = [
     "min",
     "naive",
     "reduce",
+    "step_means",
+    "step_mean_last",
+    "step_mean_max",
+    "step_mean_min",
     "sum",
     "tail_mean",
     "topk_mean",
@@ -232,6 +241,66 @@ def deepconf_tail(values, lengths=None, *, window: int = 2048, empty: float = 0.
     return _finish(torch.where(take, v, 0.0).sum(dim=-1) / n.clamp(1, window), n, empty)
 
 
+# --------------------------------------------------------------------------- steps
+
+
+def step_means(
+    values: torch.Tensor, lengths: torch.Tensor | None, step_of: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step means ``[B, S]`` (float64) and each row's number of steps ``[B]``:
+    ``step_of[b, t]`` is token ``t``'s step (:func:`tokur_decode.core.steps.step_index`),
+    non-decreasing along a row.
+
+    Example:
+        >>> import torch
+        >>> means, n = step_means(torch.tensor([[1.0, 3.0, 5.0]]), None,
+        ...                       torch.tensor([[0, 0, 1]]))
+        >>> means.tolist(), n.tolist()
+        ([[2.0, 5.0]], [2])
+    """
+    v, n, mask = _prepare(values, lengths)
+    index = torch.as_tensor(step_of, device=v.device).long()
+    if index.shape != v.shape:  # _prepare may have padded an empty trace
+        index = torch.zeros_like(v, dtype=torch.long)
+    index = torch.where(mask, index, 0)
+    width = int(index.max()) + 1 if index.numel() else 1
+    sums = v.new_zeros(v.shape[0], width).scatter_add(1, index, v)
+    counts = v.new_zeros(v.shape[0], width).scatter_add(1, index, mask.to(v.dtype))
+    steps = torch.where(n > 0, torch.where(mask, index, 0).amax(dim=-1) + 1, 0)
+    return sums / counts.clamp_min(1), steps
+
+
+def _over_steps(values, lengths, step_of, empty, pick) -> torch.Tensor:
+    means, steps = step_means(values, lengths, step_of)
+    valid = torch.arange(means.shape[1], device=means.device) < steps.unsqueeze(-1)
+    return _finish(pick(means, valid, steps), steps, empty)
+
+
+def step_mean_max(values, lengths=None, *, step_of, empty: float = 0.0) -> torch.Tensor:
+    """The largest step mean (the worst step of an uncertainty)."""
+    return _over_steps(
+        values, lengths, step_of, empty, lambda m, ok, _: torch.where(ok, m, -math.inf).amax(-1)
+    )
+
+
+def step_mean_min(values, lengths=None, *, step_of, empty: float = 0.0) -> torch.Tensor:
+    """The smallest step mean (the worst step of a confidence)."""
+    return _over_steps(
+        values, lengths, step_of, empty, lambda m, ok, _: torch.where(ok, m, math.inf).amin(-1)
+    )
+
+
+def step_mean_last(values, lengths=None, *, step_of, empty: float = 0.0) -> torch.Tensor:
+    """The last step's mean."""
+    return _over_steps(
+        values,
+        lengths,
+        step_of,
+        empty,
+        lambda m, _, s: m.gather(1, (s - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1),
+    )
+
+
 # --------------------------------------------------------------------------- by name
 
 #: Reducers by name, for strategies and the experiment runners.
@@ -248,7 +317,13 @@ REDUCERS: dict[str, Reducer] = {
     "deepconf_lowest_group": deepconf_lowest_group,
     "deepconf_bottom_groups": deepconf_bottom_groups,
     "deepconf_tail": deepconf_tail,
+    "step_mean_max": step_mean_max,
+    "step_mean_min": step_mean_min,
+    "step_mean_last": step_mean_last,
 }
+#: Reducers over the steps of an answer: they take ``step_of`` (supplied by
+#: :meth:`tokur_decode.core.trace.Trace.aggregate` from the trace's token texts).
+STEP_REDUCERS = ("step_mean_max", "step_mean_min", "step_mean_last")
 
 
 def reduce(

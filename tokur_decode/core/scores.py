@@ -76,5 +76,5 @@ def response_scores(trace: Trace, names: Iterable[str]) -> dict[str, torch.Tenso
                 f"score: {name!r} reads {output!r}, which was not recorded "
                 f"(recorded: {sorted(trace.signals)})"
             )
-        out[name] = aggregate.reduce(reducer, trace.signals[output], trace.lengths)
+        out[name] = trace.aggregate(output, reducer)
     return out

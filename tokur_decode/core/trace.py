@@ -36,6 +36,7 @@ import torch
 
 from . import aggregate
 from .signals import OUTPUTS
+from .steps import DEFAULT_DELIMITER, step_index
 
 __all__ = [
     "MAX_ALTERNATIVES",
@@ -309,10 +310,65 @@ class Trace:
 
     def aggregate(self, name: str, reducer: str = "mean", **params) -> torch.Tensor:
         """Response-level value ``[B]`` of signal ``name`` by ``reducer`` (see
-        :data:`tokur_decode.core.aggregate.REDUCERS`)."""
+        :data:`tokur_decode.core.aggregate.REDUCERS`); a step reducer reads the steps
+        of :meth:`step_index`."""
         if name not in self.signals:
             raise KeyError(f"signal {name!r} not recorded; have {list(self.signals)}")
+        if reducer in aggregate.STEP_REDUCERS:
+            params["step_of"] = self.step_index().to(self.lengths.device)
         return aggregate.reduce(reducer, self.signals[name], self.lengths, **params)
+
+    def step_index(self) -> torch.Tensor:
+        """Each token's reasoning step ``[B, T]``
+        (:func:`tokur_decode.core.steps.step_index`), steps ending at
+        ``meta["step_delimiter"]`` (default a blank line).
+
+        Raises:
+            ValueError: the trace has no token texts (it was made without a tokenizer).
+        """
+        if self.tokens is None:
+            raise ValueError(
+                "reducer: step reducers read the answer's token texts; this trace has none "
+                "(record it with a tokenizer)"
+            )
+        delimiter = self.meta.get("step_delimiter", DEFAULT_DELIMITER)
+        return step_index(self.tokens, delimiter, self.token_ids.shape[1])
+
+    def steps_from(self, starts: torch.Tensor) -> Trace:
+        """Each row's steps from ``starts[i]`` on, left-aligned (what a row added since
+        it was ``starts[i]`` tokens long); token texts kept, response texts joined from
+        them.
+
+        Example:
+            >>> t = Trace({"entropy": torch.tensor([[1.0, 2.0, 3.0]])},
+            ...           torch.tensor([[4, 5, 6]]), torch.tensor([3]), tokens=[["a", "b", "c"]])
+            >>> tail = t.steps_from(torch.tensor([1]))
+            >>> tail.signals["entropy"].tolist(), tail.lengths.tolist(), tail.texts
+            ([[2.0, 3.0]], [2], ['bc'])
+        """
+        starts = torch.as_tensor(starts, device=self.token_ids.device).long()
+        starts = torch.minimum(starts, self.lengths.to(starts.device))
+        width = self.token_ids.shape[1]
+        column = torch.arange(width, device=starts.device) + starts.unsqueeze(-1)
+        index = column.clamp_max(max(width - 1, 0))
+        lengths = self.lengths.to(starts.device) - starts
+        valid = torch.arange(width, device=starts.device) < lengths.unsqueeze(-1)
+
+        def shifted(x: torch.Tensor) -> torch.Tensor:
+            moved = x.gather(1, index.to(x.device)) if width else x
+            return torch.where(valid.to(x.device), moved, torch.zeros_like(moved))
+
+        tokens = None
+        if self.tokens is not None:
+            tokens = [row[s:] for row, s in zip(self.tokens, starts.tolist(), strict=True)]
+        return Trace(
+            signals={k: shifted(v) for k, v in self.signals.items()},
+            token_ids=shifted(self.token_ids),
+            lengths=lengths.to(self.lengths.device),
+            tokens=tokens,
+            texts=None if tokens is None else ["".join(row) for row in tokens],
+            meta=dict(self.meta),
+        )
 
     def summary(self, *, unreliable_k: int = 25) -> list[dict[str, float]]:
         """Standard response-level scores per row.

@@ -62,11 +62,13 @@ HEADLINE_REDUCER = {key: o.headline for key, o in OUTPUTS.items() if o.headline 
 def trace_scores(trace: Trace) -> list[dict[str, float]]:
     """Every ``"<output>:<reducer>"`` score of every row of ``trace``."""
     columns: dict[str, torch.Tensor] = {}
-    for key, values in trace.signals.items():
+    for key in trace.signals:
         for name in aggregate.REDUCERS:
             if name in _UNCERTAINTY_REDUCERS and key not in _PROBABILITY_OUTPUTS:
                 continue
-            columns[f"{key}:{name}"] = aggregate.reduce(name, values, trace.lengths)
+            if name in aggregate.STEP_REDUCERS and trace.tokens is None:
+                continue
+            columns[f"{key}:{name}"] = trace.aggregate(key, name)
     table = {k: v.detach().cpu().tolist() for k, v in columns.items()}
     return [{k: float(v[i]) for k, v in table.items()} for i in range(len(trace))]
 

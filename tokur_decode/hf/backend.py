@@ -2,8 +2,9 @@
 
 Plain, stopping and resampling decodes are one batched ``model.generate`` with the
 :class:`~tokur_decode.hf.UncertaintyMonitor` first and the action's logits processor
-after it (``num_return_sequences`` answers per prompt); branching and roll-back run in
-our own decoding loop (:class:`~tokur_decode.hf.controller.Controller`). TokUR is
+after it (``num_return_sequences`` answers per prompt); branching, roll-back and
+particles advancing in steps (:meth:`HFBackend.particles`) run in our own decoding
+loop (:class:`~tokur_decode.hf.controller.Controller`). TokUR is
 recorded inside :func:`~tokur_decode.hf.perturbed`.
 
 Example:
@@ -23,12 +24,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.steps import StepEnds
 from ..core.text import encode_prompts
 from ..core.trace import Trace
 from ..strategies import backend as acts
 from .actions import ResampleOnTrigger, StopOnTrigger
 from .controller import Branch, Controller, Rollback
 from .monitor import UncertaintyMonitor, as_id_list
+from .particles import HFParticles, step_ends
 from .tokur import perturbed
 
 __all__ = ["HFBackend", "sampling_kwargs"]
@@ -54,7 +57,7 @@ class HFBackend:
             ``logtoku_evidence``).
     """
 
-    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Rollback)
+    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Rollback, acts.Steps)
 
     def __init__(
         self,
@@ -72,6 +75,7 @@ class HFBackend:
         self.signal_params = signal_params
         eos = model.generation_config.eos_token_id
         self.eos_token_id = tokenizer.eos_token_id if eos is None else eos
+        self._step_ends: dict[str, StepEnds] = {}  # by delimiter
 
     def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
         sampling, n, act = request.sampling, request.n, request.act
@@ -87,6 +91,42 @@ class HFBackend:
             with self._monitoring(request) as monitor:
                 parts.append(self._decode(chunk, monitor, sampling, seed, n, part_act))
         return _joined(parts)
+
+    @contextlib.contextmanager
+    def particles(self, prompts: Sequence[str], request: acts.Request):
+        """``request.n`` particles per prompt advancing in the steps of ``request.act``
+        (a :class:`~tokur_decode.strategies.backend.Steps`), all in one batch of our
+        decoding loop (``batch_size`` does not split it): a context manager giving
+        :class:`~tokur_decode.hf.particles.HFParticles`."""
+        if not isinstance(request.act, acts.Steps):
+            raise ValueError("act: particles advance in Steps")
+        sampling, n = request.sampling, request.n
+        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        with self._monitoring(request) as monitor:
+            controller = self._controller(monitor, sampling, sampling.seed)
+            controller.start({k: v.repeat_interleave(n, dim=0) for k, v in enc.items()})
+            ends = self._ends(request.act.delimiter)
+            yield HFParticles(controller, ends, request.act.max_tokens, self.tokenizer)
+
+    def _ends(self, delimiter: str) -> StepEnds:
+        if delimiter not in self._step_ends:
+            size = self.model.get_output_embeddings().weight.shape[0]
+            self._step_ends[delimiter] = step_ends(
+                self.tokenizer, delimiter, size, self.model.device
+            )
+        return self._step_ends[delimiter]
+
+    def _controller(self, monitor, sampling: acts.Sampling, seed) -> Controller:
+        return Controller(
+            self.model,
+            monitor,
+            eos_token_ids=as_id_list(self.eos_token_id, "eos_token_id"),
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
+            max_new_tokens=sampling.max_new_tokens,
+        )
 
     @contextlib.contextmanager
     def _monitoring(self, request: acts.Request):
@@ -159,16 +199,7 @@ class HFBackend:
                 act.trigger, rewind=c.rewind, temperature=c.temperature, max_retries=c.max_retries
             )
         enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
-        controller = Controller(
-            self.model,
-            monitor,
-            eos_token_ids=as_id_list(self.eos_token_id, "eos_token_id"),
-            pad_token_id=self.tokenizer.pad_token_id,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=seed,
-            max_new_tokens=sampling.max_new_tokens,
-        )
+        controller = self._controller(monitor, sampling, seed)
         trace = controller.run(enc, policy, self.tokenizer)
         prompt_of = policy.origin if isinstance(act, acts.Branch) else list(range(len(prompts)))
         return acts.Decoded(trace, list(prompt_of), policy.events, int(controller.generated))

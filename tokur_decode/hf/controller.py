@@ -53,6 +53,7 @@ from transformers import DynamicCache
 
 from ..core.events import Fork
 from ..core.policy import Trigger, TriggerState
+from ..core.steps import StepEnds
 from ..core.text import decode_rows
 from ..core.trace import Trace
 from ..strategies import actions
@@ -76,6 +77,10 @@ _ROW_STATE = (
     "refeed",
     "refeed_token",
     "refeed_pos",
+    "paused",
+    "just_paused",
+    "step_start",
+    "step_tail",
 )
 
 
@@ -164,6 +169,51 @@ class Controller:
             self.logits = self._forward(self.tokens[:, -1:], self.positions[:, -1:])
         return self.trace(tokenizer)
 
+    # ------------------------------------------------------------------ steps
+
+    @torch.no_grad()
+    def start(self, enc) -> None:
+        """Prefill ``enc`` (as :meth:`run` does first) for decoding in :meth:`advance`."""
+        self._prefill(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+
+    @torch.no_grad()
+    def advance(self, ends: StepEnds, max_tokens: int) -> None:
+        """Decode every unfinished row to the end of its next reasoning step: its text
+        since the step began contains the delimiter of ``ends``, or ``max_tokens``
+        tokens. A row that ends its step first waits (it appends masked padding, as a
+        finished row does) until every row has ended its step or finished.
+
+        The next call resumes the waiting rows exactly after their last token: a row
+        whose step ended at the last column feeds it now; one that waited longer has
+        that token fed again at its own position (its padding stays masked), so its
+        next distribution, TokUR's samples included, is the one after its prefix.
+        :meth:`select_rows` between calls continues from copies of rows (resampling).
+        """
+        if bool(self.finished.all()):
+            return
+        if self._pending:
+            self.logits = self._forward(self.tokens[:, -1:], self.positions[:, -1:])
+            self._pending = False
+        for row in (self.paused & ~self.just_paused & ~self.finished).nonzero().flatten().tolist():
+            visible = self.attention[row].bool()
+            self._feed_again(row, self._hide_from(row, int(self.positions[row][visible].max())))
+        self.paused = torch.zeros_like(self.paused)
+        self.step_start = self.n_answer.clone()
+        self.step_tail = ends.start(self.batch_size)
+        while True:
+            self.scores = self.monitor(self.tokens, self.logits)
+            stepping = ~self.finished & ~self.paused & ~self.refeed
+            self._append(self._choose(self.scores))
+            ended, tail = ends.update(self.tokens[:, -1], self.step_tail)
+            self.step_tail = torch.where(stepping.unsqueeze(-1), tail, self.step_tail)
+            full = self.n_answer - self.step_start >= max_tokens
+            self.just_paused = stepping & ~self.finished & (ended | full)
+            self.paused = self.paused | self.just_paused
+            if bool((self.finished | self.paused).all()):
+                self._pending = True
+                return
+            self.logits = self._forward(self.tokens[:, -1:], self.positions[:, -1:])
+
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         batch = input_ids.shape[0]
         mask = attention_mask.long()
@@ -178,6 +228,10 @@ class Controller:
         self.temperature = torch.full((batch,), float(self.base_temperature), device=self.device)
         self.force, self.forced_token = zeros.bool(), zeros.clone()
         self.refeed, self.refeed_token, self.refeed_pos = zeros.bool(), zeros.clone(), zeros.clone()
+        self.paused, self.just_paused = zeros.bool(), zeros.bool()
+        self.step_start = zeros.clone()
+        self.step_tail = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self._pending = False  # the last column is appended but not fed yet (see advance)
         #: Answer tokens decoded so far over all rows, taken-back ones included (a
         #: 0-d device tensor: reading it is the caller's choice).
         self.generated = zeros.new_zeros(())
@@ -213,7 +267,7 @@ class Controller:
 
     def _append(self, chosen: torch.Tensor) -> None:
         """Append one column per row: the chosen token, a token fed again, or padding."""
-        live = ~self.finished
+        live = ~self.finished & ~self.paused
         is_answer = live & ~self.refeed
         token = torch.where(
             self.refeed, self.refeed_token, torch.where(live, chosen, self.pad_token_id)

@@ -29,7 +29,8 @@ from ..core.adaptive import RULES as ADAPTIVE_RULES
 from ..core.probe import PROBE, Probe
 from ..core.scores import check_score_name, outputs_read
 from ..core.select import ETA_RULES, METHODS
-from ..core.signals import signal_of_output
+from ..core.signals import OUTPUTS, signal_of_output
+from ..core.steps import DEFAULT_DELIMITER, check_delimiter
 
 __all__ = [
     "ACTIONS",
@@ -40,6 +41,7 @@ __all__ = [
     "Branch",
     "DeepConfOnline",
     "NoAction",
+    "ParticleFilter",
     "Resample",
     "Rollback",
     "Selection",
@@ -282,6 +284,49 @@ class AdaptiveSampling(ActionConfig):
 
 
 @dataclass(frozen=True)
+class ParticleFilter(ActionConfig):
+    """Particle filtering over reasoning steps (:mod:`tokur_decode.core.particles`): ``n``
+    particles per prompt, sampled at ``temperature`` / ``top_p``, advance one step at a
+    time (a step ends where its text contains ``delimiter``, or after ``step_tokens``
+    tokens); each step's ``reducer`` of output ``score`` over the step's tokens moves the
+    particle's log-weight by ``+- value / weight_temperature`` (``+`` for a confidence,
+    ``-`` for an uncertainty, as the signal registry says); when the effective sample
+    size falls below ``ess_threshold * n`` the prompt's particles are resampled
+    systematically. The finished particles vote, weighted by their final weights."""
+
+    type: ClassVar[str] = "particle-filter"
+    n: int = 8
+    score: str = "entropy"
+    reducer: str = "mean"
+    weight_temperature: float = 1.0
+    ess_threshold: float = 0.5
+    delimiter: str = DEFAULT_DELIMITER
+    step_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        signal_of_output(self.score)
+        if self.reducer not in aggregate.REDUCERS or self.reducer in aggregate.STEP_REDUCERS:
+            steps = sorted(set(aggregate.REDUCERS) - set(aggregate.STEP_REDUCERS))
+            raise ValueError(
+                f"action.reducer: {self.reducer!r} does not reduce one step; choose from {steps}"
+            )
+        _at_least_one(self, "n", "step_tokens")
+        _positive(self, "weight_temperature")
+        if not 0 <= self.ess_threshold <= 1:
+            raise ValueError(f"action.ess_threshold: in [0, 1], got {self.ess_threshold}")
+        check_delimiter(self.delimiter, "action.delimiter")
+        _positive(self, "temperature")
+        _top_p(self)
+
+    @property
+    def sign(self) -> float:
+        """``+1`` when a larger step score is better (a confidence), else ``-1``."""
+        return 1.0 if OUTPUTS[self.score].confidence else -1.0
+
+
+@dataclass(frozen=True)
 class Abstain(ActionConfig):
     """Answer, then replace the answer by ``abstain_text`` unless its response score
     passes the rule: ``score`` (a :mod:`tokur_decode.core.scores` name, or ``"probe"``
@@ -341,6 +386,7 @@ ACTIONS: dict[str, type[ActionConfig]] = {
         Rollback,
         DeepConfOnline,
         AdaptiveSampling,
+        ParticleFilter,
         Abstain,
     )
 }

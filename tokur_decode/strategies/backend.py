@@ -34,10 +34,12 @@ __all__ = [
     "Backend",
     "Branch",
     "Decoded",
+    "Particles",
     "Request",
     "Resample",
     "Rollback",
     "Sampling",
+    "Steps",
     "Stop",
 ]
 
@@ -114,7 +116,18 @@ class Rollback:
     needs: ClassVar[str] = "tokur-decode's own decoding loop (use the transformers backend)"
 
 
-Act = Stop | Resample | Branch | Rollback
+@dataclass(frozen=True)
+class Steps:
+    """Decode in reasoning steps: :meth:`Backend.particles` advances every particle to
+    the end of its next step (its text contains ``delimiter``, or ``max_tokens`` more
+    tokens), then waits to be told which particles continue."""
+
+    delimiter: str
+    max_tokens: int
+    needs: ClassVar[str] = "continuing particles step by step"
+
+
+Act = Stop | Resample | Branch | Rollback | Steps
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,28 @@ class Decoded:
 
     def rows_of(self, prompt: int) -> list[int]:
         return [row for row, p in enumerate(self.prompt_of) if p == prompt]
+
+
+class Particles(Protocol):
+    """Particles advancing in steps (what :meth:`Backend.particles` gives, as a context
+    manager): ``n`` per prompt, prompt-major (particle ``p * n + j`` answers prompt
+    ``p``)."""
+
+    #: Tokens decoded so far, over all particles and steps.
+    tokens: int
+
+    def advance(self) -> tuple[Trace, list[bool]]:
+        """Decode every unfinished particle to the end of its next step: returns that
+        step's trace (row ``i``: particle ``i``'s new tokens, none for a particle that
+        had finished) and which particles have now finished (an EOS, or the answer's
+        token budget)."""
+
+    def select(self, index: Sequence[int]) -> None:
+        """Continue with particles ``index`` (one per particle, repeats copy one, the
+        prefix shared): particle ``i`` becomes a copy of old particle ``index[i]``."""
+
+    def trace(self) -> Trace:
+        """Every particle's answer so far."""
 
 
 @runtime_checkable

@@ -51,9 +51,7 @@ def choose_candidates(
     Returns ``(chosen rows, one record per group, candidate traces per group)``; a
     record lists every candidate's raw score and answer and the chosen index.
     """
-    raw = aggregate.reduce(
-        params.reducer, trace.signals[params.score], trace.lengths, **reducer_params
-    ).tolist()
+    raw = trace.aggregate(params.score, params.reducer, **reducer_params).tolist()
     scores = raw if params.higher_is_better else [-x for x in raw]
     answers = [extract(text) for text in trace.texts]
     chosen, records, candidates = [], [], []

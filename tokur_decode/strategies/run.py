@@ -17,6 +17,9 @@ action type            what runs (through :meth:`~.backend.Backend.decode`)
 ``abstain``            one decode; an answer whose response score fails the rule
                        answers the rule's ``abstain_text`` (a calibrated rule:
                        ``tokur-decode calibrate``)
+``adaptive-sampling``  answers drawn in windows until the vote is settled
+``particle-filter``    particles advance step by step (:class:`~.backend.Steps`),
+                       weighted by a step score, resampled, then vote
 =====================  ===========================================================
 
 Adding an action type: a recipe key table in :mod:`~.recipe`, (if it acts inside
@@ -38,15 +41,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..core.adaptive import settled
+from ..core.particles import effective_sample_size, normalized, systematic_resample
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
-from ..core.select import vote
+from ..core.select import select, vote
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
 from ..core.trace import Trace, check_alternatives
 from . import backend as b
-from .actions import Abstain, Selection
+from .actions import Abstain, ParticleFilter, Selection
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
@@ -83,7 +89,7 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(signal_of_output(strat.trigger.signal))
-    if strat is not None and isinstance(strat.config, Selection):
+    if strat is not None and isinstance(strat.config, Selection | ParticleFilter):
         needed.append(signal_of_output(strat.config.score))
     if strat is not None and isinstance(strat.config, Abstain):
         needed += [signal_of_output(output) for output in strat.config.outputs]
@@ -177,7 +183,7 @@ def plan(
     if not all(isinstance(p, str) for p in prompt_list):
         raise ValueError("prompts: each prompt must be a string")
     if threshold is not None:
-        if kind in ("best-of-n", "deepconf-online", "adaptive-sampling"):
+        if kind in _SAMPLED:
             raise ValueError(f"threshold: {kind!r} has no trigger threshold to set")
         if kind == "branch" and strat.trigger is None:
             raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
@@ -202,6 +208,8 @@ def plan(
             "greedy decoding it keeps the argmax and changes nothing (sample with "
             "temperature > 0, or use mode = 'veto')"
         )
+    if alternatives and kind == "particle-filter":
+        raise ValueError("alternatives: a particle filter does not record them")
     names = needed_signals(strat, signals)
     tokur = tokur if tokur is not None else (strat.tokur if strat else None)
     if tokur and not wants_samples(names):
@@ -409,6 +417,82 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
+def _particle_filter(job: _Job) -> GenerationResult:
+    """Particle filtering (:class:`~.actions.ParticleFilter`): every prompt's ``n``
+    particles advance one step at a time in one batch (:meth:`~.backend.Backend.particles`);
+    each step's score moves their log-weights; a prompt whose effective sample size
+    falls below ``ess_threshold * n`` is resampled systematically (one uniform draw per
+    resampling, from a generator seeded with the sampling seed) and its weights reset;
+    once every particle has finished, the particles vote weighted by their final
+    weights (the chosen particle: the heaviest with the winning answer). Records per
+    prompt the weights, the answers, every resampling and the tokens decoded."""
+    p: ParticleFilter = job.plan.strat.config
+    n, count = p.n, len(job.plan.prompts)
+    rng = np.random.default_rng(job.plan.candidates.seed)
+    log_w = np.zeros((count, n))
+    spent = np.zeros(count, dtype=np.int64)
+    resamplings: list[list[dict]] = [[] for _ in range(count)]
+    request = b.Request(
+        job.plan.signals,
+        job.plan.candidates,
+        n,
+        b.Steps(p.delimiter, p.step_tokens),
+        job.plan.tokur,
+    )
+    steps = 0
+    with job.backend.particles(job.plan.prompts, request) as particles:
+        done = [False] * (count * n)
+        while not all(done):
+            moved = ~np.asarray(done).reshape(count, n)
+            step, done = particles.advance()
+            values = step.aggregate(p.score, p.reducer).cpu().numpy().reshape(count, n)
+            log_w += np.where(moved, p.sign * values / p.weight_temperature, 0.0)
+            spent += step.lengths.cpu().numpy().reshape(count, n).sum(axis=1)
+            steps += 1
+            index = np.arange(count * n).reshape(count, n)
+            for q in range(count):
+                w = normalized(log_w[q])
+                ess = effective_sample_size(w)
+                if ess >= p.ess_threshold * n or all(done[q * n : (q + 1) * n]):
+                    continue
+                kept = systematic_resample(w, float(rng.random()))
+                index[q] = q * n + kept
+                log_w[q] = 0.0
+                resamplings[q].append({"step": steps, "ess": ess, "kept": kept.tolist()})
+            order = index.ravel().tolist()
+            if order != list(range(count * n)):
+                particles.select(order)
+                done = [done[i] for i in order]
+        trace = particles.trace()
+        tokens = particles.tokens
+    trace.meta["step_delimiter"] = p.delimiter
+    answers = [job.plan.extract(text) for text in trace.texts]
+    chosen, actions, candidates = [], [], []
+    for q in range(count):
+        rows = list(range(q * n, (q + 1) * n))
+        w = normalized(log_w[q]).tolist()
+        pick = select([answers[r] for r in rows], w, method="weighted")
+        chosen.append(rows[pick])
+        candidates.append(trace.select(rows))
+        actions.append(
+            [
+                {
+                    "action": "particle-filter",
+                    "n": n,
+                    "score": p.score,
+                    "reducer": p.reducer,
+                    "steps": steps,
+                    "tokens": int(spent[q]),
+                    "resampled": resamplings[q],
+                    "weights": w,
+                    "answers": [answers[r] for r in rows],
+                    "chosen": pick,
+                }
+            ]
+        )
+    return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates, tokens)
+
+
 def _branch(job: _Job) -> GenerationResult:
     p = job.plan.strat.config
     out = job.decode(act=b.Branch(job.plan.strat.trigger, p))
@@ -474,6 +558,7 @@ PROCEDURES: dict[str, _Procedure] = {
     "rollback": _Procedure(_rollback, b.Rollback),
     "abstain": _Procedure(_abstain, None),
     "adaptive-sampling": _Procedure(_adaptive_sampling, None),
+    "particle-filter": _Procedure(_particle_filter, b.Steps),
 }
 #: The procedures that sample candidates (at the caller's or the recipe's temperature).
-_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling")
+_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling", "particle-filter")

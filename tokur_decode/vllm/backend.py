@@ -8,7 +8,8 @@ sent with ``seed + i * n`` and no two samples of a call share a seed), and the t
 read back with
 :func:`~tokur_decode.vllm.read_traces`. A stop or resample act travels as the request's
 flat settings; a branch act runs as rounds of re-submitted requests
-(:mod:`tokur_decode.vllm.branching`). Roll-back needs a decoding loop of ours and is
+(:mod:`tokur_decode.vllm.branching`), and so do particles advancing in steps
+(:mod:`tokur_decode.vllm.particles`). Roll-back needs a decoding loop of ours and is
 not offered.
 
 Example:
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from ..core.signals import wants_samples
@@ -47,7 +49,7 @@ class VLLMBackend:
             ``logtoku_evidence``).
     """
 
-    acts = (acts.Stop, acts.Resample, acts.Branch)
+    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Steps)
 
     def __init__(self, engine, *, chat: bool | None = None, **signal_params) -> None:
         self.engine, self.chat, self.signal_params = engine, chat, signal_params
@@ -67,10 +69,7 @@ class VLLMBackend:
         """``request.tokur`` is not used: the engine's
         :func:`~tokur_decode.vllm.tokur_engine_args` set TokUR's options."""
         signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
-        if wants_samples(signals) and not self.has_tokur():
-            raise ValueError(
-                f"signals: 'tokur' needs an engine with TokUR's model: {self.TOKUR_HOW}"
-            )
+        self._check_tokur(signals)
         inputs = self.token_ids(prompts)
         if isinstance(act, acts.Branch):
             from .branching import branch
@@ -93,6 +92,24 @@ class VLLMBackend:
             events=[events for t in traces for events in t.meta["actions"]],
             tokens=sum(int(t.lengths.sum()) for t in traces),
         )
+
+    @contextlib.contextmanager
+    def particles(self, prompts: Sequence[str], request: acts.Request):
+        """``request.n`` particles per prompt advancing in the steps of ``request.act``
+        (a :class:`~tokur_decode.strategies.backend.Steps`) as re-submitted requests: a
+        context manager giving :class:`~tokur_decode.vllm.particles.VLLMParticles`."""
+        from .particles import VLLMParticles
+
+        if not isinstance(request.act, acts.Steps):
+            raise ValueError("act: particles advance in Steps")
+        self._check_tokur(request.signals)
+        yield VLLMParticles(self, self.token_ids(prompts), request)
+
+    def _check_tokur(self, signals) -> None:
+        if wants_samples(signals) and not self.has_tokur():
+            raise ValueError(
+                f"signals: 'tokur' needs an engine with TokUR's model: {self.TOKUR_HOW}"
+            )
 
     def params(self, signals, sampling: acts.Sampling, *, n=1, seed=None, settings=None, **kw):
         """One request's ``SamplingParams``: ``settings`` are

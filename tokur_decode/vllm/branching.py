@@ -31,44 +31,21 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from ..core.events import Fork
-from ..core.text import decode_rows
 from ..core.trace import Trace
 from ..strategies import backend as acts
 from ..strategies.candidates import fork_alternatives
 from .args import stop_args
+from .resubmission import Candidate, answers_trace
 
 __all__ = ["branch"]
 
 
-@dataclass(eq=False)
-class _Candidate:
-    """One answer of a prompt as it grows over the rounds."""
-
-    prompt: int
-    ids: list[int] = field(default_factory=list)  # answer tokens so far
-    signals: dict[str, list[float]] = field(default_factory=dict)  # their steps' values
-    done: bool = False
-    fire: dict | None = None  # {"step", "alternatives", "value"} of an unhandled fire
-
-    def fork(self) -> _Candidate:
-        signals = {name: list(values) for name, values in self.signals.items()}
-        return _Candidate(self.prompt, list(self.ids), signals)
-
-    def extend(self, trace: Trace, steps: int) -> None:
-        """Append the first ``steps`` steps of the single-row ``trace``."""
-        self.ids += trace.token_ids[0, :steps].tolist()
-        for name, values in trace.signals.items():
-            self.signals.setdefault(name, []).extend(values[0, :steps].tolist())
-
-
 @dataclass
 class _Request:
-    candidate: _Candidate
+    candidate: Candidate
     token: int | None  # tokur_branch_token (None: the prompt's first request)
     watch: bool  # the trigger is on (a stop that ends the request where it fires)
     probe: bool = False  # at = "first": one step, only for its top-k
@@ -86,7 +63,7 @@ def branch(
     k, cap, budget = c.k, c.max_branch_points, c.token_budget or None
     limit = sampling.max_new_tokens
     seed = sampling.seed
-    candidates = [[_Candidate(b)] for b in range(len(inputs))]
+    candidates = [[Candidate(b)] for b in range(len(inputs))]
     points = [0] * len(inputs)
     events: list[list[dict]] = [[] for _ in inputs]
     pending = [
@@ -114,8 +91,8 @@ def branch(
             pending += _handle_fires(mine, points, events[b], b, cap, budget, limit, trigger)
 
     rows = [c for mine in candidates for c in mine]
-    meta = {"rounds": rounds, "cached_tokens": cached}
-    trace = _trace(rows, backend.engine.get_tokenizer(), meta)
+    meta = {"branching": "re-submission", "rounds": rounds, "cached_tokens": cached}
+    trace = answers_trace(rows, backend.engine.get_tokenizer(), meta)
     return acts.Decoded(trace, [c.prompt for c in rows], events, decoded)
 
 
@@ -164,7 +141,7 @@ def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[
     if not steps:
         return []
     s = min(steps)
-    continuing: list[tuple[_Candidate, int]] = []
+    continuing: list[tuple[Candidate, int]] = []
     for cand in [c for c in mine if c.fire is not None and c.fire["step"] == s]:
         fire, cand.fire = cand.fire, None
         alternatives = []
@@ -194,23 +171,3 @@ def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[
             continuing.append((mine[-1], token))
     watch = trigger is not None and points[b] < cap
     return [_Request(cand, token, watch) for cand, token in continuing]
-
-
-def _trace(rows: list[_Candidate], tokenizer, meta: dict) -> Trace:
-    width = max(len(c.ids) for c in rows)
-    lengths = torch.tensor([len(c.ids) for c in rows])
-
-    def padded(values: list[list]) -> torch.Tensor:
-        return torch.tensor([list(v) + [0] * (width - len(v)) for v in values])
-
-    ids = padded([c.ids for c in rows]).long()
-    tokens, texts = decode_rows(tokenizer, ids, lengths)
-    names = next(iter(c.signals for c in rows if c.signals))
-    return Trace(
-        signals={n: padded([c.signals.get(n, []) for c in rows]).float() for n in names},
-        token_ids=ids,
-        lengths=lengths,
-        tokens=tokens,
-        texts=texts,
-        meta={"branching": "re-submission", **meta},
-    )

@@ -1,0 +1,91 @@
+"""Particles in vLLM: :class:`VLLMParticles`, steps as re-submitted requests.
+
+vLLM cannot pause a running request at a step boundary, so each step of every
+unfinished particle is one request, all sent together: prompt + the particle's answer
+so far as token ids, ``stop=[delimiter]`` (the stop string kept in the output) and at
+most ``max_tokens`` new tokens, seeded ``seed + sent`` (``sent``: requests sent before
+it, so no two requests share a seed and a run is reproducible). The engine's prefix
+cache holds the prompt and every step already decoded, so a particle and its copies
+only decode new tokens; ``trace().meta["cached_tokens"]`` counts the prompt tokens it
+found cached. A particle has finished when its request ended on EOS or its answer
+reached ``max_new_tokens``. Made by :meth:`tokur_decode.vllm.VLLMBackend.particles`.
+
+Example:
+    >>> import tokur_decode.vllm as tv
+    >>> from tokur_decode.strategies.backend import Request, Sampling, Steps
+    >>> backend = tv.VLLMBackend(tv.llm(enforce_eager=True))                # doctest: +SKIP
+    >>> request = Request(("entropy",), Sampling(temperature=0.7), n=4,
+    ...                   act=Steps("\\n\\n", 32))
+    >>> with backend.particles(["What is 2 + 2?"], request) as particles:   # doctest: +SKIP
+    ...     step, done = particles.advance()
+    ...     particles.select([0, 0, 1, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..core.trace import Trace
+from ..strategies import backend as acts
+from .resubmission import Candidate, answers_trace
+
+__all__ = ["VLLMParticles"]
+
+
+class VLLMParticles:
+    """:class:`~tokur_decode.strategies.backend.Particles` on a
+    :class:`~tokur_decode.vllm.VLLMBackend` for token-id prompts ``inputs``."""
+
+    def __init__(self, backend, inputs: list[list[int]], request: acts.Request) -> None:
+        self._backend, self._inputs, self._request = backend, inputs, request
+        self._rows = [Candidate(p) for p in range(len(inputs)) for _ in range(request.n)]
+        self._sent = self.tokens = self._cached = 0
+
+    def advance(self) -> tuple[Trace, list[bool]]:
+        request, sampling = self._request, self._request.sampling
+        steps, budget = request.act, sampling.max_new_tokens
+        live = [row for row in self._rows if not row.done]
+        seed = sampling.seed
+        params = [
+            self._backend.params(
+                request.signals,
+                sampling,
+                seed=None if seed is None else seed + self._sent + i,
+                max_tokens=min(steps.max_tokens, budget - len(row.ids)),
+                stop=[steps.delimiter],
+                include_stop_str_in_output=True,
+            )
+            for i, row in enumerate(live)
+        ]
+        self._sent += len(live)
+        outputs, traces = self._backend.send(
+            [self._inputs[row.prompt] + row.ids for row in live], params
+        )
+        new = {id(row): Candidate(row.prompt) for row in live}
+        for row, out, trace in zip(live, outputs, traces, strict=True):
+            completion, n = out.outputs[0], int(trace.lengths[0])
+            self.tokens += n
+            self._cached += out.num_cached_tokens or 0
+            row.extend(trace, n)
+            new[id(row)].extend(trace, n)
+            eos = completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str)
+            row.done = eos or len(row.ids) >= budget
+        step = [new.get(id(row), Candidate(row.prompt)) for row in self._rows]
+        return self._trace(step), [row.done for row in self._rows]
+
+    def select(self, index: Sequence[int]) -> None:
+        if len(index) != len(self._rows):
+            raise ValueError(f"index: one per particle ({len(self._rows)}), got {len(index)}")
+        copies = []
+        for i in index:
+            copy = self._rows[i].fork()
+            copy.done = self._rows[i].done
+            copies.append(copy)
+        self._rows = copies
+
+    def trace(self) -> Trace:
+        return self._trace(self._rows)
+
+    def _trace(self, rows: list[Candidate]) -> Trace:
+        meta = {"stepping": "re-submission", "cached_tokens": self._cached}
+        return answers_trace(rows, self._backend.engine.get_tokenizer(), meta)
