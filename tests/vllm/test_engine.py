@@ -362,6 +362,57 @@ def test_adaptive_sampling_through_the_engine(engine):
     assert result.tokens_generated == sum(int(c.lengths.sum()) for c in result.candidates)
 
 
+def test_particles_through_the_engine_continue_their_prefix(engine, embedded):
+    """Steps as re-submitted requests: greedy particles give the transformers particles'
+    tokens, stepped or not, and a particle copied from another prompt continues that
+    prompt's prefix."""
+    from tokur_decode.hf import HFBackend
+    from tokur_decode.strategies import backend as B
+
+    prompts = ["What is 17 + 25? Explain step by step.", "List three colours, one per line."]
+    request = B.Request(("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.Steps("\n\n", 6))
+
+    def run(backend, order=None):
+        with backend.particles(prompts, request) as particles:
+            steps = 1
+            _, done = particles.advance()
+            if order is not None:
+                particles.select(order)
+                done = [done[i] for i in order]
+            while not all(done):
+                _, done = particles.advance()
+                steps += 1
+            return particles.trace(), steps
+
+    vllm_backend, hf_backend = tv.VLLMBackend(engine), HFBackend(*embedded)
+    stepped, steps = run(vllm_backend)
+    reference, _ = run(hf_backend)
+    plain = vllm_backend.decode(prompts, B.Request(("entropy",), request.sampling)).trace
+    assert steps >= 3  # several re-submissions per answer
+    assert stepped.texts == reference.texts == plain.texts
+    for row, n in enumerate(stepped.lengths.tolist()):
+        got, want = stepped.signals["entropy"][row, :n], reference.signals["entropy"][row, :n]
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    swapped, _ = run(vllm_backend, order=[1, 1])
+    assert swapped.texts == [plain.texts[1]] * 2 and plain.texts[0] != plain.texts[1]
+    assert swapped.meta["cached_tokens"] > 0  # the prefix cache held the earlier steps
+
+
+def test_particle_filter_through_the_engine(engine):
+    from tokur_decode.core.text import normalize_answer
+
+    recipe = {
+        "name": "pf",
+        "action": {"type": "particle-filter", "n": 4, "score": "entropy", "step_tokens": 6},
+    }
+    result = tv.generate(engine, QUESTIONS[2:4], strategy=recipe, max_new_tokens=18, seed=1)
+    for text, (event,), cands in zip(result.texts, result.actions, result.candidates, strict=True):
+        assert event["answers"] == [normalize_answer(t) for t in cands.texts]
+        assert normalize_answer(text) == event["answers"][event["chosen"]]
+        assert sum(event["weights"]) == pytest.approx(1.0) and event["steps"] >= 3
+    assert result.tokens_generated == sum(e["tokens"] for (e,) in result.actions)
+
+
 def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
     import json
 
