@@ -19,6 +19,12 @@ from ..experiments.prompts import TEMPLATES
 __all__ = ["add_parsers", "run"]
 
 DEFAULT_STRATEGIES = "tokur-best-of-n,deepconf-online,self-certainty-best-of-n"
+#: What ``scale --live`` runs when given no list: the baselines, then the methods that
+#: decide while decoding.
+LIVE_DEFAULT = (
+    "greedy,self-consistency,self-certainty-best-of-n,deepconf-online,esc,"
+    "adaptive-consistency,particle-filter"
+)
 
 
 def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tokens: int) -> None:
@@ -131,6 +137,14 @@ def add_parsers(sub, model_args: Callable) -> None:
     sc.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0)")
     sc.add_argument("--repeats", type=int, default=20, help="random subsets per item and N (20)")
     sc.add_argument("--eta", type=float, default=0.5, help="top-eta vote fraction (0.5)")
+    sc.add_argument(
+        "--live",
+        nargs="?",
+        const=LIVE_DEFAULT,
+        metavar="RECIPES",
+        help="also run these recipes (or greedy) for real, timed: accuracy, tokens and seconds "
+        f"per item (default {LIVE_DEFAULT})",
+    )
 
 
 def _tokur(args, strategies: Sequence[str] = ()) -> dict:
@@ -281,6 +295,7 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             n_resamples=args.bootstrap,
             progress=progress,
+            live=[s.strip() for s in (args.live or "").split(",") if s.strip()],
         )
         files = report.write_scaling(args.out, result.summary, command)
         report.print_scaling(result.summary)

@@ -340,6 +340,29 @@ def scaling_tables(summary: dict) -> dict[str, tuple[list[str], list[list[str]]]
     }
 
 
+def live_table(live: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The recipes run live: ``(title, header, rows)``."""
+
+    def ratio(x: float | None) -> str:
+        return "" if x is None else f"{x:.2f}x"
+
+    head = ["recipe", "accuracy", "tokens/item", "seconds/item", "tokens", "seconds", "load"]
+    rows = [
+        [
+            name,
+            _cell(m["accuracy"]),
+            f"{m['tokens']:.1f}",
+            f"{m['seconds']:.2f}",
+            ratio(m.get("tokens_vs_majority")),
+            ratio(m.get("seconds_vs_majority")),
+            f"{m['load']:.1f}",
+        ]
+        for name, m in live["methods"].items()
+    ]
+    title = f"Recipes run live ({live['n']} items; tokens and seconds also against majority@8)"
+    return title, head, rows
+
+
 def _scaling_plot(summary: dict, path: Path, x: str) -> None:
     from matplotlib.ticker import NullFormatter
 
@@ -402,6 +425,13 @@ def write_scaling(out: str | Path, summary: dict, command: str) -> list[Path]:
     ]
     for title, (head, rows) in scaling_tables(summary).items():
         parts.append(f"## {title}\n\n{_md_table(head, rows)}")
+    if "live" in summary:
+        title, head, rows = live_table(summary["live"])
+        parts.append(
+            f"## {title}\n\nEach recipe run for real on every batch of items: tokens it "
+            "decoded per item, wall-clock seconds of its batch shared among the items, the "
+            f"one-minute load average when each run ended.\n\n{_md_table(head, rows)}"
+        )
     parts.append(
         "## Plots\n\n![accuracy vs N](accuracy_vs_n.png)\n"
         "![accuracy vs tokens](accuracy_vs_tokens.png)"
@@ -473,3 +503,5 @@ def print_scaling(summary: dict) -> None:
     """The accuracy-versus-N table, in the terminal."""
     title, (head, rows) = next(iter(scaling_tables(summary).items()))
     _print(title, head, rows)
+    if "live" in summary:
+        _print(*live_table(summary["live"]))

@@ -53,6 +53,7 @@ from ..core.trace import Trace
 from ..strategies.recipe import Strategy
 from .backends import Backend, Generation
 from .data import Item
+from .live import check_recipes, run_recipes, summarize_live
 from .metrics import bootstrap
 from .runner import RunResult, graded, process
 from .scoring import trace_scores
@@ -231,13 +232,19 @@ def run_scaling(
     batch_size: int = 2,
     n_resamples: int = 1000,
     progress: bool = True,
+    live: Sequence[str] = (),
 ) -> RunResult:
     """Generate ``max(ns)`` candidates and a greedy answer per item (skipping items
     ``out`` already has); return the records of all ``items`` and their :func:`summarize`.
 
     ``signals`` (default: the recipes' signals and what their scores need) are recorded
     for every candidate; ``temperature`` defaults to the recipes' (they must agree).
+    ``live``: recipes (or ``"greedy"``) also run for real on each batch, timed
+    (:mod:`~tokur_decode.experiments.live`); their table is ``summary["live"]``.
     """
+    live = check_recipes(live)
+    if live and not hasattr(backend, "adapter"):
+        raise ValueError("live: recipes run on a decoding backend (not --verbalized)")
     ns = sorted(set(ns))
     if not ns or ns[0] < 1:
         raise ValueError(f"n: candidate counts must be >= 1, got {list(ns)}")
@@ -265,6 +272,7 @@ def run_scaling(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "data": sorted({item.dataset for item in items}),
+        **({"live": live} if live else {}),
         **backend.describe(),
     }
     store = RunStore(out, config)
@@ -276,8 +284,15 @@ def run_scaling(
             prompts, n=n_max, temperature=temperature, top_p=top_p, **settings
         )
         greedy = backend.generate(prompts, **settings)
+        ran = (
+            run_recipes(
+                backend.adapter(), batch, live, max_new_tokens=max_new_tokens, seed=seed + first
+            )
+            if live
+            else [None] * len(batch)
+        )
         records = []
-        for item, gen, g in zip(batch, sampled, greedy, strict=True):
+        for item, gen, g, timed in zip(batch, sampled, greedy, ran, strict=True):
             scores = trace_scores(gen.trace)
             records.append(
                 {
@@ -285,6 +300,7 @@ def run_scaling(
                     **item.to_dict(),
                     "greedy": {**graded(item, g.texts[0]), "n_tokens": int(g.trace.lengths[0])},
                     "candidates": [_candidate(item, gen, i, scores[i]) for i in range(n_max)],
+                    **({"live": timed} if timed is not None else {}),
                 }
             )
         return records
@@ -295,6 +311,8 @@ def run_scaling(
     summary = summarize(
         records, ns=ns, methods=methods, repeats=repeats, seed=seed, n_resamples=n_resamples
     )
+    if live:
+        summary["live"] = summarize_live(records, n_resamples=n_resamples, seed=seed)
     return RunResult(records, summary)
 
 
