@@ -76,9 +76,13 @@ class _Session:
 
     def trace(self):
         texts = [self.script.answers[p][j] for p, j in self.lineage]
+        width = max(max(self.steps), 1)
+        entropy = torch.zeros(len(texts), width)
+        for i, (p, j) in enumerate(self.lineage):
+            entropy[i, : self.steps[i]] = torch.tensor(self.script.values[p][j][: self.steps[i]])
         return Trace(
-            {"entropy": torch.zeros(len(texts), 1)},
-            torch.zeros(len(texts), 1, dtype=torch.long),
+            {"entropy": entropy},
+            torch.zeros(len(texts), width, dtype=torch.long),
             torch.tensor(self.steps),
             texts=texts,
         )
@@ -137,6 +141,27 @@ def test_a_confidence_score_adds_and_an_uncertainty_subtracts():
     )
     w = by_entropy.actions[0][0]["weights"]
     assert w[1] < w[0] == pytest.approx(w[2])
+
+
+def test_the_probe_weighs_each_answer_so_far():
+    """A probe whose p(wrong) grows with the mean entropy of the answer so far: the
+    particle that was calm early keeps its lead when all later steps are equal."""
+    from tokur_decode.core.probe import Probe
+
+    probe = Probe(("entropy:mean",), (0.0,), (1.0,), (2.0,), 0.0, 1.0)
+    values = [[[0.0, 1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0]]]
+    recipe = _recipe(score="probe", probe=probe.to_dict(), ess_threshold=0.0)
+    result = generate(Scripted(values, [["a", "b", "b", "b"]]), ["p"], strategy=recipe)
+    (record,) = result.actions[0]
+
+    def p_wrong(mean):
+        return 1 / (1 + np.exp(-2.0 * mean))
+
+    calm, others = p_wrong(0.0) + p_wrong(0.5), p_wrong(2.0) + p_wrong(1.5)
+    want = normalized(-np.array([calm, others, others, others]))
+    assert record["weights"] == pytest.approx(want.tolist())
+    with pytest.raises(ValueError, match="action.probe"):
+        generate(Scripted(values, [["a"] * 4]), ["p"], strategy=_recipe(score="probe"))
 
 
 def test_particle_filter_is_refused_where_it_cannot_run():

@@ -336,15 +336,15 @@ class Trace:
 
     def steps_from(self, starts: torch.Tensor) -> Trace:
         """Each row's steps from ``starts[i]`` on, left-aligned (what a row added since
-        it was ``starts[i]`` tokens long); token texts kept, response texts joined from
-        them.
+        it was ``starts[i]`` tokens long), padded to the same width; token texts kept,
+        response texts joined from them.
 
         Example:
             >>> t = Trace({"entropy": torch.tensor([[1.0, 2.0, 3.0]])},
             ...           torch.tensor([[4, 5, 6]]), torch.tensor([3]), tokens=[["a", "b", "c"]])
             >>> tail = t.steps_from(torch.tensor([1]))
             >>> tail.signals["entropy"].tolist(), tail.lengths.tolist(), tail.texts
-            ([[2.0, 3.0]], [2], ['bc'])
+            ([[2.0, 3.0, 0.0]], [2], ['bc'])
         """
         starts = torch.as_tensor(starts, device=self.token_ids.device).long()
         starts = torch.minimum(starts, self.lengths.to(starts.device))

@@ -13,7 +13,11 @@ last-step logits), so that a *policy* can:
 * **roll back** (:class:`Rollback`): when a (window) signal fires, take back the row's
   last ``rewind`` tokens, regenerate them with a fresh draw at ``temperature``, and keep
   whichever continuation scores better on the trigger's signal; at most
-  ``max_retries`` times per row.
+  ``max_retries`` times per row;
+* **advance in reasoning steps** (:meth:`Controller.advance`): every row decodes to the
+  end of its next step and waits there (masked padding) for the others, so that a
+  caller can reweight and resample rows between steps (particle filtering,
+  :mod:`tokur_decode.hf.particles`).
 
 Taking tokens back does not crop the cache (the rows of a batch share one cache length):
 the taken-back columns are masked out of attention and the last kept token is fed again

@@ -292,12 +292,16 @@ class ParticleFilter(ActionConfig):
     particle's log-weight by ``+- value / weight_temperature`` (``+`` for a confidence,
     ``-`` for an uncertainty, as the signal registry says); when the effective sample
     size falls below ``ess_threshold * n`` the prompt's particles are resampled
-    systematically. The finished particles vote, weighted by their final weights."""
+    systematically. The finished particles vote, weighted by their final weights.
+    ``score = "probe"`` with a ``probe``: each step subtracts the probe's probability
+    that the particle's answer so far is wrong (the probe scores answers, so it reads
+    the whole prefix, not the step alone)."""
 
     type: ClassVar[str] = "particle-filter"
     n: int = 8
     score: str = "entropy"
     reducer: str = "mean"
+    probe: Probe | None = None
     weight_temperature: float = 1.0
     ess_threshold: float = 0.5
     delimiter: str = DEFAULT_DELIMITER
@@ -306,7 +310,13 @@ class ParticleFilter(ActionConfig):
     top_p: float = 1.0
 
     def check(self) -> None:
-        signal_of_output(self.score)
+        if self.score == PROBE:
+            if self.probe is None:
+                raise ValueError("action.probe: score 'probe' needs an [action.probe] table")
+        else:
+            signal_of_output(self.score)
+            if self.probe is not None:
+                raise ValueError("action.probe: only for score = 'probe'")
         if self.reducer not in aggregate.REDUCERS or self.reducer in aggregate.STEP_REDUCERS:
             steps = sorted(set(aggregate.REDUCERS) - set(aggregate.STEP_REDUCERS))
             raise ValueError(
@@ -322,8 +332,14 @@ class ParticleFilter(ActionConfig):
 
     @property
     def sign(self) -> float:
-        """``+1`` when a larger step score is better (a confidence), else ``-1``."""
-        return 1.0 if OUTPUTS[self.score].confidence else -1.0
+        """``+1`` when a larger step score is better (a confidence), else ``-1`` (an
+        uncertainty, the probe's probability of a wrong answer)."""
+        return -1.0 if self.probe is not None else 1.0 if OUTPUTS[self.score].confidence else -1.0
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The signal outputs the step score reads."""
+        return self.probe.outputs if self.probe is not None else (self.score,)
 
 
 @dataclass(frozen=True)

@@ -89,9 +89,9 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(signal_of_output(strat.trigger.signal))
-    if strat is not None and isinstance(strat.config, Selection | ParticleFilter):
+    if strat is not None and isinstance(strat.config, Selection):
         needed.append(signal_of_output(strat.config.score))
-    if strat is not None and isinstance(strat.config, Abstain):
+    if strat is not None and isinstance(strat.config, Abstain | ParticleFilter):
         needed += [signal_of_output(output) for output in strat.config.outputs]
     return tuple(dict.fromkeys([*names, *needed]))
 
@@ -445,7 +445,11 @@ def _particle_filter(job: _Job) -> GenerationResult:
         while not all(done):
             moved = ~np.asarray(done).reshape(count, n)
             step, done = particles.advance()
-            values = step.aggregate(p.score, p.reducer).cpu().numpy().reshape(count, n)
+            if p.probe is not None:
+                values = p.probe.p_wrong_trace(particles.trace())
+            else:
+                values = step.aggregate(p.score, p.reducer)
+            values = values.cpu().numpy().reshape(count, n)
             log_w += np.where(moved, p.sign * values / p.weight_temperature, 0.0)
             spent += step.lengths.cpu().numpy().reshape(count, n).sum(axis=1)
             steps += 1

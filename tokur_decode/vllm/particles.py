@@ -5,9 +5,10 @@ unfinished particle is one request, all sent together: prompt + the particle's a
 so far as token ids, ``stop=[delimiter]`` (the stop string kept in the output) and at
 most ``max_tokens`` new tokens, seeded ``seed + sent`` (``sent``: requests sent before
 it, so no two requests share a seed and a run is reproducible). The engine's prefix
-cache holds the prompt and every step already decoded, so a particle and its copies
-only decode new tokens; ``trace().meta["cached_tokens"]`` counts the prompt tokens it
-found cached. A particle has finished when its request ended on EOS or its answer
+cache holds the prompt and every step already decoded (in whole KV blocks: build the
+engine with ``block_size=32`` for short answers), so a particle and its copies only
+decode new tokens; ``trace().meta["cached_tokens"]`` counts the prompt tokens it found
+cached. A particle has finished when its request ended on EOS or its answer
 reached ``max_new_tokens``. Made by :meth:`tokur_decode.vllm.VLLMBackend.particles`.
 
 Example:
