@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core import aggregate
 from ..core.probe import Probe
 from ..core.scores import LENGTH, check_score_name
 
@@ -45,8 +46,15 @@ class ProbeFit:
 
 def probe_features(records: Sequence[dict]) -> dict[str, np.ndarray]:
     """The features a probe can read from ``eval`` records: every response score that
-    every record has with a finite value, and the answer's length."""
-    names = [n for n in records[0]["scores"] if ":" in n]
+    every record has with a finite value, and the answer's length. Step-level scores
+    are left out: on short answers (one step) they repeat the per-token ones, and
+    near-duplicate features cost a probe fitted on a small run (a probe over them can
+    still be made by name)."""
+    names = [
+        n
+        for n in records[0]["scores"]
+        if ":" in n and n.partition(":")[2] not in aggregate.STEP_REDUCERS
+    ]
     table = {LENGTH: np.array([float(r["n_tokens"]) for r in records])}
     for name in names:
         values = np.array([r["scores"].get(name, np.nan) for r in records], dtype=np.float64)

@@ -6,7 +6,8 @@ vLLM one (:class:`tokur_decode.vllm.VLLMBackend`) translate it into their engine
 One call, :meth:`Backend.decode`: "decode ``n`` continuations of each prompt under these
 sampling settings, recording these signals, optionally acting inside decoding", asked
 with one validated :class:`Request` whose act is one of the typed configurations
-below. A backend states which acts it can run in :attr:`Backend.acts`, so an
+below; and for search over reasoning steps, ``particles``: continuations that advance
+a step at a time and can be copied between steps (:class:`Particles`). A backend states which acts it can run in :attr:`Backend.acts`, so an
 unsupported one is refused before anything runs.
 
 Example:
@@ -209,7 +210,9 @@ class Particles(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """An engine as the strategies see it."""
+    """An engine as the strategies see it. One whose :attr:`acts` include
+    :class:`Steps` also offers ``particles(prompts, request)``: a context manager giving
+    :class:`Particles` (``request.n`` per prompt, ``request.act`` the steps)."""
 
     #: The act types :meth:`decode` runs (a subset of ``Stop, Resample, Branch,
     #: Rollback``).
