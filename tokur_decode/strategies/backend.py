@@ -7,8 +7,9 @@ One call, :meth:`Backend.decode`: "decode ``n`` continuations of each prompt und
 sampling settings, recording these signals, optionally acting inside decoding", asked
 with one validated :class:`Request` whose act is one of the typed configurations
 below; and for search over reasoning steps, ``particles``: continuations that advance
-a step at a time and can be copied between steps (:class:`Particles`). A backend states which acts it can run in :attr:`Backend.acts`, so an
-unsupported one is refused before anything runs.
+a step at a time and can be copied between steps (:class:`Particles`). A backend
+states which acts it can run in :attr:`Backend.acts`, so an unsupported one is refused
+before anything runs.
 
 Example:
     >>> Sampling(temperature=0.7, max_new_tokens=32).sampled
