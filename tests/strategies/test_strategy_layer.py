@@ -202,6 +202,7 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         "rollback",
         "deepconf-online",
         "adaptive-sampling",
+        "particle-filter",
         "abstain",
     }
     for kind, cls in A.ACTIONS.items():
