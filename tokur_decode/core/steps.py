@@ -81,18 +81,20 @@ class StepEnds:
     def __init__(self, pieces: Sequence[str], delimiter: str = DEFAULT_DELIMITER, *, size=None):
         check_delimiter(delimiter)
         size = len(pieces) if size is None else max(size, len(pieces))
-        d = delimiter
+        d, pad = delimiter, [False] * (size - len(pieces))
+
+        def column(test) -> list[bool]:  # beyond the pieces (a padded vocabulary): False
+            return [test(piece) for piece in pieces] + pad
+
         splits = range(1, len(d))
-        contains = torch.zeros(size, dtype=torch.bool)
-        ends = torch.zeros(len(d) - 1, size, dtype=torch.bool)
-        starts = torch.zeros(len(d) - 1, size, dtype=torch.bool)
-        for i, piece in enumerate(pieces):
-            contains[i] = d in piece
-            for j, k in enumerate(splits):
-                ends[j, i] = piece.endswith(d[:k])
-                starts[j, i] = piece.startswith(d[k:])
         self.delimiter = d
-        self.contains, self.ends, self.starts = contains, ends, starts
+        self.contains = torch.tensor(column(lambda piece: d in piece), dtype=torch.bool)
+        self.ends = torch.tensor(
+            [column(lambda piece, k=k: piece.endswith(d[:k])) for k in splits], dtype=torch.bool
+        ).reshape(len(d) - 1, size)
+        self.starts = torch.tensor(
+            [column(lambda piece, k=k: piece.startswith(d[k:])) for k in splits], dtype=torch.bool
+        ).reshape(len(d) - 1, size)
 
     def to(self, device) -> StepEnds:
         self.contains = self.contains.to(device)

@@ -310,13 +310,8 @@ class ParticleFilter(ActionConfig):
     top_p: float = 1.0
 
     def check(self) -> None:
-        if self.score == PROBE:
-            if self.probe is None:
-                raise ValueError("action.probe: score 'probe' needs an [action.probe] table")
-        else:
+        if not _probe_scored(self):
             signal_of_output(self.score)
-            if self.probe is not None:
-                raise ValueError("action.probe: only for score = 'probe'")
         if self.reducer not in aggregate.REDUCERS or self.reducer in aggregate.STEP_REDUCERS:
             steps = sorted(set(aggregate.REDUCERS) - set(aggregate.STEP_REDUCERS))
             raise ValueError(
@@ -366,13 +361,8 @@ class Abstain(ActionConfig):
     def check(self) -> None:
         if not self.score:
             raise ValueError("action.score: the rule needs a response score")
-        if self.score == PROBE:
-            if self.probe is None:
-                raise ValueError("action.probe: score 'probe' needs an [action.probe] table")
-        else:
+        if not _probe_scored(self):
             check_score_name(self.score)
-            if self.probe is not None:
-                raise ValueError("action.probe: only for score = 'probe'")
         if self.keep not in ("above", "below"):
             raise ValueError(f"action.keep: 'above' or 'below', got {self.keep!r}")
         for name in ("risk", "delta", "coverage"):
@@ -442,6 +432,18 @@ def _check_type(name: str, value, hint) -> None:
     )
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
         raise ValueError(f"action.{name}: invalid value {value!r}")
+
+
+def _probe_scored(config) -> bool:
+    """Whether ``config.score`` is the probe; its ``probe`` table comes with that score
+    and only with it."""
+    if config.score == PROBE:
+        if config.probe is None:
+            raise ValueError("action.probe: score 'probe' needs an [action.probe] table")
+        return True
+    if config.probe is not None:
+        raise ValueError("action.probe: only for score = 'probe'")
+    return False
 
 
 def _at_least_one(config, *names: str) -> None:
