@@ -11,7 +11,8 @@ collect_ignore_glob = []
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob.append("tokur_decode/vllm/*.py")
 
-#: What each group of tests needs beyond the core: (the tests' folder or marker, modules).
+#: What each group of tests needs beyond the core: (the tests' folder, marker or fixture,
+#: modules).
 _NEEDS = (
     ("experiments", ("sklearn", "matplotlib", "tqdm", "sympy")),
     ("verbalized", ("outlines",)),
@@ -27,7 +28,11 @@ def _missing(modules) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for key, modules in _NEEDS:
-            wanted = item.path.parent.name == key or item.get_closest_marker(key)
+            wanted = (
+                item.path.parent.name == key
+                or item.get_closest_marker(key)
+                or key in getattr(item, "fixturenames", ())
+            )
             missing = _missing(modules) if wanted else []
             if missing:
                 item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} (an extra)"))

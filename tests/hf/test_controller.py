@@ -294,6 +294,7 @@ def test_controller_rejects_bad_parameters(tiny_llama):
         ctrl.run(enc, Rollback(Trigger("chosen_prob", threshold=0.5, direction="below")))
 
 
+@pytest.mark.embedded  # the command loads the embedded model
 def test_bench_actions_reports_cost_against_greedy(capsys):
     import json
 

@@ -16,7 +16,6 @@ from tokur_decode.core.trace import Trace
 from tokur_decode.strategies import backend as B
 from tokur_decode.strategies import generate
 from tokur_decode.strategies.run import plan
-from tokur_decode.vllm.remote import RemoteBackend
 
 
 def _recipe(**action) -> dict:
@@ -166,7 +165,8 @@ def test_the_probe_weighs_each_answer_so_far():
 
 def test_particle_filter_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="continuing particles step by step"):
-        plan(RemoteBackend.acts, "q", strategy="particle-filter", backend_name="RemoteBackend")
+        # The acts of the OpenAI-client backend (vllm/remote.py), without importing vLLM.
+        plan((B.Stop, B.Resample), "q", strategy="particle-filter", backend_name="RemoteBackend")
     with pytest.raises(ValueError, match="alternatives"):
         generate(Scripted([], []), "q", strategy="particle-filter", alternatives=3)
     with pytest.raises(ValueError, match="action.reducer"):
