@@ -27,8 +27,9 @@ def _recipe(**action) -> dict:
 
 class Scripted:
     """Particle ``j`` of prompt ``p`` (its lineage, kept through copies) decodes one
-    token per step with entropy ``values[p][j][k]`` at step ``k``, and finishes after
-    its last value with the text ``answers[p][j]``."""
+    token per step (its text ``"x\\n\\n"``: one reasoning step) with entropy
+    ``values[p][j][k]`` at step ``k``, and finishes after its last value with the text
+    ``answers[p][j]``."""
 
     acts = (B.Steps,)
 
@@ -83,6 +84,7 @@ class _Session:
             {"entropy": entropy},
             torch.zeros(len(texts), width, dtype=torch.long),
             torch.tensor(self.steps),
+            tokens=[["x\n\n"] * steps for steps in self.steps],
             texts=texts,
         )
 
@@ -142,6 +144,30 @@ def test_a_confidence_score_adds_and_an_uncertainty_subtracts():
     assert w[1] < w[0] == pytest.approx(w[2])
 
 
+def test_the_weights_score_whole_answers_so_a_long_answer_gains_nothing_by_length():
+    """Equal entropy per token, one particle three times as long: equal weights (a sum
+    of step scores would weigh the long one down by its extra steps). The control: a
+    long particle that is calmer per token does win."""
+    values = [[[0.5], [0.5, 0.5, 0.5], [0.5], [0.5]], [[0.5], [0.2, 0.2, 0.2], [0.5], [0.5]]]
+    answers = [["a", "b", "a", "a"]] * 2
+    recipe = _recipe(ess_threshold=0.0)
+    result = generate(Scripted(values, answers), ["p", "q"], strategy=recipe)
+    same, calmer = (record["weights"] for (record,) in result.actions)
+    assert same == pytest.approx([0.25] * 4)
+    assert calmer == pytest.approx(normalized(-np.array([0.5, 0.2, 0.5, 0.5])).tolist())
+
+
+def test_a_step_reducer_weighs_the_worst_step_so_far():
+    """``step_mean_max`` of entropy: the answer's worst step, not its mean token."""
+    values = [[[0.0, 3.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]]
+    answers = [["a", "b", "b", "b"]]
+    for reducer, worst in (("mean", 1.5), ("step_mean_max", 3.0)):
+        recipe = _recipe(reducer=reducer, ess_threshold=0.0)
+        (record,) = generate(Scripted(values, answers), ["p"], strategy=recipe).actions[0]
+        want = normalized(-np.array([worst, 1.0, 1.0, 1.0]))
+        assert record["weights"] == pytest.approx(want.tolist()), reducer
+
+
 def test_the_probe_weighs_each_answer_so_far():
     """A probe whose p(wrong) grows with the mean entropy of the answer so far: the
     particle that was calm early keeps its lead when all later steps are equal."""
@@ -156,7 +182,7 @@ def test_the_probe_weighs_each_answer_so_far():
     def p_wrong(mean):
         return 1 / (1 + np.exp(-2.0 * mean))
 
-    calm, others = p_wrong(0.0) + p_wrong(0.5), p_wrong(2.0) + p_wrong(1.5)
+    calm, others = p_wrong(0.5), p_wrong(1.5)  # the whole answers' mean entropies
     want = normalized(-np.array([calm, others, others, others]))
     assert record["weights"] == pytest.approx(want.tolist())
     with pytest.raises(ValueError, match="action.probe"):
@@ -169,8 +195,8 @@ def test_particle_filter_is_refused_where_it_cannot_run():
         plan((B.Stop, B.Resample), "q", strategy="particle-filter", backend_name="RemoteBackend")
     with pytest.raises(ValueError, match="alternatives"):
         generate(Scripted([], []), "q", strategy="particle-filter", alternatives=3)
-    with pytest.raises(ValueError, match="action.reducer"):
-        generate(Scripted([], []), "q", strategy=_recipe(reducer="step_mean_max"))
+    with pytest.raises(ValueError, match="action.reducer: unknown 'median'"):
+        generate(Scripted([], []), "q", strategy=_recipe(reducer="median"))
     with pytest.raises(ValueError, match="action.ess_threshold"):
         generate(Scripted([], []), "q", strategy=_recipe(ess_threshold=1.5))
     with pytest.raises(ValueError, match="temperature"):

@@ -166,6 +166,22 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
     assert all(w["tracked"] == 0 and w["unread"] == 0 for w in _stats(server))
 
 
+def test_the_server_backend_refuses_particle_filtering_before_sending_anything(server):
+    """Particles continue step by step in the engine; over HTTP that act is missing, and
+    the refusal names the backend before any request goes out."""
+    from tokur_decode.strategies import generate
+    from tokur_decode.vllm.remote import RemoteBackend
+
+    backend = RemoteBackend(server, api_key=API_KEY)
+    before = sum(w["requests"] for w in _stats(server))
+    try:
+        with pytest.raises(ValueError, match="RemoteBackend does not"):
+            generate(backend, "2 + 2 =", strategy="particle-filter")
+    finally:
+        backend.close()
+    assert sum(w["requests"] for w in _stats(server)) == before
+
+
 def test_256_concurrent_requests_each_get_their_own_trace(server):
     """256 requests at once with distinct prompts, signals, budgets and strategies:
     each response's trace is its own (its tokens, its signals) and equals the same

@@ -10,6 +10,7 @@ the same seed, and equals itself in a mixed batch.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,3 +265,33 @@ def test_trigger_on_epistemic_uncertainty_stops(engine, prompt_ids, hf_tokur):
     assert event["step"] == first
     assert outs[0].outputs[0].finish_reason == "stop"
     assert len(outs[0].outputs[0].token_ids) == first + 1
+
+
+def test_particle_filter_weighs_particles_by_their_answers_epistemic_uncertainty(engine):
+    """TokUR-guided particle filtering in the engine: with resampling off, each particle's
+    final weight is the softmax of minus its whole answer's mean epistemic uncertainty
+    over the weight temperature, recomputed here in float64 from the candidates' own
+    TokUR values (steps of a fixed length: a delimiter that never appears)."""
+    tau = 0.1
+    recipe = {
+        "name": "tokur-pf-fixed-steps",
+        "signals": ["tokur"],
+        "tokur": {"rank": RANK, "sigma": SIGMA, "samples": SAMPLES},
+        "action": {
+            "type": "particle-filter",
+            "n": 3,
+            "score": "tokur_epistemic",
+            "weight_temperature": tau,
+            "ess_threshold": 0.0,
+            "delimiter": "<never/>",
+            "step_tokens": 4,
+        },
+    }
+    result = tv.generate(engine, QUESTIONS[2:4], strategy=recipe, max_new_tokens=12, seed=3)
+    for (event,), cands in zip(result.actions, result.candidates, strict=True):
+        assert event["resampled"] == [] and event["steps"] == 3
+        eu = cands.signals["tokur_epistemic"].double()
+        log_w = np.array([-float(eu[row, :n].mean()) / tau for row, n in enumerate(cands.lengths)])
+        want = np.exp(log_w - log_w.max())
+        assert event["weights"] == pytest.approx((want / want.sum()).tolist(), rel=1e-4)
+        assert max(event["weights"]) - min(event["weights"]) > 1e-3  # the reward moved them

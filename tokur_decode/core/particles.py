@@ -2,7 +2,8 @@
 resampling (docs/reference.md section 2, particle filtering).
 
 ``N`` particles (partial answers) of one prompt carry log-weights. After each reasoning
-step a particle's log-weight grows by its step reward divided by a temperature; when
+step a particle's log-weight moves by the change of its potential (its answer so far
+scored, divided by a temperature: :mod:`tokur_decode.strategies.run`); when
 the effective sample size ``ESS = 1 / sum(w_i^2)`` of the normalised weights falls
 below ``ess_threshold * N``, the particles are resampled *systematically* (Kitagawa
 1996): one uniform draw ``u`` places ``N`` evenly spaced points ``(u + j) / N`` on the

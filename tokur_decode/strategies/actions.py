@@ -153,11 +153,7 @@ class Selection(ActionConfig):
         if not self.score:
             raise ValueError("action.score: selection needs a score (a signal output)")
         signal_of_output(self.score)
-        if self.reducer not in aggregate.REDUCERS:
-            raise ValueError(
-                f"action.reducer: unknown {self.reducer!r}; "
-                f"choose from {sorted(aggregate.REDUCERS)}"
-            )
+        _known_reducer(self)
         if self.method not in METHODS:
             raise ValueError(f"action.method: unknown {self.method!r}; choose from {METHODS}")
         if not 0 < self.eta <= 1:
@@ -288,14 +284,17 @@ class ParticleFilter(ActionConfig):
     """Particle filtering over reasoning steps (:mod:`tokur_decode.core.particles`): ``n``
     particles per prompt, sampled at ``temperature`` / ``top_p``, advance one step at a
     time (a step ends where its text contains ``delimiter``, or after ``step_tokens``
-    tokens); each step's ``reducer`` of output ``score`` over the step's tokens moves the
-    particle's log-weight by ``+- value / weight_temperature`` (``+`` for a confidence,
-    ``-`` for an uncertainty, as the signal registry says); when the effective sample
-    size falls below ``ess_threshold * n`` the prompt's particles are resampled
-    systematically. The finished particles vote, weighted by their final weights.
-    ``score = "probe"`` with a ``probe``: each step subtracts the probe's probability
-    that the particle's answer so far is wrong (the probe scores answers, so it reads
-    the whole prefix, not the step alone)."""
+    tokens). After each step a particle's answer so far is scored: the ``reducer`` of
+    output ``score`` over all its tokens (a step reducer, e.g. ``step_mean_max``, over
+    its steps), ``+`` for a confidence and ``-`` for an uncertainty as the signal
+    registry says, over ``weight_temperature``; that is the particle's potential, and
+    its log-weight moves by the potential's change (twisted sequential Monte Carlo: a
+    particle never resampled ends weighted by its whole answer's score, whatever its
+    length). When the effective sample size falls below ``ess_threshold * n`` the
+    prompt's particles are resampled systematically and their weights reset. The
+    finished particles vote, weighted by their final weights. ``score = "probe"`` with
+    a ``probe``: the potential is minus the probe's probability that the answer so far
+    is wrong."""
 
     type: ClassVar[str] = "particle-filter"
     n: int = 8
@@ -312,11 +311,7 @@ class ParticleFilter(ActionConfig):
     def check(self) -> None:
         if not _probe_scored(self):
             signal_of_output(self.score)
-        if self.reducer not in aggregate.REDUCERS or self.reducer in aggregate.STEP_REDUCERS:
-            steps = sorted(set(aggregate.REDUCERS) - set(aggregate.STEP_REDUCERS))
-            raise ValueError(
-                f"action.reducer: {self.reducer!r} does not reduce one step; choose from {steps}"
-            )
+        _known_reducer(self)
         _at_least_one(self, "n", "step_tokens")
         _positive(self, "weight_temperature")
         if not 0 <= self.ess_threshold <= 1:
@@ -444,6 +439,13 @@ def _probe_scored(config) -> bool:
     if config.probe is not None:
         raise ValueError("action.probe: only for score = 'probe'")
     return False
+
+
+def _known_reducer(config) -> None:
+    if config.reducer not in aggregate.REDUCERS:
+        raise ValueError(
+            f"action.reducer: unknown {config.reducer!r}; choose from {sorted(aggregate.REDUCERS)}"
+        )
 
 
 def _at_least_one(config, *names: str) -> None:

@@ -417,19 +417,34 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
+def _answers_so_far_scored(p: ParticleFilter, answers: Trace) -> np.ndarray:
+    """Each particle's answer so far scored as ``p`` says (float64 ``[particles]``): the
+    probe's probability that it is wrong, else the ``reducer`` of the ``score`` signal
+    over all its tokens (a step reducer over its steps)."""
+    answers.meta["step_delimiter"] = p.delimiter
+    if p.probe is not None:
+        values = p.probe.p_wrong_trace(answers)
+    else:
+        values = answers.aggregate(p.score, p.reducer)
+    return values.double().cpu().numpy()
+
+
 def _particle_filter(job: _Job) -> GenerationResult:
     """Particle filtering (:class:`~.actions.ParticleFilter`): every prompt's ``n``
     particles advance one step at a time in one batch (:meth:`~.backend.Backend.particles`);
-    each step's score moves their log-weights; a prompt whose effective sample size
-    falls below ``ess_threshold * n`` is resampled systematically (one uniform draw per
-    resampling, from a generator seeded with the sampling seed) and its weights reset;
-    once every particle has finished, the particles vote weighted by their final
-    weights (the chosen particle: the heaviest with the winning answer). Records per
-    prompt the weights, the answers, every resampling and the tokens decoded."""
+    after each step a particle's potential (its answer so far scored, over the weight
+    temperature) is updated and its log-weight moves by the potential's change; a
+    prompt whose effective sample size falls below ``ess_threshold * n`` is resampled
+    systematically (one uniform draw per resampling, from a generator seeded with the
+    sampling seed) and its weights reset; once every particle has finished, the
+    particles vote weighted by their final weights (the chosen particle: the heaviest
+    with the winning answer). Records per prompt the weights, the answers, every
+    resampling and the tokens decoded."""
     p: ParticleFilter = job.plan.strat.config
     n, count = p.n, len(job.plan.prompts)
     rng = np.random.default_rng(job.plan.candidates.seed)
     log_w = np.zeros((count, n))
+    potential = np.zeros((count, n))  # the empty answer's: the same for every particle
     spent = np.zeros(count, dtype=np.int64)
     resamplings: list[list[dict]] = [[] for _ in range(count)]
     request = b.Request(
@@ -445,12 +460,10 @@ def _particle_filter(job: _Job) -> GenerationResult:
         while not all(done):
             moved = ~np.asarray(done).reshape(count, n)
             step, done = particles.advance()
-            if p.probe is not None:
-                values = p.probe.p_wrong_trace(particles.trace())
-            else:
-                values = step.aggregate(p.score, p.reducer)
-            values = values.cpu().numpy().reshape(count, n)
-            log_w += np.where(moved, p.sign * values / p.weight_temperature, 0.0)
+            scored = p.sign * _answers_so_far_scored(p, particles.trace()).reshape(count, n)
+            now = np.where(moved, scored / p.weight_temperature, potential)
+            log_w += now - potential
+            potential = now
             spent += step.lengths.cpu().numpy().reshape(count, n).sum(axis=1)
             steps += 1
             index = np.arange(count * n).reshape(count, n)
@@ -462,6 +475,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
                 kept = systematic_resample(w, float(rng.random()))
                 index[q] = q * n + kept
                 log_w[q] = 0.0
+                potential[q] = potential[q, kept]
                 resamplings[q].append({"step": steps, "ess": ess, "kept": kept.tolist()})
             order = index.ravel().tolist()
             if order != list(range(count * n)):
