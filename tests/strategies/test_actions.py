@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,6 +127,21 @@ def test_calibration_from_warmup_traces_uses_lowest_group_confidence():
     trig = calibrate_from_traces(Trigger("deepconf", direction="below", window=2), trace, 50)
     lowest = [3.0, 3.0, 4.0]  # windows of 2 (row 1 only up to its length 3)
     assert trig.threshold == pytest.approx(np.percentile(lowest, 50))
+
+
+def test_calibration_from_warmup_traces_reads_their_steps_with_a_step_reducer():
+    entropy = torch.tensor([[0.0, 4.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    trace = Trace(
+        signals={"entropy": entropy},
+        token_ids=torch.zeros(2, 4, dtype=torch.long),
+        lengths=torch.tensor([4, 4]),
+        tokens=[["a", ".\n\n", "b", "c"], ["a", "b", "c", "d"]],
+    )
+    trig = calibrate_from_traces(Trigger("entropy"), trace, 100, reducer="step_mean_max")
+    assert trig.threshold == 2.0  # row 0's worst step (2.0, then 1.0); row 1: one step
+    assert calibrate_from_traces(Trigger("entropy"), trace, 100, reducer="max").threshold == 4.0
+    with pytest.raises(ValueError, match="token texts"):
+        calibrate_from_traces(Trigger("entropy"), replace(trace, tokens=None), 50, "step_mean_max")
 
 
 # --------------------------------------------------------------------------- actions

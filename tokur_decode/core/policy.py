@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import aggregate
 from .signals import signal_of_output
 
 __all__ = ["Trigger", "TriggerState", "calibrate_from_traces"]
@@ -90,7 +89,8 @@ def calibrate_from_traces(
 ) -> Trigger:
     """Calibrate ``trigger`` from warm-up traces: the ``percentile`` of each trace's
     ``reducer`` statistic of ``trigger.signal`` (DeepConf: lowest group confidence,
-    ``window`` = the trigger's window).
+    ``window`` = the trigger's window; a step reducer such as ``step_mean_max`` reads
+    the traces' steps, :meth:`~tokur_decode.core.trace.Trace.aggregate`).
 
     ``traces``: one :class:`~tokur_decode.core.trace.Trace` or several.
     """
@@ -100,9 +100,7 @@ def calibrate_from_traces(
     scores = [
         value
         for trace in traces
-        for value in aggregate.reduce(
-            reducer, trace.signals[trigger.signal], trace.lengths, **params
-        ).tolist()
+        for value in trace.aggregate(trigger.signal, reducer, **params).tolist()
     ]
     return trigger.calibrated(scores, percentile)
 
