@@ -5,6 +5,8 @@ sampling), and particle filtering end to end."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tokur_decode.core.text import normalize_answer
@@ -91,3 +93,46 @@ def test_particle_filter_with_a_flat_reward_is_independent_sampling(embedded):
         assert record["answers"][record["chosen"]] == normalize_answer(text)
         assert record["tokens"] >= 4 * int(n) > 0 or record["resampled"]
     assert guided.tokens_generated == sum(r["tokens"] for (r,) in guided.actions)
+
+
+def test_held_particles_wait_and_then_draw_the_step_from_where_they_waited(embedded):
+    """Greedy, one prompt twice: the held copy does not move; advanced later it
+    decodes the step the other decoded (same prefix), and both then finish as plain
+    greedy decoding; the recorded distributions are a plain forward's."""
+    model, tok = embedded
+    backend = HFBackend(model, tok)
+    plain = backend.decode(PROMPTS[:1], B.Request(SIGNALS, B.Sampling(max_new_tokens=40))).trace
+    with backend.particles(PROMPTS[:1] * 2, _steps(0.0, 1)) as particles:
+        first, _ = particles.advance(hold=[False, True])
+        second, _ = particles.advance(hold=[True, False])
+        n = int(first.lengths[0])
+        assert n > 0 and int(first.lengths[1]) == 0 and int(second.lengths[0]) == 0
+        assert second.token_ids[1, :n].tolist() == first.token_ids[0, :n].tolist()
+        with pytest.raises(ValueError, match="hold: one per particle"):
+            particles.advance(hold=[True])
+        trace = _run(particles)
+    assert trace.texts == [plain.texts[0]] * 2
+    for row in range(2):
+        _assert_consistent(model, tok, PROMPTS[0], trace[row])
+
+
+def test_step_redraw_spends_extra_draws_only_on_the_steps_it_redraws(embedded):
+    backend = HFBackend(*embedded)
+    recipe = {
+        "name": "redraw-test",
+        "signals": list(SIGNALS),
+        "action": {"type": "step-redraw", "n": 3, "step_tokens": 6, "scaling_rate": 0.95},
+    }
+    result = generate(backend, PROMPTS, strategy=recipe, max_new_tokens=32)
+    assert any(record["redrawn"] for (record,) in result.actions)  # the gate opened
+    for (record,), n in zip(result.actions, result.trace.lengths, strict=True):
+        for redraw in record["redrawn"]:
+            assert redraw["scores"][redraw["kept"]] == max(redraw["scores"])
+            assert redraw["momentum"] - redraw["scores"][0] > -math.log(0.95)
+        redrawn, n = len(record["redrawn"]), int(n)  # each redraw: at most 3 x 6 tokens
+        assert n < record["tokens"] <= n + 3 * 6 * redrawn if redrawn else record["tokens"] == n
+    assert result.tokens_generated == sum(r["tokens"] for (r,) in result.actions)
+    never = {**recipe, "action": {**recipe["action"], "scaling_rate": 1e-9}}  # the control
+    steady = generate(backend, PROMPTS, strategy=never, max_new_tokens=32)
+    for (record,), n in zip(steady.actions, steady.trace.lengths, strict=True):
+        assert record["redrawn"] == [] and record["tokens"] == int(n)

@@ -203,6 +203,7 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         "deepconf-online",
         "adaptive-sampling",
         "particle-filter",
+        "step-redraw",
         "abstain",
     }
     for kind, cls in A.ACTIONS.items():
@@ -224,6 +225,8 @@ def test_every_action_type_has_one_config_class_and_valid_defaults():
         ({"type": "best-of-n", "bogus": 1}, "action.bogus"),
         ({"type": "branch", "at": "middle"}, "action.at"),
         ({"type": "deepconf-online", "warmup": 8}, "action.warmup"),
+        ({"type": "step-redraw", "delimiter": ""}, "action.delimiter"),
+        ({"type": "step-redraw", "score": "bogus"}, "signal"),
         ({"type": "resample", "mode": "random"}, "action.mode"),
         ({"type": "stop", "abstain_text": 3}, "action.abstain_text"),
         ({"type": "jump"}, "action.type"),

@@ -413,6 +413,38 @@ def test_particle_filter_through_the_engine(engine):
     assert result.tokens_generated == sum(e["tokens"] for (e,) in result.actions)
 
 
+def test_held_particles_wait_then_draw_their_step_and_step_redraw_runs(engine):
+    """A held particle sends no request; advanced later (greedy) it decodes the step its
+    copy decoded. Step redrawing through the engine: extra draws only on redrawn steps,
+    each redraw keeping its best draw."""
+    from tokur_decode.strategies import backend as B
+
+    prompt = "What is 17 + 25? Explain step by step."
+    backend = tv.VLLMBackend(engine)
+    request = B.Request(("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.Steps("\n\n", 6))
+    with backend.particles([prompt, prompt], request) as particles:
+        first, _ = particles.advance(hold=[False, True])
+        sent = particles.tokens
+        second, _ = particles.advance(hold=[True, False])
+        n = int(first.lengths[0])
+        assert n > 0 and int(first.lengths[1]) == 0 and int(second.lengths[0]) == 0
+        assert particles.tokens == sent + n  # the held one decoded nothing
+        assert second.token_ids[1, :n].tolist() == first.token_ids[0, :n].tolist()
+
+    recipe = {
+        "name": "redraw-test",
+        "signals": ["entropy"],
+        "action": {"type": "step-redraw", "n": 3, "step_tokens": 6, "scaling_rate": 0.95},
+    }
+    result = tv.generate(engine, QUESTIONS[2:4], strategy=recipe, max_new_tokens=24, seed=1)
+    assert any(record["redrawn"] for (record,) in result.actions)  # the gate opened
+    for (record,), n in zip(result.actions, result.trace.lengths.tolist(), strict=True):
+        for redraw in record["redrawn"]:
+            assert redraw["scores"][redraw["kept"]] == max(redraw["scores"])
+        assert (record["tokens"] > n) == bool(record["redrawn"]) and record["tokens"] >= n
+    assert result.tokens_generated == sum(r["tokens"] for (r,) in result.actions)
+
+
 def test_cli_generate_backend_vllm_best_of_n(engine, monkeypatch, capsys):
     import json
 

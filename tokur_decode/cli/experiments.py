@@ -23,7 +23,7 @@ DEFAULT_STRATEGIES = "tokur-best-of-n,deepconf-online,self-certainty-best-of-n"
 #: decide while decoding.
 LIVE_DEFAULT = (
     "greedy,self-consistency,self-certainty-best-of-n,deepconf-online,esc,"
-    "adaptive-consistency,particle-filter"
+    "adaptive-consistency,particle-filter,mur"
 )
 
 

@@ -181,11 +181,12 @@ class Controller:
         self._prefill(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
     @torch.no_grad()
-    def advance(self, ends: StepEnds, max_tokens: int) -> None:
+    def advance(self, ends: StepEnds, max_tokens: int, hold: torch.Tensor | None = None) -> None:
         """Decode every unfinished row to the end of its next reasoning step: its text
         since the step began contains the delimiter of ``ends``, or ``max_tokens``
         tokens. A row that ends its step first waits (it appends masked padding, as a
-        finished row does) until every row has ended its step or finished.
+        finished row does) until every row has ended its step or finished; the rows
+        ``hold`` (``[B]`` bool) marks wait the whole call.
 
         The next call resumes the waiting rows exactly after their last token: a row
         whose step ended at the last column feeds it now; one that waited longer has
@@ -193,15 +194,17 @@ class Controller:
         next distribution, TokUR's samples included, is the one after its prefix.
         :meth:`select_rows` between calls continues from copies of rows (resampling).
         """
-        if bool(self.finished.all()):
+        hold = torch.zeros_like(self.finished) if hold is None else hold.to(self.device)
+        if bool((self.finished | hold).all()):
             return
         if self._pending:
             self.logits = self._forward(self.tokens[:, -1:], self.positions[:, -1:])
             self._pending = False
-        for row in (self.paused & ~self.just_paused & ~self.finished).nonzero().flatten().tolist():
+        resumed = self.paused & ~self.just_paused & ~self.finished & ~hold
+        for row in resumed.nonzero().flatten().tolist():
             visible = self.attention[row].bool()
             self._feed_again(row, self._hide_from(row, int(self.positions[row][visible].max())))
-        self.paused = torch.zeros_like(self.paused)
+        self.paused = hold.clone()
         self.step_start = self.n_answer.clone()
         self.step_tail = ends.start(self.batch_size)
         while True:

@@ -16,7 +16,7 @@ Example:
     >>> with backend.particles(["What is 2 + 2?"], request) as particles:  # doctest: +SKIP
     ...     step, done = particles.advance()
     ...     particles.select([0, 0, 1, 1])
-    ...     step, done = particles.advance()
+    ...     step, done = particles.advance(hold=[False, True, False, True])
 """
 
 from __future__ import annotations
@@ -39,22 +39,34 @@ class HFParticles:
     def __init__(self, controller: Controller, ends: StepEnds, max_tokens: int, tokenizer) -> None:
         self._ctrl, self._ends, self._max_tokens = controller, ends, max_tokens
         self._tokenizer = tokenizer
+        self._answers: Trace | None = None  # decoded once per state of the rows
 
     @property
     def tokens(self) -> int:
         return int(self._ctrl.generated)
 
-    def advance(self) -> tuple[Trace, list[bool]]:
-        self._ctrl.advance(self._ends, self._max_tokens)
+    def advance(self, hold: Sequence[bool] | None = None) -> tuple[Trace, list[bool]]:
+        if hold is not None:
+            hold = torch.tensor(self._check(hold, "hold"), dtype=torch.bool)
+        self._ctrl.advance(self._ends, self._max_tokens, hold)
+        self._answers = None
         return self.trace().steps_from(self._ctrl.step_start), self._ctrl.finished.tolist()
 
     def select(self, index: Sequence[int]) -> None:
-        if len(index) != self._ctrl.batch_size:
-            raise ValueError(f"index: one per particle ({self._ctrl.batch_size}), got {len(index)}")
-        self._ctrl.select_rows(index)
+        self._ctrl.select_rows(self._check(index, "index"))
+        self._answers = None
+
+    def _check(self, values: Sequence, name: str) -> list:
+        if len(values) != self._ctrl.batch_size:
+            raise ValueError(
+                f"{name}: one per particle ({self._ctrl.batch_size}), got {len(values)}"
+            )
+        return list(values)
 
     def trace(self) -> Trace:
-        return self._ctrl.trace(self._tokenizer)
+        if self._answers is None:
+            self._answers = self._ctrl.trace(self._tokenizer)
+        return self._answers
 
 
 def vocabulary_pieces(tokenizer) -> list[str]:

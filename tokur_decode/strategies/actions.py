@@ -45,6 +45,7 @@ __all__ = [
     "Resample",
     "Rollback",
     "Selection",
+    "StepRedraw",
     "Stop",
     "action_config",
 ]
@@ -333,6 +334,52 @@ class ParticleFilter(ActionConfig):
 
 
 @dataclass(frozen=True)
+class StepRedraw(ActionConfig):
+    """Uncertainty-gated redrawing of reasoning steps (MUR, Yan et al. 2025): each answer
+    is decoded one step at a time (a step ends where its text contains ``delimiter``,
+    or after ``step_tokens`` tokens), sampled at ``temperature`` / ``top_p``. A step is
+    scored by the ``reducer`` of output ``score`` over its tokens, signed so that higher
+    is better (``chosen_logprob``: MUR's mean log-probability); the momentum of an
+    answer's step scores is their exponential moving average (weight ``momentum`` on
+    the past, divided by the weights' sum so that early steps are not read against
+    zero). A step after the first whose score falls more than ``-ln(scaling_rate)``
+    below the momentum of the earlier steps is redrawn ``n - 1`` more times from the
+    same prefix, and the best scored of its ``n`` draws continues; the momentum takes
+    the kept step's score. Confident steps cost one draw, so the extra tokens go where
+    the model is unsure."""
+
+    type: ClassVar[str] = "step-redraw"
+    n: int = 4
+    score: str = "chosen_logprob"
+    reducer: str = "mean"
+    momentum: float = 0.9
+    scaling_rate: float = 0.8
+    delimiter: str = DEFAULT_DELIMITER
+    step_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        signal_of_output(self.score)
+        _known_reducer(self)
+        if self.n < 2:
+            raise ValueError(f"action.n: draws of an uncertain step, >= 2, got {self.n}")
+        _at_least_one(self, "step_tokens")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"action.momentum: in [0, 1), got {self.momentum}")
+        if not 0 < self.scaling_rate <= 1:
+            raise ValueError(f"action.scaling_rate: in (0, 1], got {self.scaling_rate}")
+        check_delimiter(self.delimiter, "action.delimiter")
+        _positive(self, "temperature")
+        _top_p(self)
+
+    @property
+    def sign(self) -> float:
+        """``+1`` when a larger step score is better (a confidence), else ``-1``."""
+        return 1.0 if OUTPUTS[self.score].confidence else -1.0
+
+
+@dataclass(frozen=True)
 class Abstain(ActionConfig):
     """Answer, then replace the answer by ``abstain_text`` unless its response score
     passes the rule: ``score`` (a :mod:`tokur_decode.core.scores` name, or ``"probe"``
@@ -388,6 +435,7 @@ ACTIONS: dict[str, type[ActionConfig]] = {
         DeepConfOnline,
         AdaptiveSampling,
         ParticleFilter,
+        StepRedraw,
         Abstain,
     )
 }

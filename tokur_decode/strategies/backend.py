@@ -195,11 +195,12 @@ class Particles(Protocol):
     #: Tokens decoded so far, over all particles and steps.
     tokens: int
 
-    def advance(self) -> tuple[Trace, list[bool]]:
-        """Decode every unfinished particle to the end of its next step: returns that
+    def advance(self, hold: Sequence[bool] | None = None) -> tuple[Trace, list[bool]]:
+        """Decode every unfinished particle to the end of its next step, except those
+        ``hold`` marks (they wait where they are, as finished ones do): returns that
         step's trace (row ``i``: particle ``i``'s new tokens, none for a particle that
-        had finished) and which particles have now finished (an EOS, or the answer's
-        token budget)."""
+        waited or had finished) and which particles have now finished (an EOS, or the
+        answer's token budget)."""
 
     def select(self, index: Sequence[int]) -> None:
         """Continue with particles ``index`` (one per particle, repeats copy one, the

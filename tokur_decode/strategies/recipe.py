@@ -25,7 +25,8 @@ Recipe format::
 
     [action]
     type = "stop"        # "none" | "stop" | "resample" | "best-of-n" | "branch" | "rollback"
-                         # | "deepconf-online" | "abstain"
+                         # | "deepconf-online" | "abstain" | "adaptive-sampling"
+                         # | "particle-filter" | "step-redraw"
     # stop:       abstain_text = "I don't know."
     # resample:   mode = "veto" | "adaptive", temperature, entropy_coef, varentropy_coef,
     #             min_temperature, max_temperature, min_p
@@ -39,6 +40,11 @@ Recipe format::
     #             calibrated_on (tokur-decode calibrate writes these)
     # deepconf-online: n, warmup, keep (percent of warm-up traces above the threshold),
     #             window, temperature, top_p, + selection keys (score: deepconf)
+    # adaptive-sampling: rule, window, n (at most), threshold, temperature, top_p
+    # particle-filter: n, score, reducer, probe, weight_temperature, ess_threshold,
+    #             delimiter, step_tokens, temperature, top_p
+    # step-redraw: n, score, reducer, momentum, scaling_rate, delimiter, step_tokens,
+    #             temperature, top_p
     # selection keys: score (a signal output), reducer, higher_is_better,
     #             method ("argmax" | "majority" | "weighted" | "weighted-softmax"), eta
 

@@ -20,6 +20,8 @@ action type            what runs (through :meth:`~.backend.Backend.decode`)
 ``adaptive-sampling``  answers drawn in windows until the vote is settled
 ``particle-filter``    particles advance step by step (:class:`~.backend.Steps`),
                        weighted by a step score, resampled, then vote
+``step-redraw``        answers advance step by step; a step whose score falls below
+                       the answer's momentum is drawn again, the best draw kept
 =====================  ===========================================================
 
 Adding an action type: a recipe key table in :mod:`~.recipe`, (if it acts inside
@@ -44,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..core.adaptive import settled
+from ..core.momentum import StepMomentum
 from ..core.particles import effective_sample_size, normalized, systematic_resample
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
@@ -52,7 +55,7 @@ from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_s
 from ..core.text import normalize_answer
 from ..core.trace import Trace, check_alternatives
 from . import backend as b
-from .actions import Abstain, ParticleFilter, Selection
+from .actions import Abstain, ParticleFilter, Selection, StepRedraw
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
@@ -93,6 +96,8 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
         needed.append(signal_of_output(strat.config.score))
     if strat is not None and isinstance(strat.config, Abstain | ParticleFilter):
         needed += [signal_of_output(output) for output in strat.config.outputs]
+    if strat is not None and isinstance(strat.config, StepRedraw):
+        needed.append(signal_of_output(strat.config.score))
     return tuple(dict.fromkeys([*names, *needed]))
 
 
@@ -208,8 +213,8 @@ def plan(
             "greedy decoding it keeps the argmax and changes nothing (sample with "
             "temperature > 0, or use mode = 'veto')"
         )
-    if alternatives and kind == "particle-filter":
-        raise ValueError("alternatives: a particle filter does not record them")
+    if alternatives and kind in ("particle-filter", "step-redraw"):
+        raise ValueError(f"alternatives: {kind!r} does not record them")
     names = needed_signals(strat, signals)
     tokur = tokur if tokur is not None else (strat.tokur if strat else None)
     if tokur and not wants_samples(names):
@@ -511,6 +516,82 @@ def _particle_filter(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates, tokens)
 
 
+def _step_redraw(job: _Job) -> GenerationResult:
+    """Uncertainty-gated step redrawing (:class:`~.actions.StepRedraw`): each prompt has
+    ``n`` rows, all copies of its answer so far. Every round the first row decodes the
+    next step while the others wait (:meth:`~.backend.Particles.advance`'s ``hold``);
+    where the step's score falls below the answer's momentum
+    (:class:`~tokur_decode.core.momentum.StepMomentum`) the waiting rows draw the same
+    step again, and the best scored draw continues (copied into every row). Records per
+    prompt every redrawn step (its draws' scores, the momentum, the draw kept) and the
+    tokens decoded."""
+    p: StepRedraw = job.plan.strat.config
+    n, count = p.n, len(job.plan.prompts)
+    first = np.arange(count) * n  # each prompt's row that draws every step
+    request = b.Request(
+        job.plan.signals,
+        job.plan.candidates,
+        n,
+        b.Steps(p.delimiter, p.step_tokens),
+        job.plan.tokur,
+    )
+    momentum = StepMomentum(count, p.momentum, p.scaling_rate)
+    spent = np.zeros(count, dtype=np.int64)
+    redrawn: list[list[dict]] = [[] for _ in range(count)]
+    is_first = np.arange(count * n) % n == 0
+
+    def scored(step: Trace) -> np.ndarray:
+        """The step's signed score per row; its tokens counted to their prompts."""
+        spent[:] += step.lengths.cpu().numpy().reshape(count, n).sum(axis=1)
+        return p.sign * step.aggregate(p.score, p.reducer).double().cpu().numpy()
+
+    with job.backend.particles(job.plan.prompts, request) as particles:
+        done = np.zeros(count * n, dtype=bool)
+        while not done[first].all():
+            moved = ~done[first]
+            step, done = particles.advance(hold=(~is_first).tolist())
+            done, values = np.asarray(done), scored(step).reshape(count, n)
+            kept = np.zeros(count, dtype=np.int64)
+            redraw = moved & momentum.falls_below(values[:, 0])
+            if redraw.any():
+                waiting = ~np.repeat(redraw, n) | is_first
+                step, done = particles.advance(hold=waiting.tolist())
+                done = np.asarray(done)
+                values[redraw, 1:] = scored(step).reshape(count, n)[redraw, 1:]
+                kept[redraw] = values[redraw].argmax(axis=1)
+                for q in np.flatnonzero(redraw).tolist():
+                    redrawn[q].append(
+                        {
+                            "step": int(momentum.steps[q]),
+                            "momentum": float(momentum.mean[q]),
+                            "scores": values[q].tolist(),
+                            "kept": int(kept[q]),
+                        }
+                    )
+            momentum.update(values[np.arange(count), kept], moved)
+            order = np.repeat(first + kept, n)
+            particles.select(order.tolist())
+            done = done[order]
+        trace = particles.trace().select(first.tolist())
+        tokens = particles.tokens
+    actions = [
+        [
+            {
+                "action": "step-redraw",
+                "score": p.score,
+                "reducer": p.reducer,
+                "steps": int(momentum.steps[q]),
+                "redrawn": redrawn[q],
+                "tokens": int(spent[q]),
+            }
+        ]
+        for q in range(count)
+    ]
+    return GenerationResult.chosen(
+        trace, job.plan.prompts, list(range(count)), actions, None, tokens
+    )
+
+
 def _branch(job: _Job) -> GenerationResult:
     p = job.plan.strat.config
     out = job.decode(act=b.Branch(job.plan.strat.trigger, p))
@@ -577,6 +658,7 @@ PROCEDURES: dict[str, _Procedure] = {
     "abstain": _Procedure(_abstain, None),
     "adaptive-sampling": _Procedure(_adaptive_sampling, None),
     "particle-filter": _Procedure(_particle_filter, b.Steps),
+    "step-redraw": _Procedure(_step_redraw, b.Steps),
 }
 #: The procedures that sample candidates (at the caller's or the recipe's temperature).
-_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling", "particle-filter")
+_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling", "particle-filter", "step-redraw")

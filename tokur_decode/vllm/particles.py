@@ -42,10 +42,11 @@ class VLLMParticles:
         self._rows = [Candidate(p) for p in range(len(inputs)) for _ in range(request.n)]
         self._sent = self.tokens = self._cached = 0
 
-    def advance(self) -> tuple[Trace, list[bool]]:
+    def advance(self, hold: Sequence[bool] | None = None) -> tuple[Trace, list[bool]]:
         request, sampling = self._request, self._request.sampling
         steps, budget = request.act, sampling.max_new_tokens
-        live = [row for row in self._rows if not row.done]
+        hold = [False] * len(self._rows) if hold is None else self._check(hold, "hold")
+        live = [row for row, held in zip(self._rows, hold, strict=True) if not (row.done or held)]
         seed = sampling.seed
         params = [
             self._backend.params(
@@ -59,9 +60,8 @@ class VLLMParticles:
             for i, row in enumerate(live)
         ]
         self._sent += len(live)
-        outputs, traces = self._backend.send(
-            [self._inputs[row.prompt] + row.ids for row in live], params
-        )
+        prompts = [self._inputs[row.prompt] + row.ids for row in live]
+        outputs, traces = self._backend.send(prompts, params) if live else ([], [])
         new = {id(row): Candidate(row.prompt) for row in live}
         for row, out, trace in zip(live, outputs, traces, strict=True):
             completion, n = out.outputs[0], int(trace.lengths[0])
@@ -75,10 +75,8 @@ class VLLMParticles:
         return self._trace(step), [row.done for row in self._rows]
 
     def select(self, index: Sequence[int]) -> None:
-        if len(index) != len(self._rows):
-            raise ValueError(f"index: one per particle ({len(self._rows)}), got {len(index)}")
         copies = []
-        for i in index:
+        for i in self._check(index, "index"):
             copy = self._rows[i].fork()
             copy.done = self._rows[i].done
             copies.append(copy)
@@ -86,6 +84,11 @@ class VLLMParticles:
 
     def trace(self) -> Trace:
         return self._trace(self._rows)
+
+    def _check(self, values: Sequence, name: str) -> list:
+        if len(values) != len(self._rows):
+            raise ValueError(f"{name}: one per particle ({len(self._rows)}), got {len(values)}")
+        return list(values)
 
     def _trace(self, rows: list[Candidate]) -> Trace:
         meta = {"stepping": "re-submission", "cached_tokens": self._cached}
