@@ -346,7 +346,16 @@ class StepRedraw(ActionConfig):
     below the momentum of the earlier steps is redrawn ``n - 1`` more times from the
     same prefix, and the best scored of its ``n`` draws continues; the momentum takes
     the kept step's score. Confident steps cost one draw, so the extra tokens go where
-    the model is unsure."""
+    the model is unsure.
+
+    Example:
+        >>> action_config({"type": "step-redraw", "n": 4}).sign  # chosen_logprob: higher is better
+        1.0
+        >>> action_config({"type": "step-redraw", "n": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: action.n: draws of an uncertain step, >= 2, got 1
+    """
 
     type: ClassVar[str] = "step-redraw"
     n: int = 4
