@@ -30,7 +30,16 @@ import math
 
 import numpy as np
 
-__all__ = ["StepMomentum"]
+__all__ = ["StepMomentum", "check_gate"]
+
+
+def check_gate(momentum: float, scaling_rate: float, prefix: str = "") -> None:
+    """Raise ``ValueError`` naming ``prefix + "momentum"`` unless it is in ``[0, 1)``,
+    or ``prefix + "scaling_rate"`` unless it is in ``(0, 1]``."""
+    if not 0 <= momentum < 1:
+        raise ValueError(f"{prefix}momentum: in [0, 1), got {momentum}")
+    if not 0 < scaling_rate <= 1:
+        raise ValueError(f"{prefix}scaling_rate: in (0, 1], got {scaling_rate}")
 
 
 class StepMomentum:
@@ -38,10 +47,7 @@ class StepMomentum:
     in ``[0, 1)``) and MUR's test against it (``scaling_rate`` in ``(0, 1]``)."""
 
     def __init__(self, rows: int, momentum: float, scaling_rate: float) -> None:
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum: in [0, 1), got {momentum}")
-        if not 0 < scaling_rate <= 1:
-            raise ValueError(f"scaling_rate: in (0, 1], got {scaling_rate}")
+        check_gate(momentum, scaling_rate)
         self.momentum, self.margin = momentum, -math.log(scaling_rate)
         self._average = np.zeros(rows)
         self.steps = np.zeros(rows, dtype=np.int64)

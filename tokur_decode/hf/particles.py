@@ -27,6 +27,7 @@ import torch
 
 from ..core.steps import StepEnds
 from ..core.trace import Trace
+from ..strategies.backend import one_per_particle
 from .controller import Controller
 
 __all__ = ["HFParticles"]
@@ -47,21 +48,16 @@ class HFParticles:
 
     def advance(self, hold: Sequence[bool] | None = None) -> tuple[Trace, list[bool]]:
         if hold is not None:
-            hold = torch.tensor(self._check(hold, "hold"), dtype=torch.bool)
+            hold = torch.tensor(
+                one_per_particle(hold, self._ctrl.batch_size, "hold"), dtype=torch.bool
+            )
         self._ctrl.advance(self._ends, self._max_tokens, hold)
         self._answers = None
         return self.trace().steps_from(self._ctrl.step_start), self._ctrl.finished.tolist()
 
     def select(self, index: Sequence[int]) -> None:
-        self._ctrl.select_rows(self._check(index, "index"))
+        self._ctrl.select_rows(one_per_particle(index, self._ctrl.batch_size, "index"))
         self._answers = None
-
-    def _check(self, values: Sequence, name: str) -> list:
-        if len(values) != self._ctrl.batch_size:
-            raise ValueError(
-                f"{name}: one per particle ({self._ctrl.batch_size}), got {len(values)}"
-            )
-        return list(values)
 
     def trace(self) -> Trace:
         if self._answers is None:

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from ..core import aggregate
 from ..core.adaptive import RULES as ADAPTIVE_RULES
+from ..core.momentum import check_gate
 from ..core.probe import PROBE, Probe
 from ..core.scores import check_score_name, outputs_read
 from ..core.select import ETA_RULES, METHODS
@@ -313,13 +314,11 @@ class ParticleFilter(ActionConfig):
         if not _probe_scored(self):
             signal_of_output(self.score)
         _known_reducer(self)
-        _at_least_one(self, "n", "step_tokens")
+        _at_least_one(self, "n")
         _positive(self, "weight_temperature")
         if not 0 <= self.ess_threshold <= 1:
             raise ValueError(f"action.ess_threshold: in [0, 1], got {self.ess_threshold}")
-        check_delimiter(self.delimiter, "action.delimiter")
-        _positive(self, "temperature")
-        _top_p(self)
+        _stepwise_sampling(self)
 
     @property
     def sign(self) -> float:
@@ -373,14 +372,8 @@ class StepRedraw(ActionConfig):
         _known_reducer(self)
         if self.n < 2:
             raise ValueError(f"action.n: draws of an uncertain step, >= 2, got {self.n}")
-        _at_least_one(self, "step_tokens")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"action.momentum: in [0, 1), got {self.momentum}")
-        if not 0 < self.scaling_rate <= 1:
-            raise ValueError(f"action.scaling_rate: in (0, 1], got {self.scaling_rate}")
-        check_delimiter(self.delimiter, "action.delimiter")
-        _positive(self, "temperature")
-        _top_p(self)
+        check_gate(self.momentum, self.scaling_rate, "action.")
+        _stepwise_sampling(self)
 
     @property
     def sign(self) -> float:
@@ -514,6 +507,14 @@ def _at_least_one(config, *names: str) -> None:
 def _positive(config, name: str) -> None:
     if not getattr(config, name) > 0:
         raise ValueError(f"action.{name}: must be > 0, got {getattr(config, name)}")
+
+
+def _stepwise_sampling(config) -> None:
+    """The keys of an action that samples answers a step at a time."""
+    check_delimiter(config.delimiter, "action.delimiter")
+    _at_least_one(config, "step_tokens")
+    _positive(config, "temperature")
+    _top_p(config)
 
 
 def _top_p(config) -> None:

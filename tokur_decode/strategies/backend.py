@@ -210,6 +210,18 @@ class Particles(Protocol):
         """Every particle's answer so far."""
 
 
+def one_per_particle(values: Sequence, particles: int, name: str) -> list:
+    """``values`` as a list, checked to hold one entry per particle (what
+    :meth:`Particles.advance`'s ``hold`` and :meth:`Particles.select`'s ``index`` take).
+
+    Raises:
+        ValueError: naming ``name``.
+    """
+    if len(values) != particles:
+        raise ValueError(f"{name}: one per particle ({particles}), got {len(values)}")
+    return list(values)
+
+
 @runtime_checkable
 class Backend(Protocol):
     """An engine as the strategies see it. One whose :attr:`acts` include

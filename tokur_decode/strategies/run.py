@@ -92,12 +92,10 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(signal_of_output(strat.trigger.signal))
-    if strat is not None and isinstance(strat.config, Selection):
+    if strat is not None and isinstance(strat.config, Selection | StepRedraw):
         needed.append(signal_of_output(strat.config.score))
     if strat is not None and isinstance(strat.config, Abstain | ParticleFilter):
         needed += [signal_of_output(output) for output in strat.config.outputs]
-    if strat is not None and isinstance(strat.config, StepRedraw):
-        needed.append(signal_of_output(strat.config.score))
     return tuple(dict.fromkeys([*names, *needed]))
 
 

@@ -45,7 +45,11 @@ class VLLMParticles:
     def advance(self, hold: Sequence[bool] | None = None) -> tuple[Trace, list[bool]]:
         request, sampling = self._request, self._request.sampling
         steps, budget = request.act, sampling.max_new_tokens
-        hold = [False] * len(self._rows) if hold is None else self._check(hold, "hold")
+        hold = (
+            [False] * len(self._rows)
+            if hold is None
+            else acts.one_per_particle(hold, len(self._rows), "hold")
+        )
         live = [row for row, held in zip(self._rows, hold, strict=True) if not (row.done or held)]
         seed = sampling.seed
         params = [
@@ -76,7 +80,7 @@ class VLLMParticles:
 
     def select(self, index: Sequence[int]) -> None:
         copies = []
-        for i in self._check(index, "index"):
+        for i in acts.one_per_particle(index, len(self._rows), "index"):
             copy = self._rows[i].fork()
             copy.done = self._rows[i].done
             copies.append(copy)
@@ -84,11 +88,6 @@ class VLLMParticles:
 
     def trace(self) -> Trace:
         return self._trace(self._rows)
-
-    def _check(self, values: Sequence, name: str) -> list:
-        if len(values) != len(self._rows):
-            raise ValueError(f"{name}: one per particle ({len(self._rows)}), got {len(values)}")
-        return list(values)
 
     def _trace(self, rows: list[Candidate]) -> Trace:
         meta = {"stepping": "re-submission", "cached_tokens": self._cached}
