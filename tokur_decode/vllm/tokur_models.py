@@ -48,6 +48,7 @@ import functools
 
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
@@ -55,7 +56,13 @@ from ..core.perturbation import bases_for, low_rank_noise, split_noise
 from .copies_attention import CopiesStep, unsupported
 from .tokur import link_of, settings_of
 
-__all__ = ["PerturbedMixin", "TokurLlamaForCausalLM", "TokurQwen2ForCausalLM"]
+__all__ = [
+    "PerturbedMixin",
+    "TokurLlamaForCausalLM",
+    "TokurQwen2ForCausalLM",
+    "largest_difference",
+    "rows_independent",
+]
 
 
 class PerturbedMixin:
@@ -192,25 +199,32 @@ class PerturbedMixin:
     def _checked(self, *args):
         """Diagnostics (:meth:`~tokur_decode.vllm.worker.TraceExtension.tokur_check`):
         the batched forward, then the M passes with the same noise; how far apart their
-        clean and perturbed hidden states are, and whether the KV cache after the
-        batched forward is the one the passes leave."""
+        clean and perturbed hidden states are, how far the KV cache after the batched
+        forward is from the one the passes leave, and whether this machine's linear
+        kernels give a row the same bits whatever rows follow it (where they do not,
+        the two schemes agree to rounding only: the batched forward has more rows)."""
         clean_b, copies_b = self._batched(*args)
         caches = [block.self_attn.attn.kv_cache.clone() for block in self.model.layers]
         clean_s, copies_s = self._passes(*args)
         tokens = args[4]
+        n = args[0].shape[0]
         metadata = next(iter(get_forward_context().attn_metadata.values()))
+        linears = [m for m in self.model.layers[0].modules() if isinstance(m, LinearBase)]
         self._link.checks.append(
             {
-                "tokens": int(args[0].shape[0]),
+                "tokens": int(n),
                 "asking": int(tokens.numel()),
                 "longest_query": int(metadata.max_query_len),
                 "scale": float(clean_s.abs().max()),
-                "clean": float((clean_b - clean_s).abs().max()),
-                "copies": float((copies_b - copies_s).abs().max()),
-                "noise": float((copies_s - clean_s.index_select(0, tokens)[:, None]).abs().max()),
-                "cache_equal": all(
-                    torch.equal(c, block.self_attn.attn.kv_cache)
+                "clean": largest_difference(clean_b, clean_s),
+                "copies": largest_difference(copies_b, copies_s),
+                "noise": largest_difference(copies_s, clean_s.index_select(0, tokens)[:, None]),
+                "cache": max(
+                    largest_difference(c, block.self_attn.attn.kv_cache)
                     for c, block in zip(caches, self.model.layers, strict=True)
+                ),
+                "rows_independent": rows_independent(
+                    linears, n, n + copies_b.shape[0] * copies_b.shape[1], clean_b.dtype
                 ),
             }
         )
@@ -302,6 +316,48 @@ def _refuse_unsupported(vllm_config) -> None:
                 "KV connectors or LoRA (the perturbed samples would not be drawn or kept "
                 "consistently there)"
             )
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference of two tensors of one shape (``inf`` where one
+    holds a NaN the other does not), compared in float32.
+
+    Example:
+        >>> largest_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+        0.5
+        >>> largest_difference(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+        0.0
+    """
+    if torch.equal(a, b):
+        return 0.0
+    difference = (a.float() - b.float()).abs().nan_to_num(nan=float("inf"))
+    both_nan = a.isnan() & b.isnan()
+    return float(difference.masked_fill(both_nan, 0.0).max())
+
+
+def rows_independent(linears, rows: int, total: int, dtype: torch.dtype) -> bool:
+    """Whether each linear layer computes its first ``rows`` output rows bit for bit the
+    same whether or not ``total - rows`` more input rows follow: what makes the clean
+    rows of a batched forward (``N`` rows plus the copies) bit-identical to a plain one.
+    A GEMM kernel chosen by the row count (oneDNN's, by ISA) may round differently.
+    The inputs are drawn from a generator of their own (the engine's are untouched).
+
+    Example:
+        >>> layer = torch.nn.Linear(8, 4)
+        >>> layer.input_size = 8
+        >>> rows_independent([layer], 3, 7, torch.float32)
+        True
+    """
+    generator = torch.Generator().manual_seed(0)
+    for linear in linears:
+        width = getattr(linear, "input_size_per_partition", linear.input_size)
+        x = torch.randn(total, width, generator=generator).to(linear.weight.device, dtype)
+        alone, followed = linear(x[:rows]), linear(x)
+        if isinstance(alone, tuple):  # vLLM's layers: (output, bias)
+            alone, followed = alone[0], followed[0]
+        if not torch.equal(alone, followed[:rows]):
+            return False
+    return True
 
 
 class TokurLlamaForCausalLM(PerturbedMixin, LlamaForCausalLM):
