@@ -136,3 +136,25 @@ def test_step_redraw_spends_extra_draws_only_on_the_steps_it_redraws(embedded):
     steady = generate(backend, PROMPTS, strategy=never, max_new_tokens=32)
     for (record,), n in zip(steady.actions, steady.trace.lengths, strict=True):
         assert record["redrawn"] == [] and record["tokens"] == int(n)
+
+
+def test_step_redraw_with_a_probe_keeps_the_draw_it_finds_least_likely_wrong(embedded):
+    """The probe reads the mean entropy, which the recipe does not list: it is recorded
+    all the same, and each redrawn step keeps the draw of least p(wrong)."""
+    from tokur_decode.core.probe import Probe
+
+    probe = Probe(("entropy:mean",), (1.0,), (1.0,), (1.5,), 0.0)
+    action = {"type": "step-redraw", "n": 3, "step_tokens": 6, "scaling_rate": 0.95}
+    recipe = {
+        "name": "redraw-probe-test",
+        "signals": ["chosen_prob"],
+        "action": {**action, "probe": probe.to_dict()},
+    }
+    result = generate(HFBackend(*embedded), PROMPTS, strategy=recipe, max_new_tokens=32)
+    assert "entropy" in result.trace.signals
+    redraws = [redraw for (record,) in result.actions for redraw in record["redrawn"]]
+    assert redraws  # the gate opened
+    for redraw in redraws:
+        wrong = redraw["p_wrong"]
+        assert len(wrong) == 3 and all(0 < w < 1 for w in wrong)
+        assert redraw["kept"] == wrong.index(min(wrong))

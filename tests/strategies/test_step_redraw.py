@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,21 @@ def test_bad_settings_are_refused_before_anything_runs():
 
 class _NoSteps:
     acts = (B.Stop,)
+
+
+def test_a_probe_is_the_critic_that_picks_the_draw():
+    """A probe whose p(wrong) grows with the answer's mean log-probability (the control
+    of a critic that disagrees with the score): the gate still reads the step's score,
+    the draw kept is the one whose answer so far the probe finds least likely wrong."""
+    from tokur_decode.core.probe import Probe
+
+    probe = Probe(("chosen_logprob:mean",), (0.0,), (1.0,), (2.0,), 0.0)
+    draws = [[(-0.1, "a"), (-1.0, "b"), (-0.5, "c"), (-0.05, "d"), (-2.0, "e")]]
+    by_score = generate(Scripted(draws, [2]), ["p"], strategy=_recipe())
+    assert by_score.texts == ["a d"]  # without the probe: the best scored draw
+    result = generate(Scripted(draws, [2]), ["p"], strategy=_recipe(probe=probe.to_dict()))
+    assert result.texts == ["a e"]
+    (redraw,) = result.actions[0][0]["redrawn"]
+    means = np.array([-1.0, -0.5, -0.05, -2.0]) / 2 + -0.1 / 2  # the answers so far
+    assert redraw["p_wrong"] == pytest.approx((1 / (1 + np.exp(-2.0 * means))).tolist())
+    assert redraw["kept"] == 3 and redraw["scores"] == pytest.approx([-1.0, -0.5, -0.05, -2.0])

@@ -345,7 +345,9 @@ class StepRedraw(ActionConfig):
     below the momentum of the earlier steps is redrawn ``n - 1`` more times from the
     same prefix, and the best scored of its ``n`` draws continues; the momentum takes
     the kept step's score. Confident steps cost one draw, so the extra tokens go where
-    the model is unsure.
+    the model is unsure. With a ``probe`` (a wrong-answer probe calibrated on labelled
+    answers, ``tokur-decode calibrate``) the probe is MUR's critic: the draw kept is the
+    one whose answer so far it finds least likely wrong, while ``score`` still gates.
 
     Example:
         >>> action_config({"type": "step-redraw", "n": 4}).sign  # chosen_logprob: higher is better
@@ -360,6 +362,7 @@ class StepRedraw(ActionConfig):
     n: int = 4
     score: str = "chosen_logprob"
     reducer: str = "mean"
+    probe: Probe | None = None
     momentum: float = 0.9
     scaling_rate: float = 0.8
     delimiter: str = DEFAULT_DELIMITER
@@ -379,6 +382,11 @@ class StepRedraw(ActionConfig):
     def sign(self) -> float:
         """``+1`` when a larger step score is better (a confidence), else ``-1``."""
         return 1.0 if OUTPUTS[self.score].confidence else -1.0
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The signal outputs the gate and the critic read."""
+        return (self.score, *(self.probe.outputs if self.probe is not None else ()))
 
 
 @dataclass(frozen=True)

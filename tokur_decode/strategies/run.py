@@ -92,9 +92,9 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(signal_of_output(strat.trigger.signal))
-    if strat is not None and isinstance(strat.config, Selection | StepRedraw):
+    if strat is not None and isinstance(strat.config, Selection):
         needed.append(signal_of_output(strat.config.score))
-    if strat is not None and isinstance(strat.config, Abstain | ParticleFilter):
+    if strat is not None and isinstance(strat.config, Abstain | ParticleFilter | StepRedraw):
         needed += [signal_of_output(output) for output in strat.config.outputs]
     return tuple(dict.fromkeys([*names, *needed]))
 
@@ -420,7 +420,7 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
-def _answers_so_far_scored(p: ParticleFilter, answers: Trace) -> np.ndarray:
+def _answers_so_far_scored(p: ParticleFilter | StepRedraw, answers: Trace) -> np.ndarray:
     """Each particle's answer so far scored as ``p`` says (float64 ``[particles]``): the
     probe's probability that it is wrong, else the ``reducer`` of the ``score`` signal
     over all its tokens (a step reducer over its steps)."""
@@ -520,9 +520,10 @@ def _step_redraw(job: _Job) -> GenerationResult:
     next step while the others wait (:meth:`~.backend.Particles.advance`'s ``hold``);
     where the step's score falls below the answer's momentum
     (:class:`~tokur_decode.core.momentum.StepMomentum`) the waiting rows draw the same
-    step again, and the best scored draw continues (copied into every row). Records per
-    prompt every redrawn step (its draws' scores, the momentum, the draw kept) and the
-    tokens decoded."""
+    step again, and the best scored draw continues (copied into every row), or with a
+    probe the draw whose answer so far the probe finds least likely wrong. Records per
+    prompt every redrawn step (its draws' scores, the momentum, the probe's p(wrong),
+    the draw kept) and the tokens decoded."""
     p: StepRedraw = job.plan.strat.config
     n, count = p.n, len(job.plan.prompts)
     first = np.arange(count) * n  # each prompt's row that draws every step
@@ -556,13 +557,17 @@ def _step_redraw(job: _Job) -> GenerationResult:
                 step, done = particles.advance(hold=waiting.tolist())
                 done = np.asarray(done)
                 values[redraw, 1:] = scored(step).reshape(count, n)[redraw, 1:]
-                kept[redraw] = values[redraw].argmax(axis=1)
+                wrong = None
+                if p.probe is not None:  # the critic: p(wrong) of each answer so far
+                    wrong = _answers_so_far_scored(p, particles.trace()).reshape(count, n)
+                kept[redraw] = (values if wrong is None else -wrong)[redraw].argmax(axis=1)
                 for q in np.flatnonzero(redraw).tolist():
                     redrawn[q].append(
                         {
                             "step": int(momentum.steps[q]),
                             "momentum": float(momentum.mean[q]),
                             "scores": values[q].tolist(),
+                            **({} if wrong is None else {"p_wrong": wrong[q].tolist()}),
                             "kept": int(kept[q]),
                         }
                     )
