@@ -157,8 +157,11 @@ class PerturbedMixin:
         rows within the token budget vLLM planned memory for."""
         if self.tokur.mode != "batched" or inputs_embeds is not None or positions.dim() != 1:
             return False
-        extra = tokens.numel() * (self.tokur.samples - 1)
-        return input_ids.shape[0] + extra <= self._budget
+        return input_ids.shape[0] + self._extra_rows(tokens) <= self._budget
+
+    def _extra_rows(self, tokens: torch.Tensor) -> int:
+        """The rows a batched forward adds: ``M - 1`` copies per asking token."""
+        return tokens.numel() * (self.tokur.samples - 1)
 
     def _batched(self, input_ids, positions, intermediate_tensors, inputs_embeds, tokens, eps):
         """One forward with the copies as extra rows: ``(clean hidden [N, H], the
@@ -224,7 +227,7 @@ class PerturbedMixin:
                     for c, block in zip(caches, self.model.layers, strict=True)
                 ),
                 "rows_independent": rows_independent(
-                    linears, n, n + copies_b.shape[0] * copies_b.shape[1], clean_b.dtype
+                    linears, n, n + self._extra_rows(tokens), clean_b.dtype
                 ),
             }
         )
