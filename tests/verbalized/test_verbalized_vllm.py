@@ -16,7 +16,6 @@ pytest.importorskip("vllm")
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.verbalized import CAPITALS, ask, format_regex, vllm_backend  # noqa: E402
 
-from ..conftest import vllm_engine  # noqa: E402
 from .test_verbalized import ABSTAIN_TEMPLATE, MIXED, _assert_parses, _assert_spans  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
@@ -24,12 +23,8 @@ QUESTIONS = [q for q, _ in CAPITALS[:5]]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    build = lambda: vllm_backend.engine(  # noqa: E731
-        enforce_eager=True, max_model_len=1024, dtype="float32", seed=0
-    )
-    with vllm_engine(build) as llm:
-        yield llm
+def engine(plain_engine):
+    return plain_engine  # vllm_backend.engine: Outlines for structured outputs
 
 
 @pytest.fixture(scope="module")

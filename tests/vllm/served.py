@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+from ..conftest import worker_core
+
 STARTUP_TIMEOUT = 240
 API_KEY = "test-key"
 
@@ -25,14 +27,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def served(log_path, *vllm_args: str, port: int | None = None):
     """The base URL of ``tokur-decode serve`` (embedded model, float32, seed 0, eager,
-    an API key) with ``vllm_args``, from a clean environment (no dev mode); stopped
-    and waited for at the end. Yields ``(base_url, process)``."""
+    32-token KV blocks as ``plain_engine``'s, an API key) with ``vllm_args``, from a
+    clean environment (no dev mode; a single engine on this xdist worker's core);
+    stopped and waited for at the end. Yields ``(base_url, process)``."""
     port = port or free_port()
     command = [sys.executable, "-m", "tokur_decode.cli", "serve"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY]
     command += ["--enforce-eager", "--max-model-len", "1024", "--dtype", "float32", "--seed", "0"]
-    command += list(vllm_args)
+    command += ["--block-size", "32", *vllm_args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    if "--data-parallel-size" not in vllm_args:  # one core would not bind two engines
+        env |= worker_core()
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

