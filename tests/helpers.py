@@ -5,7 +5,33 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["NoHostSync", "calibrated_round_trip"]
+__all__ = ["NEAR_TIE", "NoHostSync", "agreeing_steps", "calibrated_round_trip"]
+
+#: Two most probable tokens closer than this in probability are a near tie: another
+#: engine, or another machine's kernels, may round them into the other order.
+NEAR_TIE = 1e-3
+
+
+def agreeing_steps(tokens, reference, margins) -> int:
+    """The steps over which a greedy decoding ``tokens`` agrees with a ``reference``
+    decoding of the same prompt (by another engine, or on other kernels). Where they
+    part, the reference's two most probable tokens must have been a near tie
+    (``margins``: the reference's ``margin`` signal per step, p(1) - p(2)), or the
+    assertion fails; past that step the two decode different texts.
+
+    Example:
+        >>> agreeing_steps([5, 6, 7], [5, 6, 7], [0.5, 0.5, 0.5])
+        3
+        >>> agreeing_steps([5, 9, 7], [5, 6, 7], [0.5, 1e-4, 0.5])
+        1
+    """
+    tokens, reference = [int(t) for t in tokens], [int(t) for t in reference]
+    n = min(len(tokens), len(reference))
+    same = next((t for t in range(n) if tokens[t] != reference[t]), n)
+    if same < n:
+        margin = float(margins[same])
+        assert margin < NEAR_TIE, f"parted at step {same}, where the margin is {margin:.3g}"
+    return same
 
 
 class NoHostSync(TorchDispatchMode):

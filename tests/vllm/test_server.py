@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-import psutil
 import pytest
 import torch
 
@@ -292,6 +291,8 @@ def test_data_parallel_tokur_traces_from_both_engines_then_a_clean_stop(tmp_path
     it, and both served some; TokUR requests get TokUR's values and the greedy answers
     of the plain ones. Then the server stops on SIGTERM, leaving its port free and none
     of its processes behind (a restart on the port would find it free)."""
+    import psutil  # a dependency of vLLM's
+
     port = free_port()
     prompts = [f"What is {i} times 3?" for i in range(16)]
     args = ("--data-parallel-size", "2", "--tokur", "--tokur-samples", "4")

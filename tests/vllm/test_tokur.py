@@ -22,6 +22,7 @@ from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
 
 from ..conftest import vllm_engine  # noqa: E402
+from ..helpers import agreeing_steps  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -68,7 +69,12 @@ def hf_tokur(embedded):
     options = {"samples": SAMPLES, "sigma": SIGMA, "rank": RANK, "seed": 0}
     return [
         generate(
-            model, tok, q, signals=["entropy", "tokur"], tokur=options, max_new_tokens=STEPS
+            model,
+            tok,
+            q,
+            signals=["entropy", "margin", "tokur"],
+            tokur=options,
+            max_new_tokens=STEPS,
         ).trace
         for q in QUESTIONS[:2]
     ]
@@ -186,7 +192,8 @@ def test_same_noise_same_values_as_transformers(engine, prompt_ids, hf_tokur):
     outs, traces = _run(engine, prompt_ids, [0, 1], _params(signals=["entropy", "tokur"]))
     for out, trace, ref in zip(outs, traces, hf_tokur, strict=True):
         n = int(ref.lengths[0])
-        assert list(out.outputs[0].token_ids)[:n] == ref.token_ids[0, :n].tolist()
+        n = agreeing_steps(out.outputs[0].token_ids, ref.token_ids[0, :n], ref.signals["margin"][0])
+        assert n > 1
         for key in ("entropy", "tokur_total", "tokur_aleatoric", "tokur_epistemic"):
             torch.testing.assert_close(
                 _values(trace, key, n), ref.signals[key][0, :n], atol=2e-3, rtol=2e-3
