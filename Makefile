@@ -4,7 +4,7 @@
 #   make test    create .venv if needed, install everything, run the test suite (on
 #                TEST_WORKERS processes, pytest-xdist; TEST_WORKERS=0 runs it in one)
 #   make test-fast  the tests that need no engine, server or embedded model (the
-#                edit-run loop: about a minute)
+#                edit-run loop: under a minute)
 #   make lint    ruff check, ruff format --check and the import contract (lint-imports)
 #   make test-core  the test suite on a core install (.venv-core: no vLLM, Outlines or
 #                extras), where what needs a missing extra is skipped
