@@ -24,6 +24,10 @@ def agreeing_steps(tokens, reference, margins) -> int:
         3
         >>> agreeing_steps([5, 9, 7], [5, 6, 7], [0.5, 1e-4, 0.5])
         1
+        >>> agreeing_steps([5, 9, 7], [5, 6, 7], [0.5, 0.5, 0.5])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        AssertionError: parted at step 1, where the margin is 0.5...
     """
     tokens, reference = [int(t) for t in tokens], [int(t) for t in reference]
     n = min(len(tokens), len(reference))

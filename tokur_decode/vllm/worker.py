@@ -64,8 +64,9 @@ class TraceExtension:
     def tokur_check(self, mode: str | None = None) -> dict:
         """Diagnostics of TokUR's batched mode. While ``mode`` is ``"on"``, every step
         with asking rows runs the batched forward and then the M passes with the same
-        noise, and records the largest differences of their clean and perturbed hidden
-        states and whether the KV cache ends the same; ``"broken"`` does the same with
+        noise, and records how far apart their clean and perturbed hidden states and
+        the KV caches they leave are (largest and relative differences; they agree to
+        the dtype's rounding, not bit for bit); ``"broken"`` does the same with
         the copies attending to the clean token instead of themselves (a control that
         must show a difference); ``None`` turns it off. Returns ``{"steps",
         "batched_steps", "checks"}`` so far and forgets the checks."""
