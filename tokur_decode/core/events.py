@@ -6,6 +6,8 @@ Example:
     >>> t = Trigger("entropy", threshold=2.0)
     >>> Fire.of(t, "stop", step=3, value=2.5, blocked=True).to_dict()["blocked"]
     'EOS forbidden by an earlier processor'
+    >>> "blocked" in Fire.of(t, "stop", step=3, value=2.5).to_dict()
+    False
     >>> Fork.of(None, step=0, candidate=0, value=None, alternatives=[7, 3]).to_dict()["signal"]
     'first token'
 """
@@ -16,16 +18,19 @@ from dataclasses import asdict, dataclass
 
 from .policy import Trigger
 
-__all__ = ["BLOCKED", "Fire", "Fork"]
+__all__ = ["BLOCKED", "OVERRIDDEN", "Fire", "Fork"]
 
-#: Why a stop did not happen where its trigger fired.
+#: Why a stop did not happen where its trigger fired: an earlier stage forbade the EOS
+#: (a grammar, ``min_tokens``, ``ignore_eos``) ...
 BLOCKED = "EOS forbidden by an earlier processor"
+#: ... or a later one forced another token over it (vLLM's thinking-budget forcing).
+OVERRIDDEN = "EOS overridden by a later stage (vLLM's thinking budget)"
 
 
 @dataclass(frozen=True)
 class Fire:
     """A trigger fired at ``step`` and its ``action`` (``"stop"``, ``"resample"``)
-    acted, unless ``blocked`` says why not."""
+    acted, unless ``blocked`` says why not (:data:`BLOCKED`, :data:`OVERRIDDEN`)."""
 
     action: str
     step: int
@@ -37,7 +42,8 @@ class Fire:
 
     @classmethod
     def of(cls, trigger: Trigger, action: str, *, step, value, threshold=None, blocked=False):
-        """The fire of ``trigger`` (``threshold``: the row's own, when not the trigger's)."""
+        """The fire of ``trigger`` (``threshold``: the row's own, when not the trigger's;
+        ``blocked``: why the action did not happen, ``True`` for :data:`BLOCKED`)."""
         return cls(
             action=action,
             step=int(step),
@@ -45,7 +51,7 @@ class Fire:
             value=float(value),
             threshold=trigger.threshold if threshold is None else float(threshold),
             direction=trigger.direction,
-            blocked=BLOCKED if blocked else None,
+            blocked=BLOCKED if blocked is True else (blocked or None),
         )
 
     def to_dict(self) -> dict:

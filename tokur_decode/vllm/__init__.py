@@ -1,7 +1,7 @@
 """vLLM integration: uncertainty signals, traces and actions inside stock vLLM.
 
-Register :class:`UncertaintyProcessor` on the engine (:class:`UncertaintyProcessorV2` on
-an engine running vLLM's Model Runner V2, ``VLLM_USE_V2_MODEL_RUNNER=1``), opt requests in with
+Register :class:`UncertaintyProcessor` on the engine (it runs under vLLM's Model Runner V2
+and under the V1 runner, whichever the engine uses), opt requests in with
 :func:`uncertainty_args` (flat ``extra_args`` keys, also ``vllm_xargs`` over HTTP), read
 each request's :class:`~tokur_decode.core.trace.Trace` with :func:`read_traces`.
 :func:`llm` builds an engine with both the processor and the worker extension that
@@ -11,7 +11,8 @@ such an engine with the transformers path's result type (``tokur-decode generate
 ``"tokur"`` signal; :mod:`tokur_decode.vllm.tokur`).
 
 This package imports ``vllm`` (absolute imports: the top-level ``vllm`` package, never
-this one).
+this one) and supports vLLM 0.31 to 0.34: another version is refused here, by an
+``ImportError`` naming the range (:mod:`tokur_decode.vllm.internals`).
 
 Example:
     >>> from vllm import SamplingParams
@@ -24,19 +25,18 @@ Example:
     [[{'action': 'stop', 'step': 3, 'signal': 'logtoku_epistemic', ...}]]
 """
 
-from ..core.text import prompt_token_ids
-from .args import RequestSettings, parse_settings, uncertainty_args
-from .backend import VLLMBackend
-from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces
-from .generation import generate
-from .processor import UncertaintyProcessor
-from .tokur import tokur_engine_args
-from .worker import TraceExtension
+from . import internals
 
-try:  # Model Runner V2 (GPU builds from vLLM 0.31): import-light, absent before
-    from .processor_v2 import UncertaintyProcessorV2
-except ImportError:  # pragma: no cover
-    UncertaintyProcessorV2 = None
+internals.check_version()
+
+from ..core.text import prompt_token_ids  # noqa: E402
+from .args import RequestSettings, parse_settings, uncertainty_args  # noqa: E402
+from .backend import VLLMBackend  # noqa: E402
+from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces  # noqa: E402
+from .generation import generate  # noqa: E402
+from .processor import UncertaintyProcessor, UncertaintyProcessorV2  # noqa: E402
+from .tokur import tokur_engine_args  # noqa: E402
+from .worker import TraceExtension  # noqa: E402
 
 __all__ = [
     "EXTENSION",

@@ -46,13 +46,27 @@ def engine_args(**kwargs) -> dict:
     """``kwargs`` for ``vllm.LLM`` with the processor registered and the trace extension
     installed (other processors in ``logits_processors`` are kept).
 
+    Speculative decoding is refused here, before an engine starts: vLLM's V1 runner
+    refuses custom processors under it, and under MRV2 a request has one row per draft
+    token, of which only the accepted ones are known, after sampling.
+
     Example:
         >>> args = engine_args(model="m", enforce_eager=True)
         >>> args["logits_processors"]
         ['tokur_decode.vllm.processor:UncertaintyProcessor']
         >>> args["worker_extension_cls"]
         'tokur_decode.vllm.worker.TraceExtension'
+        >>> engine_args(model="m", speculative_config={"method": "ngram"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: speculative_config: tokur-decode records one row per request and step; ...
     """
+    if kwargs.get("speculative_config") is not None:
+        raise ValueError(
+            "speculative_config: tokur-decode records one row per request and step; "
+            "speculative decoding gives a request one row per draft token (turn it off "
+            "for uncertainty-monitored engines)"
+        )
     procs = list(kwargs.pop("logits_processors", None) or [])
     if PROCESSOR not in procs:
         procs.append(PROCESSOR)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.events import Fire
+from ..core.events import BLOCKED, OVERRIDDEN, Fire
 from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
 from ..core.policy import TriggerState
 from ..core.signals import (
@@ -84,6 +84,10 @@ KEYS: tuple[str, ...] = (
     "action_blocked",
 )
 _COL = {key: i for i, key in enumerate(KEYS)}
+#: ``action_blocked``'s codes: acted (0), the EOS forbidden by an earlier stage (1), the
+#: EOS replaced by a later stage (2).
+OVERRIDDEN_CODE = 2.0
+_BLOCKED_REASONS = (None, BLOCKED, OVERRIDDEN)
 
 
 @dataclass(eq=False)
@@ -112,6 +116,7 @@ class Group:
     chosen: tuple[str, ...]  # the outputs completed at the next step (need the token)
     start: int | None = None  # first row when the rows are contiguous
     present: torch.Tensor | None = None  # [S] bool
+    eos: torch.Tensor | None = None  # [rows]: each row's EOS (a stop action's groups)
     eos_mask: torch.Tensor | None = None  # [rows, V] bool
     names: tuple[str, ...] = ()  # the outputs recorded per step (spec's, TokUR's)
     tokur: torch.Tensor | None = None  # the rows' places in the TokUR samples
@@ -120,6 +125,12 @@ class Group:
     first_token: torch.Tensor | None = None  # [rows]: that token (0 where none)
     first_logits: torch.Tensor | None = None  # [rows, V]: logits that emit it
     alt_cols: torch.Tensor | None = None  # the alternatives' columns (ids, then probs)
+
+    @property
+    def needs_last(self) -> bool:
+        """Whether the step needs each row's last emitted token: for the values completed
+        a step late, and to tell whether a stop's EOS was emitted."""
+        return bool(self.chosen) or self.eos is not None
 
 
 class _TriggerSlots:
@@ -261,9 +272,12 @@ class ProcessorCore:
         """Write the request's pending values of its last step (those that need its
         token) from ``[1]`` tensors: its number of output tokens and its last one (on
         the device: no host synchronisation)."""
+        slot = self.tensor([req.slot])
+        if req.settings.action == "stop":
+            self._settle_stops(slot, n, last, self.tensor([req.eos]))
         chosen = _deferred_outputs(req.settings.signals)
         if chosen:
-            self._write_deferred(req.settings.group_key, chosen, self.tensor([req.slot]), n, last)
+            self._write_deferred(req.settings.group_key, chosen, slot, n, last)
 
     def _finish(self, req: TrackedRequest) -> None:
         self._complete(req)
@@ -375,9 +389,9 @@ class ProcessorCore:
             present = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
             group.present = present.index_fill(0, slots, True)
         if settings.action == "stop":
-            eos = self.tensor([r.eos for _, r in members]).unsqueeze(-1)
+            group.eos = self.tensor([r.eos for _, r in members])
             mask = torch.zeros(len(members), self.vocab, dtype=torch.bool, device=self.device)
-            group.eos_mask = mask.scatter(1, eos, True)
+            group.eos_mask = mask.scatter(1, group.eos.unsqueeze(-1), True)
         branch = [r.settings.branch_token for _, r in members]
         if any(token is not None for token in branch):
             token = [-2 if t is None else t for t in branch]
@@ -461,6 +475,8 @@ class ProcessorCore:
         else:
             z = logits.narrow(0, g.start, g.slots.shape[0])
         key = g.settings.group_key
+        if g.eos is not None:
+            self._settle_stops(g.slots, pos, last, g.eos)
         if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
             self._write_deferred(key, g.chosen, g.slots, pos, last)
         values, lp = g.spec.compute(z, workspace=self._workspaces[key])
@@ -585,6 +601,20 @@ class ProcessorCore:
         new = torch.stack([values[k] for k in names], dim=-1)
         self._record.index_put_(where, torch.where(pending[:, None], new, self._record[where]))
 
+    def _settle_stops(
+        self, slots: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, eos: torch.Tensor
+    ) -> None:
+        """A stop that fired at the previous step and was not blocked is taken only if
+        its EOS was emitted: a later stage (vLLM's thinking-budget forcing runs after
+        the processors) may have forced another token. Where ``last`` (the token emitted
+        at step ``pos - 1``) is not the row's EOS, the stop is recorded as overridden."""
+        fired, blocked = _COL["action_fired"], _COL["action_blocked"]
+        prev = (pos - 1).clamp_min(0)
+        was_fired = self._record[slots, prev, fired] > 0
+        was_blocked = self._record[slots, prev, blocked]
+        overridden = was_fired & (was_blocked == 0) & (last != eos) & (pos > 0)
+        self._record[slots, prev, blocked] = torch.where(overridden, OVERRIDDEN_CODE, was_blocked)
+
     def _grow_steps(self, needed: int) -> None:
         cap = min(max(needed, 2 * self._cap, 64), max(self.max_len, needed))
         self._record = torch.nn.functional.pad(self._record, (0, 0, 0, cap - self._cap))
@@ -615,7 +645,7 @@ def _to_python(entry: dict) -> dict:
                 step=step,
                 value=record[step, _COL["action_value"]],
                 threshold=entry["threshold"],
-                blocked=bool(record[step, _COL["action_blocked"]] > 0),
+                blocked=_BLOCKED_REASONS[int(record[step, _COL["action_blocked"]])],
             )
             events.append(fire.to_dict())
     out = {"token_ids": entry["token_ids"], "signals": signals, "events": events}

@@ -6,10 +6,10 @@ these methods into the worker, and ``llm.collective_rpc(name, args=...)`` calls 
 there (:func:`tokur_decode.vllm.llm` and :func:`tokur_decode.vllm.read_traces` do it
 for you):
 
-* ``tokur_bind()`` hands the model runner to every :class:`UncertaintyProcessor` (V1
-  model runner) or :class:`UncertaintyProcessorV2` (MRV2), so that it names requests by
-  their vLLM request id and tells a finished request from a preempted one; traces are
-  kept only once bound.
+* ``tokur_bind()`` hands the model runner (V1 or MRV2) to every
+  :class:`UncertaintyProcessor`, so that it names requests by their vLLM request id,
+  tells a finished request from a preempted one and, under MRV2, learns each step's
+  rows before the forward; traces are kept only once bound.
 * ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
   forgets them.
 * ``tokur_stats()`` counts the opted-in requests seen, those tracked now and the
@@ -25,13 +25,6 @@ from . import internals
 from .processor import UncertaintyProcessor
 from .tokur import link_of
 
-try:
-    from .processor_v2 import UncertaintyProcessorV2
-
-    _PROCESSORS: tuple[type, ...] = (UncertaintyProcessor, UncertaintyProcessorV2)
-except ImportError:  # a vLLM without Model Runner V2
-    _PROCESSORS = (UncertaintyProcessor,)
-
 __all__ = ["TraceExtension"]
 
 
@@ -40,7 +33,7 @@ class TraceExtension:
 
     def _tokur_processors(self) -> list:
         procs = internals.logits_processors(self.model_runner)
-        return [p for p in procs if isinstance(p, _PROCESSORS)]
+        return [p for p in procs if isinstance(p, UncertaintyProcessor)]
 
     def tokur_bind(self) -> int:
         """Bind every uncertainty processor of this worker; returns how many."""
