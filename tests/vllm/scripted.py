@@ -23,10 +23,11 @@ processor correctly give the same tokens, signals and events whatever their layo
 Run as a script with any vLLM on ``PYTHONPATH`` (the unpacked wheels of
 ``scripts/vllm_interfaces.py``) it prints the MRV2 runner's traces as JSON::
 
-    PYTHONPATH=~/.cache/tokur-decode/vllm-interfaces/0.34.0 python -m tests.vllm.scripted
+    PYTHONPATH=~/.cache/tokur-decode/vllm-interfaces/0.34.0 python -m tests.vllm.scripted --control
 
-``--break slot-reuse`` runs a control whose processor ignores that a slot was reused
-(the previous occupant is never ended): its traces must differ.
+It also prints what the vLLM's own loaders make of the processor (:func:`checks`);
+``--control`` adds the run of a processor that ignores that a slot was reused (the
+previous occupant is never ended), whose traces must differ.
 """
 
 from __future__ import annotations
@@ -219,16 +220,7 @@ class MRV2Runner:
     def __init__(self, rng: random.Random) -> None:
         from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors
 
-        self.states = types.SimpleNamespace(
-            device=torch.device("cpu"),
-            max_num_reqs=SLOTS,
-            vocab_size=V,
-            all_token_ids=_Staged(SLOTS, MAX_LEN),
-            prompt_len=_Uva(SLOTS),
-            prefill_len=_Uva(SLOTS),
-            total_len=_Staged(SLOTS),
-            index_to_req_id={},
-        )
+        self.states = self.request_state()
         (self.proc,) = build_custom_logits_processors(
             config("scripted-mrv2"), self.states, False, [PROCESSOR]
         )
@@ -239,6 +231,20 @@ class MRV2Runner:
         self.slot_of: dict[str, int] = {}
         self.rng = rng
         self.order: list[Request] = []
+
+    @staticmethod
+    def request_state() -> types.SimpleNamespace:
+        """MRV2's ``RequestState``: the buffers ``LogitsProcRequestState`` wraps."""
+        return types.SimpleNamespace(
+            device=torch.device("cpu"),
+            max_num_reqs=SLOTS,
+            vocab_size=V,
+            all_token_ids=_Staged(SLOTS, MAX_LEN),
+            prompt_len=_Uva(SLOTS),
+            prefill_len=_Uva(SLOTS),
+            total_len=_Staged(SLOTS),
+            index_to_req_id={},
+        )
 
     def step(self, leaving, preempted, entering) -> None:
         states = self.states
@@ -342,6 +348,32 @@ def run(runner_class) -> dict:
     return {"traces": traces, "edited": edited, "tokens": {r.id: r.outputs for r in requests}}
 
 
+def assert_same_traces(got: dict, want: dict) -> None:
+    """Tokens and events equal, signals equal to 1e-5 (NaN where the other is NaN)."""
+    import pytest
+
+    assert set(got) == set(want)
+    for rid, trace in want.items():
+        other = got[rid]
+        assert other["token_ids"] == trace["token_ids"], rid
+        assert set(other["signals"]) == set(trace["signals"]), rid
+        for name, values in trace["signals"].items():
+            torch.testing.assert_close(
+                torch.tensor(other["signals"][name], dtype=torch.float64),
+                torch.tensor(values, dtype=torch.float64),
+                rtol=0,
+                atol=1e-5,
+                equal_nan=True,
+                msg=f"{rid} {name}",
+            )
+        assert len(other["events"]) == len(trace["events"]), rid
+        for a, b in zip(other["events"], trace["events"], strict=True):
+            assert {k: v for k, v in a.items() if k != "value"} == {
+                k: v for k, v in b.items() if k != "value"
+            }, rid
+            assert a["value"] == pytest.approx(b["value"], abs=1e-5), rid
+
+
 def _break_slot_reuse() -> None:
     """The control: a processor that does not end a reused slot's previous occupant."""
     from tokur_decode.vllm.mrv2_slots import MRV2Slots
@@ -361,17 +393,51 @@ def _break_slot_reuse() -> None:
     MRV2Slots.add_request = add_request
 
 
+def checks() -> dict[str, str]:
+    """What the installed vLLM's own loaders make of the processor, as messages:
+    ``"admission"``, its params validator on a request with a bad ``tokur_`` key (the
+    error a client gets); ``"speculative"``, its MRV2 loader on an engine with
+    speculative decoding; ``"plugins"``, our two entry points loaded."""
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor import (
+        build_custom_logits_processors,
+        build_custom_logits_processors_params_validator,
+    )
+
+    from tokur_decode.vllm.server import TraceEndpoints
+    from tokur_decode.vllm.tokur import register
+
+    found = {}
+    validate = build_custom_logits_processors_params_validator([PROCESSOR])
+    validate(SamplingParams(extra_args={"tokur_signals": "entropy"}))  # control: admitted
+    try:
+        validate(SamplingParams(extra_args={"tokur_signals": "entropy", "tokur_window": 0}))
+    except Exception as error:  # vLLM's VLLMValidationError
+        found["admission"] = f"{type(error).__name__}: {error}"
+    speculative = config("scripted-speculative")
+    speculative.speculative_config = types.SimpleNamespace(num_speculative_tokens=2)
+    try:
+        build_custom_logits_processors(speculative, MRV2Runner.request_state(), False, [PROCESSOR])
+    except ValueError as error:
+        found["speculative"] = str(error)
+    register()
+    found["plugins"] = TraceEndpoints.__name__
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--break", dest="broken", choices=["slot-reuse"])
+    parser.add_argument("--control", action="store_true", help="also run the broken control")
     args = parser.parse_args(argv)
-    if args.broken == "slot-reuse":
-        _break_slot_reuse()
     import vllm
 
+    out = {"vllm": vllm.__version__, "checks": checks()}
     with torch.inference_mode():
-        result = run(MRV2Runner)
-    json.dump({"vllm": vllm.__version__, **result}, sys.stdout)
+        out["run"] = run(MRV2Runner)
+        if args.control:
+            _break_slot_reuse()
+            out["broken"] = run(MRV2Runner)
+    json.dump(out, sys.stdout)
     return 0
 
 

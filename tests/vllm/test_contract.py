@@ -10,6 +10,9 @@ runner against the interface modules of vLLM 0.31, 0.33 and 0.34 is in
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -24,31 +27,7 @@ from tokur_decode.vllm import uncertainty_args  # noqa: E402
 from tokur_decode.vllm.processor import UncertaintyProcessor  # noqa: E402
 
 from . import scripted  # noqa: E402
-from .scripted import END_THINK, EOS, V, config, logits_of  # noqa: E402
-
-
-def assert_same_traces(got: dict, want: dict) -> None:
-    """Tokens and events equal, signals equal to 1e-5 (NaN where the other is NaN)."""
-    assert set(got) == set(want)
-    for rid, trace in want.items():
-        other = got[rid]
-        assert other["token_ids"] == trace["token_ids"], rid
-        assert set(other["signals"]) == set(trace["signals"]), rid
-        for name, values in trace["signals"].items():
-            torch.testing.assert_close(
-                torch.tensor(other["signals"][name], dtype=torch.float64),
-                torch.tensor(values, dtype=torch.float64),
-                rtol=0,
-                atol=1e-5,
-                equal_nan=True,
-                msg=f"{rid} {name}",
-            )
-        assert len(other["events"]) == len(trace["events"]), rid
-        for a, b in zip(other["events"], trace["events"], strict=True):
-            assert {k: v for k, v in a.items() if k != "value"} == {
-                k: v for k, v in b.items() if k != "value"
-            }, rid
-            assert a["value"] == pytest.approx(b["value"], abs=1e-5), rid
+from .scripted import END_THINK, EOS, V, assert_same_traces, config, logits_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +97,36 @@ def test_a_branch_token_beyond_the_vocabulary_is_named_and_not_forced(caplog):
     torch.testing.assert_close(beyond, logits_of(0, 0), rtol=0, atol=0)  # not forced
     forced = firstlogits_of(7)  # control: a valid token is forced
     assert int(forced.argmax()) == 7 != int(logits_of(0, 0).argmax())
+
+
+def test_under_mrv2_tokur_learns_its_rows_before_the_forward():
+    """MRV2 tells a processor the step's rows only in ``apply``, after the forward; once
+    bound, the processor reads them from the batch MRV2 builds before it, so TokUR's
+    model knows which rows ask for samples (the V1 runner says so in ``update_state``)."""
+    from tokur_decode.core.perturbation import PerturbationConfig
+    from tokur_decode.vllm.tokur import link_of
+
+    runner = scripted.MRV2Runner(random.Random(0))
+    link = link_of(scripted.config("scripted-mrv2"))
+    link.config = PerturbationConfig(samples=3)
+    tokur = uncertainty_args(["tokur", "entropy"])
+    asking = SamplingParams(max_tokens=4, stop_token_ids=[EOS], extra_args=tokur)
+    plain = SamplingParams(
+        max_tokens=4, stop_token_ids=[EOS], extra_args=uncertainty_args(["entropy"])
+    )
+    try:
+        requests = [scripted.Request(i, random.Random(i)) for i in range(3)]
+        for r, params in zip(requests, (plain, asking, asking), strict=True):
+            r.params = params
+        runner.step([], [], requests)
+        assert link.rows is None  # nothing laid out yet
+        for layout in ([2, 0, 1], [1, 2, 0]):  # rows -> requests: MRV2 reorders every step
+            slots = np.array([runner.slot_of[requests[i].id] for i in layout], dtype=np.int32)
+            runner.prepare_inputs(slots)  # the batch, before the forward
+            want = [row for row, i in enumerate(layout) if i != 0]
+            assert link.rows.tolist() == want
+        runner.step([requests[1], requests[2]], [], [])  # the asking ones finish
+        runner.prepare_inputs(np.array([runner.slot_of[requests[0].id]], dtype=np.int32))
+        assert link.rows is None  # control: nobody asks, the model runs one plain pass
+    finally:
+        link.config = None

@@ -1,7 +1,7 @@
 """The core of the vLLM logits processors: per-request state, the per-step group pass,
-the finished traces. Both of vLLM's interfaces are thin adapters of it:
-:class:`~tokur_decode.vllm.processor.UncertaintyProcessor` (V1) and
-:class:`~tokur_decode.vllm.processor_v2.UncertaintyProcessorV2` (Model Runner V2); an
+the finished traces. :class:`~tokur_decode.vllm.processor.UncertaintyProcessor` drives
+it through one thin adapter per vLLM runner (:mod:`~tokur_decode.vllm.v1_batch`,
+:mod:`~tokur_decode.vllm.mrv2_slots`); an
 adapter maps its interface's batch rows to :class:`TrackedRequest` objects
 (:attr:`ProcessorCore.rows`), calls :meth:`ProcessorCore.regroup` when they change and
 :meth:`ProcessorCore.apply_group` per group and step.
@@ -343,9 +343,10 @@ class ProcessorCore:
         self._workspaces = {k: self._workspaces.get(k) or Workspace() for k in by_key}
 
     def _publish_tokur(self, memberships: list[list[tuple[int, TrackedRequest]]]) -> None:
-        """Tell the TokUR model which rows want perturbed samples (vLLM calls
-        ``update_state`` before the forward) and each group where its rows' samples
-        will be; the model runs its perturbed passes only while some row wants them."""
+        """Tell the TokUR model which rows want perturbed samples (the adapters regroup
+        before the forward: V1 in ``update_state``, MRV2 from the batch it builds) and
+        each group where its rows' samples will be; the model runs its perturbed passes
+        only while some row wants them."""
         rows, keys, sigmas = [], [], []
         for group, members in zip(self.groups, memberships, strict=True):
             if wants_samples(group.settings.needed_signals()):

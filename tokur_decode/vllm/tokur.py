@@ -22,7 +22,8 @@ Requests opt in per request with ``uncertainty_args(signals=["tokur", ...])``; t
 :class:`~tokur_decode.vllm.UncertaintyProcessor` and the model meet through a
 :class:`TokurLink` (one per engine, in the worker process): before each forward the
 processor publishes the batch rows whose request asked for TokUR (:meth:`TokurLink.
-publish`, from ``update_state``, which vLLM calls before the forward); the model runs
+publish`: under V1 from ``update_state``, under MRV2 from the batch the runner builds
+before the forward, once the worker extension has bound it); the model runs
 its perturbed passes for those rows only when there are any, and leaves the ``[R, M,
 V]`` sample logits in :attr:`TokurLink.samples` for the processor's ``apply``.
 
