@@ -397,7 +397,8 @@ def checks() -> dict[str, str]:
     """What the installed vLLM's own loaders make of the processor, as messages:
     ``"admission"``, its params validator on a request with a bad ``tokur_`` key (the
     error a client gets); ``"speculative"``, its MRV2 loader on an engine with
-    speculative decoding; ``"plugins"``, our two entry points loaded."""
+    speculative decoding; ``"plugins"``, our two entry points loaded; ``"models"``,
+    TokUR's model class over this vLLM's own."""
     from vllm import SamplingParams
     from vllm.v1.worker.gpu.sample.logits_processor import (
         build_custom_logits_processors,
@@ -422,6 +423,9 @@ def checks() -> dict[str, str]:
         found["speculative"] = str(error)
     register()
     found["plugins"] = TraceEndpoints.__name__
+    from tokur_decode.vllm import tokur_models  # TokUR's classes over this vLLM's models
+
+    found["models"] = [c.__name__ for c in tokur_models.TokurLlamaForCausalLM.__mro__[1:3]]
     return found
 
 

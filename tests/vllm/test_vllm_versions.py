@@ -66,6 +66,7 @@ def test_the_processor_imports_and_runs_under_each_release(release):
     version, found = release
     assert found["vllm"] == version  # the release on PYTHONPATH, not the installed 0.32
     assert found["checks"]["plugins"] == "TraceEndpoints"
+    assert found["checks"]["models"] == ["PerturbedMixin", "LlamaForCausalLM"]
 
 
 def test_mrv2_traces_equal_the_v1_runners(release, v1_reference):
