@@ -94,13 +94,18 @@ def test_speculative_decoding_is_refused_when_the_processor_is_built(release):
     assert found["checks"]["speculative"].startswith("speculative_config: ")
 
 
+def _fake_vllm(folder: Path, version: str) -> Path:
+    """A folder holding a ``vllm`` package that is only its version."""
+    (folder / "vllm").mkdir(parents=True)
+    (folder / "vllm" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    return folder
+
+
 @pytest.mark.parametrize("version", ["0.30.2", "0.35.0"])
 def test_a_vllm_outside_the_range_is_refused_on_import(tmp_path, version):
-    (tmp_path / "vllm").mkdir()
-    (tmp_path / "vllm" / "__init__.py").write_text(f"__version__ = {version!r}\n")
-    done = _python(tmp_path, "-c", "import tokur_decode.vllm")
+    done = _python(_fake_vllm(tmp_path / "outside", version), "-c", "import tokur_decode.vllm")
     assert done.returncode == 1
     assert f"supports vLLM 0.31 to 0.34; this is vLLM {version}" in done.stderr
     # control: the same import with a supported (fake) version gets past the check
-    (tmp_path / "vllm" / "__init__.py").write_text("__version__ = '0.34.0'\n")
-    assert "supports vLLM" not in _python(tmp_path, "-c", "import tokur_decode.vllm").stderr
+    inside = _python(_fake_vllm(tmp_path / "inside", "0.34.0"), "-c", "import tokur_decode.vllm")
+    assert "supports vLLM" not in inside.stderr
