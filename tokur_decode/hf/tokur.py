@@ -37,6 +37,7 @@ import torch
 
 from ..core.perturbation import PerturbationConfig, bases_for, low_rank_noise, split_noise
 from .monitor import UncertaintyMonitor
+from .targets import find_targets
 
 __all__ = ["PerturbedModel", "perturbed"]
 
@@ -53,7 +54,7 @@ class PerturbedModel:
     def __init__(self, model, config: PerturbationConfig, cache_dir=None) -> None:
         self.model = model
         self.config = config
-        self.modules = _find_targets(model, config)
+        self.targets = find_targets(model, config)
         attn = getattr(model.config, "_attn_implementation", "eager")
         if config.mode == "batched" and attn not in _MASKABLE_ATTENTION:
             raise ValueError(
@@ -62,15 +63,14 @@ class PerturbedModel:
                 f"attn_implementation='sdpa' or pass mode='sequential'"
             )
         self._eager = attn == "eager"
-        weights = {name: mod.weight for name, mod in self.modules}
-        self._dtype = next(model.parameters()).dtype  # the compute dtype of noise and masks
+        self._dtype = _compute_dtype(model)  # the compute dtype of noise and masks
+        weights = {t.name: t.weight(self._dtype) for t in self.targets}
         self.bases = {
             name: basis.to(device=model.device, dtype=self._dtype)
             for name, basis in bases_for(weights, config.rank, config.direction, cache_dir).items()
         }
         self._noise_sizes = [
-            config.rank if config.direction == "right" else mod.out_features
-            for _, mod in self.modules
+            config.rank if config.direction == "right" else t.size for t in self.targets
         ]
         self._forward_accepts_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._hooks: list = []
@@ -87,8 +87,9 @@ class PerturbedModel:
         if "forward" in vars(model):
             raise RuntimeError("model.forward is already wrapped (nested perturbed()?)")
         self._generator = torch.Generator(device=model.device).manual_seed(self.config.seed)
-        for index, (_, module) in enumerate(self.modules):
-            self._hooks.append(module.register_forward_hook(functools.partial(self._hook, index)))
+        for index, target in enumerate(self.targets):
+            hook = functools.partial(self._hook, index)
+            self._hooks.append(target.module.register_forward_hook(hook))
         original = model.forward
 
         @functools.wraps(original)
@@ -117,11 +118,15 @@ class PerturbedModel:
         if self._rows is None:
             return output
         start, samples = self._rows
-        basis = self.bases[self.modules[index][0]]
+        target = self.targets[index]
         noise = low_rank_noise(
-            args[0][:, start:], basis, self._eps[index][:, samples], 1.0, self.config.direction
+            args[0][:, start:].to(self._dtype),
+            self.bases[target.name],
+            self._eps[index][:, samples],
+            1.0,
+            self.config.direction,
         )
-        output[:, start:] += noise  # the layer's fresh output; not needed by autograd
+        output[:, start:, target.out] += noise  # the layer's fresh output; not for autograd
         return output
 
     def _draw(self, batch: int) -> None:
@@ -185,11 +190,20 @@ class PerturbedModel:
             valid = torch.cat([mask2d.bool(), mask2d.new_ones(b, m - 1, dtype=torch.bool)], dim=1)
             allowed = allowed.unsqueeze(0) & valid.unsqueeze(1)
         allowed = allowed | (keys == own.unsqueeze(-1))  # a padded query still sees itself
-        mask = allowed.expand(b, q, past + q).unsqueeze(1)
-        if self._eager:
-            mask = torch.zeros(mask.shape, dtype=self._dtype, device=device).masked_fill(
-                ~mask, torch.finfo(self._dtype).min
-            )
+        mask = self._as_mask(allowed.expand(b, q, past + q).unsqueeze(1))
+        window = _sliding_window(self.model.config)
+        if window is not None:
+            # Sliding-window layers (Gemma 2 / 3) keep the last window - 1 tokens of the
+            # past and see keys within the window of the query's token (a copy's token
+            # is the last one): their own mask, over their own keys.
+            at = torch.where(torch.arange(q, device=device) < s, own, past + s - 1)
+            near = keys > at.unsqueeze(-1) - window
+            kept = min(past, window - 1)
+            sliding = (allowed & near)[..., past - kept :]
+            mask = {
+                "full_attention": mask,
+                "sliding_attention": self._as_mask(sliding.expand(b, q, kept + q).unsqueeze(1)),
+            }
 
         call = {
             k: v
@@ -202,9 +216,17 @@ class PerturbedModel:
         if self._forward_accepts_keep:
             call["logits_to_keep"] = m
         self._rows = (s, slice(1, m))
+        _keep_past(cache)
         out = original(**call)
         cache.crop(-(m - 1))  # drop the copies' K/V (negative: number of tokens removed)
         return out, out.logits[:, -m:]
+
+    def _as_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as the attention implementation takes it (eager: additive)."""
+        if not self._eager:
+            return allowed
+        blank = torch.zeros(allowed.shape, dtype=self._dtype, device=allowed.device)
+        return blank.masked_fill(~allowed, torch.finfo(self._dtype).min)
 
     def _sequential(self, original, input_ids, cache, kwargs):
         s = input_ids.shape[1]
@@ -234,6 +256,7 @@ class PerturbedModel:
             "position_ids": part(positions, slice(-1, None)),
         }
         logits = [None] * self.config.samples
+        _keep_past(cache)
         for sample in [*range(1, self.config.samples), 0]:  # clean pass last: its K/V stay
             self._rows = (0, slice(sample, sample + 1)) if sample else None
             out = original(**last, **rest)
@@ -295,20 +318,20 @@ def perturbed(
     return PerturbedModel(model, config, cache_dir=cache_dir)
 
 
-def _find_targets(model, config: PerturbationConfig):
-    modules = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in config.target_modules and isinstance(module, torch.nn.Linear)
-    ]
-    found = {name.rsplit(".", 1)[-1] for name, _ in modules}
-    missing = [t for t in config.target_modules if t not in found]
-    if missing:
-        raise ValueError(f"target_modules: no nn.Linear named {missing} in {type(model).__name__}")
-    for name, module in modules:
-        limit = min(module.out_features, module.in_features)
-        if config.rank > limit:
-            raise ValueError(
-                f"rank must be <= min(d_out, d_in) = {limit} of {name}, got {config.rank}"
-            )
-    return modules
+def _sliding_window(config) -> int | None:
+    """The window of a model whose cache has sliding-window layers (``None``: none)."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
+
+
+def _keep_past(cache) -> None:
+    """Let sliding-window cache layers keep the states a crop removes (the copies')."""
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: its first floating-point parameter's (a
+    quantised model also stores integer weights)."""
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)

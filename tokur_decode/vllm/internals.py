@@ -15,6 +15,8 @@ each release's sources (docs/vllm.md, "vLLM versions"):
   ``req_states.index_to_req_id`` (unchanged 0.31 to 0.34) and builds each step's batch
   in ``prepare_inputs`` (signature unchanged 0.32 to 0.34), which :func:`on_batch`
   observes so that a processor knows the step's rows before the forward.
+* **Model classes**: vLLM's class for an architecture comes from its registry's
+  ``_try_load_model_cls`` (:func:`model_class`), for TokUR's model classes.
 * **Request ids**: ``<caller's id>-<8 hex digits>``, children of ``n > 1`` prefixed
   ``<i>_`` (:func:`external_id`).
 
@@ -46,6 +48,7 @@ __all__ = [
     "has_v1_interface",
     "is_scheduled",
     "logits_processors",
+    "model_class",
     "mrv2_request_id",
     "on_batch",
     "processor_bases",
@@ -159,6 +162,17 @@ def on_batch(runner, callback) -> None:
 
     observed.tokur_observed, observed.callbacks = True, [callback]
     runner.prepare_inputs = observed
+
+
+def model_class(architecture: str) -> type:
+    """vLLM's own model class for a checkpoint architecture (``"Qwen3ForCausalLM"``),
+    from its model registry (a private lookup, unchanged 0.31 to 0.34)."""
+    from vllm import ModelRegistry
+
+    cls = ModelRegistry._try_load_model_cls(architecture)
+    if cls is None:
+        raise ValueError(f"model: this vLLM has no model class for {architecture!r}")
+    return cls
 
 
 def external_id(rid: str, wanted: set[str] | None) -> tuple[str, int]:

@@ -1,8 +1,9 @@
 """TokUR inside stock vLLM: engine arguments, model registration, the processor's link.
 
 TokUR (docs/reference.md 1.2) needs ``M`` forward passes per step, ``M - 1`` of them with
-low-rank noise on the q/v projections. In vLLM this is a model class of ours, a
-subclass of vLLM's own ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+low-rank noise on the q/v projections. In vLLM this is a model class of ours, vLLM's
+own class for the checkpoint's architecture (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE,
+Gemma 2 and 3, Phi-3: :data:`ARCHITECTURES`) with one mixin
 (:mod:`tokur_decode.vllm.tokur_models`), that vLLM builds for the checkpoint instead of
 its own. No fork and no converted checkpoint: :func:`tokur_engine_args` returns the
 ``LLM`` arguments that do it:
@@ -62,10 +63,21 @@ __all__ = [
     "tokur_engine_args",
 ]
 
-#: The checkpoint architectures TokUR supports in vLLM, and the name of our class.
+#: The checkpoint architectures TokUR supports in vLLM (each checked in
+#: ``tests/test_architectures.py``; docs/architectures.md), and the name of our class:
+#: vLLM's own class with :class:`~tokur_decode.vllm.tokur_models.PerturbedMixin`.
 ARCHITECTURES = {
-    "LlamaForCausalLM": "TokurLlamaForCausalLM",
-    "Qwen2ForCausalLM": "TokurQwen2ForCausalLM",
+    arch: f"Tokur{arch}"
+    for arch in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+    )
 }
 #: The trace columns of the ``"tokur"`` signal: TU / AU / EU, known at the step, and the
 #: implicit reward, which needs the emitted token (completed at the next step).
@@ -113,9 +125,11 @@ class TokurOverrides:
             {'architectures': ['TokurLlamaForCausalLM'], 'tokur_perturbation': {'samples': 4}}
         """
         ours = set(ARCHITECTURES.values())
-        if not all(a in ARCHITECTURES or a in ours for a in archs):
+        refused = [a for a in archs if a not in ARCHITECTURES and a not in ours]
+        if refused:
             raise ValueError(
-                f"model: TokUR in vLLM supports {sorted(ARCHITECTURES)}, the checkpoint is {archs}"
+                f"model: TokUR in vLLM supports {sorted(ARCHITECTURES)}; the checkpoint's "
+                f"architecture is {refused[0]} (docs/architectures.md says what each needs)"
             )
         return {
             "architectures": [ARCHITECTURES.get(a, a) for a in archs],

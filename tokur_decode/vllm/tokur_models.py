@@ -1,14 +1,22 @@
 """The perturbed model classes vLLM builds for :func:`~tokur_decode.vllm.tokur_engine_args`.
 
-``TokurLlamaForCausalLM`` and ``TokurQwen2ForCausalLM`` are vLLM's own classes plus
-:class:`PerturbedMixin`. vLLM runs a step's tokens (every request's prefill chunk or
-decode token, flattened) through ``forward`` and then ``compute_logits`` on the last
-token of each request. When some rows of the batch asked for TokUR (``R`` rows,
-published by the processor through the engine's :class:`~tokur_decode.vllm.tokur.
-TokurLink`), each of them needs ``M - 1`` perturbed samples of its last token: TokUR's
-noise ``sigma * ||x|| * U_r eps`` on the q/v slices of the fused ``qkv_proj`` output
-(fresh ``eps`` per row, layer and sample, from the request's own generator), the token
-attending to the clean prefix and to itself, as in the transformers path.
+``Tokur<Architecture>`` (``TokurQwen3ForCausalLM``, ...) is vLLM's own class for the
+architecture plus :class:`PerturbedMixin`, made when vLLM first asks for it (the
+module's ``__getattr__``; the architectures are :data:`~tokur_decode.vllm.tokur.
+ARCHITECTURES`). The mixin needs only what every vLLM decoder of the Llama lineage has:
+``model.layers[i].self_attn`` with a fused ``qkv_proj`` and its ``q_size`` /
+``kv_size``; q/k norms, biases, soft-capping, sliding windows and MoE feed-forwards stay
+exactly as vLLM computes them (the noise goes on the q and v slices of ``qkv_proj``'s
+output, before any norm, as in transformers).
+
+vLLM runs a step's tokens (every request's prefill chunk or decode token, flattened)
+through ``forward`` and then ``compute_logits`` on the last token of each request. When
+some rows of the batch asked for TokUR (``R`` rows, published by the processor through
+the engine's :class:`~tokur_decode.vllm.tokur.TokurLink`), each of them needs
+``M - 1`` perturbed samples of its last token: TokUR's noise ``sigma * ||x|| * U_r
+eps`` on the q/v slices of the fused ``qkv_proj`` output (fresh ``eps`` per row, layer
+and sample, from the request's own generator), the token attending to the clean prefix
+and to itself, as in the transformers path.
 
 Two modes (``tokur_engine_args(mode=...)``), equal to each other with the same noise:
 
@@ -48,29 +56,23 @@ import functools
 
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..core.perturbation import bases_for, low_rank_noise, split_noise
+from . import internals
 from .copies_attention import CopiesStep, unsupported
-from .tokur import link_of, settings_of
+from .tokur import ARCHITECTURES, link_of, settings_of
 
-__all__ = [
-    "PerturbedMixin",
-    "TokurLlamaForCausalLM",
-    "TokurQwen2ForCausalLM",
-    "largest_difference",
-    "relative_difference",
-]
+__all__ = ["PerturbedMixin", "largest_difference", "relative_difference"]
 
 
 class PerturbedMixin:
     """TokUR's perturbed samples for a vLLM decoder whose attention modules have a fused
-    ``qkv_proj`` with ``q_size`` / ``kv_size`` (vLLM's Llama and Qwen2 families)."""
+    ``qkv_proj`` with ``q_size`` / ``kv_size``."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _refuse_unsupported(vllm_config)
+        _check_layout(self)
         self.tokur, self._cache_dir = settings_of(vllm_config.model_config.hf_config)
         self._link = link_of(vllm_config)
         self._link.config = self.tokur
@@ -313,13 +315,32 @@ def _refuse_unsupported(vllm_config) -> None:
         "speculative_config": vllm_config.speculative_config is not None,
         "kv_transfer_config": vllm_config.kv_transfer_config is not None,
         "enable_lora": vllm_config.lora_config is not None,
+        "quantization": getattr(vllm_config.model_config, "quantization", None) is not None,
     }
     for name, bad in refused.items():
         if bad:
             raise ValueError(
                 f"{name}: TokUR in vLLM runs on one worker, without speculative decoding, "
-                "KV connectors or LoRA (the perturbed samples would not be drawn or kept "
-                "consistently there)"
+                "KV connectors, LoRA or quantised weights (the perturbed samples would not "
+                "be drawn or kept consistently there; quantised checkpoints run TokUR in "
+                "transformers)"
+            )
+
+
+def _check_layout(model) -> None:
+    """Refuse, naming the architecture and what is missing, a model whose layers do not
+    have the attention layout the mixin perturbs."""
+    name = type(model).__name__.removeprefix("Tokur")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"model: TokUR needs {name}.model.layers, which it does not have")
+    for block in layers:
+        attn = getattr(block, "self_attn", None)
+        missing = [a for a in ("qkv_proj", "q_size", "kv_size") if not hasattr(attn, a)]
+        if missing:
+            raise ValueError(
+                f"model: TokUR needs a fused qkv_proj with q_size / kv_size in every "
+                f"layer's self_attn; {name}'s has no {missing}"
             )
 
 
@@ -354,9 +375,14 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - reference).norm() / reference.norm().clamp_min(1e-300))
 
 
-class TokurLlamaForCausalLM(PerturbedMixin, LlamaForCausalLM):
-    """vLLM's ``LlamaForCausalLM`` with TokUR's perturbed samples (Llama, SmolLM2, ...)."""
-
-
-class TokurQwen2ForCausalLM(PerturbedMixin, Qwen2ForCausalLM):
-    """vLLM's ``Qwen2ForCausalLM`` with TokUR's perturbed samples (q/v biases kept)."""
+def __getattr__(name: str) -> type:
+    """``Tokur<Architecture>``: vLLM's class for a supported architecture with
+    :class:`PerturbedMixin`, made once (vLLM's registry imports our classes by name)."""
+    arch = name.removeprefix("Tokur")
+    if ARCHITECTURES.get(arch) != name:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    base = internals.model_class(arch)
+    doc = f"vLLM's ``{base.__name__}`` with TokUR's perturbed samples."
+    cls = type(name, (PerturbedMixin, base), {"__module__": __name__, "__doc__": doc})
+    globals()[name] = cls
+    return cls
