@@ -51,24 +51,31 @@ def _hf_model(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def hf_run(model, cache_dir, steps=STEPS, **options):
-    """Greedy decoding of PROMPT with TokUR; ``(tokens, trace)``."""
-    eos = model.config.eos_token_id
+def greedy(model, processors=()):
+    """Greedy decoding of PROMPT, STEPS tokens: ``(generated tokens, generate's output)``."""
     ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=STEPS,
+            min_new_tokens=STEPS,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+            logits_processor=list(processors),
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(PROMPT) :].tolist(), out
+
+
+def hf_run(model, cache_dir, **options):
+    """Greedy decoding of PROMPT with TokUR; ``(tokens, trace)``."""
     with perturbed(model, cache_dir=cache_dir, **(OPTIONS | options)) as pm:
-        monitor = pm.processor(["tokur", "entropy", "margin"], eos_token_id=eos)
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=steps,
-                min_new_tokens=steps,
-                do_sample=False,
-                pad_token_id=eos,
-                logits_processor=[monitor],
-                return_dict_in_generate=True,
-            )
-        return out.sequences[0, len(PROMPT) :].tolist(), monitor.trace(out)
+        monitor = pm.processor(
+            ["tokur", "entropy", "margin"], eos_token_id=model.config.eos_token_id
+        )
+        tokens, out = greedy(model, [monitor])
+        return tokens, monitor.trace(out)
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -85,16 +92,7 @@ def test_transformers_batched_equals_the_m_passes(arch, folders, tmp_path):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_transformers_sigma_zero_is_the_plain_model(arch, folders, tmp_path):
     model = _hf_model(folders[arch])
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        plain = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-            do_sample=False,
-            pad_token_id=model.config.eos_token_id,
-        )[0, len(PROMPT) :].tolist()
+    plain, _ = greedy(model)
     tokens, trace = hf_run(model, tmp_path, sigma=0.0)
     assert tokens == plain
     assert trace.signals["tokur_epistemic"].abs().max() < 1e-6
