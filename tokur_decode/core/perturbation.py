@@ -33,7 +33,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ import torch
 __all__ = [
     "PerturbationConfig",
     "bases_for",
+    "checked_options",
     "low_rank_basis",
     "low_rank_noise",
     "split_noise",
@@ -105,6 +106,40 @@ class PerturbationConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def checked_options(options, name: str = "tokur") -> dict | None:
+    """TokUR options as a caller gave them (only those: what is not given stays the
+    backend's, an engine's or :class:`PerturbationConfig`'s default), checked once where
+    they enter: an unknown key or a bad value raises ``ValueError`` naming it.
+
+    Example:
+        >>> checked_options({"samples": 4})
+        {'samples': 4}
+        >>> checked_options({"smaples": 4})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: tokur: unknown option(s) ['smaples']; choose from ['decode', ...]
+        >>> checked_options({"samples": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: tokur: samples must be a positive integer, got 0
+    """
+    if options is None:
+        return None
+    if isinstance(options, PerturbationConfig):
+        return {f.name: getattr(options, f.name) for f in fields(PerturbationConfig)}
+    known = {f.name for f in fields(PerturbationConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown option(s) {sorted(unknown)}; choose from {sorted(known)}"
+        )
+    try:
+        PerturbationConfig(**options)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return dict(options)
 
 
 def low_rank_basis(weight: torch.Tensor, rank: int, direction: str = "right") -> torch.Tensor:

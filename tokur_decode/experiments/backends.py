@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..core.perturbation import checked_options
 from ..core.signals import wants_samples
 from ..core.trace import Trace
 from ..strategies.backend import Request, Sampling
@@ -186,7 +187,7 @@ class HFBackend(_Decoding):
         self.dtype = dtype
         self.chat = chat
         self.batch_size = batch_size
-        self.tokur = dict(tokur or {})
+        self.tokur = checked_options(tokur) or {}
         self.signal_params = signal_params
 
     def _described(self) -> dict:

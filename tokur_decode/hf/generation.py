@@ -28,7 +28,7 @@ def generate(
     ``deepconf_k``, ``logtoku_evidence``), which with ``chat`` configure the
     :class:`~tokur_decode.hf.HFBackend`. When the signals include ``"tokur"``,
     generation runs inside :func:`~tokur_decode.hf.perturbed` with the options in
-    ``tokur`` (or the strategy's ``[tokur]`` table, else its defaults).
+    ``tokur``, key by key over the strategy's ``[tokur]`` table, else its defaults.
 
     Example:
         >>> from tokur_decode.models import load_default

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from ..core.perturbation import checked_options
 from ..core.signals import parse_signals, wants_samples
 from ..core.text import decode_rows, encode_prompts
 from ..core.trace import Trace
@@ -85,6 +86,7 @@ def score(
     for i, response in enumerate(responses):
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in response):
             raise ValueError(f"responses: response {i} has a token id outside 0..{vocab - 1}")
+    tokur = checked_options(tokur)
     eos = tokenizer.eos_token_id
     parts = []
     for start in range(0, len(prompts), batch_size):

@@ -65,6 +65,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..core.perturbation import checked_options
 from ..core.policy import Trigger
 from .actions import ActionConfig, NoAction, action_config
 
@@ -72,7 +73,6 @@ __all__ = ["Strategy", "available", "strategies_dir"]
 
 _TOP_KEYS = {"name", "description", "signals", "generation", "trigger", "action", "tokur"}
 _GENERATION_KEYS = {"temperature": (int, float), "top_p": (int, float), "max_new_tokens": (int,)}
-_TOKUR_KEYS = {"rank", "sigma", "samples", "seed", "target_modules", "direction", "decode", "mode"}
 
 
 def strategies_dir() -> Path:
@@ -159,13 +159,7 @@ class Strategy:
             raise ValueError(f"trigger: action {config.type!r} needs a [trigger] table")
         if trigger is not None and not config.uses_trigger:
             raise ValueError(f"trigger: action {config.type!r} does not use a [trigger] table")
-        tokur = data.get("tokur")
-        if tokur is not None:
-            bad = set(tokur) - _TOKUR_KEYS
-            if bad:
-                raise ValueError(
-                    f"tokur: unknown key(s) {sorted(bad)}; allowed: {sorted(_TOKUR_KEYS)}"
-                )
+        tokur = checked_options(data.get("tokur"))
         return cls(
             name=name,
             description=str(data.get("description", "")),

@@ -48,6 +48,7 @@ import numpy as np
 from ..core.adaptive import settled
 from ..core.momentum import StepMomentum
 from ..core.particles import effective_sample_size, normalized, systematic_resample
+from ..core.perturbation import checked_options
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
 from ..core.select import select, vote
@@ -214,7 +215,7 @@ def plan(
     if alternatives and kind in ("particle-filter", "step-redraw"):
         raise ValueError(f"alternatives: {kind!r} does not record them")
     names = needed_signals(strat, signals)
-    tokur = tokur if tokur is not None else (strat.tokur if strat else None)
+    tokur = _tokur_options(strat, tokur)
     if tokur and not wants_samples(names):
         raise ValueError("tokur: options given but 'tokur' is not among the signals")
     _check_acts(kind, acts, backend_name)
@@ -229,6 +230,16 @@ def plan(
         recipe=strategy if isinstance(strategy, str) else None,
         alternatives=check_alternatives(alternatives),
     )
+
+
+def _tokur_options(strat, given) -> dict | None:
+    """TokUR's options, key by key: the caller's (``plan(tokur=...)``, the CLI's
+    ``--tokur-*`` flags), else the recipe's ``[tokur]`` table, else the backend's own
+    (transformers: :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s
+    defaults; vLLM: the engine's ``tokur_engine_args``). Checked here, once."""
+    recipe = (strat.tokur if strat else None) or {}
+    merged = {**recipe, **(checked_options(given) or {})}
+    return checked_options(merged) if merged or given is not None else None
 
 
 def _check_acts(kind: str, acts: Sequence[type], backend_name: str) -> None:
@@ -267,9 +278,10 @@ def generate(
     (they need temperature > 0). ``signals`` default to the recipe's, else
     :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
     score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
-    branch on a trigger). ``tokur``: TokUR options (else the recipe's ``[tokur]``
-    table) when ``"tokur"`` is recorded. ``extract`` turns a response into the answer
-    that votes. ``alternatives``: record each step's top-``k`` tokens
+    branch on a trigger). ``tokur``: TokUR options when ``"tokur"`` is recorded, key
+    by key over the recipe's ``[tokur]`` table (then the backend's own: transformers'
+    defaults, a vLLM engine's ``tokur_engine_args``). ``extract`` turns a response into
+    the answer that votes. ``alternatives``: record each step's top-``k`` tokens
     (``result.trace.alternatives``).
 
     Raises:

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import asdict
 
+from ..core.perturbation import PerturbationConfig
 from ..core.signals import wants_samples
 from ..core.text import prompt_token_ids
 from ..core.trace import Trace
 from ..strategies import backend as acts
 from .args import stop_args, uncertainty_args
 from .client import read_traces
-from .tokur import is_tokur_engine
+from .tokur import is_tokur_engine, settings_of
 
 __all__ = ["VLLMBackend"]
 
@@ -66,12 +68,15 @@ class VLLMBackend:
         return prompt_token_ids(self.engine.get_tokenizer(), prompts, self.chat)
 
     def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
-        """``request.tokur`` is not used: the engine's
-        :func:`~tokur_decode.vllm.tokur_engine_args` set TokUR's options."""
+        """``request.tokur``'s noise scale travels with each request (``tokur_sigma``);
+        its other options are the engine's (:func:`~tokur_decode.vllm.tokur_engine_args`),
+        and a request that asks for other values is refused, naming them."""
         signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
         self._check_tokur(signals)
+        branching = isinstance(act, acts.Branch)
+        tokur = self._tokur_settings(request, per_request=not branching)
         inputs = self.token_ids(prompts)
-        if isinstance(act, acts.Branch):
+        if branching:
             from .branching import branch
 
             return branch(self, inputs, signals, act, sampling)
@@ -81,7 +86,7 @@ class VLLMBackend:
                 sampling,
                 n=n,
                 seed=None if sampling.seed is None else sampling.seed + i * n,
-                settings={**_settings(act, i), **_alternatives(request)},
+                settings={**_settings(act, i), **_alternatives(request), **tokur},
             )
             for i in range(len(inputs))
         ]
@@ -103,7 +108,30 @@ class VLLMBackend:
         if not isinstance(request.act, acts.Steps):
             raise ValueError("act: particles advance in Steps")
         self._check_tokur(request.signals)
+        self._tokur_settings(request, per_request=False)
         yield VLLMParticles(self, self.token_ids(prompts), request)
+
+    def _tokur_settings(self, request: acts.Request, per_request: bool = True) -> dict:
+        """The per-request settings that carry ``request.tokur`` on this engine
+        (``{"sigma": ...}`` where the noise scale is given and ``per_request``); any
+        other option must be the engine's, or ``ValueError`` names it."""
+        given = request.tokur or {}
+        if not given or not wants_samples(request.signals):
+            return {}
+        built, _ = settings_of(self.engine.llm_engine.model_config.hf_config)
+        asked = PerturbationConfig(**{**asdict(built), **given})
+        travels = ("sigma",) if per_request else ()
+        differ = sorted(
+            k for k in given if k not in travels and getattr(asked, k) != getattr(built, k)
+        )
+        if differ:
+            values = ", ".join(f"{k}={getattr(built, k)!r}" for k in differ)
+            where = "; only sigma travels per request" if per_request else ""
+            raise ValueError(
+                f"tokur: this engine's TokUR was built with {values}; a request cannot "
+                f"change {differ} (build the engine with tokur_engine_args(...){where})"
+            )
+        return {"sigma": asked.sigma} if "sigma" in given and per_request else {}
 
     def _check_tokur(self, signals) -> None:
         if wants_samples(signals) and not self.has_tokur():

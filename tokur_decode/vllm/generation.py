@@ -38,9 +38,11 @@ def generate(
     """Answer ``prompts`` on ``engine`` (built with :func:`tokur_decode.vllm.llm`)
     while recording signals and acting on them as ``strategy`` says.
 
-    ``chat`` and ``options`` mean what they mean in :func:`tokur_decode.hf.generate`
-    (``tokur`` excepted: the engine's :func:`~tokur_decode.vllm.tokur_engine_args` set
-    TokUR's options). A resample recipe with the adaptive rule is given by name or TOML
+    ``chat`` and ``options`` mean what they mean in :func:`tokur_decode.hf.generate`;
+    TokUR's options are the engine's (:func:`~tokur_decode.vllm.tokur_engine_args`),
+    except its noise scale, which a request may set (``tokur={"sigma": ...}``); other
+    ``tokur`` options (or a recipe's ``[tokur]`` table) that differ from the engine's
+    are refused, naming them. A resample recipe with the adaptive rule is given by name or TOML
     path (the engine loads it); rollback is refused with a ``ValueError`` before
     anything is sent. A branch recipe's ``tokens_generated`` counts what the engine
     decoded (see :func:`tokur_decode.vllm.branching.branch`).

@@ -1,0 +1,104 @@
+"""TokUR's options are checked once where they enter, and the recipe's [tokur] table,
+the caller's options and the CLI's flags follow one precedence, key by key (caller and
+flags over the recipe, the recipe over the backend's own)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from tokur_decode.core.perturbation import PerturbationConfig, checked_options
+from tokur_decode.strategies.recipe import Strategy
+from tokur_decode.strategies.run import generate as run_generate
+from tokur_decode.strategies.run import plan
+
+RECIPE = {
+    "name": "tokur-table",
+    "signals": ["tokur", "entropy"],
+    "tokur": {"samples": 4, "rank": 2},
+}
+
+
+def _plan(**kw):
+    from tokur_decode.hf import HFBackend
+
+    return plan(HFBackend.acts, ["q"], signals=["tokur"], **kw)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"samples": 0}, r"tokur: samples must be a positive integer, got 0"),
+        ({"rank": -3}, r"tokur: rank must be a positive integer, got -3"),
+        ({"smaples": 4}, r"tokur: unknown option\(s\) \['smaples'\]"),
+        ({"sigma": float("nan")}, r"tokur: sigma must be a number >= 0"),
+    ],
+)
+def test_bad_options_are_refused_where_they_enter_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        _plan(tokur=options)
+    with pytest.raises(ValueError, match=message):
+        Strategy.from_dict({**RECIPE, "tokur": options})
+    assert _plan(tokur={"samples": 4}).tokur == {"samples": 4}  # control
+
+
+def test_the_callers_keys_override_the_recipes_and_the_rest_is_kept():
+    from tokur_decode.hf import HFBackend
+
+    recipe = Strategy.from_dict(RECIPE)
+    ready = plan(HFBackend.acts, ["q"], strategy=recipe, tokur={"rank": 3})
+    assert ready.tokur == {"samples": 4, "rank": 3}
+    assert plan(HFBackend.acts, ["q"], strategy=recipe).tokur == {"samples": 4, "rank": 2}
+    assert _plan().tokur is None  # nothing given: the backend's own
+
+
+def test_options_without_the_signal_are_refused():
+    from tokur_decode.hf import HFBackend
+
+    with pytest.raises(ValueError, match="tokur: options given but 'tokur' is not among"):
+        plan(HFBackend.acts, ["q"], signals=["entropy"], tokur={"samples": 4})
+
+
+def test_a_config_object_is_taken_whole():
+    options = checked_options(PerturbationConfig(samples=3))
+    assert options["samples"] == 3 and options["rank"] == 8 and len(options) == 8
+
+
+def _vllm_backend(built: dict):
+    """A VLLMBackend over a stand-in engine whose TokUR was built with ``built``."""
+    pytest.importorskip("vllm")
+    from tokur_decode.vllm import VLLMBackend, tokur_engine_args
+
+    overrides = tokur_engine_args(**built)["hf_overrides"]
+    config = overrides(types.SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    engine = types.SimpleNamespace(
+        llm_engine=types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=config))
+    )
+    return VLLMBackend(engine)
+
+
+def test_on_vllm_a_request_carries_its_sigma_and_cannot_change_the_engines_options():
+    from tokur_decode.strategies.backend import Request, Sampling
+
+    backend = _vllm_backend({"samples": 4, "rank": 2})
+    sampling = Sampling(max_new_tokens=4)
+
+    def settings(tokur):
+        return backend._tokur_settings(Request(("tokur",), sampling, tokur=tokur))
+
+    assert settings({"sigma": 0.3}) == {"sigma": 0.3}  # travels per request
+    assert settings({"samples": 4, "rank": 2}) == {}  # the engine's own: fine
+    assert settings(None) == {}
+    with pytest.raises(ValueError, match=r"built with samples=4; a request cannot change"):
+        settings({"samples": 10})
+    with pytest.raises(ValueError, match=r"\['decode', 'seed'\]"):
+        settings({"seed": 1, "decode": "mean"})
+
+
+def test_generate_on_vllm_refuses_a_recipe_table_the_engine_was_not_built_with():
+    backend = _vllm_backend({"samples": 4})
+    backend.has_tokur = lambda: True
+    recipe = Strategy.from_dict({**RECIPE, "tokur": {"samples": 6}})
+    with pytest.raises(ValueError, match=r"built with samples=4"):  # before any request
+        run_generate(backend, ["q"], strategy=recipe, max_new_tokens=2)
