@@ -203,26 +203,19 @@ class ResampleOnTrigger(TriggeredAction):
         min_p: float = _RULE.min_p,
         **signal_params,
     ) -> None:
-        if mode not in ("veto", "adaptive"):
-            raise ValueError(f"mode must be 'veto' or 'adaptive', got {mode!r}")
-        for name, value in (("temperature", temperature), ("min_temperature", min_temperature)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if not max_temperature >= min_temperature:
-            raise ValueError("max_temperature must be >= min_temperature")
-        if not 0 <= min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+        config = Resample(  # checks the rule, as a recipe's [action] table is checked
+            mode=mode,
+            temperature=temperature,
+            entropy_coef=entropy_coef,
+            varentropy_coef=varentropy_coef,
+            min_temperature=min_temperature,
+            max_temperature=max_temperature,
+            min_p=min_p,
+        )
         extra = ("entropy", "varentropy") if mode == "adaptive" else ()
         super().__init__(trigger, extra_signals=extra, **signal_params)
         self.mode = mode
-        self.rule = (
-            temperature,
-            entropy_coef,
-            varentropy_coef,
-            min_temperature,
-            max_temperature,
-            min_p,
-        )
+        self.rule = config.rule
 
     def act(self, scores, fired, values):
         if self.mode == "veto":

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..core.checks import check_temperature, check_top_p
 from ..core.events import Fork
 from ..core.policy import Trigger, TriggerState
 from ..core.steps import StepEnds
@@ -120,10 +121,8 @@ class Controller:
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_temperature(temperature)
+        check_top_p(top_p)
         if not eos_token_ids:
             raise ValueError("eos_token_ids: at least one EOS id is required")
         self.model = model

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from ..core import aggregate
 from ..core.adaptive import RULES as ADAPTIVE_RULES
+from ..core.checks import check_top_p
 from ..core.momentum import check_gate
 from ..core.probe import PROBE, Probe
 from ..core.scores import check_score_name, outputs_read
@@ -126,9 +127,18 @@ class Resample(ActionConfig):
     min_p: float = 0.05
 
     def check(self) -> None:
+        """The whole rule, once (the engines' processors take it checked)."""
         if self.mode not in ("veto", "adaptive"):
             raise ValueError(f"action.mode: 'veto' or 'adaptive', got {self.mode!r}")
         _positive(self, "temperature")
+        _positive(self, "min_temperature")
+        if not self.max_temperature >= self.min_temperature:
+            raise ValueError(
+                f"action.max_temperature: must be >= min_temperature "
+                f"({self.min_temperature}), got {self.max_temperature}"
+            )
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"action.min_p: must be in [0, 1), got {self.min_p}")
 
     @property
     def rule(self) -> tuple[float, ...]:
@@ -526,5 +536,4 @@ def _stepwise_sampling(config) -> None:
 
 
 def _top_p(config) -> None:
-    if not 0 < config.top_p <= 1:
-        raise ValueError(f"action.top_p: must be in (0, 1], got {config.top_p}")
+    check_top_p(config.top_p, "action.top_p")

@@ -22,11 +22,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
+from ..core.checks import check_temperature, check_top_p
 from ..core.policy import Trigger
 from ..core.signals import parse_signals, wants_samples
 from ..core.trace import Trace, check_alternatives
@@ -62,10 +62,8 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t, p, n = self.temperature, self.top_p, self.max_new_tokens
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature: must be a finite number >= 0, got {t!r}")
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {p!r}")
+        check_temperature(t)
+        check_top_p(p)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens: must be an integer >= 1, got {n!r}")
         seed = self.seed

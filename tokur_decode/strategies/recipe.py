@@ -65,6 +65,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..core.checks import check_temperature, check_top_p
 from ..core.perturbation import checked_options
 from ..core.policy import Trigger
 from .actions import ActionConfig, NoAction, action_config
@@ -208,10 +209,8 @@ def _check_generation(table: dict) -> dict:
             raise ValueError(f"generation.{key}: unknown key; allowed: {sorted(_GENERATION_KEYS)}")
         if not isinstance(value, _GENERATION_KEYS[key]) or isinstance(value, bool):
             raise ValueError(f"generation.{key}: invalid value {value!r}")
-    if table.get("temperature", 0) < 0:
-        raise ValueError(f"generation.temperature: must be >= 0, got {table['temperature']}")
-    if not 0 < table.get("top_p", 1) <= 1:
-        raise ValueError(f"generation.top_p: must be in (0, 1], got {table['top_p']}")
+    check_temperature(table.get("temperature", 0), "generation.temperature")
+    check_top_p(table.get("top_p", 1), "generation.top_p")
     if table.get("max_new_tokens", 1) < 1:
         raise ValueError(f"generation.max_new_tokens: must be >= 1, got {table['max_new_tokens']}")
     return dict(table)

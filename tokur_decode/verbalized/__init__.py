@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ..core.checks import check_temperature, check_top_p
 from .calibration import (
     CAPITALS,
     ReliabilityDiagram,
@@ -160,10 +161,8 @@ def ask(
             + (f" (the constrained format can take {bound} tokens)" if constrained else "")
             + f", got {max_new_tokens}"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_temperature(temperature)
+    check_top_p(top_p)
     options = dict(
         template=template,
         constrained=constrained,

@@ -1,6 +1,7 @@
-"""TokUR's options are checked once where they enter, and the recipe's [tokur] table,
-the caller's options and the CLI's flags follow one precedence, key by key (caller and
-flags over the recipe, the recipe over the backend's own)."""
+"""Settings checked once, where they enter, with an error naming the key: TokUR's
+options (the caller's and the CLI's over the recipe's [tokur] table, key by key, over
+the backend's own; a vLLM engine's honoured, not ignored) and the adaptive resample rule
+(the recipe and the transformers processor check it the same way)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,45 @@ def test_generate_on_vllm_refuses_a_recipe_table_the_engine_was_not_built_with()
     recipe = Strategy.from_dict({**RECIPE, "tokur": {"samples": 6}})
     with pytest.raises(ValueError, match=r"built with samples=4"):  # before any request
         run_generate(backend, ["q"], strategy=recipe, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"min_temperature": 0}, r"action\.min_temperature: must be > 0"),
+        ({"min_p": 1.5}, r"action\.min_p: must be in \[0, 1\)"),
+        ({"min_temperature": 3.0}, r"action\.max_temperature: must be >= min_temperature"),
+    ],
+)
+def test_the_adaptive_resample_rule_is_checked_once_for_recipes_and_processors(rule, message):
+    """The recipe's [action] table and the transformers processor check it the same way
+    (the recipe used to accept what the processor refused later)."""
+    from tokur_decode.core.policy import Trigger
+    from tokur_decode.hf.actions import ResampleOnTrigger
+
+    recipe = {
+        "name": "adaptive",
+        "signals": ["entropy"],
+        "trigger": {"signal": "entropy", "threshold": 2.0},
+        "action": {"type": "resample", "mode": "adaptive", **rule},
+    }
+    with pytest.raises(ValueError, match=message):
+        Strategy.from_dict(recipe)
+    with pytest.raises(ValueError, match=message):
+        ResampleOnTrigger(Trigger("entropy", threshold=2.0), "adaptive", **rule)
+    Strategy.from_dict({**recipe, "action": {"type": "resample", "mode": "adaptive"}})  # control
+
+
+def test_top_p_and_temperature_are_checked_by_one_rule_naming_each_entrys_key():
+    from tokur_decode.strategies.backend import Sampling
+
+    with pytest.raises(ValueError, match=r"^top_p: must be in \(0, 1\], got 0$"):
+        Sampling(max_new_tokens=4, top_p=0)
+    with pytest.raises(ValueError, match=r"^temperature: must be a finite number >= 0"):
+        Sampling(max_new_tokens=4, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"^generation\.top_p: must be in \(0, 1\]"):
+        Strategy.from_dict({"name": "g", "generation": {"top_p": 1.5}})
+    best_of_n = {"type": "best-of-n", "score": "max_prob", "top_p": 0.0}
+    with pytest.raises(ValueError, match=r"^action\.top_p: must be in \(0, 1\]"):
+        Strategy.from_dict({"name": "b", "signals": ["max_prob"], "action": best_of_n})
+    Sampling(max_new_tokens=4, temperature=0.7, top_p=0.9)  # control
