@@ -41,6 +41,20 @@ def test_the_readme_runs_top_to_bottom(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+_DEEP_IMPORT = re.compile(r"^\s*from tokur_decode\.(?!vllm\b)[\w.]+ import", re.M)
+
+
+def test_the_readmes_examples_import_from_the_top_level_only():
+    """The public API is the top level (``tokur_decode``; vLLM's is ``tokur_decode.vllm``,
+    an extra): a README example that reaches into a submodule shows an internal path."""
+    deep = [
+        m.group(0).strip() for block in _blocks("README.md") for m in _DEEP_IMPORT.finditer(block)
+    ]
+    assert deep == []
+    assert _DEEP_IMPORT.search("from tokur_decode.hf.actions import StopOnTrigger")  # control
+    assert not _DEEP_IMPORT.search("from tokur_decode.vllm import llm")
+
+
 def test_control_a_broken_block_fails(tmp_path):
     proc = _run(_blocks("README.md")[1].replace("signals.entropy", "signals.entropyy"), tmp_path)
     assert proc.returncode != 0 and "entropyy" in proc.stderr

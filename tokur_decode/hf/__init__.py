@@ -1,5 +1,5 @@
-"""transformers adapters: the monitoring logits processor, monitored generation, and
-TokUR's perturbed samples.
+"""transformers adapters: the monitoring logits processor, the stop and resample
+processors, monitored generation, and TokUR's perturbed samples.
 
 Example:
     >>> from tokur_decode.hf import UncertaintyMonitor
@@ -7,9 +7,18 @@ Example:
     ('entropy',)
 """
 
+from .actions import ResampleOnTrigger, StopOnTrigger
 from .backend import HFBackend
 from .generation import generate
 from .monitor import UncertaintyMonitor
 from .tokur import PerturbedModel, perturbed
 
-__all__ = ["HFBackend", "PerturbedModel", "UncertaintyMonitor", "generate", "perturbed"]
+__all__ = [
+    "HFBackend",
+    "PerturbedModel",
+    "ResampleOnTrigger",
+    "StopOnTrigger",
+    "UncertaintyMonitor",
+    "generate",
+    "perturbed",
+]
