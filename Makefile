@@ -5,7 +5,8 @@
 #                TEST_WORKERS processes, pytest-xdist; TEST_WORKERS=0 runs it in one)
 #   make test-fast  the tests that need no engine, server or embedded model (the
 #                edit-run loop: under a minute)
-#   make lint    ruff check, ruff format --check and the import contract (lint-imports)
+#   make lint    ruff check, ruff format --check, the import contract (lint-imports) and
+#                the type checker (mypy, over the files pyproject.toml names)
 #   make test-core  the test suite on a core install (.venv-core: no vLLM, Outlines or
 #                extras), where what needs a missing extra is skipped
 #   make bench   the overhead benchmark on the embedded model
@@ -86,6 +87,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check tokur_decode tests examples scripts conftest.py
 	$(BIN)/ruff format --check tokur_decode tests examples scripts conftest.py
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/tokur-decode bench overhead

@@ -36,7 +36,7 @@ class Fire:
     step: int
     signal: str
     value: float
-    threshold: float
+    threshold: float | None
     direction: str
     blocked: str | None = None
 

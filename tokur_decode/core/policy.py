@@ -124,7 +124,9 @@ class TriggerState:
         if thresholds is not None:
             if len(thresholds) != batch_size:
                 raise ValueError(f"thresholds: {len(thresholds)} for {batch_size} rows")
-            self.threshold = torch.tensor(list(thresholds), dtype=torch.float32, device=device)
+            self.threshold: torch.Tensor | float = torch.tensor(
+                list(thresholds), dtype=torch.float32, device=device
+            )
         elif trigger.threshold is None:
             raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
         else:

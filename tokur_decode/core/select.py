@@ -75,13 +75,13 @@ def vote(
         raise ValueError(f"method: unknown {method!r}; choose from {METHODS}")
     if not (math.isfinite(borda_p) and borda_p > 0):
         raise ValueError(f"borda_p: must be > 0, got {borda_p}")
-    if method == "argmax":
-        return answers[select(answers, scores, "argmax")]
     if method == "majority":
         weights = np.ones(len(answers))
+    elif scores is None:
+        raise ValueError(f"scores: required for {method!r} voting")
+    elif method == "argmax":
+        return answers[select(answers, scores, "argmax")]
     else:
-        if scores is None:
-            raise ValueError(f"scores: required for {method!r} voting")
         s = np.asarray(scores, dtype=np.float64)
         if method == "borda":
             order = sorted(range(len(s)), key=lambda i: (-s[i], i))

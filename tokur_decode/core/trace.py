@@ -277,8 +277,8 @@ class Trace:
             return None if any(x is None for x in lists) else [r for x in lists for r in x]
 
         alternatives = None
-        alts = [t.alternatives for t in traces]
-        if all(a is not None for a in alts) and len({a.k for a in alts}) == 1:
+        alts = [t.alternatives for t in traces if t.alternatives is not None]
+        if len(alts) == len(traces) and len({a.k for a in alts}) == 1:
             alts = [a.padded(width) for a in alts]
             alternatives = Alternatives(
                 torch.cat([a.ids for a in alts]),
