@@ -41,7 +41,13 @@ def test_serve_tokur_builds_the_perturbed_model(capsys):
     overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
     assert overrides["architectures"] == ["TokurLlamaForCausalLM"]
     assert overrides["tokur_perturbation"]["samples"] == 4
+    assert overrides["tokur_perturbation"]["rank"] == 8  # not given: the default
     assert "--enforce-eager" in cmd
+
+
+def test_serve_refuses_tokur_options_without_tokur(capsys):
+    assert main(["serve", "--dry-run", "--tokur-samples", "4"]) != 0
+    assert "--tokur-*: TokUR's options need --tokur" in capsys.readouterr().err
 
 
 def test_serve_refuses_what_it_sets_and_other_commands_refuse_unknown_flags(capsys):

@@ -1,10 +1,20 @@
-"""What the ``tokur-decode`` commands share: the model options and loading, signal lists."""
+"""What the ``tokur-decode`` commands share: the model options and loading, signal lists,
+TokUR's flags."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["load", "model_args", "signal_list"]
+__all__ = ["load", "model_args", "signal_list", "tokur_args", "tokur_options"]
+
+#: TokUR's ``--tokur-*`` flags: option -> (type, help). Their defaults are
+#: :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s, shown, never set here.
+_TOKUR_FLAGS = {
+    "rank": (int, "perturbed singular directions"),
+    "sigma": (float, "noise scale"),
+    "samples": (int, "predictive samples M, clean included"),
+    "seed": (int, "noise seed"),
+}
 
 
 def model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,3 +63,22 @@ def signal_list(text: str | None) -> list[str] | None:
     from ..core.signals import parse_signals
 
     return None if text is None else list(parse_signals(text))
+
+
+def tokur_args(parser: argparse.ArgumentParser, title: str) -> None:
+    """Add the ``--tokur-*`` flags (unset unless given: see :func:`tokur_options`)."""
+    from ..core.perturbation import PerturbationConfig
+
+    defaults = PerturbationConfig()
+    group = parser.add_argument_group(title)
+    for option, (kind, text) in _TOKUR_FLAGS.items():
+        default = getattr(defaults, option)
+        group.add_argument(f"--tokur-{option}", type=kind, help=f"{text} ({default})")
+
+
+def tokur_options(args) -> dict | None:
+    """The ``--tokur-*`` flags given (``None``: none), for ``tokur=`` or
+    ``tokur_engine_args``: what is not given stays the recipe's ``[tokur]`` table's,
+    else the defaults."""
+    given = {k: getattr(args, f"tokur_{k}") for k in _TOKUR_FLAGS}
+    return {k: v for k, v in given.items() if v is not None} or None

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..experiments.prompts import TEMPLATES
+from .common import tokur_args, tokur_options
 
 __all__ = ["add_parsers", "run"]
 
@@ -87,11 +88,7 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     model_args(p)
-    tok = p.add_argument_group("TokUR (when 'tokur' is among the signals)")
-    tok.add_argument("--tokur-rank", type=int, help="perturbed singular directions (8)")
-    tok.add_argument("--tokur-sigma", type=float, help="noise scale (0.1)")
-    tok.add_argument("--tokur-samples", type=int, help="predictive samples M, clean included (10)")
-    tok.add_argument("--tokur-seed", type=int, help="noise seed (0)")
+    tokur_args(p, "TokUR (when 'tokur' is among the signals)")
 
 
 def add_parsers(sub, model_args: Callable) -> None:
@@ -153,20 +150,13 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
     tables = [t for t in (Strategy.load(s).tokur for s in strategies) if t]
     if any(t != tables[0] for t in tables):
         raise ValueError("strategies: the recipes' [tokur] tables differ; give --tokur-* options")
-    options = dict(tables[0]) if tables else {}
-    for key in ("rank", "sigma", "samples", "seed"):
-        value = getattr(args, f"tokur_{key}")
-        if value is not None:
-            options[key] = value
-    return options
+    return {**(tables[0] if tables else {}), **(tokur_options(args) or {})}
 
 
 def _backend(args, load: Callable, tokur: dict):
     from ..experiments.backends import HFBackend, OpenAIBackend, VerbalizedBackend, VLLMBackend
 
-    explicit = [
-        k for k in ("rank", "sigma", "samples", "seed") if getattr(args, f"tokur_{k}") is not None
-    ]
+    explicit = tokur_options(args)
     if args.backend == "openai":
         if explicit:
             raise ValueError("--tokur-*: the server's tokur-decode serve --tokur-* set them")

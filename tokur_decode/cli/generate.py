@@ -8,7 +8,7 @@ import argparse
 import json
 import math
 
-from .common import load, model_args, signal_list
+from .common import load, model_args, signal_list, tokur_args, tokur_options
 
 __all__ = ["add_parser", "run"]
 
@@ -124,20 +124,7 @@ def add_parser(sub) -> None:
         help="longest answer line (default 100); it bounds the generation, so "
         "--max-new-tokens is not used with --verbalized",
     )
-    tok = gen.add_argument_group(
-        "TokUR (with --signals ...,tokur; each flag given overrides the recipe's [tokur] key)"
-    )
-    tok.add_argument("--tokur-rank", type=int, help="perturbed singular directions (8)")
-    tok.add_argument("--tokur-sigma", type=float, help="noise scale (0.1)")
-    tok.add_argument("--tokur-samples", type=int, help="predictive samples M, clean included (10)")
-    tok.add_argument("--tokur-seed", type=int, help="noise seed (0)")
-
-
-def _tokur_options(args) -> dict | None:
-    """The ``--tokur-*`` flags given (``None``: none; the rest comes from the recipe's
-    ``[tokur]`` table, else the defaults); ``plan`` refuses them without the signal."""
-    flags = {k: getattr(args, f"tokur_{k}") for k in ("rank", "sigma", "samples", "seed")}
-    return {k: v for k, v in flags.items() if v is not None} or None
+    tokur_args(gen, "TokUR (with --signals ...,tokur; a flag given overrides the recipe's key)")
 
 
 def _budget(args) -> int:
@@ -173,7 +160,7 @@ def run(args) -> int:
         result = _generate_vllm(args, options)
     else:
         model, tokenizer = load(args)
-        result = generate(model, tokenizer, args.question, tokur=_tokur_options(args), **options)
+        result = generate(model, tokenizer, args.question, tokur=tokur_options(args), **options)
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(unreliable_k=args.topk)[0]
     report = {
@@ -191,7 +178,7 @@ def run(args) -> int:
             "logtoku_k": args.logtoku_k,
             "logtoku_evidence": args.logtoku_evidence,
             "topk": args.topk,
-            "tokur": _tokur_options(args),
+            "tokur": tokur_options(args),
         },
         "signals": result.trace.names,
         "tokens": _token_rows(row),
@@ -299,7 +286,7 @@ def _generate_vllm(args, options: dict):
 
     _, checked = split_options(options)
     checked.pop("chat", None)
-    tokur = _tokur_options(args)
+    tokur = tokur_options(args)
     ready = plan(VLLMBackend.acts, [args.question], **checked, tokur=tokur, backend_name="vLLM")
     engine_kwargs = {"enforce_eager": True}
     if ready.wants_samples:

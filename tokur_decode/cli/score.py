@@ -14,6 +14,8 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from .common import tokur_args, tokur_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -41,11 +43,7 @@ def add_parser(sub, model_args: Callable) -> None:
         help="wrap prompts in the chat template (default: when the tokenizer has one)",
     )
     model_args(p)
-    tok = p.add_argument_group("TokUR (when 'tokur' is among the signals)")
-    tok.add_argument("--tokur-rank", type=int, default=8, help="perturbed singular directions (8)")
-    tok.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
-    tok.add_argument("--tokur-samples", type=int, default=10, help="predictive samples M (10)")
-    tok.add_argument("--tokur-seed", type=int, default=0, help="noise seed (0)")
+    tokur_args(p, "TokUR (when 'tokur' is among the signals)")
 
 
 def run(args, load: Callable, argv=None) -> int:
@@ -54,7 +52,7 @@ def run(args, load: Callable, argv=None) -> int:
     from ..experiments.saved import load_generations, run_scoring
 
     saved = load_generations(args.data, grader=args.grader)
-    tokur = {k: getattr(args, f"tokur_{k}") for k in ("rank", "sigma", "samples", "seed")}
+    tokur = tokur_options(args)
     backend = HFBackend(
         loader=lambda: load(args),
         model_name=args.model or "embedded:SmolLM2-135M-Instruct",

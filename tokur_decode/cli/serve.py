@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from .common import tokur_args, tokur_options
+
 __all__ = ["add_parser", "command", "run"]
 
 
@@ -48,9 +50,7 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--tokur", action="store_true", help="build TokUR's perturbed model (the tokur signal)"
     )
-    serve.add_argument("--tokur-samples", type=int, default=10, help="M (10)")
-    serve.add_argument("--tokur-sigma", type=float, default=0.1, help="noise scale (0.1)")
-    serve.add_argument("--tokur-rank", type=int, default=8, help="rank of the bases (8)")
+    tokur_args(serve, "TokUR's options (with --tokur)")
     serve.add_argument(
         "--dry-run", action="store_true", help="print the command and environment, start nothing"
     )
@@ -71,13 +71,15 @@ def command(args, vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
             raise ValueError(f"{flag}: tokur-decode serve sets it")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--logits-processors", PROCESSOR, "--worker-extension-cls", EXTENSION]
+    if tokur_options(args) and not args.tokur:
+        raise ValueError("--tokur-*: TokUR's options need --tokur (the perturbed model)")
     if args.tokur:
         from ..vllm.tokur import tokur_engine_args
 
         config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-        overrides = tokur_engine_args(
-            samples=args.tokur_samples, sigma=args.tokur_sigma, rank=args.tokur_rank
-        )["hf_overrides"].for_architectures(config.get("architectures") or [])
+        overrides = tokur_engine_args(**(tokur_options(args) or {}))[
+            "hf_overrides"
+        ].for_architectures(config.get("architectures") or [])
         cmd += ["--hf-overrides", json.dumps(overrides)]
         if "--enforce-eager" not in vllm_args:
             cmd.append("--enforce-eager")  # TokUR's hooks need an eager forward
