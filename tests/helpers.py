@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["NEAR_TIE", "NoHostSync", "agreeing_steps", "calibrated_round_trip"]
+__all__ = ["NEAR_TIE", "NoHostSync", "agreeing_steps", "calibrated_round_trip", "script"]
 
 #: Two most probable tokens closer than this in probability are a near tie: another
 #: engine, or another machine's kernels, may round them into the other order.
@@ -89,3 +92,12 @@ def calibrated_round_trip(backend, answer, folder, seed: int = 2) -> tuple:
     assert Strategy.load(recipe) == calibrated.strategy
     result = answer([item.prompt for item in items], recipe)
     return run.records, calibrated.strategy.config, result
+
+
+def script(name: str):
+    """The module of ``scripts/<name>.py`` (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,23 +4,15 @@ a column for each check, no cell written by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
 from .architectures import ARCHITECTURES
+from .helpers import script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    path = ROOT / "scripts" / "architecture_table.py"
-    spec = importlib.util.spec_from_file_location("architecture_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_vllm_claims_exactly_the_architectures_the_matrix_checks():
@@ -35,7 +27,7 @@ def test_the_docs_table_has_a_generated_row_per_architecture_and_a_column_per_ch
     table = text.split("<!-- table: generated -->")[1].split("<!-- end of table -->")[0]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\w+) \|(.*)\|$", table, re.M)}
     assert set(ARCHITECTURES) <= set(rows)
-    checks = _script().CHECKS
+    checks = script("architecture_table").CHECKS
     for arch in ARCHITECTURES:
         cells = [c.strip() for c in rows[arch].split("|")]
         assert len(cells) == len(checks)
@@ -52,10 +44,10 @@ def test_the_table_renders_what_the_report_says(tmp_path):
         '<failure message="AssertionError: too far | apart&#10;detail"/></testcase>'
         "</testsuite></testsuites>"
     )
-    script = _script()
-    cells = script.outcomes(report)
+    table = script("architecture_table")
+    cells = table.outcomes(report)
     assert cells[("test_vllm_sigma_zero_has_no_epistemic_uncertainty", arch)] == "passed"
     failed = cells[("test_vllm_batched_equals_the_m_passes", arch)]
     assert failed == "failure: AssertionError: too far / apart"  # first line, no pipe
-    row = next(line for line in script.table(cells).splitlines() if line.startswith(f"| {arch}"))
+    row = next(line for line in table.table(cells).splitlines() if line.startswith(f"| {arch}"))
     assert "not run" in row and "passed" in row and "failure: " in row

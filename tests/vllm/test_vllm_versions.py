@@ -12,7 +12,6 @@ processor ignores slot reuse must not. A vLLM outside the range is refused on im
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,18 +25,10 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 from tokur_decode.core.events import OVERRIDDEN  # noqa: E402
 
+from ..helpers import script  # noqa: E402
 from . import scripted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _interfaces():
-    spec = importlib.util.spec_from_file_location(
-        "vllm_interfaces", ROOT / "scripts" / "vllm_interfaces.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _python(path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -53,10 +44,10 @@ def v1_reference() -> dict:
     return scripted.run(scripted.V1Runner)
 
 
-@pytest.fixture(scope="module", params=_interfaces().RELEASES)
+@pytest.fixture(scope="module", params=script("vllm_interfaces").RELEASES)
 def release(request) -> tuple[str, dict]:
     """A release and what the scripted MRV2 runner found with it (and its control)."""
-    folder = _interfaces().fetch(request.param)
+    folder = script("vllm_interfaces").fetch(request.param)
     done = _python(folder, "-m", "tests.vllm.scripted", "--control")
     assert done.returncode == 0, done.stderr[-3000:]
     return request.param, json.loads(done.stdout)

@@ -63,6 +63,7 @@ class PerturbedModel:
                 f"attn_implementation='sdpa' or pass mode='sequential'"
             )
         self._eager = attn == "eager"
+        self._window = _sliding_window(model.config)  # sliding-window cache layers, if any
         self._dtype = _compute_dtype(model)  # the compute dtype of noise and masks
         weights = {t.name: t.weight(self._dtype) for t in self.targets}
         self.bases = {
@@ -191,7 +192,7 @@ class PerturbedModel:
             allowed = allowed.unsqueeze(0) & valid.unsqueeze(1)
         allowed = allowed | (keys == own.unsqueeze(-1))  # a padded query still sees itself
         mask = self._as_mask(allowed.expand(b, q, past + q).unsqueeze(1))
-        window = _sliding_window(self.model.config)
+        window = self._window
         if window is not None:
             # Sliding-window layers (Gemma 2 / 3) keep the last window - 1 tokens of the
             # past and see keys within the window of the query's token (a copy's token

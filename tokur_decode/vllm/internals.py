@@ -123,11 +123,6 @@ def logits_processors(runner) -> list:
     return list(runner.input_batch.logitsprocs.all)
 
 
-def is_mrv2(runner) -> bool:
-    """Whether ``runner`` is a Model Runner V2 (it keeps per-slot request state)."""
-    return hasattr(runner, "req_states")
-
-
 def v1_request_ids(runner) -> list[str]:
     """The V1 runner's request id per row of the persistent batch."""
     return runner.input_batch.req_ids
