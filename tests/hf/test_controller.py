@@ -13,7 +13,9 @@ from tokur_decode.core.signals import SignalSpec
 from tokur_decode.core.text import encode_prompts
 from tokur_decode.core.trace import Trace
 from tokur_decode.hf import UncertaintyMonitor
-from tokur_decode.hf.controller import Branch, Controller, Rollback
+from tokur_decode.hf.branching import BranchPolicy
+from tokur_decode.hf.controller import Controller
+from tokur_decode.hf.rollback import RollbackPolicy
 
 PROMPTS = [
     "What is the capital of France?",
@@ -128,7 +130,7 @@ def test_branch_on_a_trigger_forks_where_it_fires(embedded):
     threshold = float(entropy[2:].max()) - 1e-3  # fires at the most uncertain step after 2
     fire = 2 + int(entropy[2:].argmax())
     trigger = Trigger("entropy", threshold=threshold, min_tokens=3)
-    policy = Branch(3, trigger, max_branch_points=1)
+    policy = BranchPolicy(3, trigger, max_branch_points=1)
     enc = encode_prompts(tok, PROMPTS[1:2])
     with torch.inference_mode():
         trace = _controller(model, tok, max_new_tokens=20).run(enc, policy, tok)
@@ -144,7 +146,7 @@ def test_branch_on_a_trigger_forks_where_it_fires(embedded):
 def test_branch_token_budget_caps_the_fork(embedded):
     model, tok = embedded
     enc = encode_prompts(tok, PROMPTS[:1])
-    policy = Branch(5, token_budget=3 * 10)  # room for 3 rows of 10 tokens
+    policy = BranchPolicy(5, token_budget=3 * 10)  # room for 3 rows of 10 tokens
     with torch.inference_mode():
         ctrl = _controller(model, tok, max_new_tokens=10)
         trace = ctrl.run(enc, policy)
@@ -158,14 +160,14 @@ def test_branch_points_of_one_prompt_at_one_step_share_the_budget(embedded):
     model, tok = embedded
     enc = encode_prompts(tok, PROMPTS[:1])
     always = Trigger("entropy", threshold=-1.0)
-    policy = Branch(2, always, max_branch_points=3, token_budget=4 * 8)
+    policy = BranchPolicy(2, always, max_branch_points=3, token_budget=4 * 8)
     with torch.inference_mode():
         ctrl = _controller(model, tok, max_new_tokens=8)
         trace = ctrl.run(enc, policy)
     assert [(e["step"], e["candidate"]) for e in policy.events[0]] == [(0, 0), (1, 0), (1, 1)]
     assert len(trace) == 4 and int(ctrl.generated) <= 4 * 8
     # with room for 3 rows only, row 1's fork at step 1 is refused: 3 rows, 2 forks
-    policy = Branch(2, always, max_branch_points=3, token_budget=3 * 8)
+    policy = BranchPolicy(2, always, max_branch_points=3, token_budget=3 * 8)
     with torch.inference_mode():
         trace = _controller(model, tok, max_new_tokens=8).run(enc, policy)
     assert [(e["step"], e["candidate"]) for e in policy.events[0]] == [(0, 0), (1, 0)]
@@ -177,7 +179,7 @@ def test_rollback_takes_back_and_regenerates_exactly_there(embedded):
     prompt = PROMPTS[1]
     greedy = _greedy(model, tok, [prompt], max_new_tokens=24)
     trigger = Trigger("entropy", threshold=2.0, window=3, min_tokens=4)
-    policy = Rollback(trigger, rewind=3, temperature=1.5, max_retries=2)
+    policy = RollbackPolicy(trigger, rewind=3, temperature=1.5, max_retries=2)
     enc = encode_prompts(tok, [prompt])
     with torch.inference_mode():
         ctrl = _controller(model, tok, max_new_tokens=24, seed=0)
@@ -204,7 +206,7 @@ def test_rollback_restores_the_old_tokens_when_they_were_better(embedded):
     prompt = PROMPTS[0]
     greedy = _greedy(model, tok, [prompt], max_new_tokens=12)
     trigger = Trigger("entropy", threshold=-1.0, min_tokens=3)  # entropy > -1: always
-    policy = Rollback(trigger, rewind=2, temperature=50.0, max_retries=3)
+    policy = RollbackPolicy(trigger, rewind=2, temperature=50.0, max_retries=3)
     enc = encode_prompts(tok, [prompt])
     with torch.inference_mode():
         trace = _controller(model, tok, max_new_tokens=12, seed=1).run(enc, policy, tok)
@@ -285,13 +287,13 @@ def test_controller_rejects_bad_parameters(tiny_llama):
     with pytest.raises(ValueError, match="eos_token_ids"):
         Controller(tiny_llama, monitor, eos_token_ids=[], pad_token_id=0)
     with pytest.raises(ValueError, match="k must"):
-        Branch(0)
+        BranchPolicy(0)
     with pytest.raises(ValueError, match="rewind"):
-        Rollback(Trigger("entropy", threshold=1.0), rewind=0)
+        RollbackPolicy(Trigger("entropy", threshold=1.0), rewind=0)
     ctrl = Controller(tiny_llama, monitor, eos_token_ids=[1], pad_token_id=0, max_new_tokens=2)
     enc = {"input_ids": torch.tensor([[3, 4]]), "attention_mask": torch.ones(1, 2)}
     with pytest.raises(ValueError, match="chosen_prob"):
-        ctrl.run(enc, Rollback(Trigger("chosen_prob", threshold=0.5, direction="below")))
+        ctrl.run(enc, RollbackPolicy(Trigger("chosen_prob", threshold=0.5, direction="below")))
 
 
 @pytest.mark.embedded  # the command loads the embedded model

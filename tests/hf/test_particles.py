@@ -27,7 +27,7 @@ PF = {
 
 def _steps(temperature: float, n: int, max_new_tokens: int = 40) -> B.Request:
     sampling = B.Sampling(temperature=temperature, seed=3, max_new_tokens=max_new_tokens)
-    return B.Request(SIGNALS, sampling, n, B.Steps("\n\n", 6))
+    return B.Request(SIGNALS, sampling, n, B.StepsAct("\n\n", 6))
 
 
 def _run(particles, order=None):

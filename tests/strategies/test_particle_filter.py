@@ -31,7 +31,7 @@ class Scripted:
     ``values[p][j][k]`` at step ``k``, and finishes after its last value with the text
     ``answers[p][j]``."""
 
-    acts = (B.Steps,)
+    acts = (B.StepsAct,)
 
     def __init__(self, values, answers):
         self.values, self.answers = values, answers
@@ -192,7 +192,12 @@ def test_the_probe_weighs_each_answer_so_far():
 def test_particle_filter_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="continuing particles step by step"):
         # The acts of the OpenAI-client backend (vllm/remote.py), without importing vLLM.
-        plan((B.Stop, B.Resample), "q", strategy="particle-filter", backend_name="RemoteBackend")
+        plan(
+            (B.StopAct, B.ResampleAct),
+            "q",
+            strategy="particle-filter",
+            backend_name="RemoteBackend",
+        )
     with pytest.raises(ValueError, match="alternatives"):
         generate(Scripted([], []), "q", strategy="particle-filter", alternatives=3)
     with pytest.raises(ValueError, match="action.reducer: unknown 'median'"):

@@ -26,7 +26,7 @@ class Scripted:
     token with ``signal`` ``score`` and text ``text``; an answer finishes after
     ``steps[p]`` steps."""
 
-    acts = (B.Steps,)
+    acts = (B.StepsAct,)
 
     def __init__(self, draws, steps: list[int], signal: str = "chosen_logprob"):
         self.draws, self.steps, self.signal = [list(d) for d in draws], steps, signal
@@ -156,7 +156,7 @@ def test_bad_settings_are_refused_before_anything_runs():
 
 
 class _NoSteps:
-    acts = (B.Stop,)
+    acts = (B.StopAct,)
 
 
 def test_a_probe_is_the_critic_that_picks_the_draw():

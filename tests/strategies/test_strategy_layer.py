@@ -16,8 +16,8 @@ from tokur_decode.core.policy import Trigger
 from tokur_decode.core.signals import REGISTRY
 from tokur_decode.core.trace import Trace
 from tokur_decode.hf.actions import ResampleOnTrigger
-from tokur_decode.hf.controller import Branch as BranchPolicy
-from tokur_decode.hf.controller import Rollback as RollbackPolicy
+from tokur_decode.hf.branching import BranchPolicy
+from tokur_decode.hf.rollback import RollbackPolicy
 from tokur_decode.strategies import Strategy, generate
 from tokur_decode.strategies import actions as A
 from tokur_decode.strategies import backend as B
@@ -29,7 +29,7 @@ class Scripted:
     every requested signal has the value ``p + r / 10`` at each of ``r + 2`` steps;
     a Stop act stops (event) the rows whose value is below the prompt's threshold."""
 
-    acts = (B.Stop, B.Resample)
+    acts = (B.StopAct, B.ResampleAct)
 
     def __init__(self):
         self.requests: list[B.Request] = []
@@ -54,7 +54,7 @@ class Scripted:
 
     @staticmethod
     def _events(act, prompt, value):
-        if not isinstance(act, B.Stop):
+        if not isinstance(act, B.StopAct):
             return []
         threshold = act.thresholds[prompt] if act.thresholds else act.trigger.threshold
         return [{"action": "stop", "step": 1, "value": value}] if value < threshold else []
@@ -126,7 +126,7 @@ def test_deepconf_online_stops_later_samples_at_the_warm_ups_thresholds():
     c = strat.config
     assert (warm.n, later.n) == (c.warmup, c.n - c.warmup)
     assert later.sampling.seed == 3 + c.warmup  # seeded after the warm-up's samples
-    assert isinstance(later.act, B.Stop) and later.act.trigger.window == c.window
+    assert isinstance(later.act, B.StopAct) and later.act.trigger.window == c.window
     warm_trace = backend.decode(["q0", "q1"], warm).trace
     assert list(later.act.thresholds) == deepconf_thresholds(warm_trace, c.warmup, c)
     action = result.actions[0][0]
@@ -246,7 +246,7 @@ def test_a_bad_action_table_is_refused_naming_the_key(table, key):
 
 @given(st.integers(1, 64), st.floats(0.01, 5.0), st.floats(0.01, 1.0))
 def test_best_of_n_configs_round_trip(n, temperature, top_p):
-    config = A.BestOfN(score="entropy", n=n, temperature=temperature, top_p=top_p)
+    config = A.BestOfNConfig(score="entropy", n=n, temperature=temperature, top_p=top_p)
     assert A.action_config(config.to_dict()) == config
 
 
@@ -254,15 +254,15 @@ def test_the_backends_defaults_are_the_configs():
     """One place for every default: the processors and the controller's policies read
     the typed configurations' defaults."""
     resample = inspect.signature(ResampleOnTrigger.__init__).parameters
-    rule = A.Resample()
+    rule = A.ResampleConfig()
     for f in dataclasses.fields(rule):
         assert resample[f.name].default == getattr(rule, f.name), f.name
     branch = inspect.signature(BranchPolicy.__init__).parameters
     assert (branch["k"].default, branch["max_branch_points"].default) == (5, 1)
-    assert branch["k"].default == A.Branch().k
+    assert branch["k"].default == A.BranchConfig().k
     rollback = inspect.signature(RollbackPolicy.__init__).parameters
     for name in ("rewind", "temperature", "max_retries"):
-        assert rollback[name].default == getattr(A.Rollback(), name)
+        assert rollback[name].default == getattr(A.RollbackConfig(), name)
 
 
 def test_the_triggers_of_recipes_are_checked_against_their_action():
@@ -307,12 +307,12 @@ def test_a_plan_is_checked_without_a_backend():
 
     with pytest.raises(ValueError, match="'rollback' needs .* which the engine does not offer"):
         plan(
-            (B.Stop, B.Resample, B.Branch),
+            (B.StopAct, B.ResampleAct, B.BranchAct),
             "q",
             strategy="entropy-rollback",
             backend_name="the engine",
         )
-    checked = plan((B.Stop,), "q", signals="entropy,tokur")
+    checked = plan((B.StopAct,), "q", signals="entropy,tokur")
     assert checked.wants_samples and checked.kind == "none"
 
 

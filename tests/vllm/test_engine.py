@@ -369,7 +369,9 @@ def test_particles_through_the_engine_continue_their_prefix(engine, embedded):
     from tokur_decode.strategies import backend as B
 
     prompts = ["What is 17 + 25? Explain step by step.", "List three colours, one per line."]
-    request = B.Request(("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.Steps("\n\n", 6))
+    request = B.Request(
+        ("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.StepsAct("\n\n", 6)
+    )
 
     def run(backend, order=None):
         with backend.particles(prompts, request) as particles:
@@ -420,7 +422,9 @@ def test_held_particles_wait_then_draw_their_step_and_step_redraw_runs(engine):
 
     prompt = "What is 17 + 25? Explain step by step."
     backend = tv.VLLMBackend(engine)
-    request = B.Request(("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.Steps("\n\n", 6))
+    request = B.Request(
+        ("entropy",), B.Sampling(max_new_tokens=MAX_TOKENS), 1, B.StepsAct("\n\n", 6)
+    )
     with backend.particles([prompt, prompt], request) as particles:
         first, _ = particles.advance(hold=[False, True])
         sent = particles.tokens

@@ -4,7 +4,7 @@
 (:func:`tokur_decode.experiments.calibration.calibrate`; the candidates are each
 output's headline score, :func:`~tokur_decode.experiments.scoring.headline_scores`, and
 a probe over every response score, unless the caller names one) and returns it with
-the recipe that runs it (:class:`tokur_decode.strategies.actions.Abstain`):
+the recipe that runs it (:class:`tokur_decode.strategies.actions.AbstainConfig`):
 ``generate --strategy rule.toml``
 answers, then replaces the answer by the abstain text when its score fails the rule.
 :func:`write_rule` writes the recipe, the report (JSON) and the risk-coverage plot, all

@@ -31,14 +31,15 @@ from ..core.logit_edits import adaptive_temperature, force_eos, veto
 from ..core.policy import Trigger, TriggerState
 from ..core.signals import REGISTRY, SignalSpec, signal_of_output
 from ..core.trace import StepBuffer
-from ..strategies.actions import Resample
+from ..strategies.actions import ResampleConfig
 from .clock import StepClock
 from .monitor import as_id_list
 
 __all__ = ["ResampleOnTrigger", "StopOnTrigger", "TriggeredAction"]
 
-#: The resample rule's defaults (one place: :class:`tokur_decode.strategies.actions.Resample`).
-_RULE = Resample()
+#: The resample rule's defaults (one place:
+#: :class:`tokur_decode.strategies.actions.ResampleConfig`).
+_RULE = ResampleConfig()
 
 
 class TriggeredAction(LogitsProcessor):
@@ -203,7 +204,7 @@ class ResampleOnTrigger(TriggeredAction):
         min_p: float = _RULE.min_p,
         **signal_params,
     ) -> None:
-        config = Resample(  # checks the rule, as a recipe's [action] table is checked
+        config = ResampleConfig(  # checks the rule, as a recipe's [action] table is checked
             mode=mode,
             temperature=temperature,
             entropy_coef=entropy_coef,

@@ -29,9 +29,11 @@ from ..core.text import encode_prompts
 from ..core.trace import Trace
 from ..strategies import backend as acts
 from .actions import ResampleOnTrigger, StopOnTrigger
-from .controller import Branch, Controller, Rollback
+from .branching import BranchPolicy
+from .controller import Controller
 from .monitor import UncertaintyMonitor, as_id_list
 from .particles import HFParticles, step_ends
+from .rollback import RollbackPolicy
 from .tokur import perturbed
 
 __all__ = ["HFBackend", "sampling_kwargs"]
@@ -57,7 +59,7 @@ class HFBackend:
             ``logtoku_evidence``).
     """
 
-    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Rollback, acts.Steps)
+    acts = (acts.StopAct, acts.ResampleAct, acts.BranchAct, acts.RollbackAct, acts.StepsAct)
 
     def __init__(
         self,
@@ -84,10 +86,10 @@ class HFBackend:
         for start in range(0, len(prompts), size):
             seed = None if sampling.seed is None else sampling.seed + start
             chunk = list(prompts[start : start + size])
-            thresholds = act.thresholds if isinstance(act, acts.Stop) else None
+            thresholds = act.thresholds if isinstance(act, acts.StopAct) else None
             part_act = act
             if thresholds is not None:
-                part_act = acts.Stop(act.trigger, thresholds[start : start + size])
+                part_act = acts.StopAct(act.trigger, thresholds[start : start + size])
             with self._monitoring(request) as monitor:
                 parts.append(self._decode(chunk, monitor, sampling, seed, n, part_act))
         return _joined(parts)
@@ -95,10 +97,10 @@ class HFBackend:
     @contextlib.contextmanager
     def particles(self, prompts: Sequence[str], request: acts.Request):
         """``request.n`` particles per prompt advancing in the steps of ``request.act``
-        (a :class:`~tokur_decode.strategies.backend.Steps`), all in one batch of our
+        (a :class:`~tokur_decode.strategies.backend.StepsAct`), all in one batch of our
         decoding loop (``batch_size`` does not split it): a context manager giving
         :class:`~tokur_decode.hf.particles.HFParticles`."""
-        if not isinstance(request.act, acts.Steps):
+        if not isinstance(request.act, acts.StepsAct):
             raise ValueError("act: particles advance in Steps")
         sampling, n = request.sampling, request.n
         enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
@@ -143,7 +145,7 @@ class HFBackend:
             )
 
     def _decode(self, prompts, monitor, sampling, seed, n, act) -> acts.Decoded:
-        if isinstance(act, acts.Branch | acts.Rollback):
+        if isinstance(act, acts.BranchAct | acts.RollbackAct):
             return self._controlled(prompts, monitor, sampling, seed, act)
         processor = self._processor(act, n)
         enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
@@ -168,7 +170,7 @@ class HFBackend:
         )
 
     def _processor(self, act, n: int):
-        if isinstance(act, acts.Stop):
+        if isinstance(act, acts.StopAct):
             thresholds = None
             if act.thresholds is not None:
                 thresholds = [t for t in act.thresholds for _ in range(n)]
@@ -178,7 +180,7 @@ class HFBackend:
                 thresholds=thresholds,
                 **self.signal_params,
             )
-        if isinstance(act, acts.Resample):
+        if isinstance(act, acts.ResampleAct):
             rule = act.rule
             coefficients = {name: getattr(rule, name) for name in rule.RULE}
             return ResampleOnTrigger(act.trigger, rule.mode, **coefficients, **self.signal_params)
@@ -187,21 +189,21 @@ class HFBackend:
     def _controlled(self, prompts, monitor, sampling, seed, act) -> acts.Decoded:
         """Branch or roll back in our own decoding loop."""
         c = act.config
-        if isinstance(act, acts.Branch):
-            policy = Branch(
+        if isinstance(act, acts.BranchAct):
+            policy = BranchPolicy(
                 c.k,
                 act.trigger,
                 max_branch_points=c.max_branch_points,
                 token_budget=c.token_budget or None,
             )
         else:
-            policy = Rollback(
+            policy = RollbackPolicy(
                 act.trigger, rewind=c.rewind, temperature=c.temperature, max_retries=c.max_retries
             )
         enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
         controller = self._controller(monitor, sampling, seed)
         trace = controller.run(enc, policy, self.tokenizer)
-        prompt_of = policy.origin if isinstance(act, acts.Branch) else list(range(len(prompts)))
+        prompt_of = policy.origin if isinstance(act, acts.BranchAct) else list(range(len(prompts)))
         return acts.Decoded(trace, list(prompt_of), policy.events, int(controller.generated))
 
 

@@ -5,14 +5,14 @@ back. :class:`Controller` runs the loop itself, with the inputs ``model.generate
 builds (positions from the attention mask, one cached forward per step, float32
 last-step logits), so that a *policy* can:
 
-* **branch** (:class:`Branch`): when a trigger fires for a row, or at the first token
-  (CoT-decoding, Wang & Zhou 2024), fork the step's top-``k`` alternatives into ``k``
-  rows that share the prefix cache (``DynamicCache.reorder_cache``), continue them all,
-  and keep the best by a response-level score (chosen by the caller,
-  :func:`tokur_decode.hf.generate`);
-* **roll back** (:class:`Rollback`): when a (window) signal fires, take back the row's
-  last ``rewind`` tokens, regenerate them with a fresh draw at ``temperature``, and keep
-  whichever continuation scores better on the trigger's signal; at most
+* **branch** (:class:`~.branching.BranchPolicy`): when a trigger fires for a row, or at
+  the first token (CoT-decoding, Wang & Zhou 2024), fork the step's top-``k``
+  alternatives into ``k`` rows that share the prefix cache
+  (``DynamicCache.reorder_cache``), continue them all, and keep the best by a
+  response-level score (chosen by the caller, :func:`tokur_decode.hf.generate`);
+* **roll back** (:class:`~.rollback.RollbackPolicy`): when a (window) signal fires, take
+  back the row's last ``rewind`` tokens, regenerate them with a fresh draw at
+  ``temperature``, and keep whichever continuation scores better on the trigger's signal; at most
   ``max_retries`` times per row;
 * **advance in reasoning steps** (:meth:`Controller.advance`): every row decodes to the
   end of its next step and waits there (masked padding) for the others, so that a
@@ -49,23 +49,18 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from ..core.checks import check_temperature, check_top_p
-from ..core.events import Fork
-from ..core.policy import Trigger, TriggerState
 from ..core.steps import StepEnds
 from ..core.text import decode_rows
 from ..core.trace import Trace
-from ..strategies import actions
-from ..strategies.candidates import fork_alternatives
 from .monitor import UncertaintyMonitor
 
-__all__ = ["Branch", "Controller", "Rollback"]
+__all__ = ["Controller"]
 
 #: Per-row state tensors that forks select and every step extends or updates.
 _ROW_STATE = (
@@ -369,236 +364,3 @@ class Controller:
             texts=texts,
             meta={**full.meta, "controller": True},
         )
-
-
-class Branch:
-    """Fork a row into its step's top-``k`` alternatives, each continued as its own row.
-
-    Args:
-        k: alternatives per branch point (the row's own choice is the first one, so
-            ``k = 1`` changes nothing). Alternatives with probability 0 are skipped.
-        trigger: branch where it fires; ``None`` branches at the first token
-            (CoT-decoding).
-        max_branch_points: forks per prompt at most.
-        token_budget: per prompt, a fork happens only if all of the prompt's rows
-            running to ``max_new_tokens`` stay within this many tokens (``None``: no cap).
-
-    A trigger restarts (patience, window) at every step where it fired, whether the row
-    forked or not (the cap or the budget can refuse a fork); the forked rows' trigger
-    watches from the next step on.
-
-    After :meth:`Controller.run`, ``origin[i]`` is the prompt of row ``i`` and
-    ``events[p]`` lists prompt ``p``'s forks (``candidate``: the forking row's index
-    among the prompt's candidates).
-    """
-
-    extra_steps = 0
-
-    def __init__(
-        self,
-        k: int = actions.Branch.k,
-        trigger: Trigger | None = None,
-        *,
-        max_branch_points: int = actions.Branch.max_branch_points,
-        token_budget: int | None = None,
-    ) -> None:
-        for name, value in (("k", k), ("max_branch_points", max_branch_points)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if token_budget is not None and (
-            isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1
-        ):
-            raise ValueError(f"token_budget must be None or an integer >= 1, got {token_budget!r}")
-        if trigger is not None and trigger.threshold is None:
-            raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
-        self.k = k
-        self.trigger = trigger
-        self.max_branch_points = max_branch_points
-        self.token_budget = token_budget
-
-    def start(self, ctrl: Controller) -> None:
-        batch = ctrl.batch_size
-        self.origin = list(range(batch))
-        self.points = [0] * batch
-        self.events: list[list[dict]] = [[] for _ in range(batch)]
-        if self.trigger is not None:
-            ctrl.monitor.check_step_output(self.trigger.signal)
-        self.state = (
-            TriggerState(self.trigger, batch, ctrl.device) if self.trigger is not None else None
-        )
-
-    def step(self, ctrl: Controller, step: int) -> None:
-        live = ~ctrl.finished
-        if self.state is None:
-            if step > 0:
-                return
-            fired, values = live, None
-        else:
-            fired = self.state.update(ctrl.monitor.latest(self.trigger.signal), step, live)
-            values = self.state.smoothed_value
-        if not bool(fired.any()):
-            return
-        rows = fired.nonzero().flatten().tolist()
-        scores = ctrl.scores[rows]
-        top_values, top_ids = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
-        usable = (top_values > -math.inf).tolist()
-        top_ids = top_ids.tolist()
-        remaining = ctrl.max_new_tokens - step
-        used = ctrl.n_answer.tolist()  # grows with the rows forked at this step
-        running = live.tolist()
-        index, forced = list(range(ctrl.batch_size)), {}
-        for j, row in enumerate(rows):
-            prompt = self.origin[row]
-            if self.points[prompt] >= self.max_branch_points:
-                continue
-            mine = [i for i, o in enumerate(self.origin) if o == prompt]
-            alternatives = fork_alternatives(
-                [t for t, ok in zip(top_ids[j], usable[j], strict=True) if ok],
-                self.token_budget,
-                spent=sum(used[i] for i in mine),
-                running=sum(running[i] for i in mine),
-                remaining=remaining,
-            )
-            if len(alternatives) < 2:
-                continue
-            self.points[prompt] += 1
-            forced[row] = alternatives[0]
-            for token in alternatives[1:]:
-                forced[len(index)] = token
-                index.append(row)
-                self.origin.append(prompt)
-                used.append(used[row])
-                running.append(True)
-            value = float(values[row]) if values is not None else None
-            fork = Fork.of(
-                self.trigger,
-                step=step,
-                candidate=mine.index(row),
-                value=value,
-                alternatives=alternatives,
-            )
-            self.events[prompt].append(fork.to_dict())
-        if len(index) > ctrl.batch_size:
-            ctrl.select_rows(index)
-            if self.state is not None:
-                self.state.select_rows(torch.tensor(index, device=ctrl.device))
-        if forced:
-            rows_forced = torch.tensor(list(forced), device=ctrl.device)
-            ctrl.force[rows_forced] = True
-            ctrl.forced_token[rows_forced] = torch.tensor(list(forced.values()), device=ctrl.device)
-        if self.state is not None:  # every fire is handled once: forked or not, it restarts
-            handled = torch.zeros_like(ctrl.force)
-            handled[rows] = True
-            self.state.reset_rows(handled | ctrl.force)
-
-
-class Rollback:
-    """Take back a row's last tokens when its trigger fires and regenerate them.
-
-    When the trigger fires for a row with retries left, its last ``rewind`` answer
-    tokens are taken back and regenerated at ``temperature``. Once the new continuation
-    is as long as the old one (or ends), the two are compared by the mean of the
-    trigger's signal over their tokens plus the distribution that follows them (for an
-    ``"above"`` trigger lower is better); the better one stays. The trigger restarts
-    for the row afterwards.
-
-    Args:
-        trigger: when to roll back (typically a ``window`` mean, e.g. of entropy).
-        rewind: answer tokens taken back.
-        temperature: sampling temperature of the regeneration (> 0).
-        max_retries: rollbacks per row at most.
-    """
-
-    def __init__(
-        self,
-        trigger: Trigger,
-        *,
-        rewind: int = actions.Rollback.rewind,
-        temperature: float = actions.Rollback.temperature,
-        max_retries: int = actions.Rollback.max_retries,
-    ) -> None:
-        if not isinstance(trigger, Trigger):
-            raise ValueError(f"trigger must be a Trigger, got {type(trigger).__name__}")
-        if trigger.threshold is None:
-            raise ValueError(f"threshold: the trigger on {trigger.signal!r} is not calibrated")
-        for name, value in (("rewind", rewind), ("max_retries", max_retries)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.trigger = trigger
-        self.rewind = rewind
-        self.temperature = temperature
-        self.max_retries = max_retries
-        # Each retry costs at most one fed-again column, the regenerated tokens, and a
-        # restore (one more fed-again column and the discarded regeneration).
-        self.extra_steps = max_retries * (2 * rewind + 2)
-
-    def start(self, ctrl: Controller) -> None:
-        ctrl.monitor.check_step_output(self.trigger.signal)
-        self.retries = [0] * ctrl.batch_size
-        self.attempts: dict[int, dict] = {}
-        self.events: list[list[dict]] = [[] for _ in range(ctrl.batch_size)]
-        self.state = TriggerState(self.trigger, ctrl.batch_size, ctrl.device)
-        self._sign = 1.0 if self.trigger.direction == "above" else -1.0
-
-    def _badness(self, ctrl: Controller, row: int, steps: Sequence[int]) -> float:
-        values = ctrl.monitor.values(self.trigger.signal)[row, list(steps)]
-        return self._sign * float(values.mean())
-
-    def step(self, ctrl: Controller, step: int) -> None:
-        if self.attempts:
-            self._settle(ctrl, step)
-        busy = torch.zeros_like(ctrl.finished)
-        if self.attempts:
-            busy[list(self.attempts)] = True
-        active = ~ctrl.finished & ~ctrl.refeed & ~busy
-        fired = self.state.update(ctrl.monitor.latest(self.trigger.signal), step, active)
-        if not bool(fired.any()):
-            return
-        for row in fired.nonzero().flatten().tolist():
-            old = ctrl.answer_steps(row)[-self.rewind :]
-            if self.retries[row] >= self.max_retries or not old:
-                continue
-            self.retries[row] += 1
-            event = {
-                "action": "rollback",
-                "step": len(ctrl.answer_steps(row)),
-                "signal": self.trigger.signal,
-                "value": float(self.state.smoothed_value[row]),
-                "threshold": self.trigger.threshold,
-                "direction": self.trigger.direction,
-                "rewound": len(old),
-                "retry": self.retries[row],
-                "rewound_ids": ctrl.tokens[row, [ctrl.prompt_len + s for s in old]].tolist(),
-            }
-            self.events[row].append(event)
-            self.attempts[row] = {
-                "old": old,
-                "old_badness": self._badness(ctrl, row, [*old, step]),
-                "from": step,
-                "event": event,
-            }
-            ctrl.take_back(row, old)
-            ctrl.set_temperature(row, self.temperature)
-
-    def _settle(self, ctrl: Controller, step: int) -> None:
-        """Compare finished regenerations with what they replaced; keep the better."""
-        finished = ctrl.finished.tolist()
-        for row, attempt in list(self.attempts.items()):
-            new = [s for s in ctrl.answer_steps(row) if s > attempt["from"]]
-            if len(new) < len(attempt["old"]) and not finished[row]:
-                continue
-            del self.attempts[row]
-            scored = new if finished[row] else [*new, step]
-            badness = self._badness(ctrl, row, scored) if scored else math.inf
-            keep_new = badness < attempt["old_badness"]
-            attempt["event"].update(
-                kept="new" if keep_new else "old",
-                old_score=self._sign * attempt["old_badness"],
-                new_score=self._sign * badness if scored else None,
-            )
-            if not keep_new:
-                ctrl.put_back(row, attempt["old"], new)
-            ctrl.set_temperature(row, ctrl.base_temperature)
-            self.state.reset_rows(torch.arange(ctrl.batch_size, device=ctrl.device) == row)

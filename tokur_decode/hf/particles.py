@@ -9,10 +9,10 @@ parent's cached prefix. Made by :meth:`tokur_decode.hf.HFBackend.particles`.
 Example:
     >>> from tokur_decode.hf import HFBackend
     >>> from tokur_decode.models import load_default
-    >>> from tokur_decode.strategies.backend import Request, Sampling, Steps
+    >>> from tokur_decode.strategies.backend import Request, Sampling, StepsAct
     >>> backend = HFBackend(*load_default())                              # doctest: +SKIP
     >>> request = Request(("entropy",), Sampling(temperature=0.7), n=4,
-    ...                   act=Steps("\\n\\n", 32))
+    ...                   act=StepsAct("\\n\\n", 32))
     >>> with backend.particles(["What is 2 + 2?"], request) as particles:  # doctest: +SKIP
     ...     step, done = particles.advance()
     ...     particles.select([0, 0, 1, 1])

@@ -8,7 +8,7 @@ execute from these objects.
 
 Example:
     >>> action_config({"type": "best-of-n", "n": 4, "score": "self_certainty"})
-    BestOfN(score='self_certainty', reducer='mean', higher_is_better=True, method='argmax', \
+    BestOfNConfig(score='self_certainty', reducer='mean', higher_is_better=True, method='argmax', \
 eta=1.0, eta_rule='deepconf', borda_p=0.5, n=4, temperature=0.7, top_p=1.0)
     >>> action_config({"type": "branch", "k": 0})
     Traceback (most recent call last):
@@ -36,19 +36,19 @@ from ..core.steps import DEFAULT_DELIMITER, check_delimiter
 
 __all__ = [
     "ACTIONS",
-    "Abstain",
+    "AbstainConfig",
     "ActionConfig",
-    "AdaptiveSampling",
-    "BestOfN",
-    "Branch",
-    "DeepConfOnline",
-    "NoAction",
-    "ParticleFilter",
-    "Resample",
-    "Rollback",
-    "Selection",
-    "StepRedraw",
-    "Stop",
+    "AdaptiveSamplingConfig",
+    "BestOfNConfig",
+    "BranchConfig",
+    "DeepConfOnlineConfig",
+    "NoActionConfig",
+    "ParticleFilterConfig",
+    "ResampleConfig",
+    "RollbackConfig",
+    "SelectionConfig",
+    "StepRedrawConfig",
+    "StopConfig",
     "action_config",
 ]
 
@@ -84,14 +84,14 @@ class ActionConfig:
 
 
 @dataclass(frozen=True)
-class NoAction(ActionConfig):
+class NoActionConfig(ActionConfig):
     """Record the signals; do nothing."""
 
     type: ClassVar[str] = "none"
 
 
 @dataclass(frozen=True)
-class Stop(ActionConfig):
+class StopConfig(ActionConfig):
     """Stop (force EOS) where the trigger fires; the answer becomes ``abstain_text`` when
     set."""
 
@@ -101,7 +101,7 @@ class Stop(ActionConfig):
 
 
 @dataclass(frozen=True)
-class Resample(ActionConfig):
+class ResampleConfig(ActionConfig):
     """Change the distribution where the trigger fires: ``"veto"`` removes the argmax;
     ``"adaptive"`` (entropix-style) divides the logits by ``clamp(temperature +
     entropy_coef * H + varentropy_coef * varentropy, min_temperature, max_temperature)``
@@ -146,7 +146,7 @@ class Resample(ActionConfig):
 
 
 @dataclass(frozen=True)
-class Selection(ActionConfig):
+class SelectionConfig(ActionConfig):
     """How candidates are chosen: the ``reducer`` of output ``score`` per candidate
     (``higher_is_better``), then ``method`` (see :func:`tokur_decode.core.select.choose`)
     over the top ``eta`` fraction as ``eta_rule`` counts it (``"deepconf"``, ``"tokur"``
@@ -177,7 +177,7 @@ class Selection(ActionConfig):
 
 
 @dataclass(frozen=True)
-class BestOfN(Selection):
+class BestOfNConfig(SelectionConfig):
     """Sample ``n`` answers at ``temperature`` / ``top_p``; keep the selected one."""
 
     type: ClassVar[str] = "best-of-n"
@@ -193,7 +193,7 @@ class BestOfN(Selection):
 
 
 @dataclass(frozen=True)
-class Branch(Selection):
+class BranchConfig(SelectionConfig):
     """Fork into the top ``k`` tokens at the first token (``at = "first"``) or where the
     trigger fires (``"trigger"``), at most ``max_branch_points`` times per prompt, within
     ``token_budget`` tokens per prompt (0: no cap); keep the selected branch."""
@@ -221,7 +221,7 @@ class Branch(Selection):
 
 
 @dataclass(frozen=True)
-class Rollback(ActionConfig):
+class RollbackConfig(ActionConfig):
     """Where the trigger fires, take back ``rewind`` tokens and decode them again at
     ``temperature``, at most ``max_retries`` times per row."""
 
@@ -237,7 +237,7 @@ class Rollback(ActionConfig):
 
 
 @dataclass(frozen=True)
-class DeepConfOnline(Selection):
+class DeepConfOnlineConfig(SelectionConfig):
     """DeepConf online (Fu et al. 2025): ``warmup`` of ``n`` answers calibrate a
     threshold (the ``100 - keep`` percentile of their lowest ``window``-token group
     confidence); the others stop below it; the survivors vote."""
@@ -265,7 +265,7 @@ class DeepConfOnline(Selection):
 
 
 @dataclass(frozen=True)
-class AdaptiveSampling(ActionConfig):
+class AdaptiveSamplingConfig(ActionConfig):
     """Sample answers ``window`` at a time, at most ``n``, until the vote is settled
     (``rule``: ``"esc"``, a window that agrees; ``"beta"``, Adaptive-Consistency's
     ``P(leader beats runner-up) >= threshold``: :mod:`tokur_decode.core.adaptive`); the
@@ -292,7 +292,7 @@ class AdaptiveSampling(ActionConfig):
 
 
 @dataclass(frozen=True)
-class ParticleFilter(ActionConfig):
+class ParticleFilterConfig(ActionConfig):
     """Particle filtering over reasoning steps (:mod:`tokur_decode.core.particles`): ``n``
     particles per prompt, sampled at ``temperature`` / ``top_p``, advance one step at a
     time (a step ends where its text contains ``delimiter``, or after ``step_tokens``
@@ -343,7 +343,7 @@ class ParticleFilter(ActionConfig):
 
 
 @dataclass(frozen=True)
-class StepRedraw(ActionConfig):
+class StepRedrawConfig(ActionConfig):
     """Uncertainty-gated redrawing of reasoning steps (MUR, Yan et al. 2025): each answer
     is decoded one step at a time (a step ends where its text contains ``delimiter``,
     or after ``step_tokens`` tokens), sampled at ``temperature`` / ``top_p``. A step is
@@ -400,7 +400,7 @@ class StepRedraw(ActionConfig):
 
 
 @dataclass(frozen=True)
-class Abstain(ActionConfig):
+class AbstainConfig(ActionConfig):
     """Answer, then replace the answer by ``abstain_text`` unless its response score
     passes the rule: ``score`` (a :mod:`tokur_decode.core.scores` name, or ``"probe"``
     with a ``probe``) ``>= threshold`` when ``keep = "above"``, ``<= threshold`` when
@@ -446,17 +446,17 @@ class Abstain(ActionConfig):
 ACTIONS: dict[str, type[ActionConfig]] = {
     cls.type: cls
     for cls in (
-        NoAction,
-        Stop,
-        Resample,
-        BestOfN,
-        Branch,
-        Rollback,
-        DeepConfOnline,
-        AdaptiveSampling,
-        ParticleFilter,
-        StepRedraw,
-        Abstain,
+        NoActionConfig,
+        StopConfig,
+        ResampleConfig,
+        BestOfNConfig,
+        BranchConfig,
+        RollbackConfig,
+        DeepConfOnlineConfig,
+        AdaptiveSamplingConfig,
+        ParticleFilterConfig,
+        StepRedrawConfig,
+        AbstainConfig,
     )
 }
 

@@ -34,15 +34,15 @@ from . import actions
 
 __all__ = [
     "Backend",
-    "Branch",
+    "BranchAct",
     "Decoded",
     "Particles",
     "Request",
-    "Resample",
-    "Rollback",
+    "ResampleAct",
+    "RollbackAct",
     "Sampling",
-    "Steps",
-    "Stop",
+    "StepsAct",
+    "StopAct",
 ]
 
 
@@ -76,7 +76,7 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class Stop:
+class StopAct:
     """Stop a row where ``trigger`` fires (a forced EOS). ``thresholds``: one per
     prompt, overriding the trigger's (DeepConf online's calibrated thresholds)."""
 
@@ -86,38 +86,38 @@ class Stop:
 
 
 @dataclass(frozen=True)
-class Resample:
+class ResampleAct:
     """Change a row's distribution at the steps where ``trigger`` fires, as ``rule``
     says. ``recipe``: the shipped name or TOML path the recipe came from, for engines
     that load it themselves (vLLM)."""
 
     trigger: Trigger
-    rule: actions.Resample = actions.Resample()
+    rule: actions.ResampleConfig = actions.ResampleConfig()
     recipe: str | None = None
     needs: ClassVar[str] = "changing a row's distribution inside decoding"
 
 
 @dataclass(frozen=True)
-class Branch:
+class BranchAct:
     """Fork rows as ``config`` says, at the first token (``trigger`` ``None``) or where
     ``trigger`` fires."""
 
     trigger: Trigger | None
-    config: actions.Branch = actions.Branch()
+    config: actions.BranchConfig = actions.BranchConfig()
     needs: ClassVar[str] = "forking answers"
 
 
 @dataclass(frozen=True)
-class Rollback:
+class RollbackAct:
     """Where ``trigger`` fires, roll back as ``config`` says."""
 
     trigger: Trigger
-    config: actions.Rollback = actions.Rollback()
+    config: actions.RollbackConfig = actions.RollbackConfig()
     needs: ClassVar[str] = "tokur-decode's own decoding loop (use the transformers backend)"
 
 
 @dataclass(frozen=True)
-class Steps:
+class StepsAct:
     """Decode in reasoning steps: :meth:`Backend.particles` advances every particle to
     the end of its next step (its text contains ``delimiter``, or ``max_tokens`` more
     tokens), then waits to be told which particles continue."""
@@ -127,7 +127,7 @@ class Steps:
     needs: ClassVar[str] = "continuing particles step by step"
 
 
-Act = Stop | Resample | Branch | Rollback | Steps
+Act = StopAct | ResampleAct | BranchAct | RollbackAct | StepsAct
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Decoded:
             prompt-major.
         prompt_of: the prompt each row answers.
         events: what the act did, in order: per row (fires, roll-backs); for a
-            :class:`Branch`, whose forks make the rows, per prompt.
+            :class:`BranchAct`, whose forks make the rows, per prompt.
         tokens: tokens decoded in all (forks', roll-backs' and probes' included).
     """
 
@@ -223,11 +223,11 @@ def one_per_particle(values: Sequence, particles: int, name: str) -> list:
 @runtime_checkable
 class Backend(Protocol):
     """An engine as the strategies see it. One whose :attr:`acts` include
-    :class:`Steps` also offers ``particles(prompts, request)``: a context manager giving
+    :class:`StepsAct` also offers ``particles(prompts, request)``: a context manager giving
     :class:`Particles` (``request.n`` per prompt, ``request.act`` the steps)."""
 
-    #: The act types :meth:`decode` runs (a subset of ``Stop, Resample, Branch,
-    #: Rollback``).
+    #: The act types :meth:`decode` runs (a subset of ``StopAct, ResampleAct, BranchAct,
+    #: RollbackAct``).
     acts: tuple[type, ...]
 
     def decode(self, prompts: Sequence[str], request: Request) -> Decoded:

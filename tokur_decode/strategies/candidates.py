@@ -11,8 +11,8 @@ Example:
     >>> trace = Trace(signals={"self_certainty": torch.tensor([[1.0, 2.0], [3.0, 4.0]])},
     ...               token_ids=torch.zeros(2, 2, dtype=torch.long), lengths=torch.tensor([2, 2]),
     ...               texts=["4", "5"])
-    >>> from tokur_decode.strategies.actions import BestOfN
-    >>> params = BestOfN(score="self_certainty")
+    >>> from tokur_decode.strategies.actions import BestOfNConfig
+    >>> params = BestOfNConfig(score="self_certainty")
     >>> chosen, records, _ = choose_candidates(trace, [[0, 1]], params, str.strip)
     >>> chosen, records[0]["scores"]
     ([1], [1.5, 3.5])
@@ -26,7 +26,7 @@ from ..core import aggregate
 from ..core.policy import Trigger
 from ..core.select import choose
 from ..core.trace import Trace
-from .actions import DeepConfOnline, Selection
+from .actions import DeepConfOnlineConfig, SelectionConfig
 
 __all__ = [
     "deepconf_thresholds",
@@ -40,7 +40,7 @@ __all__ = [
 def choose_candidates(
     trace: Trace,
     groups: Sequence[Sequence[int]],
-    params: Selection,
+    params: SelectionConfig,
     extract: Callable[[str], object],
     **reducer_params,
 ) -> tuple[list[int], list[dict], list[Trace]]:
@@ -123,7 +123,7 @@ def deepconf_trigger(window: int) -> Trigger:
     return Trigger("deepconf", direction="below", window=window, min_tokens=window)
 
 
-def deepconf_thresholds(warm: Trace, warmup: int, params: DeepConfOnline) -> list[float]:
+def deepconf_thresholds(warm: Trace, warmup: int, params: DeepConfOnlineConfig) -> list[float]:
     """One threshold per prompt from its ``warmup`` consecutive warm-up rows of ``warm``:
     the ``100 - keep`` percentile of their lowest group confidence (DeepConf online)."""
     window = params.window
@@ -143,7 +143,7 @@ def deepconf_vote(
     later: Trace,
     stopped: Sequence[bool],
     thresholds: Sequence[float],
-    params: DeepConfOnline,
+    params: DeepConfOnlineConfig,
     extract: Callable[[str], object],
     max_new_tokens: int,
 ) -> tuple[Trace, list[int], list[list[dict]], list[Trace]]:

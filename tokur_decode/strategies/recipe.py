@@ -68,7 +68,7 @@ from pathlib import Path
 from ..core.checks import check_temperature, check_top_p
 from ..core.perturbation import checked_options
 from ..core.policy import Trigger
-from .actions import ActionConfig, NoAction, action_config
+from .actions import ActionConfig, NoActionConfig, action_config
 
 __all__ = ["Strategy", "available", "strategies_dir"]
 
@@ -99,7 +99,7 @@ class Strategy:
     name: str
     description: str = ""
     signals: tuple[str, ...] = ()
-    config: ActionConfig = NoAction()
+    config: ActionConfig = NoActionConfig()
     trigger: Trigger | None = None
     tokur: dict | None = None
     generation: dict = field(default_factory=dict)

@@ -5,20 +5,20 @@ it needs, then the action type's procedure through one dispatch table.
 action type            what runs (through :meth:`~.backend.Backend.decode`)
 =====================  ===========================================================
 ``none``               one decode, signals recorded
-``stop``               one decode with :class:`~.backend.Stop`; a stopped row answers
+``stop``               one decode with :class:`~.backend.StopAct`; a stopped row answers
                        the recipe's ``abstain_text`` when it has one
-``resample``           one decode with :class:`~.backend.Resample`
+``resample``           one decode with :class:`~.backend.ResampleAct`
 ``best-of-n``          ``n`` sampled answers per prompt, one chosen
                        (:func:`~.candidates.choose_candidates`)
 ``deepconf-online``    warm-up answers calibrate a threshold per prompt, the later
                        answers stop at it, the survivors vote
-``branch``             :class:`~.backend.Branch` forks, then one candidate is chosen
-``rollback``           :class:`~.backend.Rollback`
+``branch``             :class:`~.backend.BranchAct` forks, then one candidate is chosen
+``rollback``           :class:`~.backend.RollbackAct`
 ``abstain``            one decode; an answer whose response score fails the rule
                        answers the rule's ``abstain_text`` (a calibrated rule:
                        ``tokur-decode calibrate``)
 ``adaptive-sampling``  answers drawn in windows until the vote is settled
-``particle-filter``    particles advance step by step (:class:`~.backend.Steps`),
+``particle-filter``    particles advance step by step (:class:`~.backend.StepsAct`),
                        weighted by a step score, resampled, then vote
 ``step-redraw``        answers advance step by step; a step whose score falls below
                        the answer's momentum is drawn again, the best draw kept
@@ -56,7 +56,7 @@ from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_s
 from ..core.text import normalize_answer
 from ..core.trace import Trace, check_alternatives
 from . import backend as b
-from .actions import Abstain, ParticleFilter, Selection, StepRedraw
+from .actions import AbstainConfig, ParticleFilterConfig, SelectionConfig, StepRedrawConfig
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
@@ -93,9 +93,11 @@ def needed_signals(strat: Strategy | None, signals: Iterable[str] | str | None) 
     needed = []
     if strat is not None and strat.trigger is not None:
         needed.append(signal_of_output(strat.trigger.signal))
-    if strat is not None and isinstance(strat.config, Selection):
+    if strat is not None and isinstance(strat.config, SelectionConfig):
         needed.append(signal_of_output(strat.config.score))
-    if strat is not None and isinstance(strat.config, Abstain | ParticleFilter | StepRedraw):
+    if strat is not None and isinstance(
+        strat.config, AbstainConfig | ParticleFilterConfig | StepRedrawConfig
+    ):
         needed += [signal_of_output(output) for output in strat.config.outputs]
     return tuple(dict.fromkeys([*names, *needed]))
 
@@ -334,11 +336,13 @@ def _plain(job: _Job) -> GenerationResult:
 
 
 def _stop(job: _Job) -> GenerationResult:
-    return _single(job, b.Stop(job.plan.strat.trigger))
+    return _single(job, b.StopAct(job.plan.strat.trigger))
 
 
 def _resample(job: _Job) -> GenerationResult:
-    return _single(job, b.Resample(job.plan.strat.trigger, job.plan.strat.config, job.plan.recipe))
+    return _single(
+        job, b.ResampleAct(job.plan.strat.trigger, job.plan.strat.config, job.plan.recipe)
+    )
 
 
 def _best_of_n(job: _Job) -> GenerationResult:
@@ -365,7 +369,7 @@ def _deepconf_online(job: _Job) -> GenerationResult:
     seed = sampling.seed
     later = job.decode(
         n=online,
-        act=b.Stop(deepconf_trigger(p.window), thresholds=tuple(thresholds)),
+        act=b.StopAct(deepconf_trigger(p.window), thresholds=tuple(thresholds)),
         sampling=replace(sampling, seed=None if seed is None else seed + warmup),
     )
     stopped = [bool(events) for events in later.events]
@@ -432,7 +436,9 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
-def _answers_so_far_scored(p: ParticleFilter | StepRedraw, answers: Trace) -> np.ndarray:
+def _answers_so_far_scored(
+    p: ParticleFilterConfig | StepRedrawConfig, answers: Trace
+) -> np.ndarray:
     """Each particle's answer so far scored as ``p`` says (float64 ``[particles]``): the
     probe's probability that it is wrong, else the ``reducer`` of the ``score`` signal
     over all its tokens (a step reducer over its steps)."""
@@ -445,7 +451,7 @@ def _answers_so_far_scored(p: ParticleFilter | StepRedraw, answers: Trace) -> np
 
 
 def _particle_filter(job: _Job) -> GenerationResult:
-    """Particle filtering (:class:`~.actions.ParticleFilter`): every prompt's ``n``
+    """Particle filtering (:class:`~.actions.ParticleFilterConfig`): every prompt's ``n``
     particles advance one step at a time in one batch (:meth:`~.backend.Backend.particles`);
     after each step a particle's potential (its answer so far scored, over the weight
     temperature) is updated and its log-weight moves by the potential's change; a
@@ -455,7 +461,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
     particles vote weighted by their final weights (the chosen particle: the heaviest
     with the winning answer). Records per prompt the weights, the answers, every
     resampling and the tokens decoded."""
-    p: ParticleFilter = job.plan.strat.config
+    p: ParticleFilterConfig = job.plan.strat.config
     n, count = p.n, len(job.plan.prompts)
     rng = np.random.default_rng(job.plan.candidates.seed)
     log_w = np.zeros((count, n))
@@ -466,7 +472,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
         job.plan.signals,
         job.plan.candidates,
         n,
-        b.Steps(p.delimiter, p.step_tokens),
+        b.StepsAct(p.delimiter, p.step_tokens),
         job.plan.tokur,
     )
     steps = 0
@@ -527,7 +533,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
 
 
 def _step_redraw(job: _Job) -> GenerationResult:
-    """Uncertainty-gated step redrawing (:class:`~.actions.StepRedraw`): each prompt has
+    """Uncertainty-gated step redrawing (:class:`~.actions.StepRedrawConfig`): each prompt has
     ``n`` rows, all copies of its answer so far. Every round the first row decodes the
     next step while the others wait (:meth:`~.backend.Particles.advance`'s ``hold``);
     where the step's score falls below the answer's momentum
@@ -536,14 +542,14 @@ def _step_redraw(job: _Job) -> GenerationResult:
     probe the draw whose answer so far the probe finds least likely wrong. Records per
     prompt every redrawn step (its draws' scores, the momentum, the probe's p(wrong),
     the draw kept) and the tokens decoded."""
-    p: StepRedraw = job.plan.strat.config
+    p: StepRedrawConfig = job.plan.strat.config
     n, count = p.n, len(job.plan.prompts)
     first = np.arange(count) * n  # each prompt's row that draws every step
     request = b.Request(
         job.plan.signals,
         job.plan.candidates,
         n,
-        b.Steps(p.delimiter, p.step_tokens),
+        b.StepsAct(p.delimiter, p.step_tokens),
         job.plan.tokur,
     )
     momentum = StepMomentum(count, p.momentum, p.scaling_rate)
@@ -609,7 +615,7 @@ def _step_redraw(job: _Job) -> GenerationResult:
 
 def _branch(job: _Job) -> GenerationResult:
     p = job.plan.strat.config
-    out = job.decode(act=b.Branch(job.plan.strat.trigger, p))
+    out = job.decode(act=b.BranchAct(job.plan.strat.trigger, p))
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [
@@ -622,13 +628,13 @@ def _branch(job: _Job) -> GenerationResult:
 
 
 def _rollback(job: _Job) -> GenerationResult:
-    return _single(job, b.Rollback(job.plan.strat.trigger, job.plan.strat.config))
+    return _single(job, b.RollbackAct(job.plan.strat.trigger, job.plan.strat.config))
 
 
 def _abstain(job: _Job) -> GenerationResult:
     """Answer; where the response score fails the rule, answer the abstain text. Each
     prompt's actions record the score, the rule and its guarantee."""
-    rule: Abstain = job.plan.strat.config
+    rule: AbstainConfig = job.plan.strat.config
     result = _single(job)
     if rule.probe is not None:
         values = rule.probe.p_wrong_trace(result.trace)
@@ -664,16 +670,16 @@ class _Procedure:
 #: Each action type's procedure, and the act a backend needs for it.
 PROCEDURES: dict[str, _Procedure] = {
     "none": _Procedure(_plain, None),
-    "stop": _Procedure(_stop, b.Stop),
-    "resample": _Procedure(_resample, b.Resample),
+    "stop": _Procedure(_stop, b.StopAct),
+    "resample": _Procedure(_resample, b.ResampleAct),
     "best-of-n": _Procedure(_best_of_n, None),
-    "deepconf-online": _Procedure(_deepconf_online, b.Stop),
-    "branch": _Procedure(_branch, b.Branch),
-    "rollback": _Procedure(_rollback, b.Rollback),
+    "deepconf-online": _Procedure(_deepconf_online, b.StopAct),
+    "branch": _Procedure(_branch, b.BranchAct),
+    "rollback": _Procedure(_rollback, b.RollbackAct),
     "abstain": _Procedure(_abstain, None),
     "adaptive-sampling": _Procedure(_adaptive_sampling, None),
-    "particle-filter": _Procedure(_particle_filter, b.Steps),
-    "step-redraw": _Procedure(_step_redraw, b.Steps),
+    "particle-filter": _Procedure(_particle_filter, b.StepsAct),
+    "step-redraw": _Procedure(_step_redraw, b.StepsAct),
 }
 #: The procedures that sample candidates (at the caller's or the recipe's temperature).
 _SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling", "particle-filter", "step-redraw")

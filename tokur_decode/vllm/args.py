@@ -74,7 +74,7 @@ from ..core.signals import (
     wants_samples,
 )
 from ..core.trace import check_alternatives
-from ..strategies.actions import Resample
+from ..strategies.actions import ResampleConfig
 from ..strategies.candidates import deepconf_trigger
 from ..strategies.recipe import Strategy
 from .tokur import TOKUR_OUTPUTS
@@ -283,7 +283,7 @@ def _parse(items: tuple) -> RequestSettings:
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
         raise ValueError(f"{PREFIX}action: 'none', 'stop' or 'resample', got {action!r}")
-    rule = config if isinstance(config, Resample) else Resample()
+    rule = config if isinstance(config, ResampleConfig) else ResampleConfig()
     mode = args.get(f"{PREFIX}mode", rule.mode)
     if mode not in ("veto", "adaptive"):
         raise ValueError(f"{PREFIX}mode: 'veto' or 'adaptive', got {mode!r}")

@@ -51,7 +51,7 @@ class VLLMBackend:
             ``logtoku_evidence``).
     """
 
-    acts = (acts.Stop, acts.Resample, acts.Branch, acts.Steps)
+    acts = (acts.StopAct, acts.ResampleAct, acts.BranchAct, acts.StepsAct)
 
     def __init__(self, engine, *, chat: bool | None = None, **signal_params) -> None:
         self.engine, self.chat, self.signal_params = engine, chat, signal_params
@@ -73,7 +73,7 @@ class VLLMBackend:
         and a request that asks for other values is refused, naming them."""
         signals, sampling, n, act = request.signals, request.sampling, request.n, request.act
         self._check_tokur(signals)
-        branching = isinstance(act, acts.Branch)
+        branching = isinstance(act, acts.BranchAct)
         tokur = self._tokur_settings(request, per_request=not branching)
         inputs = self.token_ids(prompts)
         if branching:
@@ -101,11 +101,11 @@ class VLLMBackend:
     @contextlib.contextmanager
     def particles(self, prompts: Sequence[str], request: acts.Request):
         """``request.n`` particles per prompt advancing in the steps of ``request.act``
-        (a :class:`~tokur_decode.strategies.backend.Steps`) as re-submitted requests: a
+        (a :class:`~tokur_decode.strategies.backend.StepsAct`) as re-submitted requests: a
         context manager giving :class:`~tokur_decode.vllm.particles.VLLMParticles`."""
         from .particles import VLLMParticles
 
-        if not isinstance(request.act, acts.Steps):
+        if not isinstance(request.act, acts.StepsAct):
             raise ValueError("act: particles advance in Steps")
         self._check_tokur(request.signals)
         self._tokur_settings(request, per_request=False)
@@ -177,7 +177,7 @@ def _settings(act, prompt: int) -> dict:
     """The request settings of ``act`` for prompt number ``prompt``."""
     if act is None:
         return {}
-    if isinstance(act, acts.Stop):
+    if isinstance(act, acts.StopAct):
         settings = stop_args(act.trigger)
         if act.thresholds is not None:
             settings["threshold"] = act.thresholds[prompt]

@@ -1,7 +1,7 @@
 """Branching through the engine: CoT-decoding and branch-on-trigger by re-submission.
 
 vLLM cannot fork a running request, so a branch recipe runs as rounds of requests that
-reproduce the transformers path's :class:`~tokur_decode.hf.controller.Branch` (same
+reproduce the transformers path's :class:`~tokur_decode.hf.branching.BranchPolicy` (same
 forks, same candidates, same choice under greedy decoding; tested on the engine):
 
 1. Each prompt is sent once with the recipe's trigger as a stop action and
@@ -52,7 +52,7 @@ class _Request:
 
 
 def branch(
-    backend, inputs: list[list[int]], names: tuple[str, ...], act: acts.Branch, sampling
+    backend, inputs: list[list[int]], names: tuple[str, ...], act: acts.BranchAct, sampling
 ) -> acts.Decoded:
     """Run ``act`` for the token-id prompts ``inputs`` on ``backend`` (a
     :class:`~tokur_decode.vllm.VLLMBackend`): every candidate, with ``tokens`` counting

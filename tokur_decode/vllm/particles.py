@@ -13,10 +13,10 @@ reached ``max_new_tokens``. Made by :meth:`tokur_decode.vllm.VLLMBackend.particl
 
 Example:
     >>> import tokur_decode.vllm as tv
-    >>> from tokur_decode.strategies.backend import Request, Sampling, Steps
+    >>> from tokur_decode.strategies.backend import Request, Sampling, StepsAct
     >>> backend = tv.VLLMBackend(tv.llm(enforce_eager=True))                # doctest: +SKIP
     >>> request = Request(("entropy",), Sampling(temperature=0.7), n=4,
-    ...                   act=Steps("\\n\\n", 32))
+    ...                   act=StepsAct("\\n\\n", 32))
     >>> with backend.particles(["What is 2 + 2?"], request) as particles:   # doctest: +SKIP
     ...     step, done = particles.advance()
     ...     particles.select([0, 0, 1, 1])

@@ -72,7 +72,7 @@ class RemoteBackend(VLLMBackend):
         ValueError: naming a bad parameter.
     """
 
-    acts = (acts.Stop, acts.Resample)
+    acts = (acts.StopAct, acts.ResampleAct)
     TOKUR_HOW = "start the server with tokur-decode serve --tokur"
 
     def __init__(
