@@ -55,11 +55,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ActionConfig:
-    """Base class: ``type`` is the recipe's ``action.type``; ``needs_trigger`` whether the
-    action reads a ``[trigger]`` table."""
+    """Base class: ``type`` is the recipe's ``action.type``; the class variables below
+    are what the strategy layer and the backends ask of an action type (capability
+    facts), so that no module keeps its own list of action names."""
 
     type: ClassVar[str]
+    #: Whether the action reads a ``[trigger]`` table.
     needs_trigger: ClassVar[bool] = False
+    #: Whether it samples candidates or particles (at the caller's temperature, else
+    #: its own, which must be > 0); such an action has no trigger threshold to set.
+    samples: ClassVar[bool] = False
+    #: What one engine request runs for it (``"none"``, ``"stop"``, ``"resample"``);
+    #: ``None``: it spans several requests (branch, abstain on a response score) or
+    #: needs tokur-decode's own decoding loop (rollback).
+    in_one_request: ClassVar[str | None] = None
+    #: Whether its answers can record each step's top-``k`` alternatives.
+    records_alternatives: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -88,6 +99,7 @@ class NoActionConfig(ActionConfig):
     """Record the signals; do nothing."""
 
     type: ClassVar[str] = "none"
+    in_one_request: ClassVar[str | None] = "none"
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class StopConfig(ActionConfig):
     set."""
 
     type: ClassVar[str] = "stop"
+    in_one_request: ClassVar[str | None] = "stop"
     needs_trigger: ClassVar[bool] = True
     abstain_text: str | None = None
 
@@ -108,6 +121,7 @@ class ResampleConfig(ActionConfig):
     and drops tokens below ``min_p * p_max``."""
 
     type: ClassVar[str] = "resample"
+    in_one_request: ClassVar[str | None] = "resample"
     needs_trigger: ClassVar[bool] = True
     #: The adaptive rule's parameters, in the order the engines take them.
     RULE: ClassVar[tuple[str, ...]] = (
@@ -181,6 +195,8 @@ class BestOfNConfig(SelectionConfig):
     """Sample ``n`` answers at ``temperature`` / ``top_p``; keep the selected one."""
 
     type: ClassVar[str] = "best-of-n"
+    samples: ClassVar[bool] = True
+    in_one_request: ClassVar[str | None] = "none"  # one request records, n candidates
     n: int = 8
     temperature: float = 0.7
     top_p: float = 1.0
@@ -243,6 +259,8 @@ class DeepConfOnlineConfig(SelectionConfig):
     confidence); the others stop below it; the survivors vote."""
 
     type: ClassVar[str] = "deepconf-online"
+    samples: ClassVar[bool] = True
+    in_one_request: ClassVar[str | None] = "stop"  # at a calibrated threshold
     score: str = "deepconf"
     reducer: str = "deepconf_lowest_group"
     method: str = "weighted"
@@ -272,6 +290,7 @@ class AdaptiveSamplingConfig(ActionConfig):
     answers drawn vote (majority)."""
 
     type: ClassVar[str] = "adaptive-sampling"
+    samples: ClassVar[bool] = True
     rule: str = "esc"
     window: int = 4
     n: int = 16
@@ -309,6 +328,8 @@ class ParticleFilterConfig(ActionConfig):
     is wrong."""
 
     type: ClassVar[str] = "particle-filter"
+    samples: ClassVar[bool] = True
+    records_alternatives: ClassVar[bool] = False
     n: int = 8
     score: str = "entropy"
     reducer: str = "mean"
@@ -369,6 +390,8 @@ class StepRedrawConfig(ActionConfig):
     """
 
     type: ClassVar[str] = "step-redraw"
+    samples: ClassVar[bool] = True
+    records_alternatives: ClassVar[bool] = False
     n: int = 4
     score: str = "chosen_logprob"
     reducer: str = "mean"

@@ -24,9 +24,10 @@ action type            what runs (through :meth:`~.backend.Backend.decode`)
                        the answer's momentum is drawn again, the best draw kept
 =====================  ===========================================================
 
-Adding an action type: a recipe key table in :mod:`~.recipe`, (if it acts inside
-decoding) an act config in :mod:`~.backend` that the backends execute, and a
-procedure in :data:`PROCEDURES`.
+Adding an action type: its configuration class in :mod:`~.actions` (its recipe keys
+as fields, its capability facts as class variables), (if it acts inside decoding) an
+act in :mod:`~.backend` that the backends execute, and its procedure in
+:data:`PROCEDURES`.
 
 Example:
     >>> from tokur_decode.hf import HFBackend
@@ -56,7 +57,21 @@ from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_s
 from ..core.text import normalize_answer
 from ..core.trace import Trace, check_alternatives
 from . import backend as b
-from .actions import AbstainConfig, ParticleFilterConfig, SelectionConfig, StepRedrawConfig
+from .actions import (
+    AbstainConfig,
+    ActionConfig,
+    AdaptiveSamplingConfig,
+    BestOfNConfig,
+    BranchConfig,
+    DeepConfOnlineConfig,
+    NoActionConfig,
+    ParticleFilterConfig,
+    ResampleConfig,
+    RollbackConfig,
+    SelectionConfig,
+    StepRedrawConfig,
+    StopConfig,
+)
 from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger, deepconf_vote
 from .recipe import Strategy
 
@@ -119,7 +134,12 @@ class Plan:
 
     @property
     def kind(self) -> str:
-        return self.strat.action if self.strat else "none"
+        return self.config.type
+
+    @property
+    def config(self) -> ActionConfig:
+        """The recipe's action (:class:`~.actions.NoActionConfig` without a recipe)."""
+        return self.strat.config if self.strat else NoActionConfig()
 
     @property
     def wants_samples(self) -> bool:
@@ -127,8 +147,8 @@ class Plan:
         return wants_samples(self.signals)
 
     def run(self, backend: b.Backend) -> GenerationResult:
-        _check_acts(self.kind, backend.acts, type(backend).__name__)
-        return PROCEDURES[self.kind].run(_Job(self, backend))
+        _check_acts(type(self.config), backend.acts, type(backend).__name__)
+        return PROCEDURES[type(self.config)].run(_Job(self, backend))
 
 
 @dataclass(frozen=True)
@@ -173,7 +193,8 @@ def plan(
         ValueError: naming the parameter.
     """
     strat = Strategy.load(strategy) if strategy is not None else None
-    kind = strat.action if strat else "none"
+    config = strat.config if strat else NoActionConfig()
+    kind = config.type
     defaults = strat.generation if strat else {}
     sampling = b.Sampling(
         temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
@@ -189,16 +210,16 @@ def plan(
     if not all(isinstance(p, str) for p in prompt_list):
         raise ValueError("prompts: each prompt must be a string")
     if threshold is not None:
-        if kind in _SAMPLED:
+        if config.samples:
             raise ValueError(f"threshold: {kind!r} has no trigger threshold to set")
-        if kind == "branch" and strat.trigger is None:
+        if isinstance(config, BranchConfig) and strat.trigger is None:
             raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
         if strat is None or strat.trigger is None:
             raise ValueError("threshold: this strategy has no trigger to set it on")
         strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
     candidates = None
-    if kind in _SAMPLED:  # the caller's sampling wins, else the recipe's
-        c = strat.config
+    if config.samples:  # the caller's sampling wins, else the recipe's
+        c = config
         chosen_t = c.temperature if temperature is None else temperature
         if not chosen_t > 0:
             raise ValueError(
@@ -208,19 +229,19 @@ def plan(
         candidates = replace(
             sampling, temperature=chosen_t, top_p=c.top_p if top_p is None else top_p
         )
-    if kind == "resample" and strat.config.mode == "adaptive" and not sampling.sampled:
+    if isinstance(config, ResampleConfig) and config.mode == "adaptive" and not sampling.sampled:
         raise ValueError(
             "temperature: the adaptive resample rule reshapes a sampled distribution; under "
             "greedy decoding it keeps the argmax and changes nothing (sample with "
             "temperature > 0, or use mode = 'veto')"
         )
-    if alternatives and kind in ("particle-filter", "step-redraw"):
+    if alternatives and not config.records_alternatives:
         raise ValueError(f"alternatives: {kind!r} does not record them")
     names = needed_signals(strat, signals)
     tokur = _tokur_options(strat, tokur)
     if tokur and not wants_samples(names):
         raise ValueError("tokur: options given but 'tokur' is not among the signals")
-    _check_acts(kind, acts, backend_name)
+    _check_acts(type(config), acts, backend_name)
     return Plan(
         prompts=prompt_list,
         strat=strat,
@@ -244,12 +265,12 @@ def _tokur_options(strat, given) -> dict | None:
     return checked_options(merged) if merged or given is not None else None
 
 
-def _check_acts(kind: str, acts: Sequence[type], backend_name: str) -> None:
-    procedure = PROCEDURES[kind]
+def _check_acts(config: type[ActionConfig], acts: Sequence[type], backend_name: str) -> None:
+    procedure = PROCEDURES[config]
     if procedure.act is not None and procedure.act not in acts:
-        runnable = [k for k, p in PROCEDURES.items() if p.act is None or p.act in acts]
+        runnable = [c.type for c, p in PROCEDURES.items() if p.act is None or p.act in acts]
         raise ValueError(
-            f"strategy: {kind!r} needs {procedure.act.needs}, which {backend_name} does "
+            f"strategy: {config.type!r} needs {procedure.act.needs}, which {backend_name} does "
             f"not offer (it runs: {', '.join(runnable)})"
         )
 
@@ -313,11 +334,8 @@ def _single(job: _Job, act=None) -> GenerationResult:
     """One decode, one answer per prompt."""
     out = job.decode(act=act)
     texts = list(out.trace.texts or [])
-    abstain = (
-        job.plan.strat.config.abstain_text
-        if job.plan.strat and job.plan.strat.action == "stop"
-        else None
-    )
+    config = job.plan.config
+    abstain = config.abstain_text if isinstance(config, StopConfig) else None
     if abstain is not None:
         for i, events in enumerate(out.events):
             if any("blocked" not in e for e in events):
@@ -668,18 +686,16 @@ class _Procedure:
 
 
 #: Each action type's procedure, and the act a backend needs for it.
-PROCEDURES: dict[str, _Procedure] = {
-    "none": _Procedure(_plain, None),
-    "stop": _Procedure(_stop, b.StopAct),
-    "resample": _Procedure(_resample, b.ResampleAct),
-    "best-of-n": _Procedure(_best_of_n, None),
-    "deepconf-online": _Procedure(_deepconf_online, b.StopAct),
-    "branch": _Procedure(_branch, b.BranchAct),
-    "rollback": _Procedure(_rollback, b.RollbackAct),
-    "abstain": _Procedure(_abstain, None),
-    "adaptive-sampling": _Procedure(_adaptive_sampling, None),
-    "particle-filter": _Procedure(_particle_filter, b.StepsAct),
-    "step-redraw": _Procedure(_step_redraw, b.StepsAct),
+PROCEDURES: dict[type[ActionConfig], _Procedure] = {
+    NoActionConfig: _Procedure(_plain, None),
+    StopConfig: _Procedure(_stop, b.StopAct),
+    ResampleConfig: _Procedure(_resample, b.ResampleAct),
+    BestOfNConfig: _Procedure(_best_of_n, None),
+    DeepConfOnlineConfig: _Procedure(_deepconf_online, b.StopAct),
+    BranchConfig: _Procedure(_branch, b.BranchAct),
+    RollbackConfig: _Procedure(_rollback, b.RollbackAct),
+    AbstainConfig: _Procedure(_abstain, None),
+    AdaptiveSamplingConfig: _Procedure(_adaptive_sampling, None),
+    ParticleFilterConfig: _Procedure(_particle_filter, b.StepsAct),
+    StepRedrawConfig: _Procedure(_step_redraw, b.StepsAct),
 }
-#: The procedures that sample candidates (at the caller's or the recipe's temperature).
-_SAMPLED = ("best-of-n", "deepconf-online", "adaptive-sampling", "particle-filter", "step-redraw")

@@ -74,7 +74,7 @@ from ..core.signals import (
     wants_samples,
 )
 from ..core.trace import check_alternatives
-from ..strategies.actions import ResampleConfig
+from ..strategies.actions import ACTIONS, DeepConfOnlineConfig, ResampleConfig
 from ..strategies.candidates import deepconf_trigger
 from ..strategies.recipe import Strategy
 from .tokur import TOKUR_OUTPUTS
@@ -98,14 +98,6 @@ _KEYS = frozenset(
         *SPEC_PARAMS,
     )
 )
-#: Strategy actions that run inside the engine, and what they become there.
-_IN_ENGINE = {
-    "none": "none",
-    "stop": "stop",
-    "resample": "resample",
-    "best-of-n": "none",
-    "deepconf-online": "stop",
-}
 
 
 @dataclass(frozen=True)
@@ -237,6 +229,13 @@ def _parse(items: tuple) -> RequestSettings:
             strat = Strategy.load(args[f"{PREFIX}strategy"])
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"{PREFIX}strategy: {exc}") from exc
+        if strat.config.in_one_request is None:
+            in_one = sorted(c.type for c in ACTIONS.values() if c.in_one_request is not None)
+            raise ValueError(
+                f"{PREFIX}strategy: action {strat.action!r} spans several requests "
+                f"(tokur_decode.vllm.generate runs branch and abstain; rollback needs "
+                f"tokur_decode.hf); in one request: {in_one}"
+            )
 
     signals = args.get(f"{PREFIX}signals")
     if signals is None:
@@ -271,14 +270,9 @@ def _parse(items: tuple) -> RequestSettings:
 
     action, trigger, config = "none", None, None
     if strat is not None:
-        if strat.action not in _IN_ENGINE:
-            raise ValueError(
-                f"{PREFIX}strategy: action {strat.action!r} spans several requests "
-                f"(tokur_decode.vllm.generate runs branch; rollback needs tokur_decode.hf); "
-                f"in one request: {sorted(_IN_ENGINE)}"
-            )
-        action, trigger, config = _IN_ENGINE[strat.action], strat.trigger, strat.config
-        if strat.action == "deepconf-online":
+        config = strat.config
+        action, trigger = config.in_one_request, strat.trigger
+        if isinstance(config, DeepConfOnlineConfig):
             trigger = deepconf_trigger(config.window)
     action = args.get(f"{PREFIX}action", action)
     if action not in ("none", "stop", "resample"):
