@@ -81,10 +81,11 @@ def monitor_overhead(
     batch_size: int = 1,
     max_new_tokens: int = 32,
     repeats: int = 15,
-    alternatives: int = 0,
+    **recorded,
 ) -> OverheadResult:
-    """Time ``model.generate`` with the monitor (``signals``, and each step's top
-    ``alternatives`` tokens) against plain ``generate``.
+    """Time ``model.generate`` with the monitor (``signals``, and what ``recorded``
+    asks for: :class:`~tokur_decode.core.recording.Recording`'s fields) against plain
+    ``generate``.
 
     Both runs decode greedily exactly ``max_new_tokens`` tokens (``min_new_tokens`` is
     set for both) on the same prompts; the order of the pair alternates between
@@ -92,7 +93,7 @@ def monitor_overhead(
     """
     timer = _GenerateTimer(model, tokenizer, batch_size, max_new_tokens)
     monitor = UncertaintyMonitor(
-        signals, eos_token_id=model.generation_config.eos_token_id, alternatives=alternatives
+        signals, eos_token_id=model.generation_config.eos_token_id, **recorded
     )
 
     def timed(with_monitor: bool) -> float:

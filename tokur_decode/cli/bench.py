@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from ..core.recording import Recording
 from .common import load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
@@ -28,9 +29,7 @@ def add_parser(sub) -> None:
         "--repeats", type=int, default=15, help="timed pairs per batch size (default 15)"
     )
     over.add_argument("--signals", default="all")
-    over.add_argument(
-        "--alternatives", type=int, default=0, metavar="K", help="also record the top-K tokens"
-    )
+    Recording.add_flags(over)
     over.add_argument("--json", action="store_true")
 
     tok = bench_sub.add_parser(
@@ -147,7 +146,7 @@ def run(args) -> int:
             batch_size=batch,
             max_new_tokens=args.max_new_tokens,
             repeats=args.repeats,
-            alternatives=args.alternatives,
+            **Recording.from_flags(args),
         )
         rows.append(
             {

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 
+from ..core.recording import Recording
 from .common import load, model_args, signal_list, tokur_args, tokur_options
 
 __all__ = ["add_parser", "run"]
@@ -90,13 +91,7 @@ def add_parser(sub) -> None:
         default=25,
         help="LogTokU response score: mean of the k most unreliable tokens",
     )
-    gen.add_argument(
-        "--alternatives",
-        type=int,
-        default=0,
-        metavar="K",
-        help="show each step's K most probable tokens with their probabilities (0-20)",
-    )
+    Recording.add_flags(gen)
     gen.add_argument("--json", action="store_true", help="print JSON instead of tables")
     verb = gen.add_argument_group("verbalized confidence")
     verb.add_argument(
@@ -154,7 +149,7 @@ def run(args) -> int:
         seed=args.seed,
         logtoku_k=args.logtoku_k,
         logtoku_evidence=args.logtoku_evidence,
-        alternatives=args.alternatives,
+        **Recording.from_flags(args),
     )
     if args.backend == "vllm":
         result = _generate_vllm(args, options)

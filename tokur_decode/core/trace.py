@@ -39,23 +39,11 @@ from .signals import OUTPUTS
 from .steps import DEFAULT_DELIMITER, step_index
 
 __all__ = [
-    "MAX_ALTERNATIVES",
     "Alternatives",
     "StepBuffer",
     "Trace",
-    "check_alternatives",
     "uncertainty_scale",
 ]
-
-#: The most alternatives per step a trace records.
-MAX_ALTERNATIVES = 20
-
-
-def check_alternatives(k, name: str = "alternatives") -> int:
-    """``k`` if it is a number of alternatives to record (0: none), else ``ValueError``."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_ALTERNATIVES:
-        raise ValueError(f"{name}: an integer from 0 to {MAX_ALTERNATIVES}, got {k!r}")
-    return k
 
 
 #: Signals with a fixed [0, 1] range: coloured on that absolute scale.

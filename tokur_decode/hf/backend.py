@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -140,7 +141,7 @@ class HFBackend:
                 request.signals,
                 eos_token_id=self.eos_token_id,
                 sample_source=source,
-                alternatives=request.alternatives,
+                **dataclasses.asdict(request.recording),
                 **self.signal_params,
             )
 

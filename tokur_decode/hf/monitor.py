@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from ..core.recording import check_alternatives
 from ..core.signals import (
     CHOSEN_SIGNALS,
     DEFAULT_SIGNALS,
@@ -21,7 +22,7 @@ from ..core.signals import (
     parse_signals,
 )
 from ..core.text import decode_rows
-from ..core.trace import Alternatives, StepBuffer, Trace, check_alternatives
+from ..core.trace import Alternatives, StepBuffer, Trace
 from .clock import StepClock
 
 __all__ = ["UncertaintyMonitor"]

@@ -28,8 +28,9 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from ..core.checks import check_temperature, check_top_p
 from ..core.policy import Trigger
+from ..core.recording import Recording
 from ..core.signals import parse_signals, wants_samples
-from ..core.trace import Trace, check_alternatives
+from ..core.trace import Trace
 from . import actions
 
 __all__ = [
@@ -136,7 +137,8 @@ class Request:
     sampling) under ``sampling``, recording ``signals`` (names, validated by
     :func:`~tokur_decode.core.signals.parse_signals`) in the same pass; ``act`` acts
     inside decoding; ``tokur``: TokUR options for backends that take them per call;
-    ``alternatives``: each step's top-``k`` tokens recorded too (0: none).
+    ``recording``: what is recorded beside the signals
+    (:class:`~tokur_decode.core.recording.Recording`).
 
     Raises:
         ValueError: naming the parameter.
@@ -147,11 +149,10 @@ class Request:
     n: int = 1
     act: Act | None = None
     tokur: dict | None = None
-    alternatives: int = 0
+    recording: Recording = Recording()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", parse_signals(self.signals))
-        check_alternatives(self.alternatives)
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
         if self.n > 1 and not self.sampling.sampled:

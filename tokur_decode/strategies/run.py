@@ -50,12 +50,13 @@ from ..core.adaptive import settled
 from ..core.momentum import StepMomentum
 from ..core.particles import effective_sample_size, normalized, systematic_resample
 from ..core.perturbation import checked_options
+from ..core.recording import Recording
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
 from ..core.select import select, vote
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
-from ..core.trace import Trace, check_alternatives
+from ..core.trace import Trace
 from . import backend as b
 from .actions import (
     AbstainConfig,
@@ -130,7 +131,7 @@ class Plan:
     tokur: dict | None
     extract: Callable[[str], object]
     recipe: str | None
-    alternatives: int = 0
+    recording: Recording = Recording()
 
     @property
     def kind(self) -> str:
@@ -167,7 +168,7 @@ class _Job:
         """:meth:`decode` of the prompts numbered ``prompts`` only (``prompt_of``
         counts within them)."""
         p = self.plan
-        request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur, p.alternatives)
+        request = b.Request(p.signals, sampling or p.sampling, n, act, p.tokur, p.recording)
         return self.backend.decode([p.prompts[i] for i in prompts], request)
 
 
@@ -184,14 +185,18 @@ def plan(
     threshold: float | None = None,
     tokur: dict | None = None,
     extract: Callable[[str], object] = normalize_answer,
-    alternatives: int = 0,
     backend_name: str = "the backend",
+    **recorded,
 ) -> Plan:
     """Validate a :func:`generate` call for a backend that runs ``acts``, without one.
 
     Raises:
         ValueError: naming the parameter.
     """
+    unknown = sorted(set(recorded) - set(Recording.names()))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a setting of generate (see its docstring)")
+    recording = Recording(**recorded)
     strat = Strategy.load(strategy) if strategy is not None else None
     config = strat.config if strat else NoActionConfig()
     kind = config.type
@@ -235,7 +240,7 @@ def plan(
             "greedy decoding it keeps the argmax and changes nothing (sample with "
             "temperature > 0, or use mode = 'veto')"
         )
-    if alternatives and not config.records_alternatives:
+    if recording.alternatives and not config.records_alternatives:
         raise ValueError(f"alternatives: {kind!r} does not record them")
     names = needed_signals(strat, signals)
     tokur = _tokur_options(strat, tokur)
@@ -251,7 +256,7 @@ def plan(
         tokur=tokur if wants_samples(names) else None,
         extract=extract,
         recipe=strategy if isinstance(strategy, str) else None,
-        alternatives=check_alternatives(alternatives),
+        recording=recording,
     )
 
 
@@ -275,59 +280,32 @@ def _check_acts(config: type[ActionConfig], acts: Sequence[type], backend_name: 
         )
 
 
-def generate(
-    backend: b.Backend,
-    prompts: str | Sequence[str],
-    *,
-    strategy=None,
-    signals: Iterable[str] | str | None = None,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int | None = 0,
-    threshold: float | None = None,
-    tokur: dict | None = None,
-    extract: Callable[[str], object] = normalize_answer,
-    alternatives: int = 0,
-) -> GenerationResult:
+def generate(backend: b.Backend, prompts: str | Sequence[str], **options) -> GenerationResult:
     """Answer ``prompts`` on ``backend`` while recording signals, acting on them as
     ``strategy`` (a shipped recipe name, a TOML path, a dict or a
     :class:`~tokur_decode.strategies.recipe.Strategy`) says.
 
-    ``temperature=0`` decodes greedily, otherwise samples (with ``top_p``) under
-    ``seed``; ``None`` takes the recipe's ``[generation]`` value, else greedy (``top_p``
-    1; ``max_new_tokens`` 64). Recipes that sample candidates (best-of-N, DeepConf
-    online) use the caller's ``temperature`` and ``top_p`` when given, else their own
-    (they need temperature > 0). ``signals`` default to the recipe's, else
+    ``options`` are :func:`plan`'s keywords: ``temperature=0`` decodes greedily,
+    otherwise samples (with ``top_p``) under ``seed``; ``None`` takes the recipe's
+    ``[generation]`` value, else greedy (``top_p`` 1; ``max_new_tokens`` 64). Recipes
+    that sample candidates (best-of-N, DeepConf online) use the caller's
+    ``temperature`` and ``top_p`` when given, else their own (they need temperature
+    > 0). ``signals`` default to the recipe's, else
     :data:`~tokur_decode.core.signals.DEFAULT_SIGNALS`; the trigger's and the selection
     score's signals are added. ``threshold`` overrides the trigger's (stop, resample,
     branch on a trigger). ``tokur``: TokUR options when ``"tokur"`` is recorded, key
     by key over the recipe's ``[tokur]`` table (then the backend's own: transformers'
     defaults, a vLLM engine's ``tokur_engine_args``). ``extract`` turns a response into
-    the answer that votes. ``alternatives``: record each step's top-``k`` tokens
-    (``result.trace.alternatives``).
+    the answer that votes. The fields of
+    :class:`~tokur_decode.core.recording.Recording` (``alternatives``: record each
+    step's top-``k`` tokens in ``result.trace.alternatives``) are keywords too.
 
     Raises:
         ValueError: naming the parameter, before anything is decoded, for invalid
             values and for an action the backend cannot run (:func:`plan` checks the
             same without a backend).
     """
-    checked = plan(
-        backend.acts,
-        prompts,
-        strategy=strategy,
-        signals=signals,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        threshold=threshold,
-        tokur=tokur,
-        extract=extract,
-        alternatives=alternatives,
-        backend_name=type(backend).__name__,
-    )
-    return checked.run(backend)
+    return plan(backend.acts, prompts, backend_name=type(backend).__name__, **options).run(backend)
 
 
 def _single(job: _Job, act=None) -> GenerationResult:

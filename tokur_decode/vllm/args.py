@@ -22,7 +22,9 @@ one ``tokur_`` key; others are untouched.
 ``tokur_deepconf_k``,      see :class:`tokur_decode.core.signals.SignalSpec`
 ``tokur_logtoku_k``,
 ``tokur_logtoku_evidence``
-``tokur_alternatives``     record each step's ``k`` most probable tokens (0 to 20; 0: none)
+``tokur_<name>``           each field of :class:`~tokur_decode.core.recording.Recording`
+                           (``tokur_alternatives``: each step's ``k`` most probable
+                           tokens, 0 to 20; 0: none)
 ``tokur_branch_token``     the request continues an answer at a branch point (its prompt
                            ends with the answer so far): its first step is that point,
                            measured as usual, and emits this token id (``-1``: the
@@ -61,6 +63,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ..core.policy import Trigger
+from ..core.recording import Recording
 from ..core.signals import (
     DEFAULT_SIGNALS,
     OUTPUTS,
@@ -73,7 +76,6 @@ from ..core.signals import (
     signal_of_output,
     wants_samples,
 )
-from ..core.trace import check_alternatives
 from ..strategies.actions import ACTIONS, DeepConfOnlineConfig, ResampleConfig
 from ..strategies.candidates import deepconf_trigger
 from ..strategies.recipe import Strategy
@@ -92,10 +94,10 @@ _KEYS = frozenset(
         "mode",
         "trigger",
         "sigma",
-        "alternatives",
         "branch_token",
         *_TRIGGER_KEYS,
         *SPEC_PARAMS,
+        *Recording.names(),
     )
 )
 
@@ -112,7 +114,7 @@ class RequestSettings:
     rule: tuple[float, ...] = ()
     sigma: float | None = None  # TokUR's noise scale; None: the engine's
     branch_token: int | None = None  # a branch continuation's first token (-1: not forced)
-    alternatives: int = 0  # top-k tokens recorded per step
+    recording: Recording = Recording()  # what is recorded beside the signals
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -132,7 +134,7 @@ class RequestSettings:
             self.mode,
             self.rule,
             tokur,
-            self.alternatives,
+            self.recording,
         )
 
     def needed_signals(self) -> tuple[str, ...]:
@@ -258,7 +260,7 @@ def _parse(items: tuple) -> RequestSettings:
             f"{PREFIX}sigma: a number >= 0 for a request that asks for 'tokur', got {sigma!r}"
         )
 
-    alternatives = check_alternatives(args.get(f"{PREFIX}alternatives", 0), f"{PREFIX}alternatives")
+    recording = Recording.from_flat(args, PREFIX)
     branch_token = args.get(f"{PREFIX}branch_token")
     if branch_token is not None and (
         isinstance(branch_token, bool) or not isinstance(branch_token, int) or branch_token < -1
@@ -313,5 +315,5 @@ def _parse(items: tuple) -> RequestSettings:
         rule=adaptive,
         sigma=None if sigma is None else float(sigma),
         branch_token=branch_token,
-        alternatives=alternatives,
+        recording=recording,
     )

@@ -86,7 +86,7 @@ class VLLMBackend:
                 sampling,
                 n=n,
                 seed=None if sampling.seed is None else sampling.seed + i * n,
-                settings={**_settings(act, i), **_alternatives(request), **tokur},
+                settings={**_settings(act, i), **request.recording.to_flat(""), **tokur},
             )
             for i in range(len(inputs))
         ]
@@ -167,10 +167,6 @@ class VLLMBackend:
         if any(trace is None for trace in traces):
             raise ValueError("engine: no trace came back (build it with tokur_decode.vllm.llm)")
         return outputs, traces
-
-
-def _alternatives(request: acts.Request) -> dict:
-    return {"alternatives": request.alternatives} if request.alternatives else {}
 
 
 def _settings(act, prompt: int) -> dict:

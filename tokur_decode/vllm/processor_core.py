@@ -55,6 +55,7 @@ import torch
 from ..core.events import BLOCKED, OVERRIDDEN, Fire
 from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
 from ..core.policy import TriggerState
+from ..core.recording import MAX_ALTERNATIVES
 from ..core.signals import (
     CHOSEN_SIGNALS,
     SIGNALS,
@@ -66,7 +67,7 @@ from ..core.signals import (
     logit_signals,
     wants_samples,
 )
-from ..core.trace import MAX_ALTERNATIVES, Alternatives
+from ..core.trace import Alternatives
 from . import internals
 from .args import RequestSettings, parse_settings
 from .tokur import TOKUR_OUTPUTS, TOKUR_STEP_OUTPUTS, link_of
@@ -282,7 +283,7 @@ class ProcessorCore:
     def _finish(self, req: TrackedRequest) -> None:
         self._complete(req)
         n = len(req.outputs)
-        k = req.settings.alternatives
+        k = req.settings.recording.alternatives
         self._finished[req.req_id] = {
             "record": self._record[req.slot, :n].clone(),
             "alternatives": None if not k else self._alts[req.slot, :n].clone(),
@@ -381,7 +382,7 @@ class ProcessorCore:
             chosen=chosen,
             start=rows[0] if rows[-1] - rows[0] == len(rows) - 1 else None,
         )
-        k = settings.alternatives
+        k = settings.recording.alternatives
         if k:
             group.alt_cols = self.tensor(
                 [*range(k), *range(MAX_ALTERNATIVES, MAX_ALTERNATIVES + k)]
@@ -483,7 +484,7 @@ class ProcessorCore:
         values, lp = g.spec.compute(z, workspace=self._workspaces[key])
         if g.tokur is not None:
             values |= self._tokur_values(g, key)
-        if g.settings.alternatives:
+        if g.settings.recording.alternatives:
             self._record_alternatives(g, lp, pos)
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
@@ -551,7 +552,7 @@ class ProcessorCore:
             self._alts = torch.zeros(
                 self._slots, self._cap, 2 * MAX_ALTERNATIVES, device=self.device
             )
-        alt = Alternatives.of_logprobs(lp, g.settings.alternatives)
+        alt = Alternatives.of_logprobs(lp, g.settings.recording.alternatives)
         values = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
         self._alts.index_put_((g.slots[:, None], pos[:, None], g.alt_cols[None, :]), values)
 
@@ -650,8 +651,8 @@ def _to_python(entry: dict) -> dict:
             )
             events.append(fire.to_dict())
     out = {"token_ids": entry["token_ids"], "signals": signals, "events": events}
-    if settings.alternatives:
-        k, alts = settings.alternatives, entry["alternatives"].cpu()
+    if settings.recording.alternatives:
+        k, alts = settings.recording.alternatives, entry["alternatives"].cpu()
         out["alternatives"] = {
             "ids": alts[:, :k].long().tolist(),
             "probs": alts[:, MAX_ALTERNATIVES : MAX_ALTERNATIVES + k].tolist(),
