@@ -106,9 +106,9 @@ def test_cot_branch_forks_the_top_k_first_tokens(embedded):
     for b, prompt in enumerate(PROMPTS[:2]):
         fork, select = result.actions[b]
         assert fork["action"] == "branch" and fork["step"] == 0
-        assert fork["alternatives"] == first[b].topk(5).indices.tolist()
+        assert fork["forked_ids"] == first[b].topk(5).indices.tolist()
         candidates = result.candidates[b]
-        assert [int(c.token_ids[0, 0]) for c in candidates] == fork["alternatives"]
+        assert [int(c.token_ids[0, 0]) for c in candidates] == fork["forked_ids"]
         assert candidates.texts[0] == greedy.texts[b]  # the first alternative is greedy's
         # each branch continues greedily after its forced first token
         for i in range(k):
@@ -140,7 +140,7 @@ def test_branch_on_a_trigger_forks_where_it_fires(embedded):
     for i in range(3):
         assert torch.equal(trace.token_ids[i, :fire], prefix)  # shared prefix
         _assert_consistent(model, tok, PROMPTS[1], trace[i])
-    assert trace.token_ids[:, fire].tolist() == policy.events[0][0]["alternatives"]
+    assert trace.token_ids[:, fire].tolist() == policy.events[0][0]["forked_ids"]
 
 
 def test_branch_token_budget_caps_the_fork(embedded):
@@ -150,7 +150,7 @@ def test_branch_token_budget_caps_the_fork(embedded):
     with torch.inference_mode():
         ctrl = _controller(model, tok, max_new_tokens=10)
         trace = ctrl.run(enc, policy)
-    assert len(trace) == 3 and len(policy.events[0][0]["alternatives"]) == 3
+    assert len(trace) == 3 and len(policy.events[0][0]["forked_ids"]) == 3
     assert int(ctrl.generated) == int(trace.lengths.sum()) <= 30
 
 

@@ -53,7 +53,8 @@ def test_one_request_runs_what_the_class_says(kind):
 @pytest.mark.parametrize("kind", sorted(ACTIONS))
 def test_alternatives_refused_where_the_class_says_so(kind):
     if ACTIONS[kind].records_alternatives:
-        assert plan(ALL_ACTS, "q", strategy=SHIPPED[kind], alternatives=2).recording.alternatives == 2
+        checked = plan(ALL_ACTS, "q", strategy=SHIPPED[kind], alternatives=2)
+        assert checked.recording.alternatives == 2
     else:
         with pytest.raises(ValueError, match="alternatives: .* does not record them"):
             plan(ALL_ACTS, "q", strategy=SHIPPED[kind], alternatives=2)

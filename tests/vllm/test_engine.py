@@ -517,9 +517,9 @@ def test_cli_generate_backend_vllm_cot_branch(engine, monkeypatch, capsys):
     assert main([*argv, "--max-new-tokens", "12", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     fork, select = report["actions"]
-    assert (fork["action"], fork["step"], len(fork["alternatives"])) == ("branch", 0, 5)
+    assert (fork["action"], fork["step"], len(fork["forked_ids"])) == ("branch", 0, 5)
     assert normalize_answer(report["answer"]) == select["answers"][select["chosen"]]
-    assert report["tokens"][0]["token_id"] == fork["alternatives"][select["chosen"]]
+    assert report["tokens"][0]["token_id"] == fork["forked_ids"][select["chosen"]]
 
 
 def test_branch_on_a_trigger_through_the_engine_equals_transformers(engine, embedded, hf_traces):
@@ -549,7 +549,7 @@ def test_branch_token_budget_through_the_engine_equals_transformers(engine, embe
     want = generate(model, tok, QUESTIONS[2], strategy=strategy, max_new_tokens=12)
     got = tv.generate(engine, QUESTIONS[2], strategy=strategy, max_new_tokens=12)
     _assert_same_branching(got, want)
-    assert len(got.actions[0][0]["alternatives"]) == 3
+    assert len(got.actions[0][0]["forked_ids"]) == 3
 
 
 def test_a_calibrated_recipe_round_trips_through_the_engine(engine, tmp_path):

@@ -422,13 +422,13 @@ def _event_step(event: dict) -> int:
 def _describe(event: dict) -> str:
     """One cell: which action, which signal crossed which threshold."""
     if event.get("threshold") is None:  # a branch at the first token
-        return f"{event['action']}: {len(event['alternatives'])} first tokens"
+        return f"{event['action']}: {len(event['forked_ids'])} first tokens"
     sign = ">" if event["direction"] == "above" else "<"
     text = (
         f"{event['action']}: {event['signal']} {event['value']:.3f} {sign} {event['threshold']:g}"
     )
     if event["action"] == "branch":
-        text += f", {len(event['alternatives'])} alternatives"
+        text += f", {len(event['forked_ids'])} alternatives"
     if event["action"] == "rollback":
         text += f", took back {event['rewound']}, kept {event.get('kept', 'new')}"
     return text + (" (blocked)" if "blocked" in event else "")

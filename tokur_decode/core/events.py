@@ -8,7 +8,7 @@ Example:
     'EOS forbidden by an earlier processor'
     >>> "blocked" in Fire.of(t, "stop", step=3, value=2.5).to_dict()
     False
-    >>> Fork.of(None, step=0, candidate=0, value=None, alternatives=[7, 3]).to_dict()["signal"]
+    >>> Fork.of(None, step=0, candidate=0, value=None, forked_ids=[7, 3]).to_dict()["signal"]
     'first token'
 """
 
@@ -64,7 +64,7 @@ class Fire:
 @dataclass(frozen=True)
 class Fork:
     """Candidate number ``candidate`` of a prompt forked at ``step`` into
-    ``alternatives`` (token ids, its own continuation first), because ``trigger`` fired
+    ``forked_ids`` (token ids, its own continuation first), because ``trigger`` fired
     there with ``value``, or at the first token (no trigger)."""
 
     step: int
@@ -73,10 +73,10 @@ class Fork:
     value: float | None
     threshold: float | None
     direction: str | None
-    alternatives: list[int]
+    forked_ids: list[int]
 
     @classmethod
-    def of(cls, trigger: Trigger | None, *, step, candidate, value, alternatives) -> Fork:
+    def of(cls, trigger: Trigger | None, *, step, candidate, value, forked_ids) -> Fork:
         return cls(
             step=int(step),
             candidate=int(candidate),
@@ -84,7 +84,7 @@ class Fork:
             value=None if value is None else float(value),
             threshold=trigger.threshold if trigger else None,
             direction=trigger.direction if trigger else None,
-            alternatives=list(alternatives),
+            forked_ids=list(forked_ids),
         )
 
     def to_dict(self) -> dict:

@@ -20,7 +20,7 @@ import torch
 from ..core.events import Fork
 from ..core.policy import Trigger, TriggerState
 from ..strategies import actions
-from ..strategies.candidates import fork_alternatives
+from ..strategies.candidates import fork_tokens
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -109,18 +109,18 @@ class BranchPolicy:
             if self.points[prompt] >= self.max_branch_points:
                 continue
             mine = [i for i, o in enumerate(self.origin) if o == prompt]
-            alternatives = fork_alternatives(
+            forked = fork_tokens(
                 [t for t, ok in zip(top_ids[j], usable[j], strict=True) if ok],
                 self.token_budget,
                 spent=sum(used[i] for i in mine),
                 running=sum(running[i] for i in mine),
                 remaining=remaining,
             )
-            if len(alternatives) < 2:
+            if len(forked) < 2:
                 continue
             self.points[prompt] += 1
-            forced[row] = alternatives[0]
-            for token in alternatives[1:]:
+            forced[row] = forked[0]
+            for token in forked[1:]:
                 forced[len(index)] = token
                 index.append(row)
                 self.origin.append(prompt)
@@ -132,7 +132,7 @@ class BranchPolicy:
                 step=step,
                 candidate=mine.index(row),
                 value=value,
-                alternatives=alternatives,
+                forked_ids=forked,
             )
             self.events[prompt].append(fork.to_dict())
         if len(index) > ctrl.batch_size:

@@ -1,5 +1,5 @@
 """Choosing among candidate responses, backend-neutral: best-of-N, branch selection and
-DeepConf online, and how many alternatives a branch point may fork into.
+DeepConf online, and how many tokens a branch point may fork into.
 
 A backend (transformers, vLLM) decodes the candidates and hands their
 :class:`~tokur_decode.core.trace.Trace` here; the scoring, the choice and the records in
@@ -32,7 +32,7 @@ __all__ = [
     "deepconf_thresholds",
     "deepconf_trigger",
     "deepconf_vote",
-    "fork_alternatives",
+    "fork_tokens",
     "choose_candidates",
 ]
 
@@ -85,7 +85,7 @@ def choose_candidates(
     return chosen, records, candidates
 
 
-def fork_alternatives(
+def fork_tokens(
     alternatives: Sequence[int],
     token_budget: int | None,
     *,
@@ -101,9 +101,9 @@ def fork_alternatives(
     fewer than two left means no fork. ``None``: no budget.
 
     Example:
-        >>> fork_alternatives([7, 3, 9, 4], 100, spent=20, running=1, remaining=20)
+        >>> fork_tokens([7, 3, 9, 4], 100, spent=20, running=1, remaining=20)
         [7, 3, 9, 4]
-        >>> fork_alternatives([7, 3, 9, 4], 60, spent=20, running=1, remaining=20)
+        >>> fork_tokens([7, 3, 9, 4], 60, spent=20, running=1, remaining=20)
         [7, 3]
     """
     if token_budget is None:

@@ -10,7 +10,7 @@ forks, same candidates, same choice under greedy decoding; tested on the engine)
    forced EOS, not part of the answer).
 2. Per prompt, the fires at its earliest step ``s`` are handled in candidate order: the
    cap on branch points and the token budget decide the alternatives
-   (:func:`tokur_decode.strategies.candidates.fork_alternatives`), and each alternative is sent as
+   (:func:`tokur_decode.strategies.candidates.fork_tokens`), and each alternative is sent as
    prompt + the answer's first ``s`` tokens with ``tokur_branch_token`` set to it. The
    engine's prefix cache holds that prefix, so only new tokens are decoded; the
    continuation's first step measures the branch point's distribution again and emits
@@ -25,7 +25,7 @@ Example:
     >>> engine = tv.llm(enforce_eager=True)                               # doctest: +SKIP
     >>> result = tv.generate(engine, "What is 17 + 25?", strategy="cot-branch")  # doctest: +SKIP
     >>> fork, select = result.actions[0]                                  # doctest: +SKIP
-    >>> fork["alternatives"], select["chosen"]                            # doctest: +SKIP
+    >>> fork["forked_ids"], select["chosen"]                            # doctest: +SKIP
     ([33, 2068, 1348, 504, 2705], 0)
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ..core.events import Fork
 from ..core.trace import Trace
 from ..strategies import backend as acts
-from ..strategies.candidates import fork_alternatives
+from ..strategies.candidates import fork_tokens
 from .args import stop_args
 from .resubmission import Candidate, answers_trace
 
@@ -129,8 +129,8 @@ def _absorb(request: _Request, completion, trace: Trace, k: int) -> None:
         cand.done = True
         return
     top = sorted(completion.logprobs[step].items(), key=lambda item: item[1].rank)
-    alternatives = [t for t, lp in top if lp.rank <= k and lp.logprob > -float("inf")]
-    cand.fire = {"step": len(cand.ids) + step, "alternatives": alternatives, "value": value}
+    top_ids = [t for t, lp in top if lp.rank <= k and lp.logprob > -float("inf")]
+    cand.fire = {"step": len(cand.ids) + step, "top_ids": top_ids, "value": value}
     cand.extend(trace, step)
 
 
@@ -144,16 +144,16 @@ def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[
     continuing: list[tuple[Candidate, int]] = []
     for cand in [c for c in mine if c.fire is not None and c.fire["step"] == s]:
         fire, cand.fire = cand.fire, None
-        alternatives = []
+        forked = []
         if points[b] < cap:
-            alternatives = fork_alternatives(
-                fire["alternatives"],
+            forked = fork_tokens(
+                fire["top_ids"],
                 budget,
                 spent=sum(min(len(c.ids), s) for c in mine),
                 running=sum(not c.done or len(c.ids) > s for c in mine),
                 remaining=limit - s,
             )
-        if len(alternatives) < 2:
+        if len(forked) < 2:
             continuing.append((cand, -1))
             continue
         points[b] += 1
@@ -162,11 +162,11 @@ def _handle_fires(mine, points, events, b, cap, budget, limit, trigger) -> list[
             step=s,
             candidate=mine.index(cand),
             value=fire["value"],
-            alternatives=alternatives,
+            forked_ids=forked,
         )
         events.append(fork.to_dict())
-        continuing.append((cand, alternatives[0]))
-        for token in alternatives[1:]:
+        continuing.append((cand, forked[0]))
+        for token in forked[1:]:
             mine.append(cand.fork())
             continuing.append((mine[-1], token))
     watch = trigger is not None and points[b] < cap
