@@ -121,8 +121,7 @@ def test_the_round_trip_on_the_embedded_model_abstains_exactly_where_the_rule_fa
     embedded, tmp_path
 ):
     from tokur_decode.core.result import GenerationResult
-    from tokur_decode.experiments.backends import HFBackend
-    from tokur_decode.hf import generate
+    from tokur_decode.hf import HFBackend, generate
 
     model, tok = embedded
 
@@ -135,7 +134,7 @@ def test_the_round_trip_on_the_embedded_model_abstains_exactly_where_the_rule_fa
         actions = [a for p in parts for a in p.actions]
         return GenerationResult(texts, parts[0].trace, prompts, actions)
 
-    backend = HFBackend(loader=lambda: embedded, model_name="embedded")
+    backend = HFBackend.deferred(lambda: embedded, model_name="embedded", batch_size=8)
     records, rule, result = calibrated_round_trip(backend, answer, tmp_path)
     decisions = [a[-1] for a in result.actions]
     assert all(d["action"] == "abstain" and d["risk"] == 0.5 for d in decisions)

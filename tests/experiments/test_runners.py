@@ -14,13 +14,17 @@ import torch
 from tokur_decode.core.signals import parse_signals
 from tokur_decode.core.trace import Trace
 from tokur_decode.experiments import data, detection, metrics, report, scaling
-from tokur_decode.experiments.backends import Backend, Generation, HFBackend
+from tokur_decode.experiments.generations import generations
+from tokur_decode.hf import HFBackend
+from tokur_decode.strategies.backend import Backend, Decoded
 
 
 class ScriptedBackend:
     """Answers and per-token signals fixed by the prompt, so the numbers are known:
     a correct answer is confident (low entropy, high deepconf), a wrong one is not.
     Records every prompt it is asked about."""
+
+    acts = ()
 
     def __init__(self, items, *, fail_after: int | None = None):
         self.by_prompt = {item.prompt: item for item in items}
@@ -30,36 +34,40 @@ class ScriptedBackend:
     def describe(self) -> dict:
         return {"backend": "scripted"}
 
-    def generate(
-        self, prompts, *, signals, n=1, temperature=0.0, top_p=1.0, max_new_tokens=64, seed=0
-    ):
+    def particles(self, prompts, request):
+        raise ValueError("act: not offered")
+
+    def decode(self, prompts, request):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("interrupted")
         self.calls += list(prompts)
-        out = []
+        n, seed = request.n, request.sampling.seed
+        texts, rows = [], []
         for prompt in prompts:
             item = self.by_prompt[prompt]
             rng = np.random.default_rng([int(item.id), n, seed])
-            texts, rows = [], []
             for j in range(n):
                 right = (int(item.id) + j) % 3 != 0 if n > 1 else int(item.id) % 3 != 0
                 texts.append(f"The answer is {item.answer if right else '-1'}.")
                 length = 6 + j % 3
                 base = 0.2 if right else 1.5
                 rows.append((base + 0.1 * rng.random(length), length))
-            t = max(r[1] for r in rows)
-            entropy = torch.zeros(n, t)
-            for j, (values, length) in enumerate(rows):
-                entropy[j, :length] = torch.tensor(values)
-            trace = Trace(
-                {"entropy": entropy, "deepconf": 10.0 - entropy},
-                torch.zeros(n, t, dtype=torch.long),
-                torch.tensor([r[1] for r in rows]),
-                tokens=[[f"t{i}" for i in range(r[1])] for r in rows],
-                texts=texts,
-            )
-            out.append(Generation(texts, trace))
-        return out
+        t = max(r[1] for r in rows)
+        entropy = torch.zeros(len(rows), t)
+        for j, (values, length) in enumerate(rows):
+            entropy[j, :length] = torch.tensor(values)
+        trace = Trace(
+            {"entropy": entropy, "deepconf": 10.0 - entropy},
+            torch.zeros(len(rows), t, dtype=torch.long),
+            torch.tensor([r[1] for r in rows]),
+            tokens=[[f"t{i}" for i in range(r[1])] for r in rows],
+            texts=texts,
+        )
+        prompt_of = [i for i in range(len(prompts)) for _ in range(n)]
+        return Decoded(trace, prompt_of, [[] for _ in rows], sum(r[1] for r in rows))
+
+    def generate(self, prompts, **kwargs):
+        return generations(self, prompts, **kwargs)
 
 
 def _items(n=12):
@@ -67,10 +75,10 @@ def _items(n=12):
 
 
 def test_backends_follow_the_protocol():
-    assert isinstance(HFBackend(loader=lambda: None, model_name="x"), Backend)
+    assert isinstance(HFBackend.deferred(lambda: None, model_name="x"), Backend)
     assert isinstance(ScriptedBackend([]), Backend)
-    with pytest.raises(ValueError, match="model"):
-        HFBackend(model_name="x")
+    with pytest.raises(ValueError, match="batch_size"):
+        HFBackend.deferred(lambda: None, model_name="x", batch_size=0)
     with pytest.raises(ValueError, match="signals: unknown"):
         parse_signals("entropy,bogus")
 
@@ -291,11 +299,13 @@ def test_end_to_end_on_the_embedded_model_through_the_cli(embedded, tmp_path, mo
 
     monkeypatch.setattr(cli, "load", lambda args: embedded)
     calls = []
-    original = HFBackend.generate
+    original = HFBackend.decode
     monkeypatch.setattr(
         HFBackend,
-        "generate",
-        lambda self, prompts, **kw: calls.append(list(prompts)) or original(self, prompts, **kw),
+        "decode",
+        lambda self, prompts, request: (
+            calls.append(list(prompts)) or original(self, prompts, request)
+        ),
     )
     common = [
         "--data",
@@ -356,13 +366,14 @@ class VerbalizingBackend(ScriptedBackend):
     """The scripted answers with a stated confidence: high when right, low when wrong,
     missing for every fourth response (as an unavailable expected confidence would be)."""
 
-    def generate(self, prompts, **kwargs):
-        out = super().generate(prompts, **kwargs)
-        for gen in out:
-            gen.extra = [
-                {} if j % 4 == 3 else {"verbalized_confidence": 0.9 if "-1" not in text else 0.2}
-                for j, text in enumerate(gen.texts)
-            ]
+    def decode(self, prompts, request):
+        out = super().decode(prompts, request)
+        out.scores = [  # j: the response's number among its prompt's
+            {}
+            if j % request.n % 4 == 3
+            else {"verbalized_confidence": 0.9 if "-1" not in text else 0.2}
+            for j, text in enumerate(out.texts)
+        ]
         return out
 
 

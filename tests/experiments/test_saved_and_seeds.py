@@ -12,9 +12,9 @@ import torch
 roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
 
 from tokur_decode.experiments import data, detection  # noqa: E402
-from tokur_decode.experiments.backends import HFBackend  # noqa: E402
 from tokur_decode.experiments.saved import load_generations, run_scoring  # noqa: E402
 from tokur_decode.experiments.scoring import uncertainty  # noqa: E402
+from tokur_decode.hf import HFBackend  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -34,6 +34,12 @@ class Scripted:
     def __init__(self):
         self.requests: list[B.Request] = []
 
+    def describe(self) -> dict:
+        return {"backend": "scripted"}
+
+    def particles(self, prompts, request):
+        raise ValueError("act: particles are not offered")
+
     def decode(self, prompts, request: B.Request) -> B.Decoded:
         self.requests.append(request)
         n, rows, events = request.n, [], []
@@ -60,8 +66,30 @@ class Scripted:
         return [{"action": "stop", "step": 1, "value": value}] if value < threshold else []
 
 
-def test_the_scripted_backend_follows_the_protocol():
-    assert isinstance(Scripted(), B.Backend)
+def test_the_backends_follow_the_protocol(tiny_llama):
+    from types import SimpleNamespace
+
+    from tokur_decode.hf import HFBackend
+    from tokur_decode.verbalized import VerbalizedBackend
+
+    tokenizer = SimpleNamespace(eos_token_id=255)  # describe() reads no tokenizer
+    hf = HFBackend(tiny_llama, tokenizer, model_name="tiny")
+    deferred = HFBackend.deferred(lambda: (tiny_llama, tokenizer), model_name="tiny")
+    for backend in (Scripted(), hf, deferred, VerbalizedBackend(deferred)):
+        assert isinstance(backend, B.Backend)
+    assert deferred._built is None  # described, checked, not built
+    described = hf.describe()
+    assert described == {**deferred.describe(), "dtype": "float32"}  # the model's own
+    assert VerbalizedBackend(hf).describe()["verbalized"] == {}
+
+    class Partial:  # the control: a backend without describe() is not one
+        acts = ()
+
+        def decode(self, prompts, request): ...
+
+        def particles(self, prompts, request): ...
+
+    assert not isinstance(Partial(), B.Backend)
 
 
 def test_abstain_replaces_exactly_the_answers_whose_score_fails_and_records_the_rule():

@@ -104,8 +104,9 @@ def test_experiment_runners_on_the_engine(engine, embedded, monkeypatch, capsys,
     """eval and scale with --backend vllm, with and without --verbalized, on the engine."""
     from tokur_decode.cli import main
     from tokur_decode.experiments import data
-    from tokur_decode.experiments.backends import VerbalizedBackend, VLLMBackend
+    from tokur_decode.experiments.generations import generations
     from tokur_decode.hf.generation import generate
+    from tokur_decode.verbalized import VerbalizedBackend
 
     monkeypatch.setattr(tv, "llm", lambda **kwargs: engine)
     common = ["--data", "tasks:capitals", "--limit", "4", "--bootstrap", "20", "--no-progress"]
@@ -130,8 +131,8 @@ def test_experiment_runners_on_the_engine(engine, embedded, monkeypatch, capsys,
     summary = json.loads((tmp_path / "verbalized/metrics.json").read_text())
     assert "verbalized_expected" in summary["ece"]
 
-    backend = VerbalizedBackend(VLLMBackend(engine, model_name="embedded"))
-    gens = backend.generate([items[0].prompt], signals=["entropy"], n=2, temperature=1.0)
+    backend = VerbalizedBackend(tv.VLLMBackend(engine, model_name="embedded"))
+    gens = generations(backend, [items[0].prompt], signals=["entropy"], n=2, temperature=1.0)
     assert len(gens[0].texts) == 2 and len(gens[0].trace) == 2
     assert main(["scale", "--data", "tasks:capitals", "--limit", "2", "--n", "1,2",
                  "--repeats", "2", "--bootstrap", "20", "--no-progress", "--backend", "vllm",

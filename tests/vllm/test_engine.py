@@ -555,14 +555,12 @@ def test_branch_token_budget_through_the_engine_equals_transformers(engine, embe
 def test_a_calibrated_recipe_round_trips_through_the_engine(engine, tmp_path):
     """Calibrate on an eval run of this engine, write, load, generate with the recipe:
     the engine abstains exactly on the answers whose score fails the rule."""
-    from tokur_decode.experiments.backends import VLLMBackend
-
     from ..helpers import calibrated_round_trip
 
     def answer(prompts, recipe):
         return tv.generate(engine, prompts, strategy=str(recipe), max_new_tokens=12)
 
-    backend = VLLMBackend(engine, model_name="embedded", dtype="float32")
+    backend = tv.VLLMBackend(engine, model_name="embedded")
     records, rule, result = calibrated_round_trip(backend, answer, tmp_path)
     decisions = [a[-1] for a in result.actions]
     for record, decision, text in zip(records, decisions, result.texts, strict=True):

@@ -26,8 +26,9 @@ vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.experiments import data, detection  # noqa: E402
-from tokur_decode.experiments.backends import OpenAIBackend, VLLMBackend  # noqa: E402
+from tokur_decode.experiments.generations import generations  # noqa: E402
 from tokur_decode.models import default_model_path  # noqa: E402
+from tokur_decode.vllm.remote import RemoteBackend  # noqa: E402
 
 from .served import API_KEY, free_port, get, post, served, stop, stream  # noqa: E402
 
@@ -266,13 +267,13 @@ def test_eval_over_the_server_equals_the_in_process_engine(server, engine, tmp_p
     options = {"signals": "entropy,logtoku,deepconf,chosen_prob", "max_new_tokens": 16}
     local = detection.run_detection(
         items,
-        VLLMBackend(engine, model_name="embedded"),
+        tv.VLLMBackend(engine, model_name="embedded"),
         out=tmp_path / "vllm",
         n_resamples=50,
         progress=False,
         **options,
     )
-    remote_backend = OpenAIBackend(server, api_key=API_KEY, concurrency=4)
+    remote_backend = RemoteBackend(server, api_key=API_KEY, concurrency=4)
     remote = detection.run_detection(
         items, remote_backend, out=tmp_path / "openai", n_resamples=50, progress=False, **options
     )
@@ -297,13 +298,13 @@ def test_data_parallel_tokur_traces_from_both_engines_then_a_clean_stop(tmp_path
     prompts = [f"What is {i} times 3?" for i in range(16)]
     args = ("--data-parallel-size", "2", "--tokur", "--tokur-samples", "4")
     with served(tmp_path / "dp.log", *args, port=port) as (base, proc):
-        backend = OpenAIBackend(base, api_key=API_KEY, concurrency=16)
-        out = backend.generate(prompts, signals=["entropy"], max_new_tokens=6)
+        backend = RemoteBackend(base, api_key=API_KEY, concurrency=16)
+        out = generations(backend, prompts, signals=["entropy"], max_new_tokens=6)
         assert all(len(g.trace) == 1 and g.trace.lengths[0] > 0 for g in out)
         workers = _stats(base)
         assert len(workers) == 2 and all(w["requests"] > 0 for w in workers), workers
-        assert backend.adapter().has_tokur()
-        again = backend.generate(prompts[:2], signals=["entropy", "tokur"], max_new_tokens=6)
+        assert backend.has_tokur()
+        again = generations(backend, prompts[:2], signals=["entropy", "tokur"], max_new_tokens=6)
         processes = psutil.Process(proc.pid).children(recursive=True)
         assert len(processes) >= 2  # the engines
         assert stop(proc) in (0, -15)

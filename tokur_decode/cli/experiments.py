@@ -154,7 +154,8 @@ def _tokur(args, strategies: Sequence[str] = ()) -> dict:
 
 
 def _backend(args, load: Callable, tokur: dict):
-    from ..experiments.backends import HFBackend, OpenAIBackend, VerbalizedBackend, VLLMBackend
+    from ..hf import HFBackend
+    from ..verbalized import VerbalizedBackend
 
     explicit = tokur_options(args)
     if args.backend == "openai":
@@ -164,7 +165,9 @@ def _backend(args, load: Callable, tokur: dict):
             raise ValueError("--verbalized: runs in-process (--backend hf or vllm)")
         if not args.base_url:
             raise ValueError("--base-url: needed with --backend openai")
-        return OpenAIBackend(
+        from ..vllm.remote import RemoteBackend
+
+        return RemoteBackend(
             args.base_url,
             api_key=args.api_key,
             model=args.model,
@@ -177,15 +180,17 @@ def _backend(args, load: Callable, tokur: dict):
     if args.backend == "vllm":
         if explicit:
             raise ValueError("--tokur-*: TokUR options apply to the transformers backend")
-        backend = VLLMBackend(
-            loader=lambda: _vllm_engine(args),
+        from ..vllm.backend import VLLMBackend
+
+        backend = VLLMBackend.deferred(
+            lambda: _vllm_engine(args),
             model_name=name,
             dtype=args.dtype,
             chat=args.chat,
         )
     else:
-        backend = HFBackend(
-            loader=lambda: load(args),
+        backend = HFBackend.deferred(
+            lambda: load(args),
             model_name=name,
             dtype=args.dtype,
             chat=args.chat,

@@ -48,13 +48,13 @@ def add_parser(sub, model_args: Callable) -> None:
 
 def run(args, load: Callable, argv=None) -> int:
     from ..experiments import report
-    from ..experiments.backends import HFBackend
     from ..experiments.saved import load_generations, run_scoring
+    from ..hf import HFBackend
 
     saved = load_generations(args.data, grader=args.grader)
     tokur = tokur_options(args)
-    backend = HFBackend(
-        loader=lambda: load(args),
+    backend = HFBackend.deferred(
+        lambda: load(args),
         model_name=args.model or "embedded:SmolLM2-135M-Instruct",
         dtype=args.dtype,
         chat=args.chat,

@@ -4,8 +4,8 @@
 * :mod:`~tokur_decode.experiments.graders`: numeric, string and sympy math graders;
 * :mod:`~tokur_decode.experiments.metrics`: AUROC, AUPRC, PRR, Top-p accuracy, ECE and
   bootstrap intervals (positive class = wrong answer, score = uncertainty);
-* :mod:`~tokur_decode.experiments.backends`: the ``Backend`` protocol the runners call,
-  and the transformers backend;
+* :mod:`~tokur_decode.experiments.generations`: what the runners ask of any
+  :class:`~tokur_decode.strategies.Backend` (``n`` responses per prompt, with signals);
 * :mod:`~tokur_decode.experiments.detection` and :mod:`~tokur_decode.experiments.scaling`:
   the two resumable runners (``tokur-decode eval`` and ``tokur-decode scale``);
 * :mod:`~tokur_decode.experiments.report`: Markdown, plots and terminal tables.

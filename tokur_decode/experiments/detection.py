@@ -7,9 +7,9 @@ for the definitions: positive class = wrong answer, score = uncertainty).
 
 Example:
     >>> from tokur_decode.experiments import data
-    >>> from tokur_decode.experiments.backends import HFBackend
+    >>> from tokur_decode.hf import HFBackend
     >>> from tokur_decode.models import load_default
-    >>> backend = HFBackend(loader=load_default, model_name="embedded")
+    >>> backend = HFBackend.deferred(load_default, model_name="embedded", batch_size=8)
     >>> items = data.load_many("tasks:capitals,tasks:arithmetic", limit=10)
     >>> result = run_detection(items, backend, out="runs/detect",
     ...                        signals="all", max_new_tokens=24)         # doctest: +SKIP
@@ -25,8 +25,9 @@ import numpy as np
 
 from ..core.probe import PROBE
 from ..core.signals import parse_signals, wants_samples
-from .backends import Backend, Generation
+from ..strategies.backend import Backend
 from .data import Item
+from .generations import Generation, generations
 from .metrics import auroc, bootstrap, detection_metrics, ece, selective_metrics
 from .probe import fit_probe, probe_features
 from .runner import RunResult, graded, process
@@ -96,8 +97,8 @@ def run_detection(
 
     def work(batch: list[Item], first: int) -> list[dict]:
         prompts = [item.messages for item in batch]
-        gens = backend.generate(
-            prompts, signals=names, max_new_tokens=max_new_tokens, seed=seed + first
+        gens = generations(
+            backend, prompts, signals=names, max_new_tokens=max_new_tokens, seed=seed + first
         )
         records = [record(item, gen) for item, gen in zip(batch, gens, strict=True)]
         if tokur_seeds is not None:
@@ -114,9 +115,10 @@ def _check_seeds(seeds: Sequence[int], names: Sequence[str], backend) -> None:
         raise ValueError("tokur_seeds: needs 'tokur' among the signals")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"tokur_seeds: at least two different seeds, got {list(seeds)}")
-    if not hasattr(backend, "rescore"):
+    described = backend.describe()
+    if described["backend"] != "hf" or "verbalized" in described:
         raise ValueError("tokur_seeds: runs on the transformers backend (--backend hf)")
-    if backend.tokur.get("seed", 0) != seeds[0]:
+    if described["tokur"].get("seed", 0) != seeds[0]:
         raise ValueError("tokur_seeds: the backend's TokUR seed must be the first seed")
 
 
@@ -126,7 +128,7 @@ def _measure_seeds(backend, prompts, records: list[dict], seeds: Sequence[int]) 
     for r in records:
         r["tokur_seeds"] = {str(seeds[0]): tokur_scores(r["scores"])}
     for s in seeds[1:]:
-        trace = backend.rescore(prompts, responses, signals=["tokur"], tokur_seed=s)
+        trace = backend.score(prompts, responses, signals=["tokur"], tokur_seed=s)
         for r, scores in zip(records, trace_scores(trace), strict=True):
             r["tokur_seeds"][str(s)] = tokur_scores(scores)
 

@@ -7,7 +7,7 @@ scored instead of the text's tokens), ``"id"``, a gold ``"answer"`` (graded with
 ``"grader"``, the file's ``--grader`` or the one inferred from the answers, as
 :mod:`tokur_decode.experiments.data` does) or a ready ``"correct"`` (true / false).
 :func:`run_scoring` teacher-forces each response through the model
-(:meth:`~tokur_decode.experiments.backends.HFBackend.rescore`), so every signal, TokUR
+(:meth:`tokur_decode.hf.HFBackend.score`), so every signal, TokUR
 included, is measured per token as it would have been while generating; the records and
 the report have the format of ``eval``'s (resumable; ``calibrate`` reads the folder),
 with the detection metrics when every response is graded.
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.signals import parse_signals
-from .backends import Generation, HFBackend
+from ..strategies.backend import Backend
 from .data import Item, infer_grader, json_objects
 from .detection import record, summarize
+from .generations import Generation
 from .graders import GRADERS
 from .runner import RunResult, process
 from .store import RunStore
@@ -97,7 +98,7 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
 
 def run_scoring(
     saved: Sequence[Saved],
-    backend: HFBackend,
+    backend: Backend,
     *,
     out: str | Path,
     signals: str | Sequence[str] = "all,tokur",
@@ -106,7 +107,8 @@ def run_scoring(
     seed: int = 0,
     progress: bool = True,
 ) -> RunResult:
-    """Score every saved response (skipping those ``out`` has); the records, and the
+    """Score every saved response (skipping those ``out`` has) on ``backend``, a
+    :class:`tokur_decode.hf.HFBackend` (deferred or not); the records, and the
     detection summary when every response is graded (else ``summary`` is ``{}``)."""
     names = parse_signals(signals)
     config = {"kind": "detect", "scored": True, "signals": list(names), **backend.describe()}
@@ -114,7 +116,7 @@ def run_scoring(
     by_key = {s.item.key: s for s in saved}
 
     def work(batch: list[Item], first: int) -> list[dict]:
-        _, tokenizer = backend.loaded()
+        tokenizer = backend.tokenizer
         texts = [by_key[item.key].response for item in batch]
         ids = [
             list(by_key[item.key].token_ids)
@@ -122,7 +124,7 @@ def run_scoring(
             else tokenizer(text, add_special_tokens=False).input_ids
             for item, text in zip(batch, texts, strict=True)
         ]
-        trace = backend.rescore([item.messages for item in batch], ids, signals=names)
+        trace = backend.score([item.messages for item in batch], ids, signals=names)
         records = []
         for row, item in enumerate(batch):
             rec = record(item, Generation([texts[row]], trace.select([row])))

@@ -12,7 +12,7 @@ subsets of ``N`` candidates per item (seeded by the item) and applies each metho
   deepconf-online) as configured, with its ``score``, ``reducer``, ``higher_is_better``,
   ``method`` and ``eta``, ``n`` = N;
 * for each distinct recipe score, and each extra score the backend gives (e.g. the
-  verbalized confidences of :class:`~tokur_decode.experiments.backends.VerbalizedBackend`):
+  verbalized confidences of :class:`~tokur_decode.verbalized.VerbalizedBackend`):
   ``best-of-N`` (argmax), ``weighted vote`` (weights = softmax of the scores) and
   ``top-eta vote`` (majority among the ``eta`` most confident; the recipe's eta when
   < 1, else ``eta``);
@@ -50,9 +50,10 @@ from ..core.policy import Trigger, TriggerState, calibrate_from_traces
 from ..core.select import choose, vote
 from ..core.signals import parse_signals, signal_of_output
 from ..core.trace import Trace
+from ..strategies.backend import Backend
 from ..strategies.recipe import Strategy
-from .backends import Backend, Generation
 from .data import Item
+from .generations import Generation, generations
 from .live import check_recipes, run_recipes, summarize_live
 from .metrics import bootstrap
 from .runner import RunResult, graded, process
@@ -243,7 +244,7 @@ def run_scaling(
     (:mod:`~tokur_decode.experiments.live`); their table is ``summary["live"]``.
     """
     live = check_recipes(live)
-    if live and not hasattr(backend, "adapter"):
+    if live and "verbalized" in backend.describe():
         raise ValueError("live: recipes run on a decoding backend (not --verbalized)")
     ns = sorted(set(ns))
     if not ns or ns[0] < 1:
@@ -280,14 +281,12 @@ def run_scaling(
     def work(batch: list[Item], first: int) -> list[dict]:
         prompts = [item.messages for item in batch]
         settings = dict(signals=names, max_new_tokens=max_new_tokens, seed=seed + first)
-        sampled = backend.generate(
-            prompts, n=n_max, temperature=temperature, top_p=top_p, **settings
+        sampled = generations(
+            backend, prompts, n=n_max, temperature=temperature, top_p=top_p, **settings
         )
-        greedy = backend.generate(prompts, **settings)
+        greedy = generations(backend, prompts, **settings)
         ran = (
-            run_recipes(
-                backend.adapter(), batch, live, max_new_tokens=max_new_tokens, seed=seed + first
-            )
+            run_recipes(backend, batch, live, max_new_tokens=max_new_tokens, seed=seed + first)
             if live
             else [None] * len(batch)
         )

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from ..core.perturbation import checked_options
+from ..core.signals import wants_samples
 from ..core.steps import StepEnds
 from ..core.text import encode_prompts
 from ..core.trace import Trace
@@ -52,10 +54,16 @@ class HFBackend:
     """A transformers causal LM as a :class:`~tokur_decode.strategies.Backend`.
 
     Args:
-        model, tokenizer: the model and its tokenizer.
+        model, tokenizer: the model and its tokenizer (:meth:`deferred`: loaded on
+            first use).
         chat: chat template use (``None``: when the tokenizer has one).
         batch_size: prompts per batched call (``None``: all at once); batch ``k``
             starting at prompt ``i`` is seeded with ``seed + i``.
+        tokur: TokUR's options where a request records ``"tokur"`` and does not set
+            them (the lowest level of the precedence: the caller's, the recipe's, these,
+            :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s defaults).
+        model_name: how :meth:`describe` names the model (default: its
+            ``name_or_path``).
         signal_params: monitor and action options (``logtoku_k``, ``deepconf_k``,
             ``logtoku_evidence``).
     """
@@ -69,16 +77,90 @@ class HFBackend:
         *,
         chat: bool | None = None,
         batch_size: int | None = None,
+        tokur: dict | None = None,
+        model_name: str | None = None,
         **signal_params,
     ) -> None:
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"batch_size: must be >= 1 or None, got {batch_size!r}")
+        _check_batch_size(batch_size)
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
         self.batch_size = batch_size
+        self.tokur = checked_options(tokur) or {}
         self.signal_params = signal_params
+        self.model_name = model_name or getattr(model, "name_or_path", type(model).__name__)
         eos = model.generation_config.eos_token_id
         self.eos_token_id = tokenizer.eos_token_id if eos is None else eos
         self._step_ends: dict[str, StepEnds] = {}  # by delimiter
+
+    @classmethod
+    def deferred(
+        cls,
+        loader: Callable[[], tuple],
+        *,
+        model_name: str,
+        dtype: str = "auto",
+        chat: bool | None = None,
+        batch_size: int | None = None,
+        tokur: dict | None = None,
+        **signal_params,
+    ) -> acts.Deferred:
+        """An :class:`HFBackend` whose ``loader()`` (returning the model and its
+        tokenizer) runs on first use; ``dtype``: the dtype asked of the loader, for
+        :meth:`describe`."""
+        _check_batch_size(batch_size)
+        tokur = checked_options(tokur) or {}
+
+        def build() -> HFBackend:
+            backend = cls(
+                *loader(),
+                chat=chat,
+                batch_size=batch_size,
+                tokur=tokur,
+                model_name=model_name,
+                **signal_params,
+            )
+            backend.dtype = dtype
+            return backend
+
+        description = acts.description("hf", model_name, dtype, chat, signal_params, tokur=tokur)
+        return acts.Deferred(build, description, cls.acts)
+
+    #: The model's dtype as :meth:`describe` reports it (a deferred backend: the one
+    #: asked of its loader).
+    dtype: str | None = None
+
+    def describe(self) -> dict:
+        dtype = self.dtype or str(self.model.dtype).removeprefix("torch.")
+        return acts.description(
+            "hf", self.model_name, dtype, self.chat, self.signal_params, tokur=self.tokur
+        )
+
+    def score(
+        self,
+        prompts: Sequence,
+        responses: Sequence[Sequence[int]],
+        *,
+        signals: Sequence[str],
+        tokur_seed: int | None = None,
+    ) -> Trace:
+        """The trace of saved ``responses`` (token ids) teacher-forced after their
+        prompts (:func:`tokur_decode.hf.scoring.score`); TokUR with this backend's
+        options, ``tokur_seed`` as its noise seed when given."""
+        from .scoring import score
+
+        tokur = dict(self.tokur) if wants_samples(signals) else None
+        if tokur is not None and tokur_seed is not None:
+            tokur["seed"] = tokur_seed
+        return score(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            list(responses),
+            signals=list(signals),
+            tokur=tokur,
+            chat=self.chat,
+            batch_size=self.batch_size or len(prompts),
+            **self.signal_params,
+        )
 
     def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
         sampling, n, act = request.sampling, request.n, request.act
@@ -135,7 +217,8 @@ class HFBackend:
     def _monitoring(self, request: acts.Request):
         """A fresh monitor, inside :func:`perturbed` when TokUR is recorded, in inference
         mode."""
-        context = perturbed(self.model, **(request.tokur or {})) if request.wants_samples else None
+        options = {**self.tokur, **(request.tokur or {})}
+        context = perturbed(self.model, **options) if request.wants_samples else None
         with context or contextlib.nullcontext() as source, torch.inference_mode():
             yield UncertaintyMonitor(
                 request.signals,
@@ -206,6 +289,13 @@ class HFBackend:
         trace = controller.run(enc, policy, self.tokenizer)
         prompt_of = policy.origin if isinstance(act, acts.BranchAct) else list(range(len(prompts)))
         return acts.Decoded(trace, list(prompt_of), policy.events, int(controller.generated))
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size: must be an integer >= 1 or None, got {batch_size!r}")
 
 
 def _joined(parts: list[acts.Decoded]) -> acts.Decoded:

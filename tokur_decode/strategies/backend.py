@@ -22,8 +22,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 from ..core.checks import check_temperature, check_top_p
@@ -37,6 +38,8 @@ __all__ = [
     "Backend",
     "BranchAct",
     "Decoded",
+    "Deferred",
+    "description",
     "Particles",
     "Request",
     "ResampleAct",
@@ -175,12 +178,24 @@ class Decoded:
         events: what the act did, in order: per row (fires, roll-backs); for a
             :class:`BranchAct`, whose forks make the rows, per prompt.
         tokens: tokens decoded in all (forks', roll-backs' and probes' included).
+        scores: per row, response-level scores not derived from the trace, higher =
+            more confident (a verbalized confidence); empty dicts if none.
+        texts: what each row answers (default: the trace's texts; verbalized
+            confidence: the answer line).
     """
 
     trace: Trace
     prompt_of: list[int]
     events: list[list[dict]]
     tokens: int
+    scores: list[dict[str, float]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.scores:
+            self.scores = [{} for _ in self.prompt_of]
+        if not self.texts:
+            self.texts = list(self.trace.texts or [""] * len(self.prompt_of))
 
     def rows_of(self, prompt: int) -> list[int]:
         return [row for row, p in enumerate(self.prompt_of) if p == prompt]
@@ -223,13 +238,90 @@ def one_per_particle(values: Sequence, particles: int, name: str) -> list:
 
 @runtime_checkable
 class Backend(Protocol):
-    """An engine as the strategies see it. One whose :attr:`acts` include
-    :class:`StepsAct` also offers ``particles(prompts, request)``: a context manager giving
-    :class:`Particles` (``request.n`` per prompt, ``request.act`` the steps)."""
+    """An engine as every layer above sees it: the strategies, the experiment runners
+    and verbalized confidence. Implemented by :class:`tokur_decode.hf.HFBackend`,
+    :class:`tokur_decode.vllm.VLLMBackend`, :class:`tokur_decode.vllm.remote.RemoteBackend`
+    and :class:`tokur_decode.verbalized.VerbalizedBackend`; :class:`Deferred` builds
+    one on first use."""
 
-    #: The act types :meth:`decode` runs (a subset of ``StopAct, ResampleAct, BranchAct,
-    #: RollbackAct``).
+    #: The act types :meth:`decode` runs (a subset of ``StopAct, ResampleAct,
+    #: BranchAct, RollbackAct, StepsAct``).
     acts: tuple[type, ...]
 
     def decode(self, prompts: Sequence[str], request: Request) -> Decoded:
         """Answer ``prompts`` as ``request`` says."""
+
+    def particles(
+        self, prompts: Sequence[str], request: Request
+    ) -> contextlib.AbstractContextManager[Particles]:
+        """Where :attr:`acts` include :class:`StepsAct`: ``request.n`` particles per
+        prompt advancing in the steps of ``request.act`` (others raise ``ValueError``)."""
+
+    def describe(self) -> dict:
+        """JSON-able facts that determine the numbers (backend, model, dtype, chat,
+        signal parameters, ...): an experiment resumed with another description is
+        refused."""
+
+
+def description(
+    backend: str, model: str, dtype: str | None, chat: bool | None, signal_params: dict, **more
+) -> dict:
+    """What :meth:`Backend.describe` returns: the facts every backend states, then its
+    own (``more``).
+
+    Example:
+        >>> description("hf", "m", "float32", None, {})["backend"]
+        'hf'
+    """
+    return {
+        "backend": backend,
+        "model": model,
+        "dtype": dtype,
+        "chat": chat,
+        **more,
+        "signal_params": signal_params,
+    }
+
+
+class Deferred:
+    """A backend built on its first use, described without building it (a resumed
+    experiment whose items are all done never loads the model).
+
+    Args:
+        build: returns the backend.
+        description: what :meth:`describe` returns (the class's own ``description``
+            function gives the same as the built backend's ``describe()``).
+        acts: the built backend's :attr:`Backend.acts`.
+
+    Other attributes are the built backend's.
+
+    Example:
+        >>> calls = []
+        >>> lazy = Deferred(lambda: calls.append(1), {"backend": "x"}, ())
+        >>> lazy.describe(), calls
+        ({'backend': 'x'}, [])
+    """
+
+    def __init__(self, build: Callable[[], Backend], description: dict, acts: tuple[type, ...]):
+        self._build, self._built = build, None
+        self.description, self.acts = description, acts
+
+    def built(self) -> Backend:
+        """The backend, built on the first call."""
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    def describe(self) -> dict:
+        return self.description
+
+    def decode(self, prompts: Sequence[str], request: Request) -> Decoded:
+        return self.built().decode(prompts, request)
+
+    def particles(self, prompts: Sequence[str], request: Request):
+        return self.built().particles(prompts, request)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.built(), name)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..core.checks import check_temperature, check_top_p
+from .backend import VERBALIZED_SCORES, VerbalizedBackend
 from .calibration import (
     CAPITALS,
     ReliabilityDiagram,
@@ -63,9 +64,11 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "MASK_ORDERS",
     "SCORES",
+    "VERBALIZED_SCORES",
     "VERBALIZED_SIGNALS",
     "Parsed",
     "ReliabilityDiagram",
+    "VerbalizedBackend",
     "VerbalizedResult",
     "ask",
     "build_prompt",

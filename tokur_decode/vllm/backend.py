@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from ..core.perturbation import PerturbationConfig
@@ -45,17 +45,58 @@ class VLLMBackend:
     :class:`~tokur_decode.strategies.Backend`.
 
     Args:
-        engine: the engine.
+        engine: the engine (:meth:`deferred`: built on first use).
         chat: chat template use (``None``: when the tokenizer has one).
+        model_name: how :meth:`describe` names the model (default: the engine's).
         signal_params: processor options (``logtoku_k``, ``deepconf_k``,
             ``logtoku_evidence``).
     """
 
     acts = (acts.StopAct, acts.ResampleAct, acts.BranchAct, acts.StepsAct)
+    name = "vllm"
 
-    def __init__(self, engine, *, chat: bool | None = None, **signal_params) -> None:
-        self.engine, self.chat, self.signal_params = engine, chat, signal_params
+    def __init__(
+        self, engine, *, chat: bool | None = None, model_name: str | None = None, **signal_params
+    ) -> None:
         uncertainty_args("max_prob", **signal_params)  # validated here, not per request
+        self.engine, self.chat, self.signal_params = engine, chat, signal_params
+        self.model_name = model_name
+
+    @classmethod
+    def deferred(
+        cls,
+        loader: Callable[[], object],
+        *,
+        model_name: str,
+        dtype: str = "auto",
+        chat: bool | None = None,
+        **signal_params,
+    ) -> acts.Deferred:
+        """A :class:`VLLMBackend` whose engine ``loader()`` builds on first use;
+        ``dtype``: the dtype asked of the loader, for :meth:`describe`."""
+        uncertainty_args("max_prob", **signal_params)
+
+        def build() -> VLLMBackend:
+            backend = cls(loader(), chat=chat, model_name=model_name, **signal_params)
+            backend.dtype = dtype
+            return backend
+
+        description = acts.description(cls.name, model_name, dtype, chat, signal_params)
+        return acts.Deferred(build, description, cls.acts)
+
+    #: The dtype :meth:`describe` reports (a deferred backend: the one asked of its
+    #: loader; else the engine's).
+    dtype: str | None = None
+
+    def describe(self) -> dict:
+        config = self.engine.llm_engine.model_config
+        return acts.description(
+            self.name,
+            self.model_name or config.model,
+            self.dtype or str(config.dtype).removeprefix("torch."),
+            self.chat,
+            self.signal_params,
+        )
 
     #: How to get an engine that has TokUR's model (for the error without one).
     TOKUR_HOW = "tokur_decode.vllm.llm(**tokur_decode.vllm.tokur_engine_args(...))"

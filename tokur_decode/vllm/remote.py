@@ -61,6 +61,7 @@ class RemoteBackend(VLLMBackend):
         base_url: the server, e.g. ``http://127.0.0.1:8000``.
         api_key: the server's ``--api-key`` (sent as a bearer token), if any.
         model: the served model's name (default: the first of ``/v1/models``).
+        model_name: how :meth:`describe` names the model (default: the served name).
         chat: chat template use (``None``: the server decides, as the tokenizer's).
         concurrency: requests in flight at once (>= 1).
         retries: retries of a transient failure (>= 0); backoff 0.5 s, doubling, at
@@ -73,6 +74,7 @@ class RemoteBackend(VLLMBackend):
     """
 
     acts = (acts.StopAct, acts.ResampleAct)
+    name = "openai"
     TOKUR_HOW = "start the server with tokur-decode serve --tokur"
 
     def __init__(
@@ -81,6 +83,7 @@ class RemoteBackend(VLLMBackend):
         *,
         api_key: str | None = None,
         model: str | None = None,
+        model_name: str | None = None,
         chat: bool | None = None,
         concurrency: int = 8,
         retries: int = 4,
@@ -95,7 +98,7 @@ class RemoteBackend(VLLMBackend):
             raise ValueError(f"concurrency: an integer >= 1, got {concurrency!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries: an integer >= 0, got {retries!r}")
-        super().__init__(None, chat=chat, **signal_params)
+        super().__init__(None, chat=chat, model_name=model_name, **signal_params)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(
             base_url=str(base_url).rstrip("/"),
@@ -109,6 +112,16 @@ class RemoteBackend(VLLMBackend):
 
     def close(self) -> None:
         self.http.close()
+
+    def describe(self) -> dict:
+        return acts.description(
+            self.name,
+            self.model_name or self.model,
+            "the server's",
+            self.chat,
+            self.signal_params,
+            served_model=self.model,
+        )
 
     # ------------------------------------------------------------------ HTTP
 
