@@ -472,7 +472,7 @@ def _assert_same_branching(got, want):
     for mine, ref in zip(got.actions, want.actions, strict=True):
         assert [e["action"] for e in mine] == [e["action"] for e in ref]
         for fork, ref_fork in zip(mine[:-1], ref[:-1], strict=True):
-            for key in ("step", "candidate", "alternatives", "signal", "threshold", "direction"):
+            for key in ("step", "candidate", "forked_ids", "signal", "threshold", "direction"):
                 assert fork[key] == ref_fork[key], key
             if ref_fork["value"] is not None:
                 assert fork["value"] == pytest.approx(ref_fork["value"], abs=2e-3)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..core.events import Rewind
 from ..core.policy import Trigger, TriggerState
 from ..strategies import actions
 
@@ -71,9 +72,14 @@ class RollbackPolicy:
         ctrl.monitor.check_step_output(self.trigger.signal)
         self.retries = [0] * ctrl.batch_size
         self.attempts: dict[int, dict] = {}
-        self.events: list[list[dict]] = [[] for _ in range(ctrl.batch_size)]
+        self._rewinds: list[list[Rewind]] = [[] for _ in range(ctrl.batch_size)]
         self.state = TriggerState(self.trigger, ctrl.batch_size, ctrl.device)
         self._sign = 1.0 if self.trigger.direction == "above" else -1.0
+
+    @property
+    def events(self) -> list[list[dict]]:
+        """Per row, its roll-backs (:class:`~tokur_decode.core.events.Rewind`) as dicts."""
+        return [[event.to_dict() for event in row] for row in self._rewinds]
 
     def _badness(self, ctrl: Controller, row: int, steps: Sequence[int]) -> float:
         values = ctrl.monitor.values(self.trigger.signal)[row, list(steps)]
@@ -94,18 +100,17 @@ class RollbackPolicy:
             if self.retries[row] >= self.max_retries or not old:
                 continue
             self.retries[row] += 1
-            event = {
-                "action": "rollback",
-                "step": len(ctrl.answer_steps(row)),
-                "signal": self.trigger.signal,
-                "value": float(self.state.smoothed_value[row]),
-                "threshold": self.trigger.threshold,
-                "direction": self.trigger.direction,
-                "rewound": len(old),
-                "retry": self.retries[row],
-                "rewound_ids": ctrl.tokens[row, [ctrl.prompt_len + s for s in old]].tolist(),
-            }
-            self.events[row].append(event)
+            event = Rewind(
+                step=len(ctrl.answer_steps(row)),
+                signal=self.trigger.signal,
+                value=float(self.state.smoothed_value[row]),
+                threshold=self.trigger.threshold,
+                direction=self.trigger.direction,
+                rewound=len(old),
+                retry=self.retries[row],
+                rewound_ids=ctrl.tokens[row, [ctrl.prompt_len + s for s in old]].tolist(),
+            )
+            self._rewinds[row].append(event)
             self.attempts[row] = {
                 "old": old,
                 "old_badness": self._badness(ctrl, row, [*old, step]),
@@ -126,11 +131,10 @@ class RollbackPolicy:
             scored = new if finished[row] else [*new, step]
             badness = self._badness(ctrl, row, scored) if scored else math.inf
             keep_new = badness < attempt["old_badness"]
-            attempt["event"].update(
-                kept="new" if keep_new else "old",
-                old_score=self._sign * attempt["old_badness"],
-                new_score=self._sign * badness if scored else None,
-            )
+            event = attempt["event"]
+            event.kept = "new" if keep_new else "old"
+            event.old_score = self._sign * attempt["old_badness"]
+            event.new_score = self._sign * badness if scored else None
             if not keep_new:
                 ctrl.put_back(row, attempt["old"], new)
             ctrl.set_temperature(row, ctrl.base_temperature)

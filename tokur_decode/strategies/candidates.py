@@ -14,7 +14,7 @@ Example:
     >>> from tokur_decode.strategies.actions import BestOfNConfig
     >>> params = BestOfNConfig(score="self_certainty")
     >>> chosen, records, _ = choose_candidates(trace, [[0, 1]], params, str.strip)
-    >>> chosen, records[0]["scores"]
+    >>> chosen, records[0].scores
     ([1], [1.5, 3.5])
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..core import aggregate
+from ..core.events import Choice, DeepConfOnlineEvent
 from ..core.policy import Trigger
 from ..core.select import choose
 from ..core.trace import Trace
@@ -43,13 +44,13 @@ def choose_candidates(
     params: SelectionConfig,
     extract: Callable[[str], object],
     **reducer_params,
-) -> tuple[list[int], list[dict], list[Trace]]:
+) -> tuple[list[int], list[Choice], list[Trace]]:
     """Per group of candidate rows of ``trace``, the row chosen by a recipe's selection
     (``params``; see :func:`tokur_decode.core.select.choose`); ``extract`` turns a text
     into the answer that votes.
 
-    Returns ``(chosen rows, one record per group, candidate traces per group)``; a
-    record lists every candidate's raw score and answer and the chosen index.
+    Returns ``(chosen rows, one :class:`~tokur_decode.core.events.Choice` per group,
+    candidate traces per group)``.
     """
     raw = trace.aggregate(params.score, params.reducer, **reducer_params).tolist()
     scores = raw if params.higher_is_better else [-x for x in raw]
@@ -70,17 +71,17 @@ def choose_candidates(
         chosen.append(pick)
         candidates.append(trace.select(rows))
         records.append(
-            {
-                "chosen": rows.index(pick),
-                "score": params.score,
-                "reducer": params.reducer,
-                "higher_is_better": params.higher_is_better,
-                "method": params.method,
-                "eta": params.eta,
-                "eta_rule": params.eta_rule,
-                "scores": [raw[i] for i in rows],
-                "answers": [answers[i] for i in rows],
-            }
+            Choice(
+                chosen=rows.index(pick),
+                score=params.score,
+                reducer=params.reducer,
+                higher_is_better=params.higher_is_better,
+                method=params.method,
+                eta=params.eta,
+                eta_rule=params.eta_rule,
+                scores=[raw[i] for i in rows],
+                answers=[answers[i] for i in rows],
+            )
         )
     return chosen, records, candidates
 
@@ -167,18 +168,17 @@ def deepconf_vote(
         stops = [j for j in range(online) if stopped[b * online + j]]
         groups.append(mine_warm + [r for j, r in enumerate(mine_later) if j not in stops])
         actions.append(
-            {
-                "action": "deepconf-online",
-                "n": n,
-                "warmup": warmup,
-                "threshold": threshold,
-                "window": window,
-                "stopped": stops,
-                "tokens": sum(lengths[r] for r in mine_warm + mine_later),
-                "tokens_saved": sum(max_new_tokens - lengths[mine_later[j]] for j in stops),
-            }
+            DeepConfOnlineEvent(
+                n=n,
+                warmup=warmup,
+                threshold=threshold,
+                window=window,
+                stopped=stops,
+                tokens=sum(lengths[r] for r in mine_warm + mine_later),
+                tokens_saved=sum(max_new_tokens - lengths[mine_later[j]] for j in stops),
+            )
         )
     chosen, records, candidates = choose_candidates(trace, groups, params, extract, window=window)
     for action, record, rows in zip(actions, records, groups, strict=True):
-        action.update(record, voters=len(rows))
-    return trace, chosen, [[a] for a in actions], candidates
+        action.choice, action.voters = record, len(rows)
+    return trace, chosen, [[a.to_dict()] for a in actions], candidates

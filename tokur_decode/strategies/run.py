@@ -47,6 +47,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..core.adaptive import settled
+from ..core.events import (
+    AbstainEvent,
+    AdaptiveSamplingEvent,
+    BestOfNEvent,
+    ParticleFilterEvent,
+    SelectEvent,
+    StepRedrawEvent,
+)
 from ..core.momentum import StepMomentum
 from ..core.particles import effective_sample_size, normalized, systematic_resample
 from ..core.perturbation import checked_options
@@ -347,7 +355,7 @@ def _best_of_n(job: _Job) -> GenerationResult:
     out = job.decode(n=n, sampling=job.plan.candidates)
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
-    actions = [[{"action": "best-of-n", "n": n, **record}] for record in records]
+    actions = [[BestOfNEvent(n, choice).to_dict()] for choice in records]
     return GenerationResult.chosen(out.trace, job.plan.prompts, chosen, actions, candidates)
 
 
@@ -414,21 +422,17 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
         spent = sum(lengths)
         chosen.append(rows[pick])
         candidates.append(trace.select(rows))
-        actions.append(
-            [
-                {
-                    "action": "adaptive-sampling",
-                    "rule": p.rule,
-                    "window": p.window,
-                    "n": p.n,
-                    "drawn": len(rows),
-                    "tokens": spent,
-                    "tokens_saved": round((p.n - len(rows)) * spent / len(rows)),
-                    "chosen": pick,
-                    "answers": answers,
-                }
-            ]
+        event = AdaptiveSamplingEvent(
+            rule=p.rule,
+            window=p.window,
+            n=p.n,
+            drawn=len(rows),
+            tokens=spent,
+            tokens_saved=round((p.n - len(rows)) * spent / len(rows)),
+            chosen=pick,
+            answers=answers,
         )
+        actions.append([event.to_dict()])
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates)
 
 
@@ -509,22 +513,18 @@ def _particle_filter(job: _Job) -> GenerationResult:
         pick = select([answers[r] for r in rows], w, method="weighted")
         chosen.append(rows[pick])
         candidates.append(trace.select(rows))
-        actions.append(
-            [
-                {
-                    "action": "particle-filter",
-                    "n": n,
-                    "score": p.score,
-                    "reducer": p.reducer,
-                    "steps": steps,
-                    "tokens": int(spent[q]),
-                    "resampled": resamplings[q],
-                    "weights": w,
-                    "answers": [answers[r] for r in rows],
-                    "chosen": pick,
-                }
-            ]
+        event = ParticleFilterEvent(
+            n=n,
+            score=p.score,
+            reducer=p.reducer,
+            steps=steps,
+            tokens=int(spent[q]),
+            resampled=resamplings[q],
+            weights=w,
+            answers=[answers[r] for r in rows],
+            chosen=pick,
         )
+        actions.append([event.to_dict()])
     return GenerationResult.chosen(trace, job.plan.prompts, chosen, actions, candidates, tokens)
 
 
@@ -593,14 +593,13 @@ def _step_redraw(job: _Job) -> GenerationResult:
         tokens = particles.tokens
     actions = [
         [
-            {
-                "action": "step-redraw",
-                "score": p.score,
-                "reducer": p.reducer,
-                "steps": int(momentum.steps[q]),
-                "redrawn": redrawn[q],
-                "tokens": int(spent[q]),
-            }
+            StepRedrawEvent(
+                score=p.score,
+                reducer=p.reducer,
+                steps=int(momentum.steps[q]),
+                redrawn=redrawn[q],
+                tokens=int(spent[q]),
+            ).to_dict()
         ]
         for q in range(count)
     ]
@@ -615,8 +614,8 @@ def _branch(job: _Job) -> GenerationResult:
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [
-        [*events, {"action": "select", "k": p.k, **record}]
-        for events, record in zip(out.events, records, strict=True)
+        [*events, SelectEvent(p.k, choice).to_dict()]
+        for events, choice in zip(out.events, records, strict=True)
     ]
     return GenerationResult.chosen(
         out.trace, job.plan.prompts, chosen, actions, candidates, out.tokens
@@ -636,23 +635,22 @@ def _abstain(job: _Job) -> GenerationResult:
         values = rule.probe.p_wrong_trace(result.trace)
     else:
         values = response_scores(result.trace, [rule.score])[rule.score]
-    record = {
-        "action": "abstain",
-        "score": rule.score,
-        "keep": rule.keep,
-        "threshold": rule.threshold,
-        **{
-            k: getattr(rule, k)
-            for k in ("risk", "delta", "coverage")
-            if getattr(rule, k) is not None
-        },
-    }
     actions = []
     for i, (value, events) in enumerate(zip(values.tolist(), result.actions, strict=True)):
         kept = rule.keeps(value)
         if not kept:
             result.texts[i] = rule.abstain_text
-        actions.append([*events, {**record, "value": value, "abstained": not kept}])
+        event = AbstainEvent(
+            rule.score,
+            rule.keep,
+            rule.threshold,
+            value=value,
+            abstained=not kept,
+            risk=rule.risk,
+            delta=rule.delta,
+            coverage=rule.coverage,
+        )
+        actions.append([*events, event.to_dict()])
     result.actions = actions
     return result
 
