@@ -145,7 +145,7 @@ def test_remote_code_is_not_trusted_by_default(monkeypatch):
 
 
 def test_a_selection_says_which_way_it_chose():
-    from tokur_decode.cli.generate import _choice
+    from tokur_decode.cli.render import _choice
 
     event = {"reducer": "mean", "score": "tokur_epistemic", "method": "argmax", "eta": 1.0}
     assert _choice({**event, "higher_is_better": False}) == "the lowest mean of tokur_epistemic"

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokur_decode.core.policy import Trigger
-from tokur_decode.experiments import data, detection, report
+from tokur_decode.experiments import data, detection, plots
 from tokur_decode.experiments.abstention import (
     _float32_inside,
     calibrate_run,
@@ -72,7 +72,7 @@ def test_nothing_is_written_when_calibration_or_writing_fails(scripted_run, tmp_
     def broken(result, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "calibration_plot", broken)
+    monkeypatch.setattr(plots, "calibration_plot", broken)
     with pytest.raises(ValueError, match="No space left on device"):
         write_rule(result, tmp_path / "rule.toml")
     assert list(tmp_path.iterdir()) == []  # neither the recipe nor a temporary file

@@ -13,7 +13,15 @@ import torch
 
 from tokur_decode.core.signals import parse_signals
 from tokur_decode.core.trace import Trace
-from tokur_decode.experiments import data, detection, metrics, report, scaling
+from tokur_decode.experiments import (
+    data,
+    detection,
+    metrics,
+    report,
+    scaling,
+    scaling_methods,
+    scaling_simulation,
+)
 from tokur_decode.experiments.generations import generations
 from tokur_decode.hf import HFBackend
 from tokur_decode.strategies.backend import Backend, Decoded
@@ -185,7 +193,9 @@ def test_scaling_methods_on_a_scripted_run(tmp_path):
 
 
 def test_recipe_methods_follow_the_recipes():
-    methods = {m.name: m for m in scaling.recipe_methods(["tokur-best-of-n", "deepconf-online"])}
+    methods = {
+        m.name: m for m in scaling_methods.recipe_methods(["tokur-best-of-n", "deepconf-online"])
+    }
     tokur = methods["tokur-best-of-n"]
     assert (tokur.score, tokur.reducer, tokur.higher_is_better, tokur.method) == (
         "tokur_epistemic",
@@ -202,9 +212,9 @@ def test_recipe_methods_follow_the_recipes():
         16,
     )
     with pytest.raises(ValueError, match="sweeps"):
-        scaling.recipe_methods(["logtoku-abstain"])
+        scaling_methods.recipe_methods(["logtoku-abstain"])
     with pytest.raises(ValueError, match="temperature"):
-        scaling._temperature(
+        scaling_methods.recipes_temperature(
             [
                 "deepconf-online",
                 {
@@ -219,7 +229,7 @@ def test_deepconf_online_simulation_cuts_where_the_online_stop_would():
     """Two warm-up traces set the threshold; of two later ones, the one whose window
     confidence dips below it is cut at the first such token and leaves the vote."""
     window = 2
-    method = scaling.Method(
+    method = scaling_methods.Method(
         "dc",
         "deepconf-online",
         "deepconf",
@@ -245,8 +255,10 @@ def test_deepconf_online_simulation_cuts_where_the_online_stop_would():
         cand([5.0, 5.0, 1.0, 1.0, 1.0, 1.0], "b", False),  # window mean 3 < 4.5 at step 2
         cand([6.0, 6.0, 6.0], "b", False),  # never below: votes
     ]
-    conf = scaling._confidences(cands, method)
-    correct, tokens = scaling._deepconf_online(cands, conf, np.array([[0, 1, 2, 3]]), method)
+    conf = scaling_simulation._confidences(cands, method)
+    correct, tokens = scaling_simulation._deepconf_online(
+        cands, conf, np.array([[0, 1, 2, 3]]), method
+    )
     # votes: a, a, b -> "a" (right); tokens: 4 + 3 + (cut after step 2: 3) + 3
     assert correct.tolist() == [1.0] and tokens.tolist() == [13.0]
     # the same cut as the policy's calibrated trigger computes on the traces
@@ -260,7 +272,7 @@ def test_deepconf_online_simulation_cuts_where_the_online_stop_would():
     base = Trigger("deepconf", direction="below", window=window, min_tokens=window)
     assert calibrate_from_traces(base, warm, 50).threshold == 4.5
     # with N <= warmup nothing is cut: the plain vote of all
-    correct, tokens = scaling._deepconf_online(cands, conf, np.array([[2, 3]]), method)
+    correct, tokens = scaling_simulation._deepconf_online(cands, conf, np.array([[2, 3]]), method)
     assert correct.tolist() == [0.0] and tokens.tolist() == [9.0]
 
 
@@ -392,7 +404,7 @@ def test_extra_scores_are_selectable_and_calibrated(tmp_path):
         progress=False,
     )
     methods = result.summary["methods"]
-    names = [m.name for m in scaling.extra_methods(["verbalized_confidence"])]
+    names = [m.name for m in scaling_methods.extra_methods(["verbalized_confidence"])]
     assert set(names) <= set(methods)
     # At N = 4 every item has a right candidate with its confidence stated (j = 0..2),
     # and candidates without one rank last: the argmax is always right.

@@ -13,7 +13,7 @@ from scipy import integrate, stats
 
 from tokur_decode.core.adaptive import beta_confidence, drawn_until_settled, settled
 from tokur_decode.core.trace import Trace
-from tokur_decode.experiments import scaling
+from tokur_decode.experiments import scaling_methods, scaling_simulation
 from tokur_decode.strategies import backend as B
 from tokur_decode.strategies import generate
 
@@ -107,12 +107,12 @@ def test_adaptive_sampling_draws_until_each_prompt_is_settled():
 
 
 def test_the_scaling_simulation_follows_the_same_rule():
-    (m,) = scaling.recipe_methods(["esc"])
+    (m,) = scaling_methods.recipe_methods(["esc"])
     assert (m.kind, m.rule, m.step) == ("adaptive-sampling", "esc", 4)
     answers = ["1", "1", "1", "1", "2", "2", "2", "2"]
     right = np.array([1.0] * 4 + [0.0] * 4)
     lengths = np.arange(1, 9, dtype=float)
     subsets = np.array([list(range(8)), list(range(7, -1, -1))])
-    correct, tokens = scaling._adaptive(answers, right, lengths, subsets, m)
+    correct, tokens = scaling_simulation._adaptive(answers, right, lengths, subsets, m)
     assert correct == 0.5  # the first order settles on "1", the reversed one on "2"
     assert tokens == (10 + 26) / 2

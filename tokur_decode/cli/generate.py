@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from ..core.recording import Recording
 from .common import load, model_args, signal_list, tokur_args, tokur_options
+from .render import print_report, token_rows
 
 __all__ = ["add_parser", "run"]
 
@@ -135,7 +135,9 @@ def _budget(args) -> int:
 
 def run(args) -> int:
     if args.verbalized:
-        return _cmd_verbalized(args)
+        from .verbalized import run as run_verbalized
+
+        return run_verbalized(args)
     from ..hf.generation import generate
 
     signals = signal_list(args.signals)
@@ -176,96 +178,13 @@ def run(args) -> int:
             "tokur": tokur_options(args),
         },
         "signals": result.trace.names,
-        "tokens": _token_rows(row),
+        "tokens": token_rows(row),
         "summary": row["summary"],
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_report(report)
-    return 0
-
-
-def _token_rows(row: dict) -> list[dict]:
-    """One dict per token of a ``Trace.to_dict()`` row: index, text, id, every signal,
-    and the step's alternatives (``[{"token", "token_id", "prob"}]``) when recorded."""
-    rows = [
-        {"index": i, "token": tok, "token_id": tid, **{k: v[i] for k, v in row["values"].items()}}
-        for i, (tok, tid) in enumerate(zip(row["tokens"], row["token_ids"], strict=True))
-    ]
-    alt = row.get("alternatives")
-    if alt is not None:
-        for i, out in enumerate(rows):
-            out["alternatives"] = [
-                {"token": t, "token_id": a, "prob": p}
-                for t, a, p in zip(alt["tokens"][i], alt["ids"][i], alt["probs"][i], strict=True)
-            ]
-    return rows
-
-
-def _cmd_verbalized(args) -> int:
-    from ..verbalized import ask
-
-    if args.strategy:
-        raise ValueError("--verbalized: cannot be combined with --strategy")
-    if args.backend == "vllm":
-        from ..verbalized.vllm_backend import engine
-
-        model = engine(
-            args.model,
-            enforce_eager=True,
-            dtype=args.dtype,
-            seed=args.seed,
-            trust_remote_code=args.trust_remote_code,
-        )
-        tokenizer = None
-    else:
-        model, tokenizer = load(args)
-    r = ask(
-        model,
-        tokenizer,
-        args.question,
-        constrained=not args.unconstrained,
-        mask_order=args.mask_order,
-        signals=signal_list(args.signals),
-        max_answer_chars=args.answer_chars,
-        temperature=args.temperature or 0.0,
-        top_p=args.top_p or 1.0,
-        seed=args.seed,
-        chat=args.chat,
-        logtoku_k=args.logtoku_k,
-        logtoku_evidence=args.logtoku_evidence,
-    )
-    row = r.trace.to_dict()["rows"][0]
-    spans = {"answer_span": r.answer_span, "confidence_span": r.confidence_span}
-    report = {
-        "question": args.question,
-        "text": r.text,
-        "answer": r.answer,
-        "confidence": r.confidence,
-        "expected_confidence": r.expected_confidence,
-        "abstained": r.abstained,
-        "parse_error": r.parse_error,
-        **{k: [span.start, span.stop] for k, span in spans.items()},
-        "scores": {k: None if math.isnan(v) else v for k, v in r.scores.items()},
-        "meta": r.trace.meta,
-        "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
-        "signals": r.trace.names,
-        "tokens": _token_rows(row),
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    summary = {
-        key: report[key]
-        for key in ("answer", "confidence", "expected_confidence", "abstained", "parse_error")
-    }
-    summary.update(
-        {k: f"tokens {s.start}..{s.stop - 1}" if s else "none" for k, s in spans.items()}
-    )
-    summary.update(r.scores)
-    summary["mask_order"] = r.trace.meta["mask_order"]
-    _print_report({**report, "answer": r.text, "actions": [], "summary": summary})
+        print_report(report)
     return 0
 
 
@@ -303,141 +222,3 @@ def _generate_vllm(args, options: dict):
         **engine_kwargs,
     )
     return generate(engine, args.question, tokur=tokur, **options)
-
-
-def _print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
-    from ..core.trace import uncertainty_scale
-
-    console = Console()
-    console.print(
-        Panel(report["answer"] or "(empty answer)", title=report["question"], title_align="left")
-    )
-    from ..core.signals import OUTPUTS
-
-    # the outputs with a display name first, in the registry's order; then the rest
-    labelled = [k for k, o in OUTPUTS.items() if o.label and k in report["signals"]]
-    columns = [(key, OUTPUTS[key].label) for key in labelled]
-    columns += [(key, key) for key in report["signals"] if key not in labelled]
-    scales = {key: uncertainty_scale(key, [t[key] for t in report["tokens"]]) for key, _ in columns}
-    step_actions = {_event_step(e): e for e in report["actions"] if "step" in e}
-    parts = _fit(columns, console.width)
-    for n, part in enumerate(parts, 1):
-        title = "Per-token uncertainty (green: confident, red: uncertain)"
-        table = Table(
-            title=title + (f", part {n} of {len(parts)}" if len(parts) > 1 else ""),
-            title_justify="left",
-        )
-        table.add_column("#", justify="right", style="dim")
-        table.add_column("token", max_width=_TOKEN_WIDTH, overflow="fold")
-        for _, head in part:
-            table.add_column(head, justify="right", no_wrap=True, min_width=_CELL_WIDTH)
-        acting = step_actions and n == len(parts)
-        if acting:
-            table.add_column("action", overflow="fold", min_width=12)
-        alternatives = n == len(parts) and "alternatives" in (report["tokens"] or [{}])[0]
-        if alternatives:
-            table.add_column("top alternatives", overflow="fold", min_width=20)
-        for i, tok in enumerate(report["tokens"]):
-            cells = [Text(f"{tok[key]:.4f}", style=_style(scales[key][i])) for key, _ in part]
-            if acting:
-                cells.append(
-                    Text(_describe(step_actions[i]) if i in step_actions else "", style="bold")
-                )
-            if alternatives:
-                cells.append(Text(_alternatives(tok["alternatives"]), style="dim"))
-            table.add_row(str(i), Text(repr(tok["token"])[1:-1]), *cells)
-        console.print(table)
-    for event in report["actions"]:
-        if event["action"] == "deepconf-online":
-            console.print(
-                f"deepconf-online: threshold {event['threshold']:.3f} from {event['warmup']} "
-                f"warm-up traces; stopped {len(event['stopped'])} of "
-                f"{event['n'] - event['warmup']} later ones; {event['tokens']} tokens in all"
-            )
-        if "scores" in event:
-            console.print(
-                f"{event['action']} of {len(event['scores'])}: chose candidate {event['chosen']}, "
-                f"{_choice(event)}; scores " + ", ".join(f"{s:.3f}" for s in event["scores"])
-            )
-    caption = None
-    if "naive" in report["summary"]:
-        caption = (
-            "naive = 1 - prod(max_prob) grows with the answer's length (near 1 for long "
-            "answers); vanilla = 1 - mean(max_prob) does not"
-        )
-    summary = Table(title="Response-level scores", title_justify="left", caption=caption)
-    summary.add_column("score")
-    summary.add_column("value", justify="right")
-    for key, value in report["summary"].items():
-        summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(summary)
-
-
-#: Widths of the per-token table: a value cell (``0.1234`` or its header) and the token.
-_CELL_WIDTH, _TOKEN_WIDTH = 8, 14
-
-
-def _alternatives(alternatives: list[dict]) -> str:
-    """``'Paris' .98  'Lyon' .01`` (probabilities to two digits)."""
-    return "  ".join(f"{a['token']!r} {a['prob']:.2f}" for a in alternatives)
-
-
-def _fit(columns: list, width: int) -> list[list]:
-    """``columns`` split into tables that fit ``width`` terminal columns, each with the
-    index and token columns, so that every value can be read."""
-    room = max(width - _TOKEN_WIDTH - 12, _CELL_WIDTH + 3)
-    parts, current, used = [], [], 0
-    for key, head in columns:
-        cell = max(_CELL_WIDTH, len(head)) + 3
-        if current and used + cell > room:
-            parts.append(current)
-            current, used = [], 0
-        current.append((key, head))
-        used += cell
-    return [*parts, current] if current else parts or [[]]
-
-
-def _choice(event: dict) -> str:
-    """How a selection chose, in words (``argmax`` keeps the lowest score when lower is
-    better)."""
-    what = f"{event['reducer']} of {event['score']}"
-    if event["method"] == "argmax":
-        best = "highest" if event["higher_is_better"] else "lowest"
-        chosen = f"the {best} {what}"
-    else:
-        chosen = f"{event['method']} vote by {what}"
-    return chosen + (f", top {event['eta']:.0%} kept" if event["eta"] < 1 else "")
-
-
-def _event_step(event: dict) -> int:
-    """The answer token an event is shown at: a rollback at the first regenerated token."""
-    return event["step"] - event.get("rewound", 0)
-
-
-def _describe(event: dict) -> str:
-    """One cell: which action, which signal crossed which threshold."""
-    if event.get("threshold") is None:  # a branch at the first token
-        return f"{event['action']}: {len(event['forked_ids'])} first tokens"
-    sign = ">" if event["direction"] == "above" else "<"
-    text = (
-        f"{event['action']}: {event['signal']} {event['value']:.3f} {sign} {event['threshold']:g}"
-    )
-    if event["action"] == "branch":
-        text += f", {len(event['forked_ids'])} alternatives"
-    if event["action"] == "rollback":
-        text += f", took back {event['rewound']}, kept {event.get('kept', 'new')}"
-    return text + (" (blocked)" if "blocked" in event else "")
-
-
-def _style(u: float) -> str:
-    """Rich colour from green (0, confident) over yellow to red (1, uncertain)."""
-    if u < 0.33:
-        return "green"
-    if u < 0.66:
-        return "yellow"
-    return "bold red"

@@ -259,7 +259,7 @@ def write_rule(result: CalibratedRun, out: str | Path) -> list[Path]:
     temporary file first, then all are moved into place)."""
     import json
 
-    from .report import calibration_plot
+    from .plots import calibration_plot
 
     out = Path(out)
     if out.suffix != ".toml":
