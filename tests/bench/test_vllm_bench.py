@@ -86,4 +86,6 @@ def test_tokur_bench_arithmetic_and_report(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "batched over M passes (all ask): 3.33x faster" in out and "(1.20x of it)" in out
     assert main(["bench", "vllm-tokur", "--batch-sizes", "0"]) == 2
-    assert "--batch-sizes: comma-separated positive integers" in capsys.readouterr().err
+    assert (
+        "argument --batch-sizes: comma-separated integers >= 1, got '0'" in capsys.readouterr().err
+    )

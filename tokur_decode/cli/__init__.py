@@ -48,9 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:  # a refused flag: argparse's message (naming it) and status 2, returned
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
     log = EngineLog() if _starts_vllm(args) else contextlib.nullcontext()
     try:
         with log:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..core.recording import Recording
-from .common import load, model_args, signal_list
+from .common import int_options, integers, load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
 
@@ -21,12 +21,11 @@ def add_parser(sub) -> None:
         "prompts in the same run; print seconds per token and the median ratio.",
     )
     model_args(over)
-    over.add_argument(
-        "--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)"
-    )
-    over.add_argument("--max-new-tokens", type=int, default=32, help="tokens per run (default 32)")
-    over.add_argument(
-        "--repeats", type=int, default=15, help="timed pairs per batch size (default 15)"
+    _batch_sizes(over, "1,8")
+    int_options(
+        over,
+        ("--max-new-tokens", 32, "tokens per run"),
+        ("--repeats", 15, "timed pairs per batch size"),
     )
     over.add_argument("--signals", default="all")
     Recording.add_flags(over)
@@ -40,10 +39,13 @@ def add_parser(sub) -> None:
         "passes per step (the official implementation's cost), as ratios to plain greedy.",
     )
     model_args(tok)
-    tok.add_argument("--samples", type=int, default=10, help="M (default 10)")
-    tok.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
-    tok.add_argument("--max-new-tokens", type=int, default=16, help="tokens per run (default 16)")
-    tok.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    _batch_sizes(tok, "1")
+    int_options(
+        tok,
+        ("--samples", 10, "M"),
+        ("--max-new-tokens", 16, "tokens per run"),
+        ("--repeats", 3, "timed rounds"),
+    )
     tok.add_argument("--json", action="store_true")
 
     act = bench_sub.add_parser(
@@ -55,7 +57,7 @@ def add_parser(sub) -> None:
     )
     model_args(act)
     act.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
-    act.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (32)")
+    int_options(act, ("--max-new-tokens", 32, "tokens per answer"))
     act.add_argument("--seed", type=int, default=0)
     act.add_argument("--json", action="store_true")
 
@@ -67,9 +69,12 @@ def add_parser(sub) -> None:
         "signals, entropy + logtoku); starts not timed.",
     )
     vb.add_argument("--model", default=None, help="model folder (default: the embedded one)")
-    vb.add_argument("--prompts", type=int, default=64, help="requests per round (64)")
-    vb.add_argument("--max-tokens", type=int, default=64, help="tokens per request (64)")
-    vb.add_argument("--rounds", type=int, default=5, help="timed rounds (5)")
+    int_options(
+        vb,
+        ("--prompts", 64, "requests per round"),
+        ("--max-tokens", 64, "tokens per request"),
+        ("--rounds", 5, "timed rounds"),
+    )
     vb.add_argument("--json", action="store_true")
 
     vt = bench_sub.add_parser(
@@ -81,12 +86,13 @@ def add_parser(sub) -> None:
         "transformers path's TokUR cost at the same batch. Starts not timed.",
     )
     vt.add_argument("--model", default=None, help="model folder (default: the embedded one)")
-    vt.add_argument(
-        "--batch-sizes", default="1,4,16", help="requests per run, comma-separated (1,4,16)"
+    _batch_sizes(vt, "1,4,16")
+    int_options(
+        vt,
+        ("--max-tokens", 16, "tokens per request"),
+        ("--rounds", 3, "timed rounds"),
+        ("--samples", 10, "TokUR's M"),
     )
-    vt.add_argument("--max-tokens", type=int, default=16, help="tokens per request (16)")
-    vt.add_argument("--rounds", type=int, default=3, help="timed rounds (3)")
-    vt.add_argument("--samples", type=int, default=10, help="TokUR's M (10)")
     vt.add_argument("--dtype", default="bfloat16", help="every engine's and transformers' dtype")
     vt.add_argument(
         "--no-transformers", action="store_true", help="skip the transformers comparison"
@@ -105,22 +111,20 @@ def add_parser(sub) -> None:
     vc.add_argument("run", help="an eval run folder")
     vc.add_argument("--risk", type=float, required=True, help="error rate allowed among kept")
     vc.add_argument("--delta", type=float, default=0.1, help="the guarantee's delta (0.1)")
-    vc.add_argument("--splits", type=int, default=20, help="random splits (20)")
+    int_options(vc, ("--splits", 20, "random splits"))
     vc.add_argument("--test-fraction", type=float, default=0.4, help="test items per split")
     vc.add_argument("--score", help="calibrate on this score (default: chosen per split)")
     vc.add_argument("--seed", type=int, default=0)
     vc.add_argument("--json", action="store_true")
 
 
-def _batch_sizes(text: str) -> list[int]:
-    """``--batch-sizes``: comma-separated positive integers."""
-    try:
-        sizes = [int(b) for b in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise ValueError(f"--batch-sizes: comma-separated positive integers, got {text!r}")
-    return sizes
+def _batch_sizes(parser, default: str) -> None:
+    parser.add_argument(
+        "--batch-sizes",
+        type=integers,
+        default=integers(default),
+        help=f"comma-separated batch sizes (default {default})",
+    )
 
 
 def run(args) -> int:
@@ -138,7 +142,7 @@ def run(args) -> int:
 
     model, tokenizer = load(args)
     rows = []
-    for batch in _batch_sizes(args.batch_sizes):
+    for batch in args.batch_sizes:
         res = monitor_overhead(
             model,
             tokenizer,
@@ -210,7 +214,7 @@ def _cmd_bench_tokur(args) -> int:
             max_new_tokens=args.max_new_tokens,
             repeats=args.repeats,
         )
-        for batch in _batch_sizes(args.batch_sizes)
+        for batch in args.batch_sizes
     ]
     rows = [
         {
@@ -350,7 +354,7 @@ def _cmd_bench_vllm_tokur(args) -> int:
             )
         print(line, flush=True)
 
-    batches = _batch_sizes(args.batch_sizes)
+    batches = args.batch_sizes
     r = tokur_overhead(
         args.model,
         batch_sizes=batches,

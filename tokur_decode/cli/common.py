@@ -4,8 +4,18 @@ TokUR's flags."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-__all__ = ["load", "model_args", "signal_list", "tokur_args", "tokur_options"]
+__all__ = [
+    "int_options",
+    "integer",
+    "integers",
+    "load",
+    "model_args",
+    "signal_list",
+    "tokur_args",
+    "tokur_options",
+]
 
 #: TokUR's ``--tokur-*`` flags: option -> (type, help). Their defaults are
 #: :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s, shown, never set here.
@@ -15,6 +25,51 @@ _TOKUR_FLAGS = {
     "samples": (int, "predictive samples M, clean included"),
     "seed": (int, "noise seed"),
 }
+
+
+def integer(low: int = 1, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high`` (``None``: unbounded),
+    refused when the command line is parsed, naming the flag and the range.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(exit_on_error=False)
+        >>> _ = parser.add_argument("--repeats", type=integer(1))
+        >>> parser.parse_args(["--repeats", "0"])
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentError: argument --repeats: an integer >= 1, got '0'
+    """
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def integers(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated integers >= 1 (``--batch-sizes 1,8``)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def int_options(parser, *options: tuple[str, int, str], low: int = 1) -> None:
+    """Integer flags ``(flag, default, help)``, each at least ``low``, the default shown."""
+    for flag, default, text in options:
+        parser.add_argument(
+            flag, type=integer(low), default=default, help=f"{text} (default {default})"
+        )
 
 
 def model_args(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "RollbackConfig",
     "SelectionConfig",
     "StepRedrawConfig",
+    "StepwiseConfig",
     "StopConfig",
     "action_config",
 ]
@@ -311,7 +312,33 @@ class AdaptiveSamplingConfig(ActionConfig):
 
 
 @dataclass(frozen=True)
-class ParticleFilterConfig(ActionConfig):
+class StepwiseConfig(ActionConfig):
+    """Base of the actions that sample answers a step at a time: ``n`` particles or
+    draws, a step ``score`` (its ``reducer``) or a ``probe``, steps that end where their
+    text contains ``delimiter`` or after ``step_tokens`` tokens, sampled at
+    ``temperature`` / ``top_p``."""
+
+    samples: ClassVar[bool] = True
+    records_alternatives: ClassVar[bool] = False
+    n: int = 8
+    score: str = "entropy"
+    reducer: str = "mean"
+    probe: Probe | None = None
+    delimiter: str = DEFAULT_DELIMITER
+    step_tokens: int = 32
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        _known_reducer(self)
+        check_delimiter(self.delimiter, "action.delimiter")
+        _at_least_one(self, "step_tokens")
+        _positive(self, "temperature")
+        _top_p(self)
+
+
+@dataclass(frozen=True)
+class ParticleFilterConfig(StepwiseConfig):
     """Particle filtering over reasoning steps (:mod:`tokur_decode.core.particles`): ``n``
     particles per prompt, sampled at ``temperature`` / ``top_p``, advance one step at a
     time (a step ends where its text contains ``delimiter``, or after ``step_tokens``
@@ -328,28 +355,17 @@ class ParticleFilterConfig(ActionConfig):
     is wrong."""
 
     type: ClassVar[str] = "particle-filter"
-    samples: ClassVar[bool] = True
-    records_alternatives: ClassVar[bool] = False
-    n: int = 8
-    score: str = "entropy"
-    reducer: str = "mean"
-    probe: Probe | None = None
     weight_temperature: float = 1.0
     ess_threshold: float = 0.5
-    delimiter: str = DEFAULT_DELIMITER
-    step_tokens: int = 32
-    temperature: float = 0.7
-    top_p: float = 1.0
 
     def check(self) -> None:
         if not _probe_scored(self):
             signal_of_output(self.score)
-        _known_reducer(self)
+        super().check()
         _at_least_one(self, "n")
         _positive(self, "weight_temperature")
         if not 0 <= self.ess_threshold <= 1:
             raise ValueError(f"action.ess_threshold: in [0, 1], got {self.ess_threshold}")
-        _stepwise_sampling(self)
 
     @property
     def sign(self) -> float:
@@ -364,7 +380,7 @@ class ParticleFilterConfig(ActionConfig):
 
 
 @dataclass(frozen=True)
-class StepRedrawConfig(ActionConfig):
+class StepRedrawConfig(StepwiseConfig):
     """Uncertainty-gated redrawing of reasoning steps (MUR, Yan et al. 2025): each answer
     is decoded one step at a time (a step ends where its text contains ``delimiter``,
     or after ``step_tokens`` tokens), sampled at ``temperature`` / ``top_p``. A step is
@@ -390,26 +406,17 @@ class StepRedrawConfig(ActionConfig):
     """
 
     type: ClassVar[str] = "step-redraw"
-    samples: ClassVar[bool] = True
-    records_alternatives: ClassVar[bool] = False
     n: int = 4
     score: str = "chosen_logprob"
-    reducer: str = "mean"
-    probe: Probe | None = None
     momentum: float = 0.9
     scaling_rate: float = 0.8
-    delimiter: str = DEFAULT_DELIMITER
-    step_tokens: int = 32
-    temperature: float = 0.7
-    top_p: float = 1.0
 
     def check(self) -> None:
         signal_of_output(self.score)
-        _known_reducer(self)
+        super().check()
         if self.n < 2:
             raise ValueError(f"action.n: draws of an uncertain step, >= 2, got {self.n}")
         check_gate(self.momentum, self.scaling_rate, "action.")
-        _stepwise_sampling(self)
 
     @property
     def sign(self) -> float:
@@ -548,14 +555,6 @@ def _at_least_one(config, *names: str) -> None:
 def _positive(config, name: str) -> None:
     if not getattr(config, name) > 0:
         raise ValueError(f"action.{name}: must be > 0, got {getattr(config, name)}")
-
-
-def _stepwise_sampling(config) -> None:
-    """The keys of an action that samples answers a step at a time."""
-    check_delimiter(config.delimiter, "action.delimiter")
-    _at_least_one(config, "step_tokens")
-    _positive(config, "temperature")
-    _top_p(config)
 
 
 def _top_p(config) -> None:
