@@ -14,108 +14,81 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (ratios against a baseline of the same run)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    over = bench_sub.add_parser(
-        "overhead",
-        help="generate with the monitor (all signals) over generate without it",
-        description="Time greedy generation with and without the uncertainty monitor on the same "
-        "prompts in the same run; print seconds per token and the median ratio.",
-    )
-    model_args(over)
-    _batch_sizes(over, "1,8")
+    for name, (text, description, options, _) in _BENCHES.items():
+        parser = bench_sub.add_parser(name, help=text, description=description)
+        options(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    return _BENCHES[args.bench][3](args)
+
+
+def _overhead_options(p) -> None:
+    model_args(p)
+    _batch_sizes(p, "1,8")
     int_options(
-        over,
+        p,
         ("--max-new-tokens", 32, "tokens per run"),
         ("--repeats", 15, "timed pairs per batch size"),
     )
-    over.add_argument("--signals", default="all")
-    Recording.add_flags(over)
-    over.add_argument("--json", action="store_true")
+    p.add_argument("--signals", default="all")
+    Recording.add_flags(p)
 
-    tok = bench_sub.add_parser(
-        "tokur",
-        help="TokUR: plain greedy vs M samples in one forward vs M sequential passes",
-        description="Time per generated token and peak extra memory of plain greedy decoding, "
-        "of TokUR with M samples per step computed in one forward (ours), and of M sequential "
-        "passes per step (the official implementation's cost), as ratios to plain greedy.",
-    )
-    model_args(tok)
-    _batch_sizes(tok, "1")
+
+def _tokur_options(p) -> None:
+    model_args(p)
+    _batch_sizes(p, "1")
     int_options(
-        tok,
+        p,
         ("--samples", 10, "M"),
         ("--max-new-tokens", 16, "tokens per run"),
         ("--repeats", 3, "timed rounds"),
     )
-    tok.add_argument("--json", action="store_true")
 
-    act = bench_sub.add_parser(
-        "actions",
-        help="each strategy recipe vs plain greedy: time, tokens decoded, answers right",
-        description="Run every shipped recipe (or --strategies) on a fixed set of questions "
-        "with known answers, batched, and plain greedy decoding in the same run; print time "
-        "and tokens decoded as ratios to greedy, and how many answers mention the right one.",
-    )
-    model_args(act)
-    act.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
-    int_options(act, ("--max-new-tokens", 32, "tokens per answer"))
-    act.add_argument("--seed", type=int, default=0)
-    act.add_argument("--json", action="store_true")
 
-    vb = bench_sub.add_parser(
-        "vllm",
-        help="vLLM throughput: plain vs processor attached vs every request monitored",
-        description="Two vLLM engines (plain, and with the UncertaintyProcessor); greedy, "
-        "ignore_eos; median tokens/s over rounds in rotating order (none opted in, all "
-        "signals, entropy + logtoku); starts not timed.",
-    )
-    vb.add_argument("--model", default=None, help="model folder (default: the embedded one)")
+def _actions_options(p) -> None:
+    model_args(p)
+    p.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
+    int_options(p, ("--max-new-tokens", 32, "tokens per answer"))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _vllm_options(p) -> None:
+    _vllm_model(p)
     int_options(
-        vb,
+        p,
         ("--prompts", 64, "requests per round"),
         ("--max-tokens", 64, "tokens per request"),
         ("--rounds", 5, "timed rounds"),
     )
-    vb.add_argument("--json", action="store_true")
 
-    vt = bench_sub.add_parser(
-        "vllm-tokur",
-        help="vLLM throughput with TokUR: plain, batched mode, M passes, and transformers",
-        description="A plain vLLM engine and two TokUR ones (batched mode: one forward; "
-        "sequential: M passes), greedy, ignore_eos, at each batch size: median tokens/s "
-        "with nobody, every other request and every request asking for 'tokur'; and the "
-        "transformers path's TokUR cost at the same batch. Starts not timed.",
-    )
-    vt.add_argument("--model", default=None, help="model folder (default: the embedded one)")
-    _batch_sizes(vt, "1,4,16")
+
+def _vllm_tokur_options(p) -> None:
+    _vllm_model(p)
+    _batch_sizes(p, "1,4,16")
     int_options(
-        vt,
+        p,
         ("--max-tokens", 16, "tokens per request"),
         ("--rounds", 3, "timed rounds"),
         ("--samples", 10, "TokUR's M"),
     )
-    vt.add_argument("--dtype", default="bfloat16", help="every engine's and transformers' dtype")
-    vt.add_argument(
-        "--no-transformers", action="store_true", help="skip the transformers comparison"
-    )
-    vt.add_argument("--json", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", help="every engine's and transformers' dtype")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers run")
 
-    vc = bench_sub.add_parser(
-        "calibration",
-        help="calibrated abstention over repeated splits of an eval run: is the guarantee kept?",
-        description="Split a labelled eval run at random into calibration and test items "
-        "--splits times; calibrate on the first, test on the second. Prints, per method "
-        "(calibrated, answering everything, each shipped abstaining recipe), the fraction "
-        "of splits whose test error among kept answers is at most --risk (the guarantee: "
-        "at least 1 - delta), the coverage and the accuracy among kept answers.",
-    )
-    vc.add_argument("run", help="an eval run folder")
-    vc.add_argument("--risk", type=float, required=True, help="error rate allowed among kept")
-    vc.add_argument("--delta", type=float, default=0.1, help="the guarantee's delta (0.1)")
-    int_options(vc, ("--splits", 20, "random splits"))
-    vc.add_argument("--test-fraction", type=float, default=0.4, help="test items per split")
-    vc.add_argument("--score", help="calibrate on this score (default: chosen per split)")
-    vc.add_argument("--seed", type=int, default=0)
-    vc.add_argument("--json", action="store_true")
+
+def _calibration_options(p) -> None:
+    p.add_argument("run", help="an eval run folder")
+    p.add_argument("--risk", type=float, required=True, help="error rate allowed among kept")
+    p.add_argument("--delta", type=float, default=0.1, help="the guarantee's delta (0.1)")
+    int_options(p, ("--splits", 20, "random splits"))
+    p.add_argument("--test-fraction", type=float, default=0.4, help="test items per split")
+    p.add_argument("--score", help="calibrate on this score (default: chosen per split)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _vllm_model(p) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: the embedded one)")
 
 
 def _batch_sizes(parser, default: str) -> None:
@@ -127,17 +100,7 @@ def _batch_sizes(parser, default: str) -> None:
     )
 
 
-def run(args) -> int:
-    if args.bench == "calibration":
-        return _cmd_bench_calibration(args)
-    if args.bench == "tokur":
-        return _cmd_bench_tokur(args)
-    if args.bench == "actions":
-        return _cmd_bench_actions(args)
-    if args.bench == "vllm":
-        return _cmd_bench_vllm(args)
-    if args.bench == "vllm-tokur":
-        return _cmd_bench_vllm_tokur(args)
+def _cmd_bench_overhead(args) -> int:
     from ..bench.hf import monitor_overhead
 
     model, tokenizer = load(args)
@@ -418,3 +381,58 @@ def _cmd_bench_calibration(args) -> int:
         f"(abstain on all): {result['methods']['calibrated']['uncertified_splits']}"
     )
     return 0
+
+
+#: Each benchmark: its help, its description, its options and what runs it.
+_BENCHES = {
+    "overhead": (
+        "generate with the monitor (all signals) over generate without it",
+        "Time greedy generation with and without the uncertainty monitor on the same prompts "
+        "in the same run; print seconds per token and the median ratio.",
+        _overhead_options,
+        _cmd_bench_overhead,
+    ),
+    "tokur": (
+        "TokUR: plain greedy vs M samples in one forward vs M sequential passes",
+        "Time per generated token and peak extra memory of plain greedy decoding, of TokUR "
+        "with M samples per step computed in one forward (ours), and of M sequential passes "
+        "per step (the official implementation's cost), as ratios to plain greedy.",
+        _tokur_options,
+        _cmd_bench_tokur,
+    ),
+    "actions": (
+        "each strategy recipe vs plain greedy: time, tokens decoded, answers right",
+        "Run every shipped recipe (or --strategies) on a fixed set of questions with known "
+        "answers, batched, and plain greedy decoding in the same run; print time and tokens "
+        "decoded as ratios to greedy, and how many answers mention the right one.",
+        _actions_options,
+        _cmd_bench_actions,
+    ),
+    "vllm": (
+        "vLLM throughput: plain vs processor attached vs every request monitored",
+        "Two vLLM engines (plain, and with the UncertaintyProcessor); greedy, ignore_eos; "
+        "median tokens/s over rounds in rotating order (none opted in, all signals, entropy "
+        "+ logtoku); starts not timed.",
+        _vllm_options,
+        _cmd_bench_vllm,
+    ),
+    "vllm-tokur": (
+        "vLLM throughput with TokUR: plain, batched mode, M passes, and transformers",
+        "A plain vLLM engine and two TokUR ones (batched mode: one forward; sequential: M "
+        "passes), greedy, ignore_eos, at each batch size: median tokens/s with nobody, every "
+        "other request and every request asking for 'tokur'; and the transformers path's "
+        "TokUR cost at the same batch. Starts not timed.",
+        _vllm_tokur_options,
+        _cmd_bench_vllm_tokur,
+    ),
+    "calibration": (
+        "calibrated abstention over repeated splits of an eval run: is the guarantee kept?",
+        "Split a labelled eval run at random into calibration and test items --splits times; "
+        "calibrate on the first, test on the second. Prints, per method (calibrated, "
+        "answering everything, each shipped abstaining recipe), the fraction of splits whose "
+        "test error among kept answers is at most --risk (the guarantee: at least 1 - delta), "
+        "the coverage and the accuracy among kept answers.",
+        _calibration_options,
+        _cmd_bench_calibration,
+    ),
+}
