@@ -14,6 +14,18 @@ __all__ = ["NEAR_TIE", "NoHostSync", "agreeing_steps", "calibrated_round_trip", 
 #: engine, or another machine's kernels, may round them into the other order.
 NEAR_TIE = 1e-3
 
+#: Questions the engine tests answer (short, mixed, with known answers).
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who won the 1937 Tour de France?",
+    "What is 17 + 25?",
+    "Name a primary colour.",
+    "How many legs does a spider have?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Hamlet?",
+    "What is the largest planet in the solar system?",
+]
+
 
 def agreeing_steps(tokens, reference, margins) -> int:
     """The steps over which a greedy decoding ``tokens`` agrees with a ``reference``

@@ -359,6 +359,7 @@ def test_invalid_parameters_raise_naming_them(embedded):
         (dict(template="Tell me"), "template"),
         (dict(mask_order="after"), "mask_order"),
         (dict(max_answer_chars=0), "max_answer_chars"),
+        (dict(max_answer_chars=100_000), "max_answer_chars: from 1 to 1000"),  # was 19 GB
         (dict(max_new_tokens=10), "max_new_tokens"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
@@ -368,6 +369,8 @@ def test_invalid_parameters_raise_naming_them(embedded):
             ask(model, tok, q, **kwargs)
     with pytest.raises(ValueError, match="questions"):
         ask(model, tok, [])
+    with pytest.raises(ValueError, match="questions: each question must be a string"):
+        ask(model, tok, [q, None])
     with pytest.raises(ValueError, match="question"):
         ask(model, tok, [q, "  "])
 

@@ -16,20 +16,10 @@ from tokur_decode.core.signals import SIGNALS  # noqa: E402
 from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 
-from ..helpers import agreeing_steps  # noqa: E402
+from ..helpers import QUESTIONS, agreeing_steps  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who won the 1937 Tour de France?",
-    "What is 17 + 25?",
-    "Name a primary colour.",
-    "How many legs does a spider have?",
-    "What is the boiling point of water in Celsius?",
-    "Who wrote Hamlet?",
-    "What is the largest planet in the solar system?",
-]
 ALL = [key for keys in SIGNALS.values() for key in keys]
 MAX_TOKENS = 24
 

@@ -22,16 +22,12 @@ from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
 
 from ..conftest import vllm_engine  # noqa: E402
+from ..helpers import QUESTIONS as ENGINE_QUESTIONS  # noqa: E402
 from ..helpers import agreeing_steps  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who won the 1937 Tour de France?",
-    "What is 17 + 25?",
-    "How many legs does a spider have?",
-]
+QUESTIONS = [ENGINE_QUESTIONS[i] for i in (0, 1, 2, 4)]
 SAMPLES, SIGMA, RANK = 10, 0.1, 8
 STEPS = 12
 TOKUR = ("tokur_total", "tokur_aleatoric", "tokur_epistemic", "tokur_reward")

@@ -8,7 +8,8 @@ import argparse
 import json
 
 from ..core.recording import Recording
-from .common import load, model_args, signal_list, tokur_args, tokur_options
+from ..verbalized.format import MAX_ANSWER_CHARS
+from .common import integer, load, model_args, signal_list, tokur_args, tokur_options
 from .render import print_report, token_rows
 
 __all__ = ["add_parser", "run"]
@@ -114,10 +115,10 @@ def add_parser(sub) -> None:
     )
     verb.add_argument(
         "--answer-chars",
-        type=int,
+        type=integer(1, MAX_ANSWER_CHARS),
         default=100,
-        help="longest answer line (default 100); it bounds the generation, so "
-        "--max-new-tokens is not used with --verbalized",
+        help=f"longest answer line, 1 to {MAX_ANSWER_CHARS} (default 100); it bounds the "
+        "generation, so --max-new-tokens is not used with --verbalized",
     )
     tokur_args(gen, "TokUR (with --signals ...,tokur; a flag given overrides the recipe's key)")
 

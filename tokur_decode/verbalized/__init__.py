@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..core.checks import check_temperature, check_top_p
+from .asking import Asking
 from .backend import VERBALIZED_SCORES, VerbalizedBackend
 from .calibration import (
     CAPITALS,
@@ -40,6 +40,7 @@ from .calibration import (
 )
 from .format import (
     DEFAULT_TEMPLATE,
+    MAX_ANSWER_CHARS,
     Parsed,
     build_prompt,
     format_regex,
@@ -62,10 +63,12 @@ from .result import (
 __all__ = [
     "CAPITALS",
     "DEFAULT_TEMPLATE",
+    "MAX_ANSWER_CHARS",
     "MASK_ORDERS",
     "SCORES",
     "VERBALIZED_SCORES",
     "VERBALIZED_SIGNALS",
+    "Asking",
     "Parsed",
     "ReliabilityDiagram",
     "VerbalizedBackend",
@@ -127,7 +130,8 @@ def ask(
             constrained decoder draws from.
         signals: what the monitor records (default :data:`VERBALIZED_SIGNALS`;
             ``max_prob``, ``chosen_logprob`` and ``entropy`` are always added).
-        max_answer_chars: bound on the answer line's length under the constraint.
+        max_answer_chars: bound on the answer line's length under the constraint (1 to
+            :data:`MAX_ANSWER_CHARS`).
         max_new_tokens: default (and, constrained, minimum) :func:`max_format_tokens`.
         temperature, top_p, seed: ``0`` decodes greedily; otherwise samples,
             reproducibly under ``seed``.
@@ -143,34 +147,19 @@ def ask(
     question_list = [questions] if single else list(questions)
     if not question_list:
         raise ValueError("questions: at least one question is required")
-    for question in question_list:
-        build_prompt(question, template)  # validates both before any work
+    if not all(isinstance(q, str) for q in question_list):
+        raise ValueError("questions: each question must be a string")
     on_vllm = type(model).__module__.split(".")[0] == "vllm"
-    if mask_order is None:
-        mask_order = "mask-first" if on_vllm else "monitor-first"
-    if mask_order not in MASK_ORDERS:
-        raise ValueError(f"mask_order: choose from {list(MASK_ORDERS)}, got {mask_order!r}")
-    if on_vllm and mask_order != "mask-first":
+    if on_vllm and mask_order not in (None, "mask-first"):
         raise ValueError(
             "mask_order: vLLM applies the structured-output mask before any logits "
             "processor, so only 'mask-first' is available there"
         )
-    bound = max_format_tokens(max_answer_chars)
-    if max_new_tokens is None:
-        max_new_tokens = bound
-    elif max_new_tokens < (bound if constrained else 1):
-        raise ValueError(
-            f"max_new_tokens must be >= {bound if constrained else 1}"
-            + (f" (the constrained format can take {bound} tokens)" if constrained else "")
-            + f", got {max_new_tokens}"
-        )
-    check_temperature(temperature)
-    check_top_p(top_p)
-    options = dict(
+    asking = Asking(
         template=template,
         constrained=constrained,
-        mask_order=mask_order,
-        signals=signal_names(signals),
+        mask_order=mask_order or ("mask-first" if on_vllm else "monitor-first"),
+        signals=signals,
         max_answer_chars=max_answer_chars,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -180,12 +169,14 @@ def ask(
         expected=expected,
         signal_params=signal_params,
     )
+    for question in question_list:
+        build_prompt(question, template)  # validates each before any work
     if on_vllm:
         from .vllm_backend import ask_vllm
 
-        results = ask_vllm(model, tokenizer, question_list, **options)
+        results = ask_vllm(model, tokenizer, question_list, asking)
     else:
         from .hf import ask_transformers
 
-        results = ask_transformers(model, tokenizer, question_list, **options)
+        results = ask_transformers(model, tokenizer, question_list, asking)
     return results[0] if single else results

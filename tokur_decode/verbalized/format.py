@@ -118,6 +118,12 @@ def build_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
     return validate_template(template).format(question=question)
 
 
+#: The longest answer line the constraint allows: Outlines builds an automaton over the
+#: vocabulary whose size and build time grow with the bound (100000 characters: 19 GB
+#: and killed by the kernel on a 24 GiB machine).
+MAX_ANSWER_CHARS = 1000
+
+
 def format_regex(max_answer_chars: int = 100) -> str:
     """The constraint: ``Answer: <1..max_answer_chars characters>\\nConfidence: <0..100>``.
 
@@ -133,8 +139,11 @@ def format_regex(max_answer_chars: int = 100) -> str:
     """
     if isinstance(max_answer_chars, bool) or not isinstance(max_answer_chars, int):
         raise ValueError(f"max_answer_chars must be an int, got {max_answer_chars!r}")
-    if max_answer_chars < 1:
-        raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+    if not 1 <= max_answer_chars <= MAX_ANSWER_CHARS:
+        raise ValueError(
+            f"max_answer_chars: from 1 to {MAX_ANSWER_CHARS} (the constraint's automaton "
+            f"grows with it), got {max_answer_chars}"
+        )
     return (
         rf"Answer: [^\n: ][^\n:]{{0,{max_answer_chars - 1}}}"
         r"\nConfidence: (100|[1-9]?[0-9])"

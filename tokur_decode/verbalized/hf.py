@@ -16,6 +16,7 @@ import torch
 from ..core.text import encode_prompts
 from ..hf.backend import sampling_kwargs
 from ..hf.monitor import UncertaintyMonitor
+from .asking import Asking
 from .format import (
     build_prompt,
     confidence_tree,
@@ -84,50 +85,41 @@ def ask_transformers(
     model,
     tokenizer,
     questions: Sequence[str],
-    *,
-    template: str,
-    constrained: bool,
-    mask_order: str,
-    signals,
-    max_answer_chars: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    chat: bool | None,
-    expected: bool,
-    signal_params: dict,
+    asking: Asking,
 ) -> list[VerbalizedResult]:
-    """One batched ``generate`` for all ``questions`` (the parameters of
-    :func:`~tokur_decode.verbalized.ask`, validated there; ``max_new_tokens`` resolved)."""
-    prompts = [build_prompt(q, template) for q in questions]
+    """One batched ``generate`` for all ``questions``, as ``asking`` says."""
+    prompts = [build_prompt(q, asking.template) for q in questions]
     eos = tokenizer.eos_token_id
-    monitor = UncertaintyMonitor(signals, eos_token_id=eos, **signal_params)
+    monitor = UncertaintyMonitor(asking.signals, eos_token_id=eos, **asking.signal_params)
     processors = [monitor]
-    if constrained:
-        mask = constraint_processor(tokenizer, max_answer_chars)
-        processors = [monitor, mask] if mask_order == "monitor-first" else [mask, monitor]
-    enc = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
-    if seed is not None:
-        torch.manual_seed(seed)
+    if asking.constrained:
+        mask = constraint_processor(tokenizer, asking.max_answer_chars)
+        processors = [monitor, mask] if asking.mask_order == "monitor-first" else [mask, monitor]
+    enc = encode_prompts(tokenizer, prompts, chat=asking.chat, device=model.device)
+    if asking.seed is not None:
+        torch.manual_seed(asking.seed)
     with torch.inference_mode():
         out = model.generate(
             **enc,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=asking.max_new_tokens,
             logits_processor=processors,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
             return_dict_in_generate=True,
-            **sampling_kwargs(temperature, top_p),
+            **sampling_kwargs(asking.temperature, asking.top_p),
         )
     trace = monitor.trace(out, tokenizer)
-    trace.meta.update(constraint_meta(constrained, mask_order, max_answer_chars))
+    trace.meta.update(
+        constraint_meta(asking.constrained, asking.mask_order, asking.max_answer_chars)
+    )
     rows = [
         locate(tokenizer, trace.token_ids[row, : int(trace.lengths[row])].tolist())
         for row in range(len(questions))
     ]
     # Score the number's continuations only where it starts at a token boundary.
-    starts = [r.confidence_span.start if expected and r.number_aligned else None for r in rows]
+    starts = [
+        r.confidence_span.start if asking.expected and r.number_aligned else None for r in rows
+    ]
     logprobs = (
         confidence_logprobs(model, tokenizer, out, enc["attention_mask"], starts)
         if any(s is not None for s in starts)

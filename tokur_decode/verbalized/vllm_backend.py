@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .asking import Asking
 from .format import build_prompt, confidence_tree, format_regex, locate
 from .result import VerbalizedResult, constraint_meta
 
@@ -51,39 +52,30 @@ def ask_vllm(
     engine,
     tokenizer,
     questions: Sequence[str],
-    *,
-    template: str,
-    constrained: bool,
-    mask_order: str,
-    signals: Sequence[str],
-    max_answer_chars: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    chat: bool | None,
-    expected: bool,
-    signal_params: dict,
+    asking: Asking,
 ) -> list[VerbalizedResult]:
-    """One batch of requests for all ``questions`` (the parameters of
-    :func:`~tokur_decode.verbalized.ask`, validated there)."""
+    """One batch of requests for all ``questions``, as ``asking`` says."""
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import StructuredOutputsParams
 
     from ..vllm import prompt_token_ids, read_traces, uncertainty_args
 
     tokenizer = tokenizer if tokenizer is not None else engine.get_tokenizer()
-    prompts = prompt_token_ids(tokenizer, [build_prompt(q, template) for q in questions], chat)
-    sampled = temperature > 0
+    prompts = prompt_token_ids(
+        tokenizer, [build_prompt(q, asking.template) for q in questions], asking.chat
+    )
+    sampled = asking.temperature > 0
     params = SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p if sampled else 1.0,
-        seed=seed if sampled else None,
+        max_tokens=asking.max_new_tokens,
+        temperature=asking.temperature,
+        top_p=asking.top_p if sampled else 1.0,
+        seed=asking.seed if sampled else None,
         structured_outputs=(
-            StructuredOutputsParams(regex=format_regex(max_answer_chars)) if constrained else None
+            StructuredOutputsParams(regex=format_regex(asking.max_answer_chars))
+            if asking.constrained
+            else None
         ),
-        extra_args=uncertainty_args(list(signals), **signal_params),
+        extra_args=uncertainty_args(list(asking.signals), **asking.signal_params),
     )
     outputs = engine.generate(
         [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
@@ -95,13 +87,13 @@ def ask_vllm(
     rows = []
     for trace in traces:
         trace.meta.update(
-            constraint_meta(constrained, mask_order, max_answer_chars),
-            structured_outputs_backend=backend if constrained else None,
+            constraint_meta(asking.constrained, asking.mask_order, asking.max_answer_chars),
+            structured_outputs_backend=backend if asking.constrained else None,
         )
         rows.append(locate(tokenizer, trace.token_ids[0, : int(trace.lengths[0])].tolist()))
     contexts = [
         prompt + trace.token_ids[0, : r.confidence_span.start].tolist()
-        if expected and r.number_aligned
+        if asking.expected and r.number_aligned
         else None
         for prompt, trace, r in zip(prompts, traces, rows, strict=True)
     ]
