@@ -27,6 +27,18 @@ QUESTIONS = [
 ]
 
 
+def prompt_token_ids(tokenizer, questions) -> list[list[int]]:
+    """Each question's prompt token ids as the transformers path encodes it (chat
+    template), unpadded: what the vLLM tests send."""
+    from tokur_decode.core.text import encode_prompts
+
+    enc = encode_prompts(tokenizer, questions)
+    return [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
+    ]
+
+
 def agreeing_steps(tokens, reference, margins) -> int:
     """The steps over which a greedy decoding ``tokens`` agrees with a ``reference``
     decoding of the same prompt (by another engine, or on other kernels). Where they

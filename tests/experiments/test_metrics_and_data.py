@@ -125,69 +125,53 @@ def test_jsonl_duplicate_ids_and_empty_file(tmp_path):
 # --------------------------------------------------------------------------- graders
 
 
-@pytest.mark.parametrize(
-    ("response", "gold", "expected"),
-    [
-        ("3 dogs have 12 legs.", "12", True),
-        ("There are 12 legs, not 13.", "12", False),  # the LAST number counts
-        ("The answer is -1,234.", "-1234", True),
-        ("It costs $1,000,000 in total", "1000000", True),
-        ("That is 40%.", "40", True),
-        ("10-5 = 5", "5", True),  # a minus between numbers is not a sign
-        ("10-5", "-5", False),
-        (r"so \boxed{42}, then 7 more", "42", True),  # \boxed wins over the last number
-        ("#### 72", "72", True),
-        ("3.50 dollars", "3.5", True),
-        ("Answer: 3/4", "0.75", True),
-        ("twelve", "12", False),
-        ("", "0", False),
-        ("1,5", "15", False),  # not a thousands separator
-        ("12", "#### 1,2", False),
-    ],
-)
-def test_numeric_grader(response, gold, expected):
-    assert grade(response, gold, "numeric") is expected
+#: (grader, response, gold, right?): the numeric grader reads the last number (or a
+#: boxed one), the string grader whole words of the answer line, the math grader sympy.
+GRADED = [
+    ("numeric", "3 dogs have 12 legs.", "12", True),
+    ("numeric", "There are 12 legs, not 13.", "12", False),  # the LAST number counts
+    ("numeric", "The answer is -1,234.", "-1234", True),
+    ("numeric", "It costs $1,000,000 in total", "1000000", True),
+    ("numeric", "That is 40%.", "40", True),
+    ("numeric", "10-5 = 5", "5", True),  # a minus between numbers is not a sign
+    ("numeric", "10-5", "-5", False),
+    ("numeric", r"so \boxed{42}, then 7 more", "42", True),  # \boxed wins over the last number
+    ("numeric", "#### 72", "72", True),
+    ("numeric", "3.50 dollars", "3.5", True),
+    ("numeric", "Answer: 3/4", "0.75", True),
+    ("numeric", "twelve", "12", False),
+    ("numeric", "", "0", False),
+    ("numeric", "1,5", "15", False),  # not a thousands separator
+    ("numeric", "12", "#### 1,2", False),
+    ("string", "Paris.", "Paris", True),
+    ("string", "The capital of France is Paris!", "Paris", True),
+    ("string", "Parisian food", "Paris", False),  # whole words only
+    ("string", "BOGOTÁ", "Bogota", True),  # accents and case
+    ("string", "Answer: Washington, D.C.", "Washington|Washington, D.C.", True),
+    ("string", "kiev", "Kyiv|Kiev", True),
+    ("string", "Mexico", "Mexico City", False),
+    ("string", "Answer: Rome\nNot Paris", "Paris", False),  # the answer line only
+    ("string", "", "Paris", False),
+    ("math", r"$\boxed{\frac{1}{2}}$", "0.5", True),
+    ("math", r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True),
+    ("math", r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("math", r"\boxed{\dfrac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", True),
+    ("math", r"\boxed{\frac{\frac{1}{2}}{2}}", "1/4", True),  # nested braces
+    ("math", r"\boxed{90^\circ}", "90", True),
+    ("math", r"\boxed{1,000}", "1000", True),
+    ("math", r"\boxed{(1,2)}", "(1,2)", True),
+    ("math", r"\boxed{(2,1)}", "(1,2)", False),
+    ("math", r"\boxed{(1,2)}", "(12)", False),
+    ("math", r"\boxed{\text{(A)}}", "(A)", True),  # not sympy: normalised text
+    ("math", r"\boxed{\pi/2}", r"\frac{\pi}{2}", True),
+    ("math", r"\boxed{3}", "4", False),
+    ("math", r"\boxed{__import__('os').system('true')}", "0", False),  # never evaluated
+]
 
 
-@pytest.mark.parametrize(
-    ("response", "gold", "expected"),
-    [
-        ("Paris.", "Paris", True),
-        ("The capital of France is Paris!", "Paris", True),
-        ("Parisian food", "Paris", False),  # whole words only
-        ("BOGOTÁ", "Bogota", True),  # accents and case
-        ("Answer: Washington, D.C.", "Washington|Washington, D.C.", True),
-        ("kiev", "Kyiv|Kiev", True),
-        ("Mexico", "Mexico City", False),
-        ("Answer: Rome\nNot Paris", "Paris", False),  # the answer line only
-        ("", "Paris", False),
-    ],
-)
-def test_string_grader(response, gold, expected):
-    assert grade(response, gold, "string") is expected
-
-
-@pytest.mark.parametrize(
-    ("response", "gold", "expected"),
-    [
-        (r"$\boxed{\frac{1}{2}}$", "0.5", True),
-        (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True),
-        (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
-        (r"\boxed{\dfrac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", True),
-        (r"\boxed{\frac{\frac{1}{2}}{2}}", "1/4", True),  # nested braces
-        (r"\boxed{90^\circ}", "90", True),
-        (r"\boxed{1,000}", "1000", True),
-        (r"\boxed{(1,2)}", "(1,2)", True),
-        (r"\boxed{(2,1)}", "(1,2)", False),
-        (r"\boxed{(1,2)}", "(12)", False),
-        (r"\boxed{\text{(A)}}", "(A)", True),  # not sympy: normalised text
-        (r"\boxed{\pi/2}", r"\frac{\pi}{2}", True),
-        (r"\boxed{3}", "4", False),
-        (r"\boxed{__import__('os').system('true')}", "0", False),  # never evaluated
-    ],
-)
-def test_math_grader(response, gold, expected):
-    assert grade(response, gold, "math") is expected
+@pytest.mark.parametrize(("grader", "response", "gold", "expected"), GRADED)
+def test_graders(grader, response, gold, expected):
+    assert grade(response, gold, grader) is expected
 
 
 def test_grader_keys_are_canonical_for_voting():

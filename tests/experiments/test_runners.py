@@ -441,14 +441,8 @@ def test_one_class_runs_say_why_detection_is_undefined_and_intervals_show_progre
     tmp_path, capsys
 ):
     items = [i for i in _items(12) if int(i.id) % 3 != 0]  # the scripted backend: all right
-    res = detection.run_detection(
-        items,
-        ScriptedBackend(items),
-        out=tmp_path,
-        signals="entropy",
-        n_resamples=10,
-        progress=False,
-    )
+    run = dict(out=tmp_path, signals="entropy", n_resamples=10, progress=False)
+    res = detection.run_detection(items, ScriptedBackend(items), **run)
     assert res.summary["one_class"] == (
         "every answer is right: detection metrics (AUROC, ...) are undefined"
     )

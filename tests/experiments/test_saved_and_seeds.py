@@ -27,6 +27,12 @@ def _backend(embedded, **tokur) -> HFBackend:
     return HFBackend(model, tok, model_name="embedded", batch_size=4, tokur={**TOKUR, **tokur})
 
 
+def _score(embedded, path, out):
+    """``score`` of the saved generations at ``path`` into ``out``."""
+    run = dict(signals=SIGNALS, batch_size=4, n_resamples=20, progress=False)
+    return run_scoring(load_generations(path), _backend(embedded), out=out, **run)
+
+
 def _eval(embedded, tmp_path, items, **kw):
     return detection.run_detection(
         items,
@@ -57,15 +63,7 @@ def test_scoring_saved_generations_equals_the_values_recorded_while_generating(e
     items = data.load("tasks:arithmetic", limit=4)
     generated = _eval(embedded, tmp_path / "eval", items)
     path = _generations(tmp_path / "gens.jsonl", generated.records)
-    scored = run_scoring(
-        load_generations(path),
-        _backend(embedded),
-        out=tmp_path / "scored",
-        signals=SIGNALS,
-        batch_size=4,
-        n_resamples=20,
-        progress=False,
-    )
+    scored = _score(embedded, path, tmp_path / "scored")
     for a, b in zip(generated.records, scored.records, strict=True):
         assert b["tokens"] == a["tokens"] and b["n_tokens"] == a["n_tokens"]
         assert b["correct"] == a["correct"] and b["response"] == a["response"]
@@ -75,14 +73,10 @@ def test_scoring_saved_generations_equals_the_values_recorded_while_generating(e
             )
     assert scored.summary["n"] == 4  # graded: the report's summary is there
     # Text only (no ids): its tokens, the saved EOS not among them, score the same.
-    text_only = run_scoring(
-        load_generations(_generations(tmp_path / "text.jsonl", generated.records, ids=False)),
-        _backend(embedded),
-        out=tmp_path / "text",
-        signals=SIGNALS,
-        batch_size=4,
-        n_resamples=20,
-        progress=False,
+    text_only = _score(
+        embedded,
+        _generations(tmp_path / "text.jsonl", generated.records, ids=False),
+        tmp_path / "text",
     )
     for a, b in zip(generated.records, text_only.records, strict=True):
         n = b["n_tokens"]

@@ -13,10 +13,9 @@ vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
 from tokur_decode.core.signals import SIGNALS  # noqa: E402
-from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 
-from ..helpers import QUESTIONS, agreeing_steps  # noqa: E402
+from ..helpers import QUESTIONS, agreeing_steps, prompt_token_ids  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -31,12 +30,7 @@ def engine(plain_engine):
 
 @pytest.fixture(scope="module")
 def prompt_ids(embedded):
-    _, tok = embedded
-    enc = encode_prompts(tok, QUESTIONS)
-    return [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
-    ]
+    return prompt_token_ids(embedded[1], QUESTIONS)
 
 
 @pytest.fixture(scope="module")

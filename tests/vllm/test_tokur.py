@@ -17,13 +17,12 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 import tokur_decode.vllm as tv  # noqa: E402
-from tokur_decode.core.text import encode_prompts  # noqa: E402
 from tokur_decode.hf import generate  # noqa: E402
 from tokur_decode.vllm.tokur import TokurOverrides, tokur_engine_args  # noqa: E402
 
 from ..conftest import vllm_engine  # noqa: E402
 from ..helpers import QUESTIONS as ENGINE_QUESTIONS  # noqa: E402
-from ..helpers import agreeing_steps  # noqa: E402
+from ..helpers import agreeing_steps, prompt_token_ids  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -49,12 +48,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def prompt_ids(embedded):
-    _, tok = embedded
-    enc = encode_prompts(tok, QUESTIONS)
-    return [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(enc.input_ids, enc.attention_mask, strict=True)
-    ]
+    return prompt_token_ids(embedded[1], QUESTIONS)
 
 
 @pytest.fixture(scope="module")

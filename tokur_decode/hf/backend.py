@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ from ..core.steps import StepEnds
 from ..core.text import encode_prompts
 from ..core.trace import Trace
 from ..strategies import backend as acts
+from ..strategies.backend import deferred as build_on_first_use
 from .actions import ResampleOnTrigger, StopOnTrigger
 from .branching import BranchPolicy
 from .controller import Controller
@@ -54,8 +55,9 @@ class HFBackend:
     """A transformers causal LM as a :class:`~tokur_decode.strategies.Backend`.
 
     Args:
-        model, tokenizer: the model and its tokenizer (:meth:`deferred`: loaded on
-            first use).
+        model, tokenizer: the model and its tokenizer
+            (``HFBackend.deferred(loader, model_name=..., **the rest)``: loaded on first
+            use, see :func:`~tokur_decode.strategies.backend.deferred`).
         chat: chat template use (``None``: when the tokenizer has one).
         batch_size: prompts per batched call (``None``: all at once); batch ``k``
             starting at prompt ``i`` is seeded with ``seed + i``.
@@ -91,47 +93,31 @@ class HFBackend:
         self.eos_token_id = tokenizer.eos_token_id if eos is None else eos
         self._step_ends: dict[str, StepEnds] = {}  # by delimiter
 
+    deferred = classmethod(build_on_first_use)
+
     @classmethod
-    def deferred(
+    def description(
         cls,
-        loader: Callable[[], tuple],
-        *,
         model_name: str,
-        dtype: str = "auto",
+        dtype: str | None,
         chat: bool | None = None,
         batch_size: int | None = None,
         tokur: dict | None = None,
         **signal_params,
-    ) -> acts.Deferred:
-        """An :class:`HFBackend` whose ``loader()`` (returning the model and its
-        tokenizer) runs on first use; ``dtype``: the dtype asked of the loader, for
-        :meth:`describe`."""
+    ) -> dict:
+        """What :meth:`describe` says of a backend built with these arguments."""
         _check_batch_size(batch_size)
         tokur = checked_options(tokur) or {}
-
-        def build() -> HFBackend:
-            backend = cls(
-                *loader(),
-                chat=chat,
-                batch_size=batch_size,
-                tokur=tokur,
-                model_name=model_name,
-                **signal_params,
-            )
-            backend.dtype = dtype
-            return backend
-
-        description = acts.description("hf", model_name, dtype, chat, signal_params, tokur=tokur)
-        return acts.Deferred(build, description, cls.acts)
+        return acts.description("hf", model_name, dtype, chat, signal_params, tokur=tokur)
 
     #: The model's dtype as :meth:`describe` reports it (a deferred backend: the one
-    #: asked of its loader).
+    #: asked of its loader; else the model's).
     dtype: str | None = None
 
     def describe(self) -> dict:
         dtype = self.dtype or str(self.model.dtype).removeprefix("torch.")
-        return acts.description(
-            "hf", self.model_name, dtype, self.chat, self.signal_params, tokur=self.tokur
+        return self.description(
+            self.model_name, dtype, self.chat, tokur=self.tokur, **self.signal_params
         )
 
     def score(

@@ -39,6 +39,7 @@ __all__ = [
     "BranchAct",
     "Decoded",
     "Deferred",
+    "deferred",
     "description",
     "Particles",
     "Request",
@@ -281,6 +282,25 @@ def description(
         **more,
         "signal_params": signal_params,
     }
+
+
+def deferred(cls, loader: Callable[[], object], *, model_name: str, dtype: str = "auto", **options):
+    """A backend of class ``cls`` built on its first use from what ``loader()`` returns
+    (the constructor's positional arguments: a tuple, or one engine) and ``options``,
+    described at once by ``cls.description(model_name, dtype, **options)`` (which checks
+    them); ``dtype``: the dtype asked of the loader. Backends offer it as
+    ``cls.deferred``."""
+    description = cls.description(model_name, dtype, **options)
+
+    def build():
+        made = loader()
+        backend = cls(
+            *(made if isinstance(made, tuple) else (made,)), model_name=model_name, **options
+        )
+        backend.dtype = dtype
+        return backend
+
+    return Deferred(build, description, cls.acts)
 
 
 class Deferred:

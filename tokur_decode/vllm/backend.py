@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from ..core.perturbation import PerturbationConfig
@@ -33,6 +33,7 @@ from ..core.signals import wants_samples
 from ..core.text import prompt_token_ids
 from ..core.trace import Trace
 from ..strategies import backend as acts
+from ..strategies.backend import deferred as build_on_first_use
 from .args import stop_args, uncertainty_args
 from .client import read_traces
 from .tokur import is_tokur_engine, settings_of
@@ -45,7 +46,8 @@ class VLLMBackend:
     :class:`~tokur_decode.strategies.Backend`.
 
     Args:
-        engine: the engine (:meth:`deferred`: built on first use).
+        engine: the engine (``VLLMBackend.deferred(loader, model_name=..., **the rest)``:
+            built on first use, see :func:`~tokur_decode.strategies.backend.deferred`).
         chat: chat template use (``None``: when the tokenizer has one).
         model_name: how :meth:`describe` names the model (default: the engine's).
         signal_params: processor options (``logtoku_k``, ``deepconf_k``,
@@ -62,27 +64,15 @@ class VLLMBackend:
         self.engine, self.chat, self.signal_params = engine, chat, signal_params
         self.model_name = model_name
 
+    deferred = classmethod(build_on_first_use)
+
     @classmethod
-    def deferred(
-        cls,
-        loader: Callable[[], object],
-        *,
-        model_name: str,
-        dtype: str = "auto",
-        chat: bool | None = None,
-        **signal_params,
-    ) -> acts.Deferred:
-        """A :class:`VLLMBackend` whose engine ``loader()`` builds on first use;
-        ``dtype``: the dtype asked of the loader, for :meth:`describe`."""
+    def description(
+        cls, model_name: str, dtype: str | None, chat: bool | None = None, **signal_params
+    ) -> dict:
+        """What :meth:`describe` says of a backend built with these arguments."""
         uncertainty_args("max_prob", **signal_params)
-
-        def build() -> VLLMBackend:
-            backend = cls(loader(), chat=chat, model_name=model_name, **signal_params)
-            backend.dtype = dtype
-            return backend
-
-        description = acts.description(cls.name, model_name, dtype, chat, signal_params)
-        return acts.Deferred(build, description, cls.acts)
+        return acts.description(cls.name, model_name, dtype, chat, signal_params)
 
     #: The dtype :meth:`describe` reports (a deferred backend: the one asked of its
     #: loader; else the engine's).
@@ -90,12 +80,9 @@ class VLLMBackend:
 
     def describe(self) -> dict:
         config = self.engine.llm_engine.model_config
-        return acts.description(
-            self.name,
-            self.model_name or config.model,
-            self.dtype or str(config.dtype).removeprefix("torch."),
-            self.chat,
-            self.signal_params,
+        dtype = self.dtype or str(config.dtype).removeprefix("torch.")
+        return self.description(
+            self.model_name or config.model, dtype, self.chat, **self.signal_params
         )
 
     #: How to get an engine that has TokUR's model (for the error without one).
