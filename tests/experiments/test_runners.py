@@ -78,6 +78,17 @@ class ScriptedBackend:
         return generations(self, prompts, **kwargs)
 
 
+#: A scripted scaling run's settings.
+SCALE = dict(
+    signals="entropy,deepconf",
+    strategies=["deepconf-offline-vote"],
+    temperature=0.7,
+    repeats=4,
+    n_resamples=30,
+    progress=False,
+)
+
+
 def _items(n=12):
     return data.load("tasks:arithmetic", limit=n)
 
@@ -165,12 +176,7 @@ def test_scaling_methods_on_a_scripted_run(tmp_path):
         backend,
         out=tmp_path,
         ns=[1, 2, 4],
-        signals="entropy,deepconf",
-        strategies=["deepconf-offline-vote"],
-        temperature=0.7,
-        repeats=4,
-        n_resamples=30,
-        progress=False,
+        **SCALE,
     )
     s = result.summary
     assert len(result.records[0]["candidates"]) == 4
@@ -396,12 +402,7 @@ def test_extra_scores_are_selectable_and_calibrated(tmp_path):
         VerbalizingBackend(items),
         out=tmp_path / "scale",
         ns=[1, 4],
-        signals="entropy,deepconf",
-        strategies=["deepconf-offline-vote"],
-        temperature=0.7,
-        repeats=4,
-        n_resamples=30,
-        progress=False,
+        **SCALE,
     )
     methods = result.summary["methods"]
     names = [m.name for m in scaling_methods.extra_methods(["verbalized_confidence"])]

@@ -28,9 +28,9 @@ def engine(plain_engine):
     return plain_engine
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(embedded):
-    return prompt_token_ids(embedded[1], QUESTIONS)
+prompt_ids = pytest.fixture(scope="module")(
+    lambda embedded: prompt_token_ids(embedded[1], QUESTIONS)
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..core.recording import Recording
-from .common import int_options, integers, load, model_args, signal_list
+from .common import flags, int_options, integers, load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
 
@@ -172,10 +172,8 @@ def _cmd_bench_tokur(args) -> int:
         tokur_cost(
             model,
             tokenizer,
-            samples=args.samples,
             batch_size=batch,
-            max_new_tokens=args.max_new_tokens,
-            repeats=args.repeats,
+            **flags(args, "samples", "max_new_tokens", "repeats"),
         )
         for batch in args.batch_sizes
     ]
@@ -296,7 +294,7 @@ def _cmd_bench_vllm_tokur(args) -> int:
     from ..bench.vllm_tokur import ASKING, tokur_overhead
 
     def show(r, b):
-        if b == batches[0]:
+        if b == args.batch_sizes[0]:
             print(
                 f"vLLM + TokUR (M = {r.samples}, {r.dtype}), {r.max_tokens} tokens per "
                 f"request, median of {r.rounds} rounds; cost = plain tokens/s over the run's"
@@ -317,16 +315,11 @@ def _cmd_bench_vllm_tokur(args) -> int:
             )
         print(line, flush=True)
 
-    batches = args.batch_sizes
     r = tokur_overhead(
         args.model,
-        batch_sizes=batches,
-        max_tokens=args.max_tokens,
-        rounds=args.rounds,
-        samples=args.samples,
-        dtype=args.dtype,
         transformers=not args.no_transformers,
         on_batch=None if args.json else show,
+        **flags(args, "batch_sizes", "max_tokens", "rounds", "samples", "dtype"),
     )
     if args.json:
         summary = {
@@ -334,7 +327,7 @@ def _cmd_bench_vllm_tokur(args) -> int:
                 "speedup_vs_passes": r.speedup(b),
                 **({"vs_transformers": r.vs_transformers(b)} if r.hf_cost else {}),
             }
-            for b in batches
+            for b in args.batch_sizes
         }
         print(json.dumps({**asdict(r), "summary": summary}, indent=2))
     return 0
@@ -346,15 +339,8 @@ def _cmd_bench_calibration(args) -> int:
 
     from ..experiments.validity import validity
 
-    result = validity(
-        args.run,
-        risk=args.risk,
-        delta=args.delta,
-        splits=args.splits,
-        test_fraction=args.test_fraction,
-        score=args.score,
-        seed=args.seed,
-    )
+    settings = flags(args, "risk", "delta", "splits", "test_fraction", "score", "seed")
+    result = validity(args.run, **settings)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from .common import flags
+
 __all__ = ["add_parser", "run"]
 
 
@@ -60,17 +62,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".toml":
         raise ValueError(f"--out: the recipe is a .toml file, got {out}")
-    result = calibrate_run(
-        args.run,
-        risk=args.risk,
-        delta=args.delta,
-        score=args.score,
-        recipe=args.recipe,
-        holdout=args.holdout,
-        seed=args.seed,
-        abstain_text=args.abstain_text,
-        name=out.stem,
-    )
+    settings = flags(args, "risk", "delta", "score", "recipe", "holdout", "seed", "abstain_text")
+    result = calibrate_run(args.run, name=out.stem, **settings)
     files = write_rule(result, out)
     report = result.report()
     if args.json:

@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Callable
 
 __all__ = [
+    "flags",
     "int_options",
     "integer",
     "integers",
@@ -15,6 +16,7 @@ __all__ = [
     "signal_list",
     "tokur_args",
     "tokur_options",
+    "verbalized_engine",
 ]
 
 #: TokUR's ``--tokur-*`` flags: option -> (type, help). Their defaults are
@@ -25,6 +27,28 @@ _TOKUR_FLAGS = {
     "samples": (int, "predictive samples M, clean included"),
     "seed": (int, "noise seed"),
 }
+
+
+def flags(args: argparse.Namespace, *names: str) -> dict:
+    """The parsed flags ``names`` as keyword arguments (each flag's value under its own
+    name).
+
+    Example:
+        >>> flags(argparse.Namespace(risk=0.2, seed=3, out="x"), "risk", "seed")
+        {'risk': 0.2, 'seed': 3}
+    """
+    return {name: getattr(args, name) for name in names}
+
+
+def verbalized_engine(args):
+    """The vLLM engine ``--verbalized`` asks on (structured outputs with Outlines)."""
+    from ..verbalized.vllm_backend import engine
+
+    return engine(
+        args.model,
+        enforce_eager=True,
+        **flags(args, "dtype", "seed", "trust_remote_code"),
+    )
 
 
 def integer(low: int = 1, high: int | None = None) -> Callable[[str], int]:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..experiments.prompts import TEMPLATES
-from .common import tokur_args, tokur_options
+from .common import flags, tokur_args, tokur_options, verbalized_engine
 
 __all__ = ["add_parsers", "run"]
 
@@ -183,7 +183,7 @@ def _backend(args, load: Callable, tokur: dict):
         from ..vllm.backend import VLLMBackend
 
         backend = VLLMBackend.deferred(
-            lambda: _vllm_engine(args),
+            lambda: verbalized_engine(args),
             model_name=name,
             dtype=args.dtype,
             chat=args.chat,
@@ -198,18 +198,6 @@ def _backend(args, load: Callable, tokur: dict):
             tokur=tokur,
         )
     return VerbalizedBackend(backend) if args.verbalized else backend
-
-
-def _vllm_engine(args):
-    from ..verbalized.vllm_backend import engine
-
-    return engine(
-        args.model,
-        enforce_eager=True,
-        dtype=args.dtype,
-        seed=args.seed,
-        trust_remote_code=args.trust_remote_code,
-    )
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -256,14 +244,11 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
         result = detection.run_detection(
             items,
             backend,
-            out=args.out,
             signals=signals,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            batch_size=args.batch_size,
             n_resamples=args.bootstrap,
             progress=progress,
             tokur_seeds=seeds,
+            **flags(args, "out", "max_new_tokens", "seed", "batch_size"),
         )
         files = report.write_detection(args.out, result.records, result.summary, command)
         report.print_detection(result.summary)

@@ -9,7 +9,7 @@ import json
 
 from ..core.recording import Recording
 from ..verbalized.format import MAX_ANSWER_CHARS
-from .common import integer, load, model_args, signal_list, tokur_args, tokur_options
+from .common import flags, integer, load, model_args, signal_list, tokur_args, tokur_options
 from .render import print_report, token_rows
 
 __all__ = ["add_parser", "run"]
@@ -143,15 +143,9 @@ def run(args) -> int:
 
     signals = signal_list(args.signals)
     options = dict(
-        strategy=args.strategy,
         signals=signals,
-        chat=args.chat,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        logtoku_k=args.logtoku_k,
-        logtoku_evidence=args.logtoku_evidence,
+        **flags(args, "strategy", "chat", "max_new_tokens", "temperature", "top_p", "seed"),
+        **flags(args, "logtoku_k", "logtoku_evidence"),
         **Recording.from_flags(args),
     )
     if args.backend == "vllm":

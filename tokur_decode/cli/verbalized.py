@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from .common import load, signal_list
+from .common import load, signal_list, verbalized_engine
 from .render import print_report, token_rows
 
 __all__ = ["run"]
@@ -19,16 +19,7 @@ def run(args) -> int:
     if args.strategy:
         raise ValueError("--verbalized: cannot be combined with --strategy")
     if args.backend == "vllm":
-        from ..verbalized.vllm_backend import engine
-
-        model = engine(
-            args.model,
-            enforce_eager=True,
-            dtype=args.dtype,
-            seed=args.seed,
-            trust_remote_code=args.trust_remote_code,
-        )
-        tokenizer = None
+        model, tokenizer = verbalized_engine(args), None
     else:
         model, tokenizer = load(args)
     r = ask(

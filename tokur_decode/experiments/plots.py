@@ -39,6 +39,11 @@ def _plt():
     return plt
 
 
+def _unit_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels and title of a plot of rates: both axes from 0 to 1."""
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.01))
+
+
 def _colors(n: int):
     plt = _plt()
     cmap = plt.get_cmap("tab20")
@@ -66,12 +71,11 @@ def roc_plot(records, summary, path: Path) -> None:
         fpr, tpr, _ = roc_curve(wrong, table[h["score"]])
         style = _line_style(h["score"], color)
         ax.plot(fpr, tpr, label=f"{h['score']} ({number(h['auroc']['value'])})", **style)
-    ax.set(
-        xlabel="false positive rate (right answers flagged)",
-        ylabel="true positive rate (wrong answers caught)",
-        title=f"ROC: detecting wrong answers ({len(records)} items)",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
+    _unit_axes(
+        ax,
+        "false positive rate (right answers flagged)",
+        "true positive rate (wrong answers caught)",
+        f"ROC: detecting wrong answers ({len(records)} items)",
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="score (AUROC)")
     fig.tight_layout()
@@ -91,12 +95,11 @@ def risk_coverage_plot(records, summary, path: Path) -> None:
         cov, acc = risk_coverage(correct, table[h["score"]])
         style = _line_style(h["score"], color)
         ax.plot(cov, acc, label=f"{h['score']} (PRR {number(h['prr']['value'])})", **style)
-    ax.set(
-        xlabel="coverage (fraction answered, most confident first)",
-        ylabel="accuracy of the answered",
-        title="Risk-coverage: accuracy when abstaining on the most uncertain",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
+    _unit_axes(
+        ax,
+        "coverage (fraction answered, most confident first)",
+        "accuracy of the answered",
+        "Risk-coverage: accuracy when abstaining on the most uncertain",
     )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -122,12 +125,11 @@ def calibration_plot(result, path: Path) -> None:
         color="C3",
         label=f"rule on the calibration part (coverage {rule.coverage:.2f})",
     )
-    ax.set(
-        xlabel="coverage (fraction answered, least uncertain first)",
-        ylabel="error rate among the answers kept",
-        title=f"Calibrated abstention: risk {rule.risk:g}, delta {rule.delta:g}",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
+    _unit_axes(
+        ax,
+        "coverage (fraction answered, least uncertain first)",
+        "error rate among the answers kept",
+        f"Calibrated abstention: risk {rule.risk:g}, delta {rule.delta:g}",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
