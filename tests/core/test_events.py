@@ -14,8 +14,8 @@ EXAMPLES = [
     E.SelectEvent(3, CHOICE),
     E.DeepConfOnlineEvent(4, 2, 11.5, 8, [1], 40, 12),
     E.AdaptiveSamplingEvent("esc", 4, 16, 8, 100, 100, 0, ["a"] * 8),
-    E.ParticleFilterEvent(4, "entropy", "mean", 3, 90, 2, [0.25] * 4, ["a"] * 4, 0),
-    E.StepRedrawEvent("entropy", "mean", 5, 1, 70),
+    E.ParticleFilterEvent(4, "entropy", "mean", 3, 90, [{"step": 2}], [0.25] * 4, ["a"] * 4, 0),
+    E.StepRedrawEvent("entropy", "mean", 5, [{"step": 3}], 70),
     E.AbstainEvent("entropy:mean", "below", 1.0, value=2.0, abstained=True),
 ]
 

@@ -220,7 +220,8 @@ class AdaptiveSamplingEvent(_Event):
 @dataclass(frozen=True)
 class ParticleFilterEvent(_Event):
     """``n`` particles over ``steps`` steps, weighted by ``score`` reduced with
-    ``reducer``, resampled ``resampled`` times; the final ``weights`` voted."""
+    ``reducer``; ``resampled``: each resampling (its step and effective sample size);
+    the final ``weights`` voted."""
 
     action: ClassVar[str] = "particle-filter"
     n: int
@@ -228,7 +229,7 @@ class ParticleFilterEvent(_Event):
     reducer: str
     steps: int
     tokens: int
-    resampled: int
+    resampled: list[dict]
     weights: list[float]
     answers: list[Any]
     chosen: int
@@ -236,13 +237,14 @@ class ParticleFilterEvent(_Event):
 
 @dataclass(frozen=True)
 class StepRedrawEvent(_Event):
-    """Step redrawing: ``redrawn`` of ``steps`` steps were drawn again."""
+    """Step redrawing over ``steps`` steps; ``redrawn``: each step drawn again (its
+    number, the draws' scores, the one kept)."""
 
     action: ClassVar[str] = "step-redraw"
     score: str
     reducer: str
     steps: int
-    redrawn: int
+    redrawn: list[dict]
     tokens: int
 
 

@@ -323,7 +323,8 @@ class Deferred:
     """
 
     def __init__(self, build: Callable[[], Backend], description: dict, acts: tuple[type, ...]):
-        self._build, self._built = build, None
+        self._build: Callable[[], Backend] = build
+        self._built: Backend | None = None
         self.description, self.acts = description, acts
 
     def built(self) -> Backend:

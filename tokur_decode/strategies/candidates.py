@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from ..core import aggregate
 from ..core.events import Choice, DeepConfOnlineEvent
@@ -54,7 +55,7 @@ def choose_candidates(
     """
     raw = trace.aggregate(params.score, params.reducer, **reducer_params).tolist()
     scores = raw if params.higher_is_better else [-x for x in raw]
-    answers = [extract(text) for text in trace.texts]
+    answers = [extract(text) for text in trace.texts or []]
     chosen, records, candidates = [], [], []
     for rows in groups:
         rows = list(rows)
@@ -133,10 +134,11 @@ def deepconf_thresholds(warm: Trace, warmup: int, params: DeepConfOnlineConfig) 
     ).tolist()
     base = deepconf_trigger(window)
     prompts = len(lowest) // warmup
-    return [
-        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - params.keep).threshold
+    calibrated = [
+        base.calibrated(lowest[b * warmup : (b + 1) * warmup], 100 - params.keep)
         for b in range(prompts)
     ]
+    return [cast(float, t.threshold) for t in calibrated]  # calibrated: always set
 
 
 def deepconf_vote(

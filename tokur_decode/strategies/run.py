@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -58,6 +59,7 @@ from ..core.events import (
 from ..core.momentum import StepMomentum
 from ..core.particles import effective_sample_size, normalized, systematic_resample
 from ..core.perturbation import checked_options
+from ..core.policy import Trigger
 from ..core.recording import Recording
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
@@ -85,6 +87,17 @@ from .candidates import choose_candidates, deepconf_thresholds, deepconf_trigger
 from .recipe import Strategy
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "PROCEDURES", "generate", "needed_signals", "split_options"]
+
+_Config = TypeVar("_Config", bound=ActionConfig)
+
+
+class _Sampler(Protocol):
+    """What an action that samples candidates has (``ActionConfig.samples``)."""
+
+    n: int
+    temperature: float
+    top_p: float
+
 
 #: The answer budget when neither the caller nor the recipe's ``[generation]`` sets one.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -167,6 +180,28 @@ class _Job:
     plan: Plan
     backend: b.Backend
 
+    def config_of(self, cls: type[_Config]) -> _Config:
+        """The recipe's action, as the procedure of ``cls`` reads it."""
+        config = self.plan.config
+        if not isinstance(config, cls):
+            raise TypeError(f"a {cls.type!r} procedure was given a {config.type!r} recipe")
+        return config
+
+    @property
+    def trigger(self) -> Trigger:
+        """The recipe's trigger (the procedures that act on one have it)."""
+        trigger = self.plan.strat.trigger if self.plan.strat else None
+        if trigger is None:
+            raise TypeError("this procedure acts on a trigger; the recipe has none")
+        return trigger
+
+    @property
+    def candidates(self) -> b.Sampling:
+        """How the procedures that sample candidates sample them."""
+        if self.plan.candidates is None:
+            raise TypeError("this procedure samples; plan() set no candidate sampling")
+        return self.plan.candidates
+
     def decode(self, n: int = 1, act=None, sampling: b.Sampling | None = None) -> b.Decoded:
         return self.decode_some(range(len(self.plan.prompts)), n, act, sampling)
 
@@ -225,14 +260,14 @@ def plan(
     if threshold is not None:
         if config.samples:
             raise ValueError(f"threshold: {kind!r} has no trigger threshold to set")
-        if isinstance(config, BranchConfig) and strat.trigger is None:
+        if isinstance(config, BranchConfig) and strat is not None and strat.trigger is None:
             raise ValueError("threshold: this branch recipe forks at the first token, no trigger")
         if strat is None or strat.trigger is None:
             raise ValueError("threshold: this strategy has no trigger to set it on")
         strat = replace(strat, trigger=replace(strat.trigger, threshold=threshold))
     candidates = None
     if config.samples:  # the caller's sampling wins, else the recipe's
-        c = config
+        c = cast(_Sampler, config)
         chosen_t = c.temperature if temperature is None else temperature
         if not chosen_t > 0:
             raise ValueError(
@@ -340,19 +375,17 @@ def _plain(job: _Job) -> GenerationResult:
 
 
 def _stop(job: _Job) -> GenerationResult:
-    return _single(job, b.StopAct(job.plan.strat.trigger))
+    return _single(job, b.StopAct(job.trigger))
 
 
 def _resample(job: _Job) -> GenerationResult:
-    return _single(
-        job, b.ResampleAct(job.plan.strat.trigger, job.plan.strat.config, job.plan.recipe)
-    )
+    return _single(job, b.ResampleAct(job.trigger, job.config_of(ResampleConfig), job.plan.recipe))
 
 
 def _best_of_n(job: _Job) -> GenerationResult:
-    p = job.plan.strat.config
+    p = job.config_of(BestOfNConfig)
     n = p.n
-    out = job.decode(n=n, sampling=job.plan.candidates)
+    out = job.decode(n=n, sampling=job.candidates)
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [[BestOfNEvent(n, choice).to_dict()] for choice in records]
@@ -365,9 +398,9 @@ def _deepconf_online(job: _Job) -> GenerationResult:
     ``n - warmup`` answers stop as soon as their window confidence falls below it
     (seeded after the warm-up's); the warm-up answers and the later answers that were
     not stopped vote (:func:`~.candidates.deepconf_vote`)."""
-    p = job.plan.strat.config
+    p = job.config_of(DeepConfOnlineConfig)
     warmup, online = p.warmup, p.n - p.warmup
-    sampling = job.plan.candidates
+    sampling = job.candidates
     warm = job.decode(n=warmup, sampling=sampling).trace
     thresholds = deepconf_thresholds(warm, warmup, p)
     seed = sampling.seed
@@ -388,11 +421,12 @@ def _adaptive_sampling(job: _Job) -> GenerationResult:
     ``window`` more answers for every prompt whose vote is not settled (at most ``n``);
     the answers drawn vote (majority, the earliest drawn of the winners is the
     answer). Records per prompt what was drawn and the tokens saved against ``n``."""
-    p = job.plan.strat.config
-    sampling = job.plan.candidates
+    p = job.config_of(AdaptiveSamplingConfig)
+    sampling = job.candidates
     prompts = range(len(job.plan.prompts))
     drawn: dict[int, list] = {i: [] for i in prompts}  # (trace row, answer) per prompt
-    parts, open_ = [], list(prompts)
+    parts: list[Trace] = []
+    open_ = list(prompts)
     rounds = 0
     while open_:
         seed = sampling.seed
@@ -461,16 +495,16 @@ def _particle_filter(job: _Job) -> GenerationResult:
     particles vote weighted by their final weights (the chosen particle: the heaviest
     with the winning answer). Records per prompt the weights, the answers, every
     resampling and the tokens decoded."""
-    p: ParticleFilterConfig = job.plan.strat.config
+    p = job.config_of(ParticleFilterConfig)
     n, count = p.n, len(job.plan.prompts)
-    rng = np.random.default_rng(job.plan.candidates.seed)
+    rng = np.random.default_rng(job.candidates.seed)
     log_w = np.zeros((count, n))
     potential = np.zeros((count, n))  # the empty answer's: the same for every particle
     spent = np.zeros(count, dtype=np.int64)
     resamplings: list[list[dict]] = [[] for _ in range(count)]
     request = b.Request(
         job.plan.signals,
-        job.plan.candidates,
+        job.candidates,
         n,
         b.StepsAct(p.delimiter, p.step_tokens),
         job.plan.tokur,
@@ -505,7 +539,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
         trace = particles.trace()
         tokens = particles.tokens
     trace.meta["step_delimiter"] = p.delimiter
-    answers = [job.plan.extract(text) for text in trace.texts]
+    answers = [job.plan.extract(text) for text in trace.texts or []]
     chosen, actions, candidates = [], [], []
     for q in range(count):
         rows = list(range(q * n, (q + 1) * n))
@@ -538,12 +572,12 @@ def _step_redraw(job: _Job) -> GenerationResult:
     probe the draw whose answer so far the probe finds least likely wrong. Records per
     prompt every redrawn step (its draws' scores, the momentum, the probe's p(wrong),
     the draw kept) and the tokens decoded."""
-    p: StepRedrawConfig = job.plan.strat.config
+    p = job.config_of(StepRedrawConfig)
     n, count = p.n, len(job.plan.prompts)
     first = np.arange(count) * n  # each prompt's row that draws every step
     request = b.Request(
         job.plan.signals,
-        job.plan.candidates,
+        job.candidates,
         n,
         b.StepsAct(p.delimiter, p.step_tokens),
         job.plan.tokur,
@@ -562,14 +596,14 @@ def _step_redraw(job: _Job) -> GenerationResult:
         done = np.zeros(count * n, dtype=bool)
         while not done[first].all():
             moved = ~done[first]
-            step, done = particles.advance(hold=(~is_first).tolist())
-            done, values = np.asarray(done), scored(step).reshape(count, n)
+            step, finished = particles.advance(hold=(~is_first).tolist())
+            done, values = np.asarray(finished), scored(step).reshape(count, n)
             kept = np.zeros(count, dtype=np.int64)
             redraw = moved & momentum.falls_below(values[:, 0])
             if redraw.any():
                 waiting = ~np.repeat(redraw, n) | is_first
-                step, done = particles.advance(hold=waiting.tolist())
-                done = np.asarray(done)
+                step, finished = particles.advance(hold=waiting.tolist())
+                done = np.asarray(finished)
                 values[redraw, 1:] = scored(step).reshape(count, n)[redraw, 1:]
                 wrong = None
                 if p.probe is not None:  # the critic: p(wrong) of each answer so far
@@ -609,8 +643,8 @@ def _step_redraw(job: _Job) -> GenerationResult:
 
 
 def _branch(job: _Job) -> GenerationResult:
-    p = job.plan.strat.config
-    out = job.decode(act=b.BranchAct(job.plan.strat.trigger, p))
+    p = job.config_of(BranchConfig)
+    out = job.decode(act=b.BranchAct(job.trigger, p))
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [
@@ -623,13 +657,13 @@ def _branch(job: _Job) -> GenerationResult:
 
 
 def _rollback(job: _Job) -> GenerationResult:
-    return _single(job, b.RollbackAct(job.plan.strat.trigger, job.plan.strat.config))
+    return _single(job, b.RollbackAct(job.trigger, job.config_of(RollbackConfig)))
 
 
 def _abstain(job: _Job) -> GenerationResult:
     """Answer; where the response score fails the rule, answer the abstain text. Each
     prompt's actions record the score, the rule and its guarantee."""
-    rule: AbstainConfig = job.plan.strat.config
+    rule = job.config_of(AbstainConfig)
     result = _single(job)
     if rule.probe is not None:
         values = rule.probe.p_wrong_trace(result.trace)
@@ -658,7 +692,8 @@ def _abstain(job: _Job) -> GenerationResult:
 @dataclass(frozen=True)
 class _Procedure:
     run: Callable[[_Job], GenerationResult]
-    act: type | None  # the act the backend must run (None: plain decodes only)
+    #: The act the backend must run (None: plain decodes only).
+    act: type[b.StopAct | b.ResampleAct | b.BranchAct | b.RollbackAct | b.StepsAct] | None
 
 
 #: Each action type's procedure, and the act a backend needs for it.

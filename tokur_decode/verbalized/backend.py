@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 from ..core.trace import Trace
 from ..strategies.backend import Backend, Decoded, Request
@@ -58,7 +59,7 @@ class VerbalizedBackend:
     def __init__(self, inner: Backend, **ask_options) -> None:
         if inner.describe()["backend"] not in ("hf", "vllm"):
             raise ValueError("inner: verbalized confidence runs in-process (hf or vllm)")
-        self.inner = inner
+        self.inner: Any = inner  # its engine's attributes are read (model or engine, ...)
         self.ask_options = ask_options
 
     def describe(self) -> dict:
@@ -89,7 +90,10 @@ class VerbalizedBackend:
             **inner.signal_params,
             **self.ask_options,
         )
-        draws = [ask(model, tokenizer, list(prompts), seed=seed + j, **options) for j in range(n)]
+        draws = [
+            cast(list, ask(model, tokenizer, list(prompts), seed=seed + j, **options))
+            for j in range(n)
+        ]
         results = [draw[i] for i in range(len(prompts)) for draw in draws]  # prompt-major
         trace = Trace.concat([r.trace for r in results])
         return Decoded(
