@@ -58,3 +58,20 @@ def test_alternatives_refused_where_the_class_says_so(kind):
     else:
         with pytest.raises(ValueError, match="alternatives: .* does not record them"):
             plan(ALL_ACTS, "q", strategy=SHIPPED[kind], alternatives=2)
+
+
+@pytest.mark.parametrize("kind", sorted(set(ACTIONS) - {"none"}))
+def test_the_recipe_format_lists_every_key(kind):
+    """The recipe module's format comment names each action type's keys (the control:
+    a key no type has is not found)."""
+    import dataclasses
+    import re
+
+    from tokur_decode.strategies import recipe
+
+    lines = re.findall(r"^    # ([\w -]+):(.*(?:\n    #   .*)*)", recipe.__doc__, re.M)
+    listed = {name: text for name, text in lines}
+    text = listed[kind] + (listed["selection keys"] if "selection keys" in listed[kind] else "")
+    for f in dataclasses.fields(ACTIONS[kind]):
+        assert re.search(rf"\b{f.name}\b", text), (kind, f.name)
+    assert not re.search(r"\bno_such_key\b", text)

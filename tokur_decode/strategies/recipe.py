@@ -43,10 +43,11 @@ Recipe format::
     # adaptive-sampling: rule, window, n (at most), threshold, temperature, top_p
     # particle-filter: n, score, reducer, probe, weight_temperature, ess_threshold,
     #             delimiter, step_tokens, temperature, top_p
-    # step-redraw: n, score, reducer, momentum, scaling_rate, delimiter, step_tokens,
-    #             temperature, top_p
+    # step-redraw: n, score, reducer, probe, momentum, scaling_rate, delimiter,
+    #             step_tokens, temperature, top_p
     # selection keys: score (a signal output), reducer, higher_is_better,
-    #             method ("argmax" | "majority" | "weighted" | "weighted-softmax"), eta
+    #             method ("argmax" | "majority" | "weighted" | "weighted-softmax"), eta,
+    #             eta_rule, borda_p
 
     [tokur]              # optional: perturbed() options when signals include "tokur"
     samples = 10
