@@ -98,12 +98,31 @@ def test_the_cli_writes_the_rule_or_says_what_is_missing(scripted_run, tmp_path,
         (["--score", "margin:mean"], "score: 'margin:mean' was not recorded"),
         (["--delta", "1"], "delta: must be in (0, 1)"),
         (["--out", str(tmp_path / "r.txt")], "--out: the recipe is a .toml file"),
+        (["--out", str(tmp_path / "nodir" / "r.toml")], "--out: the folder"),
+        (["--seed=-1"], "argument --seed: an integer from 0 to 4294967295, got '-1'"),
     ]:
         argv = ["calibrate", str(scripted_run), "--risk", "0.2", "--out", str(out), *bad]
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert main(["calibrate", str(scripted_run), "--risk", "0.2", "--json", "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out.split("\nwrote ")[0])["score"]
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["score"]  # stdout is the JSON, whole
+    assert "wrote " in printed.err
+    assert out.stat().st_mode & 0o777 == 0o644  # readable as any file the user writes
+
+
+def test_unlabelled_answers_are_refused_not_counted_as_wrong(scripted_run, tmp_path):
+    lines = (scripted_run / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records[::2]:
+        record["correct"] = None  # a score run's answers without gold or label
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "config.json").write_text((scripted_run / "config.json").read_text())
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=rf"run: {len(records[::2])} of {len(records)} answers"):
+        calibrate_run(folder, risk=0.2)
+    calibrate_run(scripted_run, risk=0.2)  # the control: all labelled
 
 
 def test_a_probe_rule_is_written_as_numbers_and_read_back(scripted_run, tmp_path):

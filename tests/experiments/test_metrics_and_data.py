@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 from tokur_decode.core.trace import Trace  # noqa: E402
 from tokur_decode.experiments import data, metrics, scoring  # noqa: E402
 from tokur_decode.experiments.graders import GRADERS, grade  # noqa: E402
-from tokur_decode.experiments.store import RunStore  # noqa: E402
+from tokur_decode.experiments.store import RunStore, read_run  # noqa: E402
 
 # --------------------------------------------------------------------------- data
 
@@ -302,20 +302,50 @@ def test_trace_scores_cover_every_reducer_and_orientation():
 
 
 def test_store_resumes_refuses_other_configs_and_drops_a_torn_line(tmp_path):
-    store = RunStore(tmp_path, {"kind": "detect", "seed": 0, "signals": ["a"]})
-    store.append([{"key": "a", "v": 1}, {"key": "b", "v": 2}])
+    config = {"kind": "detect", "seed": 0, "signals": ["a"]}
+    with RunStore(tmp_path, config) as store:
+        store.append([{"key": "a", "v": 1}, {"key": "b", "v": 2}])
     with (tmp_path / "results.jsonl").open("a") as fh:
         fh.write('{"key": "c", "v"')  # the run died while writing
-    again = RunStore(tmp_path, {"kind": "detect", "seed": 0, "signals": ["a"]})
-    assert sorted(again.done) == ["a", "b"]
-    again.append([{"key": "c", "v": 3}])
+    with RunStore(tmp_path, config) as again:
+        assert sorted(again.done) == ["a", "b"]
+        again.append([{"key": "c", "v": 3}])
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(x)["key"] for x in lines] == ["a", "b", "c"]
     with pytest.raises(ValueError, match=r"signals: \[\"a\"\] there, \[\"b\"\] now"):
-        RunStore(tmp_path, {"kind": "detect", "seed": 0, "signals": ["b"]})
+        RunStore(tmp_path, {**config, "signals": ["b"]})
     (tmp_path / "results.jsonl").write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(ValueError, match=r"results\.jsonl:2: invalid JSON"):
-        RunStore(tmp_path, {"kind": "detect", "seed": 0, "signals": ["a"]})
+        RunStore(tmp_path, config)
+
+
+def test_one_run_writes_a_folder_at_a_time(tmp_path):
+    """A second run into a folder being written is refused (it used to add duplicate
+    records); once the first ends, the folder opens again (the control)."""
+    config = {"kind": "detect", "seed": 0}
+    first = RunStore(tmp_path, config)
+    with pytest.raises(ValueError, match="out: another run is writing to"):
+        RunStore(tmp_path, config)
+    first.append([{"key": "a"}])
+    first.close()
+    with pytest.raises(ValueError, match="closed"):
+        first.append([{"key": "b"}])
+    with RunStore(tmp_path, config) as second:
+        assert sorted(second.done) == ["a"]
+    (tmp_path / "results.jsonl").write_text('{"key": "a"}\n{"key": "a"}\n')  # an old race
+    with pytest.raises(ValueError, match="holds item a twice"):
+        read_run(tmp_path)
+
+
+def test_a_run_that_fails_before_its_first_item_blocks_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with RunStore(tmp_path, {"kind": "detect", "seed": 0}):
+            raise RuntimeError("the model failed to load")
+    assert not (tmp_path / "config.json").exists()  # nothing half-done
+    with RunStore(tmp_path, {"kind": "detect", "seed": 1}) as rerun:  # other settings: fine
+        rerun.append([{"key": "a"}])
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_jsonl_prompts_are_sent_as_written_unless_asked(tmp_path, embedded):

@@ -10,8 +10,9 @@ guarantee out (:mod:`tokur_decode.experiments.abstention`).
 from __future__ import annotations
 
 import json
+import sys
 
-from .common import flags
+from .common import flags, integer
 
 __all__ = ["add_parser", "run"]
 
@@ -48,7 +49,7 @@ def add_parser(sub) -> None:
         default=0.3,
         help="fraction of items held back to choose the score and the thresholds (0.3)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the split (0)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, help="seed of the split (0)")
     p.add_argument("--abstain-text", default="I don't know.", help="the answer when abstaining")
     p.add_argument("--out", required=True, help="the recipe to write (.toml)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -62,6 +63,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".toml":
         raise ValueError(f"--out: the recipe is a .toml file, got {out}")
+    if not out.parent.is_dir():  # before calibrating, not after
+        raise ValueError(f"--out: the folder {out.parent} does not exist")
     settings = flags(args, "risk", "delta", "score", "recipe", "holdout", "seed", "abstain_text")
     result = calibrate_run(args.run, name=out.stem, **settings)
     files = write_rule(result, out)
@@ -70,7 +73,7 @@ def run(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print(report)
-    print("wrote " + ", ".join(str(f) for f in files))
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)  # stdout: the report
     return 0
 
 

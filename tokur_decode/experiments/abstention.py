@@ -153,6 +153,13 @@ def calibrate_run(
     config, records = read_run(run)
     if config.get("kind") != "detect":
         raise ValueError(f"run: {run} is a {config.get('kind')!r} run; calibrate needs an eval run")
+    unlabelled = sum(not isinstance(r.get("correct"), bool) for r in records)
+    if unlabelled:
+        raise ValueError(
+            f"run: {unlabelled} of {len(records)} answers in {run} have no label (correct: "
+            "null); calibration needs every answer graded (give their gold answers or "
+            "correct: true/false to score, or leave them out)"
+        )
     correct = np.array([r["correct"] for r in records], dtype=bool)
     if recipe is not None:
         if score is not None:
@@ -278,6 +285,7 @@ def write_rule(result: CalibratedRun, out: str | Path) -> list[Path]:
         temps[1].write_text(report + "\n", encoding="utf-8")
         calibration_plot(result, temps[2])
         for tmp, target in zip(temps, targets, strict=True):
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary file only
             os.replace(tmp, target)
     except OSError as exc:
         raise ValueError(f"out: cannot write {out} ({exc.strerror})") from exc

@@ -3,15 +3,22 @@ line per item, appended (and flushed to disk) as items complete.
 
 Reopening the folder with the same configuration returns the items already done, so a
 rerun skips them; a different configuration is refused with the keys that differ. A
-last line cut short by a crash is dropped (that item is simply redone).
+last line cut short by a crash is dropped (that item is simply redone). One run writes
+a folder at a time: the store holds an exclusive lock on ``.lock`` in it until
+:meth:`RunStore.close` (or the process ends), and a second run is refused. The
+configuration is written (atomically) with the first results, so a run that fails
+before its first item leaves nothing that blocks the corrected rerun.
 
 Example:
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
     >>> store = RunStore(folder, {"kind": "detect", "seed": 0})
     >>> store.append([{"key": "tasks:legs/0", "correct": True}])
-    >>> sorted(RunStore(folder, {"kind": "detect", "seed": 0}).done)
+    >>> store.close()
+    >>> again = RunStore(folder, {"kind": "detect", "seed": 0})
+    >>> sorted(again.done)
     ['tasks:legs/0']
+    >>> again.close()
     >>> RunStore(folder, {"kind": "detect", "seed": 1})
     Traceback (most recent call last):
     ...
@@ -20,14 +27,17 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["RunStore", "read_run"]
 
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.jsonl"
+LOCK_NAME = ".lock"
 
 
 class RunStore:
@@ -48,9 +58,24 @@ class RunStore:
             probe.unlink()
         except OSError as exc:
             raise ValueError(f"out: cannot write to {self.folder} ({exc.strerror})") from exc
+        self._lock = _lock(self.folder)
+        try:
+            self._open(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, config: dict) -> None:
         self.config = json.loads(json.dumps(config))  # as it reads back from disk
+        self.path = self.folder / RESULTS_NAME
+        self.done: dict[str, dict] = {}
+        if self.path.is_file():
+            self._read()
         config_path = self.folder / CONFIG_NAME
-        if config_path.is_file():
+        # a configuration without results (a run that failed before its first item,
+        # from an older version) does not block: it is rewritten with the first results
+        self._config_written = False
+        if config_path.is_file() and self.done:
             saved = json.loads(config_path.read_text(encoding="utf-8"))
             if saved != self.config:
                 diffs = [
@@ -62,12 +87,7 @@ class RunStore:
                     f"out: {self.folder} was made with another configuration "
                     f"({'; '.join(diffs)}); use another --out or the same settings"
                 )
-        else:
-            config_path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
-        self.path = self.folder / RESULTS_NAME
-        self.done: dict[str, dict] = {}
-        if self.path.is_file():
-            self._read()
+            self._config_written = True
 
     def _read(self) -> None:
         data = self.path.read_bytes()
@@ -80,7 +100,13 @@ class RunStore:
                 fh.write(b"\n")
 
     def append(self, records: list[dict]) -> None:
-        """Write ``records`` (each with a unique ``"key"``) and flush them to disk."""
+        """Write ``records`` (each with a unique ``"key"``) and flush them to disk (the
+        configuration first, with the first records)."""
+        if self._lock is None:
+            raise ValueError(f"out: the run store of {self.folder} is closed")
+        if not self._config_written:
+            _write_atomically(self.folder / CONFIG_NAME, json.dumps(self.config, indent=2) + "\n")
+            self._config_written = True
         with self.path.open("a", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record) + "\n")
@@ -88,6 +114,50 @@ class RunStore:
             os.fsync(fh.fileno())
         for record in records:
             self.done[record["key"]] = record
+
+    def close(self) -> None:
+        """Release the folder's lock (the store writes no more)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on ``folder``'s lock file, held by the returned descriptor.
+
+    Raises:
+        ValueError: another run holds it.
+    """
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"out: another run is writing to {folder}; wait for it to end or use another --out"
+        ) from None
+    return fd
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path``: a whole new file or the old one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_run(folder: str | Path) -> tuple[dict, list[dict]]:
@@ -105,6 +175,12 @@ def read_run(folder: str | Path) -> tuple[dict, list[dict]]:
     records, _ = _parse(results.read_bytes(), results)
     if not records:
         raise ValueError(f"run: {folder} has no results yet")
+    seen: set[str] = set()
+    for record in records:
+        key = record.get("key")
+        if key in seen:
+            raise ValueError(f"run: {results} holds item {key} twice (two runs wrote it)")
+        seen.add(key)
     return config, records
 
 
