@@ -120,10 +120,41 @@ def test_ungraded_generations_are_scored_without_metrics(embedded, tmp_path):
         ('{"response": "x"}', "no prompt"),
         ('{"prompt": "x"}', "no response"),
         ('{"prompt": "x", "response": "y", "correct": 1}', "correct"),
+        (  # a label the gold answer contradicts (it used to win silently)
+            '{"prompt": "2+2?", "response": "4", "answer": "4", "correct": false}',
+            r"gens\.jsonl:1: correct: false, but the numeric grader finds the response right",
+        ),
     ]:
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match=message):
             load_generations(path)
+    path.write_text('{"prompt": "2+2?", "response": "4", "answer": "4", "correct": true}\n')
+    assert load_generations(path)[0].correct is True  # the control: they agree
+
+
+def test_token_ids_must_decode_to_the_response(embedded, tmp_path):
+    """The ids are scored and the text graded: ids of another text (or none for a
+    non-empty response) are refused before anything is scored."""
+    tok = embedded[1]
+    path = tmp_path / "gens.jsonl"
+    for ids, response in [(tok("Paris", add_special_tokens=False).input_ids, "Lyon"), ([], "4")]:
+        line = {"prompt": "Capital of France?", "response": response, "token_ids": ids}
+        path.write_text(json.dumps(line) + "\n")
+        with pytest.raises(ValueError, match=r"gens\.jsonl:1: token_ids decode to"):
+            run_scoring(
+                load_generations(path), _backend(embedded), out=tmp_path / "o", progress=False
+            )
+        assert not (tmp_path / "o" / "config.json").exists()  # nothing half-done
+    ids = tok("Paris", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    line = {"prompt": "Capital of France?", "response": " Paris", "token_ids": ids}
+    path.write_text(json.dumps(line) + "\n")  # the control: EOS and a space aside, equal
+    run_scoring(
+        load_generations(path),
+        _backend(embedded),
+        out=tmp_path / "o",
+        signals="entropy",
+        progress=False,
+    )
 
 
 def test_multi_seed_tokur_metrics_equal_a_hand_computation(embedded, tmp_path):

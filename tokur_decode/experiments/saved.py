@@ -33,10 +33,10 @@ from .data import Item, infer_grader, json_objects
 from .detection import record, summarize
 from .generations import Generation
 from .graders import GRADERS
-from .runner import RunResult, process
+from .runner import RunResult, graded, process
 from .store import RunStore
 
-__all__ = ["Saved", "load_generations", "run_scoring"]
+__all__ = ["Saved", "check_token_ids", "load_generations", "run_scoring"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Saved:
     response: str
     correct: bool | None = None
     token_ids: tuple[int, ...] | None = None
+    where: str = ""  # its file and line, for messages
 
 
 def load_generations(path: str | Path, *, grader: str | None = None) -> list[Saved]:
@@ -55,7 +56,8 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
 
     Raises:
         ValueError: naming the file and line (invalid JSON, no prompt or response, a
-            non-boolean ``correct``, an unknown grader, a duplicate id).
+            non-boolean ``correct``, a ``correct`` that the gold ``answer`` contradicts,
+            an unknown grader, a duplicate id).
     """
     path = Path(path)
     if grader is not None and grader not in GRADERS:
@@ -91,9 +93,37 @@ def load_generations(path: str | Path, *, grader: str | None = None) -> list[Sav
         seen.add(item_id)
         answer = "" if obj.get("answer") is None else str(obj["answer"])
         item = Item(str(path), item_id, prompt, answer, obj.get("grader") or default, prompt)
+        if correct is not None and answer:
+            verdict = graded(item, obj["response"])["correct"]
+            if verdict != correct:
+                raise ValueError(
+                    f"{where}: correct: {str(correct).lower()}, but the {item.grader} grader "
+                    f"finds the response {'right' if verdict else 'wrong'} against the answer "
+                    f"{answer!r}; give one of them"
+                )
         ids = obj.get("token_ids")
-        saved.append(Saved(item, obj["response"], correct, None if ids is None else tuple(ids)))
+        token_ids = None if ids is None else tuple(ids)
+        saved.append(Saved(item, obj["response"], correct, token_ids, str(where)))
     return saved
+
+
+def check_token_ids(tokenizer, saved: Sequence[Saved]) -> None:
+    """Each saved ``token_ids`` decodes to its ``response`` (special tokens and the
+    surrounding space aside): the ids are what is scored, the text what is graded.
+
+    Raises:
+        ValueError: naming the file and line of the first that does not.
+    """
+    for s in saved:
+        if s.token_ids is None:
+            continue
+        text = tokenizer.decode(list(s.token_ids), skip_special_tokens=True)
+        if text.strip() != s.response.strip():
+            raise ValueError(
+                f"{s.where}: token_ids decode to {text[:60]!r}, not the response "
+                f"{s.response[:60]!r}: the ids are scored and the text graded, so they must "
+                "agree (or leave token_ids out)"
+            )
 
 
 def run_scoring(
@@ -114,6 +144,13 @@ def run_scoring(
     config = {"kind": "detect", "scored": True, "signals": list(names), **backend.describe()}
     store = RunStore(out, config)
     by_key = {s.item.key: s for s in saved}
+    todo = [s for s in saved if s.item.key not in store.done]
+    if any(s.token_ids is not None for s in todo):
+        try:  # before any work (it loads the tokenizer, and with it a deferred model)
+            check_token_ids(backend.tokenizer, todo)
+        except BaseException:
+            store.close()
+            raise
 
     def work(batch: list[Item], first: int) -> list[dict]:
         tokenizer = backend.tokenizer
