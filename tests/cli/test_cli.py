@@ -91,13 +91,35 @@ def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
     assert main(["generate", "--signals", "bogus", QUESTION]) == 2
     assert "signals" in capsys.readouterr().err
     assert main(["generate", "--max-new-tokens", "0", QUESTION]) == 2
-    assert "max_new_tokens" in capsys.readouterr().err
+    assert "argument --max-new-tokens: an integer >= 1, got '0'" in capsys.readouterr().err
     assert main(["generate", "--signals", "all,bogus", QUESTION]) == 2
     assert "unknown 'bogus'" in capsys.readouterr().err
     assert main(["generate", "--device", "tpu", QUESTION]) == 2
     assert "device: 'tpu'" in capsys.readouterr().err
     assert main(["generate", "--model", "/no/such/folder", QUESTION]) == 2
     assert "model: no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [  # sizes no flag may ask for, refused when parsed (they ran out of memory or time)
+        (["generate", "--verbalized", "--answer-chars", "100000", "q"], "from 1 to 1000"),
+        (["generate", "--tokur-samples", "1000000", "q"], "--tokur-samples: an integer from 1"),
+        (["generate", "--seed", str(2**64), "q"], "--seed: an integer from 0 to 4294967295"),
+        (["generate", "--kv-cache-gib", "nan", "q"], "--kv-cache-gib: a finite number > 0"),
+        (["generate", "--kv-cache-gib", "-1", "q"], "--kv-cache-gib: a finite number > 0"),
+        (["generate", "--topk", "-1", "q"], "--topk: an integer >= 1"),
+        (["scale", "--data", "d", "--out", "o", "--n", "100000"], "--n: comma-separated"),
+        (["scale", "--data", "d", "--out", "o", "--repeats", "0"], "--repeats: an integer from 1"),
+        (["eval", "--data", "d", "--out", "o", "--bootstrap", "0"], "--bootstrap: an integer"),
+        (["eval", "--data", "d", "--out", "o", "--tokur-seeds", ""], "--tokur-seeds: comma-sep"),
+        (["score", "--data", "d", "--out", "o", "--bootstrap", "0"], "--bootstrap: an integer"),
+        (["serve", "--dry-run", "--kv-cache-gib", "0"], "--kv-cache-gib: a finite number > 0"),
+    ],
+)
+def test_sizes_are_bounded_when_parsed(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_console_script_help_documents_the_options():

@@ -7,7 +7,6 @@ from tokur_decode.strategies import Strategy, available
 from tokur_decode.strategies import backend as B
 from tokur_decode.strategies.actions import ACTIONS
 from tokur_decode.strategies.run import PROCEDURES, plan
-from tokur_decode.vllm.args import parse_settings
 
 ALL_ACTS = (B.StopAct, B.ResampleAct, B.BranchAct, B.RollbackAct, B.StepsAct)
 #: One shipped recipe of every action type.
@@ -41,6 +40,9 @@ def test_samples_decides_greedy_and_threshold_refusals(kind):
 
 @pytest.mark.parametrize("kind", sorted(ACTIONS))
 def test_one_request_runs_what_the_class_says(kind):
+    pytest.importorskip("vllm")
+    from tokur_decode.vllm.args import parse_settings
+
     cls = ACTIONS[kind]
     args = {"tokur_strategy": SHIPPED[kind], "tokur_threshold": 1.0}
     if cls.in_one_request is None:

@@ -12,7 +12,6 @@ from tokur_decode.core.recording import Recording
 from tokur_decode.hf import UncertaintyMonitor
 from tokur_decode.strategies import backend as B
 from tokur_decode.strategies.run import plan
-from tokur_decode.vllm.args import parse_settings, uncertainty_args
 
 #: A non-default, valid value and an invalid one for every field.
 VALUES = {"alternatives": (3, 99)}
@@ -38,6 +37,9 @@ def test_plan_refuses_an_unknown_keyword():
 
 @pytest.mark.parametrize("name", Recording.names())
 def test_flat_vllm_key_reaches_the_processor_settings(name):
+    pytest.importorskip("vllm")
+    from tokur_decode.vllm.args import parse_settings, uncertainty_args
+
     good, bad = VALUES[name]
     assert (
         getattr(parse_settings(uncertainty_args("entropy", **{name: good})).recording, name) == good

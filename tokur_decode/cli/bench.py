@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..core.recording import Recording
-from .common import flags, int_options, integers, load, model_args, signal_list
+from .common import SEED, flags, int_options, integers, load, model_args, signal_list
 
 __all__ = ["add_parser", "run"]
 
@@ -51,7 +51,7 @@ def _actions_options(p) -> None:
     model_args(p)
     p.add_argument("--strategies", default=None, help="comma-separated recipes (default: all)")
     int_options(p, ("--max-new-tokens", 32, "tokens per answer"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
 
 
 def _vllm_options(p) -> None:
@@ -84,7 +84,7 @@ def _calibration_options(p) -> None:
     int_options(p, ("--splits", 20, "random splits"))
     p.add_argument("--test-fraction", type=float, default=0.4, help="test items per split")
     p.add_argument("--score", help="calibrate on this score (default: chosen per split)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
 
 
 def _vllm_model(p) -> None:

@@ -4,13 +4,19 @@ TokUR's flags."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+
+from ..core.limits import MAX_SAMPLES
 
 __all__ = [
     "flags",
     "int_options",
     "integer",
+    "SEED",
     "integers",
+    "integers_from",
+    "number",
     "load",
     "model_args",
     "signal_list",
@@ -18,15 +24,6 @@ __all__ = [
     "tokur_options",
     "verbalized_engine",
 ]
-
-#: TokUR's ``--tokur-*`` flags: option -> (type, help). Their defaults are
-#: :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s, shown, never set here.
-_TOKUR_FLAGS = {
-    "rank": (int, "perturbed singular directions"),
-    "sigma": (float, "noise scale"),
-    "samples": (int, "predictive samples M, clean included"),
-    "seed": (int, "noise seed"),
-}
 
 
 def flags(args: argparse.Namespace, *names: str) -> dict:
@@ -77,15 +74,65 @@ def integer(low: int = 1, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def integers(text: str) -> list[int]:
-    """An argparse ``type``: comma-separated integers >= 1 (``--batch-sizes 1,8``)."""
+def integers(text: str, low: int = 1, high: int | None = None) -> list[int]:
+    """An argparse ``type``: comma-separated integers from ``low`` to ``high``
+    (``--batch-sizes 1,8``; :func:`integers_from` for other bounds)."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"comma-separated integers >= 1, got {text!r}")
+    if not values or min(values) < low or (high is not None and max(values) > high):
+        bound = f">= {low}" if high is None else f"from {low} to {high}"
+        raise argparse.ArgumentTypeError(f"comma-separated integers {bound}, got {text!r}")
     return values
+
+
+def integers_from(low: int, high: int | None = None) -> Callable[[str], list[int]]:
+    """:func:`integers` with other bounds, as an argparse ``type``."""
+    return lambda text: integers(text, low, high)
+
+
+def number(low: float = 0.0, high: float | None = None, *, open_low: bool = True):
+    """An argparse ``type``: a finite number above ``low`` (or from it, ``open_low``
+    false) and at most ``high``.
+
+    Example:
+        >>> number()("nan")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: a finite number > 0, got 'nan'
+    """
+    wanted = f"a finite number {'>' if open_low else '>='} {low:g}" + (
+        "" if high is None else f" and <= {high:g}"
+    )
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if open_low else value >= low)
+        if not ok or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: Seeds every random generator we hand them to accepts (NumPy's legacy seeding: 32 bits).
+SEED = integer(0, 2**32 - 1)
+
+#: TokUR's ``--tokur-*`` flags: option -> (type, help). Their defaults are
+#: :class:`~tokur_decode.core.perturbation.PerturbationConfig`'s, shown, never set here.
+_TOKUR_FLAGS = {
+    "rank": (integer(1), "perturbed singular directions"),
+    "sigma": (number(0, open_low=False), "noise scale"),
+    "samples": (
+        integer(1, MAX_SAMPLES),
+        f"predictive samples M, clean included, 1 to {MAX_SAMPLES}",
+    ),
+    "seed": (SEED, "noise seed"),
+}
 
 
 def int_options(parser, *options: tuple[str, int, str], low: int = 1) -> None:

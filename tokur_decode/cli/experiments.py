@@ -14,8 +14,18 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+from ..core.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_CANDIDATES, MAX_REPEATS
 from ..experiments.prompts import TEMPLATES
-from .common import flags, tokur_args, tokur_options, verbalized_engine
+from .common import (
+    SEED,
+    flags,
+    integer,
+    integers_from,
+    number,
+    tokur_args,
+    tokur_options,
+    verbalized_engine,
+)
 
 __all__ = ["add_parsers", "run"]
 
@@ -49,19 +59,21 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
         default=os.environ.get("OPENAI_API_KEY"),
         help="the server's --api-key (default: $OPENAI_API_KEY)",
     )
-    server.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
+    server.add_argument(
+        "--concurrency", type=integer(1, 256), default=8, help="requests in flight at once (8)"
+    )
     p.add_argument(
         "--verbalized",
         action="store_true",
         help="ask for 'Answer: ...' and 'Confidence: NN' (Outlines-constrained); the "
         "verbalized, expected and combined confidences become extra scores",
     )
-    p.add_argument("--limit", type=int, help="first N items of each dataset")
+    p.add_argument("--limit", type=integer(1), help="first N items of each dataset")
     p.add_argument(
-        "--max-new-tokens", type=int, default=tokens, help=f"answer budget (default {tokens})"
+        "--max-new-tokens", type=integer(1), default=tokens, help=f"answer budget ({tokens})"
     )
-    p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed (0)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the built-in tasks (0)")
+    p.add_argument("--seed", type=SEED, default=0, help="generation and bootstrap seed (0)")
+    p.add_argument("--data-seed", type=SEED, default=0, help="seed of the built-in tasks (0)")
     p.add_argument("--grader", choices=("numeric", "string", "math"), help="JSONL files' grader")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument(
@@ -75,10 +87,16 @@ def _common(p: argparse.ArgumentParser, model_args: Callable, *, batch: int, tok
         help="shape each JSONL question with a named template (TokUR's evaluation prompts)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=batch, help=f"items per generate call ({batch})"
+        "--batch-size",
+        type=integer(1, MAX_BATCH),
+        default=batch,
+        help=f"items per generate call, 1 to {MAX_BATCH} ({batch})",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (1000)"
+        "--bootstrap",
+        type=integer(1, MAX_BOOTSTRAP),
+        default=1000,
+        help=f"bootstrap resamples for intervals, 1 to {MAX_BOOTSTRAP} (1000)",
     )
     p.add_argument(
         "--chat",
@@ -103,6 +121,7 @@ def add_parsers(sub, model_args: Callable) -> None:
     _common(ev, model_args, batch=8, tokens=64)
     ev.add_argument(
         "--tokur-seeds",
+        type=integers_from(0, 2**32 - 1),
         metavar="S1,S2,...",
         help="TokUR's evaluation: generate once, measure TokUR with each noise seed, report "
         "every TokUR score's metrics as mean +- std over the seeds (e.g. 96,89,64)",
@@ -121,7 +140,12 @@ def add_parsers(sub, model_args: Callable) -> None:
         "simulated from the traces.",
     )
     _common(sc, model_args, batch=2, tokens=64)
-    sc.add_argument("--n", default="1,2,4,8", help="candidate counts N (default 1,2,4,8)")
+    sc.add_argument(
+        "--n",
+        type=integers_from(1, MAX_CANDIDATES),
+        default=[1, 2, 4, 8],
+        help=f"candidate counts N, 1 to {MAX_CANDIDATES} (default 1,2,4,8)",
+    )
     sc.add_argument(
         "--strategies",
         default=DEFAULT_STRATEGIES,
@@ -129,11 +153,16 @@ def add_parsers(sub, model_args: Callable) -> None:
     )
     sc.add_argument("--signals", help="signals to record (default: what the recipes need)")
     sc.add_argument(
-        "--temperature", type=float, help="sampling temperature (default: the recipes')"
+        "--temperature", type=number(), help="sampling temperature (default: the recipes')"
     )
-    sc.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0)")
-    sc.add_argument("--repeats", type=int, default=20, help="random subsets per item and N (20)")
-    sc.add_argument("--eta", type=float, default=0.5, help="top-eta vote fraction (0.5)")
+    sc.add_argument("--top-p", type=number(0, 1), default=1.0, help="nucleus sampling (1.0)")
+    sc.add_argument(
+        "--repeats",
+        type=integer(1, MAX_REPEATS),
+        default=20,
+        help=f"random subsets per item and N, 1 to {MAX_REPEATS} (20)",
+    )
+    sc.add_argument("--eta", type=number(0, 1), default=0.5, help="top-eta vote fraction (0.5)")
     sc.add_argument(
         "--live",
         nargs="?",
@@ -200,15 +229,6 @@ def _backend(args, load: Callable, tokur: dict):
     return VerbalizedBackend(backend) if args.verbalized else backend
 
 
-def _seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as exc:
-        raise ValueError(f"--tokur-seeds: comma-separated integers, got {text!r}") from exc
-
-
 def _eval_signals(args) -> str:
     """``--signals``, by default every logit signal (``all``), and TokUR too on the
     transformers backend."""
@@ -234,7 +254,7 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     if args.command == "eval":
         signals = _eval_signals(args)
-        seeds = _seeds(args.tokur_seeds)
+        seeds = args.tokur_seeds
         tokur = _tokur(args)
         if seeds is not None:
             if tokur.get("seed", seeds[0]) != seeds[0]:
@@ -254,16 +274,12 @@ def run(args, load: Callable, argv: Sequence[str] | None = None) -> int:
         report.print_detection(result.summary)
     else:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-        try:
-            ns = [int(n) for n in args.n.split(",")]
-        except ValueError as exc:
-            raise ValueError(f"--n: comma-separated integers, got {args.n!r}") from exc
         backend = _backend(args, load, _tokur(args, strategies))
         result = scaling.run_scaling(
             items,
             backend,
             out=args.out,
-            ns=ns,
+            ns=args.n,
             strategies=strategies,
             signals=args.signals,
             temperature=args.temperature,

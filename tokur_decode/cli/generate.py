@@ -9,7 +9,17 @@ import json
 
 from ..core.recording import Recording
 from ..verbalized.format import MAX_ANSWER_CHARS
-from .common import flags, integer, load, model_args, signal_list, tokur_args, tokur_options
+from .common import (
+    SEED,
+    flags,
+    integer,
+    load,
+    model_args,
+    number,
+    signal_list,
+    tokur_args,
+    tokur_options,
+)
 from .render import print_report, token_rows
 
 __all__ = ["add_parser", "run"]
@@ -36,7 +46,7 @@ def add_parser(sub) -> None:
     )
     gen.add_argument(
         "--kv-cache-gib",
-        type=float,
+        type=number(),
         default=None,
         metavar="GIB",
         help="with --backend vllm: the KV cache the engine reserves (default on CPU: four "
@@ -44,23 +54,23 @@ def add_parser(sub) -> None:
     )
     gen.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=integer(1),
         default=None,
         help="generation budget (default: the recipe's, else 64)",
     )
     gen.add_argument(
         "--temperature",
-        type=float,
+        type=number(0, open_low=False),
         default=None,
         help="0 decodes greedily; > 0 samples (default: the strategy's, else 0)",
     )
     gen.add_argument(
         "--top-p",
-        type=float,
+        type=number(0, 1),
         default=None,
         help="nucleus sampling when temperature > 0 (default: the strategy's, else 1)",
     )
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    gen.add_argument("--seed", type=SEED, default=0, help="random seed for sampling (default 0)")
     gen.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
@@ -79,7 +89,9 @@ def add_parser(sub) -> None:
         "(TokUR total/aleatoric/epistemic from perturbed samples); default: the strategy's, "
         "else max_prob,chosen_prob,entropy,logtoku",
     )
-    gen.add_argument("--logtoku-k", type=int, default=2, help="LogTokU top-K evidence (default 2)")
+    gen.add_argument(
+        "--logtoku-k", type=integer(1), default=2, help="LogTokU top-K evidence (default 2)"
+    )
     gen.add_argument(
         "--logtoku-evidence",
         choices=("relu", "shifted"),
@@ -88,7 +100,7 @@ def add_parser(sub) -> None:
     )
     gen.add_argument(
         "--topk",
-        type=int,
+        type=integer(1),
         default=25,
         help="LogTokU response score: mean of the k most unreliable tokens",
     )

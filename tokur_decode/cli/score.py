@@ -14,7 +14,8 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from .common import tokur_args, tokur_options
+from ..core.limits import MAX_BATCH, MAX_BOOTSTRAP
+from .common import SEED, integer, tokur_args, tokur_options
 
 __all__ = ["add_parser", "run"]
 
@@ -32,9 +33,13 @@ def add_parser(sub, model_args: Callable) -> None:
     p.add_argument("--out", required=True, help="run folder (results, report); resumable")
     p.add_argument("--signals", default="all,tokur", help="signals to record (all,tokur)")
     p.add_argument("--grader", choices=("numeric", "string", "math"), help="the file's grader")
-    p.add_argument("--batch-size", type=int, default=8, help="responses per pass (8)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument(
+        "--batch-size", type=integer(1, MAX_BATCH), default=8, help="responses per pass (8)"
+    )
+    p.add_argument(
+        "--bootstrap", type=integer(1, MAX_BOOTSTRAP), default=1000, help="bootstrap resamples"
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="bootstrap seed (0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--chat",

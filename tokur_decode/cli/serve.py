@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import tokur_args, tokur_options
+from .common import number, tokur_args, tokur_options
 
 __all__ = ["add_parser", "command", "run"]
 
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     serve.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     serve.add_argument(
         "--kv-cache-gib",
-        type=float,
+        type=number(),
         default=None,
         metavar="GIB",
         help="on CPU, the KV cache to reserve (default: four requests of --max-model-len or "

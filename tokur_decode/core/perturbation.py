@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .limits import MAX_SAMPLES
+
 __all__ = [
     "PerturbationConfig",
     "bases_for",
@@ -87,10 +89,13 @@ class PerturbationConfig:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.sigma, int | float) or not self.sigma >= 0:
             raise ValueError(f"sigma must be a number >= 0, got {self.sigma!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {self.samples!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        samples = self.samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if samples > MAX_SAMPLES:  # 10**6 asked for a terabyte
+            raise ValueError(f"samples must be at most {MAX_SAMPLES}, got {samples}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         targets = (
             (self.target_modules,)
             if isinstance(self.target_modules, str)
