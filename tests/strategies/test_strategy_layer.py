@@ -351,3 +351,18 @@ def test_no_prompts_and_no_signals_are_refused():
     with pytest.raises(ValueError, match="signals: at least one"):
         generate(backend, "q", signals=[])
     assert backend.requests == []
+
+
+def test_rows_that_cannot_fit_in_memory_are_refused_before_decoding(embedded):
+    """n x batch rows of step logits beyond the device's free memory are refused, naming
+    the settings (n = 10**5 sampled answers grew to 23 GB before the kernel killed it)."""
+    from tokur_decode.hf import HFBackend
+
+    backend = HFBackend(*embedded, batch_size=2)
+    huge = B.Request(("entropy",), B.Sampling(temperature=1.0, max_new_tokens=2), n=10**6)
+    with pytest.raises(ValueError, match="n x batch_size: 2000000 rows of 49152 logits"):
+        backend.decode(["a", "b", "c"], huge)
+    with pytest.raises(ValueError, match="x TokUR's samples"):
+        backend.decode(["a"], B.Request(("tokur",), B.Sampling(), tokur={"samples": 10**7}))
+    small = B.Request(("entropy",), B.Sampling(temperature=1.0, max_new_tokens=2), n=2)
+    assert len(backend.decode(["a"], small).trace) == 2  # the control

@@ -12,8 +12,10 @@ starts (:func:`check_logits_fit`).
 bound                    value    why
 =======================  =======  =============================================================
 ``MAX_CANDIDATES``       1024     sampled answers per prompt (``--n``, best-of-N, particles)
-``MAX_SAMPLES``          64       TokUR's predictive samples M (the papers use 5 to 10; the
-                                  cost is M forwards' worth of the perturbed projections)
+``MAX_SAMPLES``          64       TokUR's predictive samples M on the command line (the
+                                  papers use 5 to 10); in Python the memory check below
+                                  bounds them (a statistical test may draw thousands on a
+                                  tiny model)
 ``MAX_BATCH``            1024     prompts per batched call
 ``MAX_REPEATS``          10000    random subsets per item and N in ``scale``
 ``MAX_BOOTSTRAP``        100000   bootstrap resamples of an interval

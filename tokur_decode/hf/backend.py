@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.perturbation import checked_options
+from ..core.limits import check_logits_fit
+from ..core.perturbation import PerturbationConfig, checked_options
 from ..core.signals import wants_samples
 from ..core.steps import StepEnds
 from ..core.text import encode_prompts
@@ -151,6 +152,7 @@ class HFBackend:
     def decode(self, prompts: Sequence[str], request: acts.Request) -> acts.Decoded:
         sampling, n, act = request.sampling, request.n, request.act
         size = self.batch_size or len(prompts)
+        self._check_fits(min(size, len(prompts)) * n, request)
         parts = []
         for start in range(0, len(prompts), size):
             seed = None if sampling.seed is None else sampling.seed + start
@@ -172,12 +174,24 @@ class HFBackend:
         if not isinstance(request.act, acts.StepsAct):
             raise ValueError("act: particles advance in Steps")
         sampling, n = request.sampling, request.n
+        self._check_fits(len(prompts) * n, request)
         enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
         with self._monitoring(request) as monitor:
             controller = self._controller(monitor, sampling, sampling.seed)
             controller.start({k: v.repeat_interleave(n, dim=0) for k, v in enc.items()})
             ends = self._ends(request.act.delimiter)
             yield HFParticles(controller, ends, request.act.max_tokens, self.tokenizer)
+
+    def _check_fits(self, rows: int, request: acts.Request) -> None:
+        """Refuse, before decoding, rows whose step logits (TokUR's samples each) would not
+        fit in the model's device memory (:func:`~tokur_decode.core.limits.check_logits_fit`)."""
+        samples = 1
+        if request.wants_samples:
+            options = {**self.tokur, **(request.tokur or {})}
+            samples = PerturbationConfig(**options).samples
+        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+        what = "n x batch_size" + (" x TokUR's samples" if samples > 1 else "")
+        check_logits_fit(rows * samples, vocab, what=what, device=self.model.device)
 
     def _ends(self, delimiter: str) -> StepEnds:
         if delimiter not in self._step_ends:
