@@ -106,10 +106,17 @@ def test_empty_responses_return_documented_values():
     assert A.mean(values, lengths, empty=-1.0).tolist() == [-1.0, -1.0]
 
 
-def test_lengths_default_to_full_rows_and_are_clamped():
+def test_lengths_default_to_full_rows_and_out_of_range_ones_are_refused():
+    """A length beyond T or below 0 is a caller's mistake (it used to be clamped, and
+    the mean came back without a word)."""
     v = torch.tensor([[1.0, 2.0, 3.0]])
     assert A.mean(v).tolist() == [2.0]
-    assert A.mean(v, torch.tensor([99])).tolist() == [2.0]
+    assert A.mean(v, torch.tensor([3])).tolist() == [2.0]  # the control: T itself
+    for bad in (99, -1):
+        with pytest.raises(ValueError, match=r"lengths: each from 0 to T = 3"):
+            A.mean(v, torch.tensor([bad]))
+    with pytest.raises(ValueError, match=r"lengths: one per row \(1\)"):
+        A.mean(v, torch.tensor([1, 2]))
 
 
 def test_naive_is_stable_for_long_confident_answers():

@@ -161,10 +161,11 @@ def run(args) -> int:
         **Recording.from_flags(args),
     )
     if args.backend == "vllm":
-        result = _generate_vllm(args, options)
+        result, dtype = _generate_vllm(args, options)
     else:
         model, tokenizer = load(args)
         result = generate(model, tokenizer, args.question, tokur=tokur_options(args), **options)
+        dtype = model.dtype
     row = result.trace.to_dict()["rows"][0]
     row["summary"] = result.trace.summary(unreliable_k=args.topk)[0]
     report = {
@@ -173,6 +174,7 @@ def run(args) -> int:
         "strategy": args.strategy,
         "actions": result.actions[0],
         "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
+        "dtype": str(dtype).removeprefix("torch."),  # what ran, not what was asked
         "settings": {
             "max_new_tokens": _budget(args),
             "temperature": args.temperature,
@@ -199,7 +201,8 @@ def _generate_vllm(args, options: dict):
     """``generate --backend vllm``: the question run through
     :func:`tokur_decode.vllm.generate` with ``options`` on an engine built with
     :func:`tokur_decode.vllm.llm` (a TokUR engine when TokUR is recorded); everything is
-    checked before the engine starts. The same result type as the transformers path."""
+    checked before the engine starts. The same result type as the transformers path, and
+    the dtype the engine ran."""
     from vllm.platforms import current_platform
 
     from ..strategies.run import plan, split_options
@@ -228,4 +231,5 @@ def _generate_vllm(args, options: dict):
         trust_remote_code=args.trust_remote_code,
         **engine_kwargs,
     )
-    return generate(engine, args.question, tokur=tokur, **options)
+    dtype = engine.llm_engine.model_config.dtype
+    return generate(engine, args.question, tokur=tokur, **options), dtype

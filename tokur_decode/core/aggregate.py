@@ -60,16 +60,25 @@ Reducer = Callable[..., torch.Tensor]
 
 
 def _prepare(values: torch.Tensor, lengths: torch.Tensor | None):
-    """float64 values, int64 lengths clamped to [0, T], and the validity mask."""
+    """float64 values, int64 lengths, and the validity mask.
+
+    Raises:
+        ValueError: a shape other than ``[B, T]``, or a length outside ``[0, T]`` (a
+            response-level reduction, not per step: one read of the lengths is fine).
+    """
     if values.dim() != 2:
         raise ValueError(f"values: expected shape [B, T], got {tuple(values.shape)}")
-    if values.shape[1] == 0:  # no step at all: one padding column keeps reductions defined
-        values = values.new_zeros(values.shape[0], 1)
-        lengths = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
     b, t = values.shape
     if lengths is None:
         lengths = torch.full((b,), t, dtype=torch.long, device=values.device)
-    lengths = torch.as_tensor(lengths, device=values.device).long().clamp(0, t)
+    lengths = torch.as_tensor(lengths, device=values.device).long()
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths: one per row ({b}), got shape {tuple(lengths.shape)}")
+    if b and bool(((lengths < 0) | (lengths > t)).any()):
+        raise ValueError(f"lengths: each from 0 to T = {t}, got {lengths.tolist()}")
+    if t == 0:  # no step at all: one padding column keeps reductions defined
+        values = values.new_zeros(b, 1)
+        t = 1
     mask = torch.arange(t, device=values.device) < lengths.unsqueeze(-1)
     v = values.to(torch.float64)
     return torch.where(mask, v, 0.0), lengths, mask

@@ -644,7 +644,8 @@ def _step_redraw(job: _Job) -> GenerationResult:
 
 def _branch(job: _Job) -> GenerationResult:
     p = job.config_of(BranchConfig)
-    out = job.decode(act=b.BranchAct(job.trigger, p))
+    trigger = job.plan.strat.trigger if job.plan.strat else None  # None: the first token
+    out = job.decode(act=b.BranchAct(trigger, p))
     groups = [out.rows_of(i) for i in range(len(job.plan.prompts))]
     chosen, records, candidates = choose_candidates(out.trace, groups, p, job.plan.extract)
     actions = [

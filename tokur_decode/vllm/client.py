@@ -108,7 +108,9 @@ def llm(model: str | None = None, **kwargs):
     On the CPU platform the engine reserves a bounded KV cache (:func:`kv_cache_bytes`)
     unless ``kv_cache_memory_bytes`` or ``VLLM_CPU_KVCACHE_SPACE`` says otherwise:
     vLLM's default reserves 92% of the memory node and refuses to start when anything
-    else holds memory.
+    else holds memory. ``dtype`` ``"auto"`` (the default) means float32 on the CPU
+    platform, as on the transformers path (vLLM's own ``auto`` picks bfloat16 there,
+    which changes the embedded model's answers); ask for ``"bfloat16"`` for speed.
 
     Scripts that build an engine need an ``if __name__ == "__main__":`` guard: vLLM on
     CPU starts its engine process by spawning, which imports the script again."""
@@ -119,6 +121,8 @@ def llm(model: str | None = None, **kwargs):
         from ..models import default_model_path
 
         model = str(default_model_path())
+    if current_platform.is_cpu() and kwargs.get("dtype", "auto") in ("auto", None):
+        kwargs["dtype"] = "float32"
     bounded = "kv_cache_memory_bytes" in kwargs or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     if current_platform.is_cpu() and not bounded and (Path(model) / "config.json").is_file():
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(
