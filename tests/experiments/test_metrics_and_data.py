@@ -120,6 +120,16 @@ def test_jsonl_duplicate_ids_and_empty_file(tmp_path):
         data.load(str(empty))
     with pytest.raises(FileNotFoundError):
         data.load(str(tmp_path / "missing.jsonl"))
+    folder = tmp_path / "a-folder.jsonl"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="data: .*a-folder.jsonl is a folder"):
+        data.load(str(folder))  # was IsADirectoryError
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(
+        '{"question": "ok", "answer": "1"}\n{"question": "caf\xe9"}\n'.encode("latin-1")
+    )
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: not UTF-8 \(byte 18"):
+        data.load(str(latin))
 
 
 # --------------------------------------------------------------------------- graders

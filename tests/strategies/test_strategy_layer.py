@@ -366,3 +366,16 @@ def test_rows_that_cannot_fit_in_memory_are_refused_before_decoding(embedded):
         backend.decode(["a"], B.Request(("tokur",), B.Sampling(), tokur={"samples": 10**7}))
     small = B.Request(("entropy",), B.Sampling(temperature=1.0, max_new_tokens=2), n=2)
     assert len(backend.decode(["a"], small).trace) == 2  # the control
+
+
+def test_a_prompt_beyond_the_context_is_refused_before_decoding(embedded):
+    """9,000 words and an answer budget past the embedded model's 8,192 positions: a
+    clear error (it was accepted silently); the control fits."""
+    from tokur_decode.hf import generate
+
+    model, tok = embedded
+    with pytest.raises(
+        ValueError, match=r"prompts: prompt 1 has \d+ tokens; .* the model has 8192"
+    ):
+        generate(model, tok, ["Hi.", "word " * 9000], max_new_tokens=4)
+    assert generate(model, tok, "word " * 100, max_new_tokens=2).texts[0] is not None

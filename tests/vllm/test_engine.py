@@ -554,3 +554,13 @@ def test_a_calibrated_recipe_round_trips_through_the_engine(engine, tmp_path):
         if abs(record["scores"][rule.score] - rule.threshold) > 1e-3:  # not on the edge
             assert decision["abstained"] == (not rule.keeps(record["scores"][rule.score]))
     assert 0 < sum(d["abstained"] for d in decisions) < len(decisions)
+
+
+def test_a_prompt_beyond_max_model_len_is_refused_before_it_is_sent(engine):
+    """The engine's 1,024 positions: one line naming the prompt (vLLM's own refusal is a
+    149-line traceback); the control fits."""
+    with pytest.raises(
+        ValueError, match=r"prompts: prompt 0 has \d+ tokens; .* the model has 1024"
+    ):
+        tv.generate(engine, "word " * 2000, max_new_tokens=4)
+    assert tv.generate(engine, "word " * 10, max_new_tokens=2).texts

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_REPEATS",
     "MAX_SAMPLES",
     "available_memory",
+    "check_context",
     "check_logits_fit",
 ]
 
@@ -72,6 +73,28 @@ def available_memory(device=None) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_context(prompt_lengths, max_new_tokens: int, context: int | None) -> None:
+    """Refuse prompts that, with the answer budget, exceed the model's ``context``
+    positions (``None``: unknown, not checked).
+
+    Example:
+        >>> check_context([12, 9000], 64, 8192)
+        Traceback (most recent call last):
+        ...
+        ValueError: prompts: prompt 1 has 9000 tokens; with max_new_tokens 64 it needs \
+9064 positions, the model has 8192 (shorten it or lower max_new_tokens)
+    """
+    if not context:
+        return
+    for index, length in enumerate(prompt_lengths):
+        if length + max_new_tokens > context:
+            raise ValueError(
+                f"prompts: prompt {index} has {length} tokens; with max_new_tokens "
+                f"{max_new_tokens} it needs {length + max_new_tokens} positions, the model "
+                f"has {context} (shorten it or lower max_new_tokens)"
+            )
 
 
 def check_logits_fit(

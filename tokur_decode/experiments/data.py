@@ -252,13 +252,24 @@ def infer_grader(answers: list[str], has_problem: bool) -> str:
 
 def json_objects(path: str | Path):
     """``(where, object)`` for each non-empty line of a JSONL file, ``where`` being
-    ``file:line``; ``ValueError`` naming it for invalid JSON or a non-object line."""
+    ``file:line``; ``ValueError`` naming it for a line that is not UTF-8, invalid JSON
+    or not an object, or naming the path when it is a folder."""
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    if path.is_dir():
+        raise ValueError(f"data: {path} is a folder; give a .jsonl file")
+    if not path.is_file():
+        raise FileNotFoundError(f"data: no such file {path}")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{where}: not UTF-8 (byte {exc.start + 1}: {raw[exc.start : exc.end]!r})"
+                ) from exc
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

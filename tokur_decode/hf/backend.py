@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.limits import check_logits_fit
+from ..core.limits import check_context, check_logits_fit
 from ..core.perturbation import PerturbationConfig, checked_options
 from ..core.signals import wants_samples
 from ..core.steps import StepEnds
@@ -175,12 +175,20 @@ class HFBackend:
             raise ValueError("act: particles advance in Steps")
         sampling, n = request.sampling, request.n
         self._check_fits(len(prompts) * n, request)
-        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        enc = self._encode(prompts, sampling)
         with self._monitoring(request) as monitor:
             controller = self._controller(monitor, sampling, sampling.seed)
             controller.start({k: v.repeat_interleave(n, dim=0) for k, v in enc.items()})
             ends = self._ends(request.act.delimiter)
             yield HFParticles(controller, ends, request.act.max_tokens, self.tokenizer)
+
+    def _encode(self, prompts: Sequence[str], sampling: acts.Sampling):
+        """The prompts as a left-padded batch on the model's device, each checked to fit
+        the model's context with the answer budget."""
+        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        check_context(enc["attention_mask"].sum(-1).tolist(), sampling.max_new_tokens, context)
+        return enc
 
     def _check_fits(self, rows: int, request: acts.Request) -> None:
         """Refuse, before decoding, rows whose step logits (TokUR's samples each) would not
@@ -232,7 +240,7 @@ class HFBackend:
         if isinstance(act, acts.BranchAct | acts.RollbackAct):
             return self._controlled(prompts, monitor, sampling, seed, act)
         processor = self._processor(act, n)
-        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        enc = self._encode(prompts, sampling)
         if seed is not None:
             torch.manual_seed(seed)
         out = self.model.generate(
@@ -284,7 +292,7 @@ class HFBackend:
             policy = RollbackPolicy(
                 act.trigger, rewind=c.rewind, temperature=c.temperature, max_retries=c.max_retries
             )
-        enc = encode_prompts(self.tokenizer, prompts, chat=self.chat, device=self.model.device)
+        enc = self._encode(prompts, sampling)
         controller = self._controller(monitor, sampling, seed)
         trace = controller.run(enc, policy, self.tokenizer)
         prompt_of = policy.origin if isinstance(act, acts.BranchAct) else list(range(len(prompts)))

@@ -28,6 +28,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from ..core.limits import check_context
 from ..core.perturbation import PerturbationConfig
 from ..core.signals import wants_samples
 from ..core.text import prompt_token_ids
@@ -92,6 +93,17 @@ class VLLMBackend:
         """Whether the engine has TokUR's model."""
         return is_tokur_engine(self.engine)
 
+    def _inputs(self, prompts: Sequence[str], sampling: acts.Sampling) -> list[list[int]]:
+        """The prompts' token ids, each checked to fit the engine's ``max_model_len``
+        with the answer budget (vLLM's own refusal is a long traceback)."""
+        inputs = self.token_ids(prompts)
+        check_context([len(ids) for ids in inputs], sampling.max_new_tokens, self.context())
+        return inputs
+
+    def context(self) -> int | None:
+        """The positions a request may use (the engine's ``max_model_len``)."""
+        return self.engine.llm_engine.model_config.max_model_len
+
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         return prompt_token_ids(self.engine.get_tokenizer(), prompts, self.chat)
 
@@ -103,7 +115,7 @@ class VLLMBackend:
         self._check_tokur(signals)
         branching = isinstance(act, acts.BranchAct)
         tokur = self._tokur_settings(request, per_request=not branching)
-        inputs = self.token_ids(prompts)
+        inputs = self._inputs(prompts, sampling)
         if branching:
             from .branching import branch
 
@@ -137,7 +149,7 @@ class VLLMBackend:
             raise ValueError("act: particles advance in Steps")
         self._check_tokur(request.signals)
         self._tokur_settings(request, per_request=False)
-        yield VLLMParticles(self, self.token_ids(prompts), request)
+        yield VLLMParticles(self, self._inputs(prompts, request.sampling), request)
 
     def _tokur_settings(self, request: acts.Request, per_request: bool = True) -> dict:
         """The per-request settings that carry ``request.tokur`` on this engine

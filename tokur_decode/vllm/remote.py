@@ -107,7 +107,10 @@ class RemoteBackend(VLLMBackend):
             limits=httpx.Limits(max_connections=concurrency),
         )
         self.concurrency, self.retries = concurrency, retries
-        self.model = model or self.call("GET", "/v1/models")["data"][0]["id"]
+        served = self.call("GET", "/v1/models")["data"]
+        card = next((m for m in served if m["id"] == model), served[0]) if model else served[0]
+        self.model = model or card["id"]
+        self._context = card.get("max_model_len")
         self._tokur: bool | None = None
 
     def close(self) -> None:
@@ -164,6 +167,10 @@ class RemoteBackend(VLLMBackend):
             workers = self.call("GET", "/v1/tokur/stats")["workers"]
             self._tokur = bool(workers) and all(w["tokur"] for w in workers)
         return self._tokur
+
+    def context(self) -> int | None:
+        """The served model's ``max_model_len`` (from ``/v1/models``)."""
+        return self._context
 
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         def encode(prompt) -> list[int]:
