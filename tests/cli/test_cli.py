@@ -87,6 +87,22 @@ def test_the_token_table_fits_80_columns_with_every_value_readable(capsys, monke
     assert "grows with the answer's length" in " ".join(out.split())  # naive explained
 
 
+def test_printed_text_cannot_drive_the_terminal(capsys, monkeypatch):
+    """A question with an OSC title sequence and a colour code, and rich markup: shown
+    escaped, never sent raw (they set the terminal's title and colours); the JSON keeps
+    the text as given (the control)."""
+    from tokur_decode.cli.render import print_report
+
+    monkeypatch.setenv("COLUMNS", "120")
+    hostile = "Say hi\x1b]0;pwned\x07\x1b[31m [bold]x[/bold]"
+    report = {"question": hostile, "answer": "hi\x1b[2J", "signals": [], "tokens": [],
+              "actions": [], "summary": {"answer": "\x9b31m"}}  # fmt: skip
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "\\x1b]0;pwned\\x07" in out and "[bold]x[/bold]" in out and "\\x1b[2J" in out
+
+
 def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
     assert main(["generate", "--signals", "bogus", QUESTION]) == 2
     assert "signals" in capsys.readouterr().err

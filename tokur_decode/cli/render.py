@@ -4,7 +4,9 @@ per-token rows."""
 
 from __future__ import annotations
 
-__all__ = ["print_report", "token_rows"]
+import unicodedata
+
+__all__ = ["print_report", "safe_text", "token_rows"]
 
 #: Widths of the per-token table: a value cell (``0.1234`` or its header) and the token.
 _CELL_WIDTH, _TOKEN_WIDTH = 8, 14
@@ -36,9 +38,8 @@ def print_report(report: dict) -> None:
     from ..core.trace import uncertainty_scale
 
     console = Console()
-    console.print(
-        Panel(report["answer"] or "(empty answer)", title=report["question"], title_align="left")
-    )
+    answer = safe_text(report["answer"]) if report["answer"] else Text("(empty answer)")
+    console.print(Panel(answer, title=safe_text(report["question"]), title_align="left"))
     from ..core.signals import OUTPUTS
 
     # the outputs with a display name first, in the registry's order; then the rest
@@ -84,7 +85,16 @@ def print_report(report: dict) -> None:
         if "scores" in event:
             console.print(
                 f"{event['action']} of {len(event['scores'])}: chose candidate {event['chosen']}, "
-                f"{_choice(event)}; scores " + ", ".join(f"{s:.3f}" for s in event["scores"])
+                f"{_choice(event)}; scores " + ", ".join(f"{s:.3f}" for s in event["scores"]),
+                markup=False,
+            )
+        if event["action"] == "abstain":  # why the answer is the abstain text, or is not
+            keep = ">=" if event["keep"] == "above" else "<="
+            verdict = "abstained" if event["abstained"] else "kept"
+            console.print(
+                f"abstain rule: {verdict}, {event['score']} = {event['value']:.4f} "
+                f"(kept when {keep} {event['threshold']:.4f})",
+                markup=False,
             )
     caption = None
     if "naive" in report["summary"]:
@@ -96,8 +106,28 @@ def print_report(report: dict) -> None:
     summary.add_column("score")
     summary.add_column("value", justify="right")
     for key, value in report["summary"].items():
-        summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        summary.add_row(key, f"{value:.4f}" if isinstance(value, float) else safe_text(str(value)))
     console.print(summary)
+
+
+def safe_text(text: str):
+    r"""``text`` as a rich ``Text`` that cannot drive the terminal: no markup, and every
+    control character (escape sequences, carriage returns, C1 codes) shown escaped;
+    newlines and tabs kept.
+
+    Example:
+        >>> safe_text("Paris\x1b]0;pwned\x07 [bold]x[/bold]").plain
+        'Paris\\x1b]0;pwned\\x07 [bold]x[/bold]'
+    """
+    from rich.text import Text
+
+    return Text("".join(_visible(ch) for ch in text))
+
+
+def _visible(ch: str) -> str:
+    if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"):
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
 
 
 def _alternatives(alternatives: list[dict]) -> str:
