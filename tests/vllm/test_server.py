@@ -145,6 +145,8 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
         server, "/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy"}}, key=None
     )
     assert status == 401  # vLLM's API key check comes first
+    bad = {**body, "vllm_xargs": {"tokur_window": 0}}
+    assert post(server, "/v1/completions", bad, key=None)[0] == 401  # even before our checks
     assert get(server, "/v1/tokur/stats", key=None)[0] == 401
 
     status, error = post(
@@ -157,6 +159,16 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
     assert status == 400 and error["error"]["message"].startswith("tokur_strategy: over the server")
     status, _ = post(server, "/v1/completions", b'{"model": "x", "vllm_xargs": {"tokur_')
     assert status == 400  # not JSON: vLLM's own answer
+    for xargs, message in [  # refused before vLLM sees them, naming the key
+        ({"TOKUR_signals": "entropy"}, "TOKUR_signals: unknown setting"),  # was ignored
+        ({"tokur_signals": "tokur"}, "tokur_signals: 'tokur' needs a server started"),  # NaN
+        ({"tokur_signals": "entropy", "tokur_window": 0}, "tokur_window: window must be"),
+    ]:
+        for stream in (False, True):  # a stream too: a 400, not a 200 and an error event
+            status, error = post(
+                server, "/v1/completions", {**body, "vllm_xargs": xargs, "stream": stream}
+            )
+            assert status == 400 and message in error["error"]["message"], (xargs, stream)
     assert post(server, "/collective_rpc", {"method": "tokur_collect"})[0] == 404  # no dev mode
 
     status, answer = post(

@@ -209,7 +209,7 @@ def parse_settings(extra_args: Mapping | None) -> RequestSettings | None:
     """
     if not extra_args:
         return None
-    mine = {k: v for k, v in extra_args.items() if k.startswith(PREFIX)}
+    mine = {k: v for k, v in extra_args.items() if str(k).lower().startswith(PREFIX)}
     if not mine:
         return None
     key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in mine.items()))

@@ -89,6 +89,7 @@ class TraceEndpoints:
     def __init__(self) -> None:
         self.engine = None
         self.tokenizer = None
+        self.has_tokur = False
         self._dropping: set[asyncio.Task] = set()  # kept alive until done
 
     def attach_router(self, app) -> None:
@@ -118,6 +119,8 @@ class TraceEndpoints:
             )
         self.engine = engine_client
         self.tokenizer = engine_client.get_tokenizer()
+        workers = await rpc_all(engine_client, "tokur_stats")
+        self.has_tokur = bool(workers) and all(w["tokur"] for w in workers)
 
     async def stats(self) -> dict:
         """Per worker: opted-in requests seen and tracked, finished traces not yet
@@ -187,7 +190,7 @@ class TraceMiddleware:
         if request is None:
             await self.app(scope, replay, send)
             return
-        refused = _refused(request["vllm_xargs"])
+        refused = _refused(request["vllm_xargs"], self.plugin.has_tokur)
         if refused is not None:
             await _bad_request(refused, send)
             return
@@ -336,26 +339,34 @@ def _opted_in(body: bytes) -> dict | None:
     except ValueError:
         return None
     xargs = request.get("vllm_xargs") if isinstance(request, dict) else None
-    if isinstance(xargs, dict) and any(str(k).startswith("tokur_") for k in xargs):
-        return request
+    if isinstance(xargs, dict) and any(str(k).lower().startswith("tokur_") for k in xargs):
+        return request  # a misspelt case (TOKUR_signals) too: refused, not ignored
     return None
 
 
-def _refused(xargs: dict) -> str | None:
-    """Why settings that are fine offline are refused over HTTP: a ``tokur_strategy``
-    that is not a shipped recipe's name would make the server read a file of the
-    client's choosing."""
+def _refused(xargs: dict, has_tokur: bool) -> str | None:
+    """Why a request's settings are refused before vLLM sees them (an HTTP 400 naming the
+    key, streamed or not): what :func:`~tokur_decode.vllm.args.parse_settings` refuses; a
+    ``tokur_strategy`` that is not a shipped recipe's name (it would make the server read
+    a file of the client's choosing); ``tokur`` on a server without TokUR's model (its
+    values would be NaN)."""
+    from ..core.signals import wants_samples
     from ..strategies.recipe import strategies_dir
+    from .args import parse_settings
 
     strategy = xargs.get("tokur_strategy")
-    if strategy is None:
-        return None
     shipped = sorted(p.stem for p in strategies_dir().glob("*.toml"))
-    if strategy not in shipped:
+    if strategy is not None and strategy not in shipped:
         return (
             f"tokur_strategy: over the server, one of the shipped recipes {shipped} "
             f"(or its settings as tokur_ keys), got {strategy!r}"
         )
+    try:
+        settings = parse_settings(xargs)
+    except ValueError as exc:
+        return str(exc)
+    if settings is not None and wants_samples(settings.signals) and not has_tokur:
+        return "tokur_signals: 'tokur' needs a server started with tokur-decode serve --tokur"
     return None
 
 
