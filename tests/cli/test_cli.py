@@ -190,3 +190,27 @@ def test_a_selection_says_which_way_it_chose():
     assert _choice({**event, "higher_is_better": True}) == "the highest mean of tokur_epistemic"
     vote = {**event, "method": "weighted", "eta": 0.9, "higher_is_better": True}
     assert _choice(vote) == "weighted vote by mean of tokur_epistemic, top 90% kept"
+
+
+def test_an_unreachable_server_and_an_interrupt_are_one_line_each(capsys, monkeypatch):
+    """eval against a port nobody listens on: one line naming the URL after the retries
+    (it was an 84-line traceback); Ctrl-C: a line saying the run resumes, status 130."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    argv = ["eval", "--data", "tasks:capitals", "--limit", "1", "--backend", "openai"]
+    argv += ["--base-url", f"http://127.0.0.1:{port}", "--no-progress"]
+    assert main([*argv, "--out", "never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach http://127.0.0.1:{port}" in err
+
+    from tokur_decode.experiments import detection
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detection, "run_detection", interrupted)
+    assert main(["eval", "--data", "tasks:capitals", "--out", "o", "--no-progress"]) == 130
+    assert "interrupted (a run folder keeps every finished item" in capsys.readouterr().err

@@ -164,11 +164,11 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
         ({"tokur_signals": "tokur"}, "tokur_signals: 'tokur' needs a server started"),  # NaN
         ({"tokur_signals": "entropy", "tokur_window": 0}, "tokur_window: window must be"),
     ]:
-        for stream in (False, True):  # a stream too: a 400, not a 200 and an error event
+        for streamed in (False, True):  # a stream too: a 400, not a 200 and an error event
             status, error = post(
-                server, "/v1/completions", {**body, "vllm_xargs": xargs, "stream": stream}
+                server, "/v1/completions", {**body, "vllm_xargs": xargs, "stream": streamed}
             )
-            assert status == 400 and message in error["error"]["message"], (xargs, stream)
+            assert status == 400 and message in error["error"]["message"], (xargs, streamed)
     assert post(server, "/collective_rpc", {"method": "tokur_collect"})[0] == 404  # no dev mode
 
     status, answer = post(

@@ -60,9 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "serve":
                 return serve.run(args, rest)
             return _run(args, argv)
-    except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
+    except (ValueError, ModuleNotFoundError, FileNotFoundError, ConnectionError) as exc:
         print(f"tokur-decode: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " (a run folder keeps every finished item: the same command resumes)"
+        print(f"tokur-decode: interrupted{resume}", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
         message = start_failure(exc, log if isinstance(log, EngineLog) else None)
         if message is None:

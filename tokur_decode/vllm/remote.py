@@ -37,11 +37,14 @@ from .client import trace_of
 __all__ = ["RemoteBackend", "ServerError"]
 
 #: HTTP statuses worth retrying (the server is busy or restarting).
-TRANSIENT = frozenset({429, 502, 503, 504})
+#: Statuses retried: overload, a gateway's, and an internal error (a server restarting
+#: answers 500 for a moment; one that stays down fails after the retries, not at once).
+TRANSIENT = frozenset({429, 500, 502, 503, 504})
 
 
-class ServerError(RuntimeError):
-    """The server could not be reached, or kept failing, after every retry."""
+class ServerError(ConnectionError):
+    """The server could not be reached, or kept failing, after every retry (the command
+    line prints its message as one line)."""
 
 
 @dataclass
@@ -139,7 +142,11 @@ class RemoteBackend(VLLMBackend):
                 response = self.http.request(method, path, json=body)
             except httpx.TransportError as exc:
                 if last:
-                    raise ServerError(f"{self.http.base_url}{path}: {exc!r}") from exc
+                    raise ServerError(
+                        f"server: cannot reach {self.http.base_url}{path} after "
+                        f"{self.retries} retries ({type(exc).__name__}: {exc}); is tokur-decode "
+                        "serve running there?"
+                    ) from exc
             else:
                 if response.status_code == 200:
                     return response.json()
@@ -147,8 +154,9 @@ class RemoteBackend(VLLMBackend):
                     raise ValueError(f"server: HTTP {response.status_code}: {_message(response)}")
                 if last:
                     raise ServerError(
-                        f"{self.http.base_url}{path}: HTTP {response.status_code} after "
-                        f"{self.retries} retries: {_message(response)}"
+                        f"server: {self.http.base_url}{path}: HTTP {response.status_code} "
+                        f"after {self.retries} retries: {_message(response)} (the server's "
+                        "log has the cause)"
                     )
             time.sleep(delay)
             delay = min(2 * delay, 8.0)
