@@ -21,6 +21,9 @@ def test_generate_json_carries_every_field(capsys, embedded):
     assert report["question"] == QUESTION
     for key in ("max_new_tokens", "temperature", "top_p", "seed", "chat"):
         assert key in report["settings"]
+    used = report["settings"]  # what ran, not what was asked (temperature was null)
+    assert (used["temperature"], used["top_p"], used["max_new_tokens"]) == (0.0, 1.0, 24)
+    assert report["dtype"] == "float32"  # the model's, on CPU
     assert report["tokens"], "no tokens"
     for tok in report["tokens"]:
         for key in (

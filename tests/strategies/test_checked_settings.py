@@ -145,3 +145,28 @@ def test_top_p_and_temperature_are_checked_by_one_rule_naming_each_entrys_key():
     with pytest.raises(ValueError, match=r"^action\.top_p: must be in \(0, 1\]"):
         Strategy.from_dict({"name": "b", "signals": ["max_prob"], "action": best_of_n})
     Sampling(max_new_tokens=4, temperature=0.7, top_p=0.9)  # control
+
+
+def test_mistaken_api_inputs_are_refused_naming_them():
+    """prompts=None, mismatched token ids to bayesian_decomposition, and tokur_sigma on
+    a request without TokUR: each a ValueError naming the input (a TypeError, a torch
+    error and a misleading 'a number >= 0, got 0.5' before)."""
+    import torch
+
+    from tokur_decode.core.signals import bayesian_decomposition
+    from tokur_decode.strategies import backend as B
+    from tokur_decode.strategies.run import plan
+
+    with pytest.raises(ValueError, match="prompts: a string or a list of strings, got NoneType"):
+        plan((B.StopAct,), None)
+    assert plan((B.StopAct,), iter(["q"])).prompts == ["q"]  # the control: any iterable
+    samples = torch.randn(2, 3, 4, 10)  # [B, T, M, V]
+    with pytest.raises(ValueError, match=r"token_ids: one per position, shape \(2, 3\)"):
+        bayesian_decomposition(samples, torch.zeros(3, 2, dtype=torch.long))
+    assert bayesian_decomposition(samples, torch.zeros(2, 3, dtype=torch.long))["reward"].shape == (
+        2,
+        3,
+    )
+    vllm_args = pytest.importorskip("tokur_decode.vllm.args")
+    with pytest.raises(ValueError, match="tokur_sigma: only for a request whose signals include"):
+        vllm_args.parse_settings({"tokur_signals": "entropy", "tokur_sigma": 0.5})

@@ -128,8 +128,9 @@ def add_parsers(sub, model_args: Callable) -> None:
     )
     ev.add_argument(
         "--signals",
-        help="comma-separated signals, or all (every signal + tokur); default: all on the "
-        "transformers backend, every signal but tokur with --backend vllm or --verbalized",
+        help="comma-separated signals; all is every signal from the logits, tokur adds "
+        "TokUR (all,tokur); default: all,tokur on the transformers backend, all with "
+        "--backend vllm or openai or --verbalized",
     )
     sc = sub.add_parser(
         "scale",

@@ -135,17 +135,6 @@ def add_parser(sub) -> None:
     tokur_args(gen, "TokUR (with --signals ...,tokur; a flag given overrides the recipe's key)")
 
 
-def _budget(args) -> int:
-    """The answer budget used: ``--max-new-tokens``, else the recipe's, else 64."""
-    from ..strategies.recipe import Strategy
-    from ..strategies.run import DEFAULT_MAX_NEW_TOKENS
-
-    if args.max_new_tokens is not None:
-        return args.max_new_tokens
-    defaults = Strategy.load(args.strategy).generation if args.strategy else {}
-    return defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-
-
 def run(args) -> int:
     if args.verbalized:
         from .verbalized import run as run_verbalized
@@ -160,8 +149,9 @@ def run(args) -> int:
         **flags(args, "logtoku_k", "logtoku_evidence"),
         **Recording.from_flags(args),
     )
+    ready = _plan(args, options)  # everything checked before a model loads
     if args.backend == "vllm":
-        result, dtype = _generate_vllm(args, options)
+        result, dtype = _generate_vllm(args, options, ready)
     else:
         model, tokenizer = load(args)
         result = generate(model, tokenizer, args.question, tokur=tokur_options(args), **options)
@@ -175,16 +165,16 @@ def run(args) -> int:
         "actions": result.actions[0],
         "model": str(args.model or "embedded:SmolLM2-135M-Instruct"),
         "dtype": str(dtype).removeprefix("torch."),  # what ran, not what was asked
-        "settings": {
-            "max_new_tokens": _budget(args),
-            "temperature": args.temperature,
-            "top_p": args.top_p,
+        "settings": {  # those used: the flags over the recipe's, over the defaults
+            "max_new_tokens": ready.sampling.max_new_tokens,
+            "temperature": (ready.candidates or ready.sampling).temperature,
+            "top_p": (ready.candidates or ready.sampling).top_p,
             "seed": args.seed,
             "chat": args.chat,
             "logtoku_k": args.logtoku_k,
             "logtoku_evidence": args.logtoku_evidence,
             "topk": args.topk,
-            "tokur": tokur_options(args),
+            "tokur": ready.tokur,
         },
         "signals": result.trace.names,
         "tokens": token_rows(row),
@@ -197,7 +187,24 @@ def run(args) -> int:
     return 0
 
 
-def _generate_vllm(args, options: dict):
+def _plan(args, options: dict):
+    """The generation ``options`` ask for, checked for the chosen backend
+    (:func:`tokur_decode.strategies.run.plan`)."""
+    from ..strategies.run import plan, split_options
+
+    if args.backend == "vllm":
+        from ..vllm.backend import VLLMBackend as backend
+    else:
+        from ..hf.backend import HFBackend as backend  # type: ignore[assignment]
+    _, checked = split_options(options)
+    checked.pop("chat", None)
+    name = "vLLM" if args.backend == "vllm" else "transformers"
+    return plan(
+        backend.acts, [args.question], **checked, tokur=tokur_options(args), backend_name=name
+    )
+
+
+def _generate_vllm(args, options: dict, ready):
     """``generate --backend vllm``: the question run through
     :func:`tokur_decode.vllm.generate` with ``options`` on an engine built with
     :func:`tokur_decode.vllm.llm` (a TokUR engine when TokUR is recorded); everything is
@@ -205,13 +212,9 @@ def _generate_vllm(args, options: dict):
     the dtype the engine ran."""
     from vllm.platforms import current_platform
 
-    from ..strategies.run import plan, split_options
-    from ..vllm import VLLMBackend, generate, llm, tokur_engine_args
+    from ..vllm import generate, llm, tokur_engine_args
 
-    _, checked = split_options(options)
-    checked.pop("chat", None)
     tokur = tokur_options(args)
-    ready = plan(VLLMBackend.acts, [args.question], **checked, tokur=tokur, backend_name="vLLM")
     engine_kwargs = {"enforce_eager": True}
     if ready.wants_samples:
         built = dict(ready.tokur or {})  # the flags over the recipe's [tokur] table

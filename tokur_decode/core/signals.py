@@ -797,7 +797,20 @@ def bayesian_decomposition(
         >>> out = bayesian_decomposition(same)
         >>> float(out["epistemic"]) < 1e-6
         True
+
+    Raises:
+        ValueError: ``sample_logits`` not ``[..., M, V]``, or ``token_ids`` not one per
+            leading position (a shape check: no device read).
     """
+    if sample_logits.dim() < 2:
+        raise ValueError(
+            f"sample_logits: expected [..., M, V], got shape {tuple(sample_logits.shape)}"
+        )
+    if token_ids is not None and tuple(token_ids.shape) != tuple(sample_logits.shape[:-2]):
+        raise ValueError(
+            f"token_ids: one per position, shape {tuple(sample_logits.shape[:-2])}, got "
+            f"{tuple(token_ids.shape)}"
+        )
     out, lp, log_pbar = bayesian_terms(sample_logits)
     if token_ids is not None:
         out["reward"] = implicit_reward(lp, log_pbar, token_ids)

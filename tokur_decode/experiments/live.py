@@ -40,17 +40,23 @@ GREEDY = "greedy"
 MAJORITY = "self-consistency"
 
 
-def check_recipes(names: Sequence[str]) -> list[str]:
-    """The live recipe names, validated (``greedy`` or a loadable recipe), once each.
+def check_recipes(names: Sequence[str], backend=None) -> list[str]:
+    """The live recipe names, validated (``greedy`` or a loadable recipe that
+    ``backend``, when given, can run), once each, before anything is sampled.
 
     Raises:
-        ValueError: naming ``live``.
+        ValueError: naming ``live`` (a recipe the backend cannot run: particle filtering
+            over HTTP was refused only after the candidate pool was sampled).
     """
+    from ..strategies.run import plan
+
     out = list(dict.fromkeys(names))
     for name in out:
         if name != GREEDY:
             try:
                 Strategy.load(name)
+                if backend is not None:
+                    plan(backend.acts, "q", strategy=name, backend_name=type(backend).__name__)
             except ValueError as exc:
                 raise ValueError(f"live: {exc}") from exc
     return out

@@ -71,9 +71,9 @@ def run_scaling(
     ``live``: recipes (or ``"greedy"``) also run for real on each batch, timed
     (:mod:`~tokur_decode.experiments.live`); their table is ``summary["live"]``.
     """
-    live = check_recipes(live)
     if live and "verbalized" in backend.describe():
         raise ValueError("live: recipes run on a decoding backend (not --verbalized)")
+    live = check_recipes(live, backend)
     ns = sorted(set(ns))
     if not ns or ns[0] < 1:
         raise ValueError(f"n: candidate counts must be >= 1, got {list(ns)}")

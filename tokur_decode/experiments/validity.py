@@ -71,10 +71,12 @@ def validity(
     test_fraction: float = 0.4,
     score: str | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """The benchmark's table (JSON-able): per method, over ``splits`` splits, the
     fraction of splits whose test error among kept answers is at most ``risk``, the
-    mean coverage and the mean accuracy among kept answers.
+    mean coverage and the mean accuracy among kept answers. ``progress``: a bar over
+    the splits on stderr (each calibrates, several seconds apiece).
 
     Raises:
         ValueError: ``splits < 1``, ``test_fraction`` outside (0, 1), or what
@@ -103,7 +105,9 @@ def validity(
     kept |= {name: [] for name in fires}
     chosen, uncertified = [], 0
     tests = []
-    for split in range(splits):
+    from tqdm.auto import tqdm
+
+    for split in tqdm(range(splits), desc="splits", unit="split", disable=not progress):
         rest, test = train_test_split(
             np.arange(correct.size),
             test_size=test_fraction,

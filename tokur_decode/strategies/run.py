@@ -252,7 +252,12 @@ def plan(
         if max_new_tokens is None
         else max_new_tokens,
     )
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(prompts, str):
+        prompt_list = [prompts]
+    elif isinstance(prompts, Iterable):
+        prompt_list = list(prompts)
+    else:
+        raise ValueError(f"prompts: a string or a list of strings, got {type(prompts).__name__}")
     if not prompt_list:
         raise ValueError("prompts: at least one prompt is required")
     if not all(isinstance(p, str) for p in prompt_list):

@@ -253,12 +253,12 @@ def _parse(items: tuple) -> RequestSettings:
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{exc}") from exc
     sigma = args.get(f"{PREFIX}sigma")
+    if sigma is not None and not tokur:
+        raise ValueError(f"{PREFIX}sigma: only for a request whose signals include 'tokur'")
     if sigma is not None and (
-        not tokur or isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0
+        isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma >= 0
     ):
-        raise ValueError(
-            f"{PREFIX}sigma: a number >= 0 for a request that asks for 'tokur', got {sigma!r}"
-        )
+        raise ValueError(f"{PREFIX}sigma: a number >= 0, got {sigma!r}")
 
     recording = Recording.from_flat(args, PREFIX)
     branch_token = args.get(f"{PREFIX}branch_token")
