@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokur_decode.core.policy import Trigger, TriggerState, calibrate_from_traces
-from tokur_decode.core.select import choose, select, top_eta, vote
+from tokur_decode.core.select import choose, top_eta, vote
 from tokur_decode.core.trace import Trace
 from tokur_decode.hf import UncertaintyMonitor
 from tokur_decode.hf.actions import ResampleOnTrigger, StopOnTrigger
@@ -260,7 +260,7 @@ def test_actions_perform_no_host_synchronisation(device, make):
 def test_selection_and_voting_on_hand_made_scores():
     answers = ["12", "15", "12", "15", "15", None]
     scores = [0.9, 0.2, 0.8, 0.3, 0.1, 5.0]
-    assert select(answers, scores, "argmax") == 5
+    assert choose(answers, scores, "argmax") == 5
     assert vote(answers, scores, "majority") == "15"
     assert vote(answers, scores, "weighted") == "12"  # 1.7 vs 0.6
     sm = np.exp(np.array(scores) - 5.0)
@@ -273,7 +273,7 @@ def test_selection_and_voting_on_hand_made_scores():
     with pytest.raises(ValueError, match="weighted"):
         vote(["a"], [-1.0], "weighted")
     with pytest.raises(ValueError, match="scores"):
-        select(["a", "b"], [1.0])
+        choose(["a", "b"], [1.0])
     with pytest.raises(ValueError, match="eta"):
         top_eta([1.0], 0.0)
 

@@ -6,7 +6,7 @@ confidences (higher = more confident; negate an uncertainty first). Ties go to t
 earliest candidate, so results are deterministic.
 
 Example:
-    >>> select(["4", "5", "4"], [0.2, 0.9, 0.3], method="argmax")
+    >>> choose(["4", "5", "4"], [0.2, 0.9, 0.3], method="argmax")
     1
     >>> vote(["4", "5", "4"], [0.2, 0.9, 0.3], method="majority")
     '4'
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ETA_RULES", "METHODS", "choose", "select", "top_eta", "vote"]
+__all__ = ["ETA_RULES", "METHODS", "choose", "top_eta", "vote"]
 
 #: Selection methods: argmax picks a candidate; the others vote over answers.
 METHODS = ("argmax", "majority", "weighted", "weighted-softmax", "borda")
@@ -41,7 +41,7 @@ def _check(answers: Sequence, scores: Sequence[float] | None) -> None:
             raise ValueError("scores: must be finite")
 
 
-def select(
+def _pick(
     answers: Sequence, scores: Sequence[float], method: str = "argmax", *, borda_p: float = 0.5
 ) -> int:
     """Index of the chosen candidate: the most confident (``argmax``), or for a voting
@@ -80,7 +80,7 @@ def vote(
     elif scores is None:
         raise ValueError(f"scores: required for {method!r} voting")
     elif method == "argmax":
-        return answers[select(answers, scores, "argmax")]
+        return answers[_pick(answers, scores, "argmax")]
     else:
         s = np.asarray(scores, dtype=np.float64)
         if method == "borda":
@@ -141,13 +141,15 @@ def choose(
     borda_p: float = 0.5,
 ) -> int:
     """Index of the final candidate: filter to the top ``eta`` by score
-    (:func:`top_eta` with ``eta_rule``), then :func:`select` with ``method`` among the
-    kept candidates.
+    (:func:`top_eta` with ``eta_rule``; ``eta = 1`` keeps all), then the most confident
+    (``argmax``), or for a voting method the most confident candidate among those with
+    the winning answer (:func:`vote`).
 
     Example:
         >>> choose(["a", "b", "b", "c"], [0.9, 0.1, 0.2, 0.8], method="majority", eta=0.5)
         0
     """
+    _check(answers, scores)
     kept = top_eta(scores, eta, eta_rule)
-    inner = select([answers[i] for i in kept], [scores[i] for i in kept], method, borda_p=borda_p)
+    inner = _pick([answers[i] for i in kept], [scores[i] for i in kept], method, borda_p=borda_p)
     return kept[inner]

@@ -63,7 +63,7 @@ from ..core.policy import Trigger
 from ..core.recording import Recording
 from ..core.result import GenerationResult
 from ..core.scores import response_scores
-from ..core.select import select, vote
+from ..core.select import choose, vote
 from ..core.signals import SPEC_PARAMS, parse_signals, signal_of_output, wants_samples
 from ..core.text import normalize_answer
 from ..core.trace import Trace
@@ -549,7 +549,7 @@ def _particle_filter(job: _Job) -> GenerationResult:
     for q in range(count):
         rows = list(range(q * n, (q + 1) * n))
         w = normalized(log_w[q]).tolist()
-        pick = select([answers[r] for r in rows], w, method="weighted")
+        pick = choose([answers[r] for r in rows], w, method="weighted")
         chosen.append(rows[pick])
         candidates.append(trace.select(rows))
         event = ParticleFilterEvent(
