@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from ..core.policy import Trigger
 from ..core.recording import Recording
@@ -84,7 +84,9 @@ from .tokur import TOKUR_OUTPUTS
 __all__ = ["PREFIX", "RequestSettings", "parse_settings", "stop_args", "uncertainty_args"]
 
 PREFIX = "tokur_"
-_TRIGGER_KEYS = ("threshold", "direction", "patience", "min_tokens", "window")
+#: The trigger's keys: :class:`~tokur_decode.core.policy.Trigger`'s fields (its signal is
+#: ``tokur_trigger``).
+_TRIGGER_KEYS = tuple(f.name for f in fields(Trigger) if f.name != "signal")
 _KEYS = frozenset(
     f"{PREFIX}{k}"
     for k in (
