@@ -34,6 +34,9 @@ def test_serve_sets_the_processor_extension_plugins_and_passes_the_rest(capsys, 
     assert out["env"]["VLLM_PLUGINS"] == "other,tokur_decode,tokur_traces"
     assert float(out["env"]["VLLM_CPU_KVCACHE_SPACE"]) >= 1  # bounded on CPU
     assert "--hf-overrides" not in cmd
+    assert cmd[cmd.index("--dtype") + 1] == "float32"  # on CPU, as the docs say
+    given = _dry_run(capsys, "--dtype", "bfloat16")["command"]
+    assert given.count("--dtype") == 1 and given[-2:] == ["--dtype", "bfloat16"]  # the control
 
 
 def test_serve_tokur_builds_the_perturbed_model(capsys):
@@ -62,6 +65,7 @@ class FakePlugin:
 
     def __init__(self) -> None:
         self.engine, self.taken, self.dropped = object(), [], []
+        self.has_tokur = False
 
     async def take(self, ids):
         self.taken.append(ids)

@@ -83,9 +83,9 @@ def command(args, vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
         cmd += ["--hf-overrides", json.dumps(overrides)]
         if "--enforce-eager" not in vllm_args:
             cmd.append("--enforce-eager")  # TokUR's hooks need an eager forward
-    cmd += vllm_args
     if _on_cpu() and not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
         cmd += ["--dtype", "float32"]  # as tokur_decode.vllm.llm: vLLM's auto is bfloat16
+    cmd += vllm_args
     env = {k: v for k, v in server_env(os.environ).items() if os.environ.get(k) != v}
     if _on_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         if args.kv_cache_gib is not None:
