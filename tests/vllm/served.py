@@ -14,7 +14,10 @@ import urllib.request
 
 from ..conftest import worker_core
 
-STARTUP_TIMEOUT = 240
+#: Seconds a server may take to become healthy: a data-parallel TokUR server starts two
+#: engines; alone it takes about 90 s here, beside another test worker's engine it once
+#: took over 240 s (a wait, not a bound on what is measured).
+STARTUP_TIMEOUT = 480
 API_KEY = "test-key"
 
 
