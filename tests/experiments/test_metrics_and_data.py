@@ -342,6 +342,9 @@ def test_one_run_writes_a_folder_at_a_time(tmp_path):
         first.append([{"key": "b"}])
     with RunStore(tmp_path, config) as second:
         assert sorted(second.done) == ["a"]
+    dropped = RunStore(tmp_path, config)
+    del dropped  # dropped without close(): the folder is free again
+    RunStore(tmp_path, config).close()
     (tmp_path / "results.jsonl").write_text('{"key": "a"}\n{"key": "a"}\n')  # an old race
     with pytest.raises(ValueError, match="holds item a twice"):
         read_run(tmp_path)

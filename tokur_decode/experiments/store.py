@@ -117,9 +117,12 @@ class RunStore:
 
     def close(self) -> None:
         """Release the folder's lock (the store writes no more)."""
-        if self._lock is not None:
+        if getattr(self, "_lock", None) is not None:  # None: closed, or never locked
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
+
+    def __del__(self) -> None:  # a store dropped without close() frees its folder
+        self.close()
 
     def __enter__(self) -> RunStore:
         return self
