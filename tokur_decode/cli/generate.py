@@ -193,15 +193,16 @@ def _plan(args, options: dict):
     from ..strategies.run import plan, split_options
 
     if args.backend == "vllm":
-        from ..vllm.backend import VLLMBackend as backend
+        from ..vllm.backend import VLLMBackend
+
+        acts, name = VLLMBackend.acts, "vLLM"
     else:
-        from ..hf.backend import HFBackend as backend  # type: ignore[assignment]
+        from ..hf.backend import HFBackend
+
+        acts, name = HFBackend.acts, "transformers"
     _, checked = split_options(options)
     checked.pop("chat", None)
-    name = "vLLM" if args.backend == "vllm" else "transformers"
-    return plan(
-        backend.acts, [args.question], **checked, tokur=tokur_options(args), backend_name=name
-    )
+    return plan(acts, [args.question], **checked, tokur=tokur_options(args), backend_name=name)
 
 
 def _generate_vllm(args, options: dict, ready):

@@ -51,13 +51,6 @@ class RunStore:
 
     def __init__(self, folder: str | Path, config: dict) -> None:
         self.folder = Path(folder)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".writable"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"out: cannot write to {self.folder} ({exc.strerror})") from exc
         self._lock = _lock(self.folder)
         try:
             self._open(config)
@@ -132,12 +125,17 @@ class RunStore:
 
 
 def _lock(folder: Path) -> int:
-    """An exclusive lock on ``folder``'s lock file, held by the returned descriptor.
+    """An exclusive lock on ``folder``'s lock file (the folder made if need be), held by
+    the returned descriptor; creating the file is the check that the folder is writable.
 
     Raises:
-        ValueError: another run holds it.
+        ValueError: the folder cannot be written, or another run holds the lock.
     """
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ValueError(f"out: cannot write to {folder} ({exc.strerror})") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -190,13 +190,16 @@ class HFBackend:
         check_context(enc["attention_mask"].sum(-1).tolist(), sampling.max_new_tokens, context)
         return enc
 
+    def _tokur_options(self, request: acts.Request) -> dict:
+        """TokUR's options for ``request``: its own over this backend's."""
+        return {**self.tokur, **(request.tokur or {})}
+
     def _check_fits(self, rows: int, request: acts.Request) -> None:
         """Refuse, before decoding, rows whose step logits (TokUR's samples each) would not
         fit in the model's device memory (:func:`~tokur_decode.core.limits.check_logits_fit`)."""
         samples = 1
         if request.wants_samples:
-            options = {**self.tokur, **(request.tokur or {})}
-            samples = PerturbationConfig(**options).samples
+            samples = PerturbationConfig(**self._tokur_options(request)).samples
         vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
         what = "n x batch_size" + (" x TokUR's samples" if samples > 1 else "")
         check_logits_fit(rows * samples, vocab, what=what, device=self.model.device)
@@ -225,7 +228,7 @@ class HFBackend:
     def _monitoring(self, request: acts.Request):
         """A fresh monitor, inside :func:`perturbed` when TokUR is recorded, in inference
         mode."""
-        options = {**self.tokur, **(request.tokur or {})}
+        options = self._tokur_options(request)
         context = perturbed(self.model, **options) if request.wants_samples else None
         with context or contextlib.nullcontext() as source, torch.inference_mode():
             yield UncertaintyMonitor(
