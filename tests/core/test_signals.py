@@ -13,7 +13,23 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import digamma, logsumexp
 
+from tokur_decode.core import logit_stats
 from tokur_decode.core import signals as S
+
+
+@pytest.fixture(autouse=True, params=["compiled", "op-by-op"])
+def signal_pass(request, monkeypatch):
+    """Every test here runs on both paths of the one read of the logits: compiled (also
+    for inputs smaller than it takes in use) and op by op (the fallback). The compiled
+    path must not have fallen back (it would have turned itself off, with a warning)."""
+    compiled = request.param == "compiled"
+    monkeypatch.setattr(logit_stats.compilation, "enabled", compiled)
+    if compiled:
+        monkeypatch.setattr(logit_stats, "COMPILE_MIN_ELEMENTS", 0)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield request.param
+    assert logit_stats.compilation.enabled == compiled
+
 
 # --------------------------------------------------------------------------- reference
 
@@ -92,7 +108,8 @@ def test_large_vocab_two_stage_topk_matches_reference():
     logits[1, -5:] = 30.0  # the top entries in the padded last chunk
     chosen = torch.tensor([0, 49152 + 16, 5])
     check_against_reference(logits, chosen)
-    top_v, top_i = S._topk(logits, 20)
+    stats = logit_stats.read_logits(logits, top=20)
+    top_v, top_i = stats.top_logits, stats.top_ids
     ref_v, _ = torch.topk(logits, 20)
     torch.testing.assert_close(top_v, ref_v)
     torch.testing.assert_close(logits.gather(-1, top_i), ref_v)
@@ -228,6 +245,7 @@ def test_public_single_signal_functions_agree_with_fused_pass():
     ],
 )
 def test_invalid_parameters_raise_value_error_naming_them(kwargs, param):
+    kwargs = dict(kwargs)
     signals = kwargs.pop("signals")
     with pytest.raises(ValueError, match=param):
         S.SignalSpec(signals, **kwargs)
@@ -345,8 +363,8 @@ def test_no_nan_for_any_mixture_of_non_finite_logits(arr):
 
 def test_workspace_gives_the_same_signals_and_reuses_its_memory():
     """Calls with one workspace, shrinking and growing rows, dtypes and non-finite rows
-    in between, give exactly what fresh allocations give; the log-probabilities live in
-    the workspace."""
+    in between, give exactly what fresh allocations give; the kept logits live in the
+    workspace."""
     spec = S.SignalSpec(list(S.SIGNALS))
     ws = S.Workspace()
     g = torch.Generator().manual_seed(3)
@@ -361,12 +379,12 @@ def test_workspace_gives_the_same_signals_and_reuses_its_memory():
         else:
             logits = logits.to(dtype)
         tokens = torch.randint(0, 300, (rows,), generator=g)
-        want, want_lp = spec.compute(logits, tokens)
-        got, got_lp = spec.compute(logits, tokens, workspace=ws)
+        want, want_stats = spec.compute(logits, tokens, keep=True)
+        got, got_stats = spec.compute(logits, tokens, keep=True, workspace=ws)
         for name in want:
             assert torch.equal(got[name], want[name]), name
-        assert torch.equal(got_lp, want_lp)
-        seen.add(got_lp.untyped_storage().data_ptr())
+        assert torch.equal(got_stats.logits, want_stats.logits)
+        seen.add(got_stats.logits.untyped_storage().data_ptr())
     assert len(seen) <= 2  # grown once (4 -> 6 rows), never allocated per call otherwise
 
 

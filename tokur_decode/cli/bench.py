@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import json
 
+from ..core.limits import MAX_BATCH, MAX_VOCAB
 from ..core.recording import Recording
-from .common import SEED, flags, int_options, integers, load, model_args, signal_list
+from .common import (
+    SEED,
+    flags,
+    int_options,
+    integers,
+    integers_from,
+    load,
+    model_args,
+    signal_list,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +44,27 @@ def _overhead_options(p) -> None:
     )
     p.add_argument("--signals", default="all")
     Recording.add_flags(p)
+
+
+def _signals_options(p) -> None:
+    p.add_argument(
+        "--rows",
+        type=integers_from(1, MAX_BATCH),
+        default=[1, 8, 64, 256],
+        help="comma-separated row counts (default 1,8,64,256)",
+    )
+    p.add_argument(
+        "--vocabs",
+        type=integers_from(2, MAX_VOCAB),
+        default=[49152, 151936],
+        help="comma-separated vocabulary sizes (default 49152,151936: SmolLM2, Qwen)",
+    )
+    int_options(
+        p,
+        ("--repeats", 30, "timed rounds per shape"),
+        ("--threads", 1, "torch threads (the issue's measure: one)"),
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _tokur_options(p) -> None:
@@ -255,6 +286,46 @@ def _cmd_bench_actions(args) -> int:
     return 0
 
 
+def _cmd_bench_signals(args) -> int:
+    import os
+
+    import torch
+
+    from ..bench.signals import signal_pass_cost
+    from ..core.limits import check_logits_fit
+
+    if args.device not in ("cpu", "cuda") or (
+        args.device == "cuda" and not torch.cuda.is_available()
+    ):
+        raise ValueError(f"--device: cpu or cuda (when one is present), got {args.device!r}")
+    for vocab in args.vocabs:
+        check_logits_fit(max(args.rows), vocab, what="--rows / --vocabs", device=args.device)
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
+    timings = signal_pass_cost(args.rows, args.vocabs, device=args.device, repeats=args.repeats)
+    load = os.getloadavg()[0]
+    if args.json:
+        rows = [
+            {**vars(t), "compiled_ratio": t.compiled_ratio, "op_by_op_ratio": t.op_by_op_ratio}
+            for t in timings
+        ]
+        print(json.dumps({"threads": torch.get_num_threads(), "load": load, "results": rows}))
+        return 0
+    print(
+        f"Signal pass, all 11 outputs ({args.device}, {torch.get_num_threads()} thread(s), "
+        f"load {load:.2f}), median of {args.repeats} rounds; x = over one log_softmax"
+    )
+    print(
+        f"{'vocab':>7} {'rows':>5} {'log_softmax ms':>15} {'compiled ms':>12} {'x':>6} "
+        f"{'op by op ms':>12} {'x':>6}"
+    )
+    for t in timings:
+        print(
+            f"{t.vocab:>7} {t.rows:>5} {t.log_softmax_ms:>15.3f} {t.compiled_ms:>12.3f} "
+            f"{t.compiled_ratio:>6.2f} {t.op_by_op_ms:>12.3f} {t.op_by_op_ratio:>6.2f}"
+        )
+    return 0
+
+
 def _cmd_bench_vllm(args) -> int:
     from dataclasses import asdict
 
@@ -377,6 +448,14 @@ _BENCHES = {
         "in the same run; print seconds per token and the median ratio.",
         _overhead_options,
         _cmd_bench_overhead,
+    ),
+    "signals": (
+        "the signal pass alone: compiled and op by op, over one log_softmax",
+        "Time one decoding step's signal pass (every single-pass signal, a kept copy for the "
+        "chosen-token ones, the top-20) compiled and op by op, and one torch.log_softmax over "
+        "the same random logits, interleaved, at each row count and vocabulary size.",
+        _signals_options,
+        _cmd_bench_signals,
     ),
     "tokur": (
         "TokUR: plain greedy vs M samples in one forward vs M sequential passes",

@@ -17,6 +17,7 @@ bound                    value    why
                                   bounds them (a statistical test may draw thousands on a
                                   tiny model)
 ``MAX_BATCH``            1024     prompts per batched call
+``MAX_VOCAB``            1048576  vocabulary size of a synthetic benchmark (``bench signals``)
 ``MAX_REPEATS``          10000    random subsets per item and N in ``scale``
 ``MAX_BOOTSTRAP``        100000   bootstrap resamples of an interval
 answer length            1000     :data:`tokur_decode.verbalized.MAX_ANSWER_CHARS`
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_VOCAB",
     "MAX_BOOTSTRAP",
     "MAX_CANDIDATES",
     "MAX_REPEATS",
@@ -48,6 +50,7 @@ __all__ = [
 MAX_CANDIDATES = 1024
 MAX_SAMPLES = 64
 MAX_BATCH = 1024
+MAX_VOCAB = 1 << 20
 MAX_REPEATS = 10_000
 MAX_BOOTSTRAP = 100_000
 

@@ -35,7 +35,8 @@ Non-finite logits never produce NaN:
   counts as "probability zero" instead of ``-inf``.
 
 Use :func:`compute_signals` (or a reusable :class:`SignalSpec`) to compute several
-signals in one fused pass: one ``log_softmax`` and one ``top-k`` shared by all.
+signals from one read of the logits (:mod:`tokur_decode.core.logit_stats`: five row sums
+and an exact top-k, compiled into two sweeps over the logits) shared by all.
 
 Example:
     >>> import torch
@@ -56,6 +57,17 @@ from dataclasses import dataclass
 
 import torch
 
+from tokur_decode.core.logit_stats import (
+    Compiled,
+    LogitStats,
+    Workspace,
+    compute_dtype,
+    log_tiny,
+    row_fields,
+    rows_of,
+    sanitized,
+)
+
 __all__ = [
     "CHOSEN_SIGNALS",
     "CONFIDENCE_KEYS",
@@ -72,13 +84,12 @@ __all__ = [
     "Workspace",
     "bayesian_decomposition",
     "bayesian_terms",
-    "chosen_from_logprobs",
+    "chosen_signals",
     "chosen_logprob",
     "compute_signals",
     "deepconf_confidence",
     "entropy",
     "implicit_reward",
-    "log_probs",
     "logit_signals",
     "logtoku",
     "margin",
@@ -88,6 +99,7 @@ __all__ = [
     "signal_of_output",
     "varentropy",
     "wants_samples",
+    "warm_up",
 ]
 
 #: Floor for log-probabilities that would otherwise be ``-inf`` (``log`` of the smallest
@@ -150,8 +162,8 @@ class SignalInfo:
         return all(o.needs_token for o in self.outputs)
 
 
-#: The signal registry. Adding a signal: its formula below, a branch in
-#: :meth:`SignalSpec.compute`, and an entry here; every table the library uses (what
+#: The signal registry. Adding a signal: its formula from the read's statistics in
+#: :func:`step_outputs`, and an entry here; every table the library uses (what
 #: ``"all"`` means, directions, headline reducers, display names) is derived from it.
 REGISTRY: dict[str, SignalInfo] = {
     info.name: info
@@ -303,74 +315,12 @@ _EVIDENCE = ("relu", "shifted")
 # --------------------------------------------------------------------------- helpers
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"logits: expected a torch.Tensor, got {type(logits).__name__} "
-            "(torch.as_tensor converts a numpy array)"
-        )
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` of ``logits`` ``[..., V]`` under the module's non-finite
-    conventions (NaN never reaches the result), in the compute dtype.
-
-    Example:
-        >>> log_probs(torch.tensor([0.0, float("nan")])).exp().tolist()
-        [1.0, 0.0]
-    """
-    return torch.log_softmax(_sanitize(logits), dim=-1)
-
-
-def _sanitize(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy of ``logits`` in the compute dtype with the module's non-finite conventions:
-    ``NaN -> -inf``, ``+inf -> dtype max``, and rows with no finite entry raised to 0.
-
-    After this, entries are finite or ``-inf`` and every row has a finite entry.
-    Three arithmetic passes (boolean masks are several times slower on CPU), one new
-    tensor or ``out`` (fresh large tensors cost page faults on CPU) and no host
-    synchronisation.
-    """
-    dtype = _compute_dtype(logits)
-    z = torch.nan_to_num(
-        logits.to(dtype), nan=-math.inf, posinf=torch.finfo(dtype).max, neginf=-math.inf, out=out
-    )
-    row_max = z.amax(dim=-1, keepdim=True)
-    return torch.maximum(z, torch.where(row_max == -math.inf, 0.0, -math.inf).to(dtype), out=z)
-
-
-def _floor(dtype: torch.dtype) -> float:
-    """``log`` of the smallest normal number: below it a probability is zero."""
-    return math.log(torch.finfo(dtype).tiny)
-
-
-def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` along the last dim, two-stage for large vocabularies.
-
-    The ``k`` largest entries lie in the ``k`` chunks with the largest maxima, so a
-    top-k over chunk maxima followed by a top-k over those chunks gives the same
-    values (2-6x faster on CPU for V = 50k-150k).
-    """
-    v = x.shape[-1]
-    if v < 64 * _TOPK_CHUNK or k > 64:
-        return torch.topk(x, k, dim=-1)
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, v)
-    pad = -v % _TOPK_CHUNK
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad), value=-math.inf)
-    chunks = flat.view(flat.shape[0], -1, _TOPK_CHUNK)
-    chunk_idx = chunks.amax(dim=-1).topk(k, dim=-1).indices  # [N, k]
-    cand = chunks.gather(1, chunk_idx.unsqueeze(-1).expand(-1, -1, _TOPK_CHUNK))
-    values, pos = cand.reshape(flat.shape[0], -1).topk(k, dim=-1)
-    index = chunk_idx.gather(1, pos // _TOPK_CHUNK) * _TOPK_CHUNK + pos % _TOPK_CHUNK
-    return values.reshape(*lead, k), index.reshape(*lead, k)
-
-
-_TOPK_CHUNK = 128
+def _sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (in the compute dtype) under the non-finite conventions, rows with no
+    finite entry raised to 0 (for the sample decomposition; a single row is read by
+    :func:`~tokur_decode.core.logit_stats.read_logits`)."""
+    z = sanitized(logits)
+    return torch.where(z.amax(dim=-1, keepdim=True) == -math.inf, 0.0, z)
 
 
 def _entropy_terms(lp: torch.Tensor):
@@ -381,7 +331,7 @@ def _entropy_terms(lp: torch.Tensor):
     contribution far below float32 resolution.
     """
     p = lp.exp()
-    lp_c = lp.clamp_min(_floor(lp.dtype))
+    lp_c = lp.clamp_min(log_tiny(lp.dtype))
     plp = p * lp_c
     return p, lp_c, plp, 0.0 - plp.sum(dim=-1)  # 0.0 - s: no IEEE negative zero
 
@@ -391,40 +341,6 @@ def _out(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- fused entry
-
-
-class Workspace:
-    """Scratch memory that :meth:`SignalSpec.compute` reuses from call to call.
-
-    A fused signal pass needs a few ``[rows, V]`` float tensors (the sanitised logits,
-    the log-probabilities, two scratch tensors). Allocating them afresh each step is
-    cheap on a GPU (PyTorch caches device memory) but not on a CPU, where each new
-    tensor of that size page-faults. A workspace keeps one flat buffer per role, grown
-    to the largest shape seen. What :meth:`~SignalSpec.compute` returns from it (the
-    log-probabilities) stays valid until the next call with the same workspace.
-
-    Example:
-        >>> import torch
-        >>> ws = Workspace()
-        >>> spec = SignalSpec(["entropy"])
-        >>> _, lp1 = spec.compute(torch.zeros(2, 4), workspace=ws)
-        >>> _, lp2 = spec.compute(torch.ones(2, 4), workspace=ws)
-        >>> lp1.data_ptr() == lp2.data_ptr()
-        True
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def like(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor of ``x``'s shape and device and ``dtype`` from buffer ``name``
-        (its content is whatever the last user left)."""
-        n = x.numel()
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != x.device:
-            buf = torch.empty(n, dtype=dtype, device=x.device)
-            self._buffers[name] = buf
-        return buf[:n].view(x.shape)
 
 
 @dataclass(frozen=True)
@@ -500,69 +416,90 @@ class SignalSpec:
         logits: torch.Tensor,
         token_ids: torch.Tensor | None = None,
         *,
+        top: int = 0,
+        keep: bool = False,
         workspace: Workspace | None = None,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Signals of ``logits`` and the log-probabilities they were computed from.
+    ) -> tuple[dict[str, torch.Tensor], LogitStats]:
+        """Signals of ``logits`` and the one read of them they were computed from.
 
         ``token_ids`` ``[...]`` (the emitted tokens) is required for the chosen-token
-        signals. The returned log-probabilities ``[..., V]`` let a caller that learns
-        the emitted token later (a logits processor) finish the chosen-token signals
-        with :func:`chosen_from_logprobs`. With a ``workspace`` no ``[..., V]`` tensor
-        is allocated (the log-probabilities live in it until its next use).
+        signals. The returned :class:`~tokur_decode.core.logit_stats.LogitStats` holds at
+        least the ``top`` most probable tokens and, with ``keep``, a copy of the logits
+        that lets a caller that learns the emitted token later (a logits processor)
+        finish the chosen-token signals with :func:`chosen_signals`. With a ``workspace``
+        that copy reuses memory (valid until the workspace's next use).
+
+        The read and every step output are one compiled function (one call per step:
+        a compiled call's fixed cost is paid once), the same for every choice of signals;
+        the outputs not asked for cost a few operations on ``[rows]`` tensors.
         """
-        wanted = set(self.signals)
-        dtype = _compute_dtype(logits)
-
-        def scratch(name: str) -> torch.Tensor | None:
-            return None if workspace is None else workspace.like(name, logits, dtype)
-
-        z = _sanitize(logits, out=scratch("z"))
-        lp = torch.log_softmax(z, dim=-1, out=scratch("lp"))
-        out: dict[str, torch.Tensor] = {}
-
-        k = 0
-        if "margin" in wanted:
-            k = 2
-        if "deepconf" in wanted:
-            k = max(k, self.deepconf_k)
-        if "logtoku" in wanted:
-            k = max(k, self.logtoku_k)
-        k = min(k, lp.shape[-1])
-        if k:
-            top_lp, top_idx = _topk(lp, k)
-
-        if "max_prob" in wanted:
-            top1 = top_lp[..., 0] if k else lp.amax(dim=-1)
-            out["max_prob"] = _out(top1.exp())
-        if "margin" in wanted:
-            out["margin"] = _out(_margin_from_top(top_lp))
-        if wanted & {"entropy", "varentropy"}:
-            # _entropy_terms without keeping p: p * lp_c and p * lp_c^2 in place
-            lp_c = torch.clamp_min(lp, _floor(lp.dtype), out=scratch("a"))
-            plp = torch.exp(lp, out=scratch("b")).mul_(lp_c)
-            h = 0.0 - plp.sum(dim=-1)
-            if "entropy" in wanted:
-                out["entropy"] = _out(h)
-            if "varentropy" in wanted:
-                # E[lp^2] - H^2 (one pass instead of three; clamped against rounding)
-                second_moment = plp.mul_(lp_c).sum(dim=-1)
-                out["varentropy"] = _out((second_moment - h * h).clamp_min(0.0))
-        if "self_certainty" in wanted:
-            out["self_certainty"] = _out(_self_certainty(lp, scratch("a")))
-        if "deepconf" in wanted:
-            out["deepconf"] = _out(_deepconf_from_top(top_lp[..., : self.deepconf_k]))
-        if "logtoku" in wanted:
-            kk = min(self.logtoku_k, k)
-            top_z = z.gather(-1, top_idx[..., :kk])
-            shift = _mean_finite(z) if self.logtoku_evidence == "shifted" else None
-            au, eu = _logtoku_from_top(top_z, self.logtoku_k, shift)
-            out["logtoku_aleatoric"], out["logtoku_epistemic"] = au, eu
-            out["logtoku_unreliability"] = au * eu
-        if wanted & CHOSEN_SIGNALS:
+        x, kept = rows_of(logits, keep, workspace)
+        params = (self.deepconf_k, self.logtoku_k, self.logtoku_evidence == "shifted")
+        fields, outputs = _step(x, kept, max(top, 2, self.deepconf_k, self.logtoku_k), *params)
+        stats = LogitStats.of_rows(fields, logits.shape, x if kept is None else kept)
+        lead = logits.shape[:-1]
+        columns = outputs.reshape(*lead, len(STEP_OUTPUTS)).unbind(-1)
+        values = dict(zip(STEP_OUTPUTS, columns, strict=True))
+        if CHOSEN_SIGNALS.intersection(self.signals):
             if token_ids is None:
                 raise ValueError("token_ids: required for chosen_prob / chosen_logprob")
-            out.update(chosen_from_logprobs(lp, token_ids, self.signals))
-        return {name: out[name] for name in self.output_names}, lp
+            values |= chosen_signals(stats, token_ids, self.signals)
+        return {name: values[name] for name in self.output_names}, stats
+
+
+#: The outputs a signal pass computes at its step (all but the chosen-token ones).
+STEP_OUTPUTS = tuple(
+    key for name, keys in SIGNALS.items() for key in keys if name not in CHOSEN_SIGNALS
+)
+
+
+def step_outputs(
+    x: torch.Tensor,
+    kept: torch.Tensor | None,
+    top: int,
+    deepconf_k: int,
+    logtoku_k: int,
+    shifted: bool,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The read of ``x`` ``[N, V]`` (:func:`~tokur_decode.core.logit_stats.row_fields`)
+    and every output of :data:`STEP_OUTPUTS` from it, float32 ``[N, outputs]``."""
+    fields = row_fields(x, kept, top)
+    _, moments, d_sum, top_z, _ = fields
+    m, log_s0, mean_d, second_d, n = moments.unbind(-1)
+    top_lp = (top_z - m.unsqueeze(-1)) - log_s0.unsqueeze(-1)  # not z - (m + log S0): rounding
+    shift = d_sum / n + m if shifted else None  # the row's mean finite logit
+    aleatoric, epistemic = _logtoku_from_top(top_z[..., :logtoku_k], logtoku_k, shift)
+    values = {
+        "max_prob": (0.0 - log_s0).exp(),
+        "margin": _margin_from_top(top_lp),
+        "entropy": log_s0 - mean_d,
+        "varentropy": (second_d - mean_d**2).clamp_min(0.0),  # the variance of d under p
+        "self_certainty": _self_certainty(n, d_sum, log_s0),
+        "deepconf": _deepconf_from_top(top_lp[..., :deepconf_k]),
+        "logtoku_aleatoric": aleatoric,
+        "logtoku_epistemic": epistemic,
+        "logtoku_unreliability": aleatoric * epistemic,
+    }
+    return fields, torch.stack([_out(values[key]) for key in STEP_OUTPUTS], dim=-1)
+
+
+_step = Compiled(step_outputs)
+
+
+def warm_up(vocab: int, device: torch.device | str = "cpu") -> None:
+    """Compile the signal pass for logits of ``vocab`` entries on ``device`` now: for one
+    row and for several, keeping a copy of the logits or not (a server calls it once as
+    it starts, so that no request's first step waits for the compiler; a no-op where the
+    pass is not compiled).
+
+    Example:
+        >>> warm_up(100)  # too small to be compiled: returns at once
+    """
+    spec = SignalSpec(["max_prob"])
+    for rows in (1, 2):
+        logits = torch.zeros(rows, vocab, device=device)
+        for keep in (False, True):
+            spec.compute(logits, keep=keep)
 
 
 def compute_signals(
@@ -591,29 +528,27 @@ def compute_signals(
     return spec(logits, token_ids)
 
 
-def chosen_from_logprobs(
-    lp: torch.Tensor,
+def chosen_signals(
+    stats: LogitStats,
     token_ids: torch.Tensor,
     signals: Iterable[str] = tuple(CHOSEN_SIGNALS),
     rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``chosen_logprob`` / ``chosen_prob`` of ``token_ids`` ``[...]`` under log-probs ``lp``.
+    """``chosen_logprob`` / ``chosen_prob`` of ``token_ids`` ``[...]`` from a read of the
+    logits (:func:`~tokur_decode.core.logit_stats.read_logits`).
 
-    ``rows`` ``[N]`` picks, for each of ``N`` tokens, its row of a 2-D ``lp``
-    (default: ``lp``'s leading dimensions are those of ``token_ids``).
+    ``rows`` ``[N]`` picks, for each of ``N`` tokens, its row of a 2-D read (default:
+    the read's leading dimensions are those of ``token_ids``).
 
     Example:
         >>> import torch
-        >>> lp = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        >>> from tokur_decode.core.logit_stats import read_logits
+        >>> stats = read_logits(torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]])), keep=True)
         >>> tokens, rows = torch.tensor([1, 0]), torch.tensor([1, 1])
-        >>> chosen_from_logprobs(lp, tokens, ["chosen_prob"], rows=rows)
+        >>> chosen_signals(stats, tokens, ["chosen_prob"], rows=rows)
         {'chosen_prob': tensor([0.1000, 0.9000])}
     """
-    if rows is None:
-        chosen = lp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
-    else:
-        chosen = lp[rows, token_ids.long()]
-    chosen = chosen.clamp_min(LOGPROB_FLOOR)
+    chosen = stats.logprob_of(token_ids, rows).clamp_min(LOGPROB_FLOOR)
     out = {}
     if "chosen_prob" in signals:
         out["chosen_prob"] = _out(chosen.exp())
@@ -632,24 +567,15 @@ def _margin_from_top(top_lp: torch.Tensor) -> torch.Tensor:
     return first - top_lp[..., 1].exp()
 
 
-def _self_certainty(lp: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    # lp * 0 is NaN exactly at the masked (-inf) entries: counts them without a bool mask.
-    # One scratch tensor (``scratch`` or a new one), reused in place.
-    scratch = torch.mul(lp, 0.0, out=scratch).nan_to_num_(nan=-1.0)
-    n_masked = -scratch.sum(dim=-1)
-    n = lp.shape[-1] - n_masked
-    mean_lp = torch.nan_to_num(lp, neginf=0.0, out=scratch).sum(dim=-1) / n
+def _self_certainty(n: torch.Tensor, d_sum: torch.Tensor, log_s0: torch.Tensor) -> torch.Tensor:
+    # KL(U || p) over the n finite entries: -log n - mean(log p), mean(log p) = D / n - log S0;
     # 0.0 - ...: no negative zero; the cap keeps the +inf limit (rows with +inf logits) finite
-    return (0.0 - torch.log(n) - mean_lp).clamp(0.0, torch.finfo(lp.dtype).max)
+    mean_d = (d_sum / n).to(log_s0.dtype)
+    return (0.0 - torch.log(n) - mean_d + log_s0).clamp(0.0, torch.finfo(n.dtype).max)
 
 
 def _deepconf_from_top(top_lp: torch.Tensor) -> torch.Tensor:
     return -top_lp.clamp_min(LOGPROB_FLOOR).mean(dim=-1)
-
-
-def _mean_finite(z: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(z)  # "shifted" evidence only; float64 sum cannot overflow
-    return torch.where(finite, z, 0.0).sum(dim=-1, dtype=torch.float64) / finite.sum(dim=-1)
 
 
 def _logtoku_from_top(
@@ -823,23 +749,37 @@ def bayesian_terms(
     """``(total/aleatoric/epistemic, lp [..., M, V], log p_bar [..., 1, V])``.
 
     The log-probabilities let a caller that learns the emitted token later (a logits
-    processor) compute :func:`implicit_reward` then, without recomputing them.
+    processor) compute :func:`implicit_reward` then, without recomputing them. Compiled
+    like the single-row pass (:class:`~tokur_decode.core.logit_stats.Compiled`).
     """
     if sample_logits.dim() < 2:
         raise ValueError("sample_logits: expected shape [..., M, V]")
-    lp = torch.log_softmax(_sanitize(sample_logits), dim=-1)  # [..., M, V]
+    x = sample_logits.to(compute_dtype(sample_logits))
+    terms, lp, log_pbar = _bayes(x)
+    return (
+        dict(zip(("total", "aleatoric", "epistemic"), terms.unbind(-1), strict=True)),
+        lp,
+        log_pbar,
+    )
+
+
+def _bayesian_pass(
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([..., 3] total/aleatoric/epistemic, lp, log p_bar)`` of samples ``x`` ``[..., M,
+    V]`` in the compute dtype."""
+    lp = torch.log_softmax(_sanitize(x), dim=-1)  # [..., M, V]
     p, lp_c, _, h = _entropy_terms(lp)
     aleatoric = h.mean(dim=-1)
     log_pbar = torch.logsumexp(lp, dim=-2, keepdim=True) - math.log(lp.shape[-2])
     # Masked in every sample: both floors cancel; masked in some: p = 0 there.
-    kl = (p * (lp_c - log_pbar.clamp_min(_floor(lp.dtype)))).sum(dim=-1).clamp_min(0.0)
+    kl = (p * (lp_c - log_pbar.clamp_min(log_tiny(lp.dtype)))).sum(dim=-1).clamp_min(0.0)
     epistemic = kl.mean(dim=-1) + 0.0  # + 0.0: no IEEE negative zero
-    out = {
-        "total": _out(aleatoric + epistemic),
-        "aleatoric": _out(aleatoric),
-        "epistemic": _out(epistemic),
-    }
-    return out, lp, log_pbar
+    terms = torch.stack([aleatoric + epistemic, aleatoric, epistemic], dim=-1)
+    return _out(terms), lp, log_pbar
+
+
+_bayes = Compiled(_bayesian_pass)
 
 
 def implicit_reward(

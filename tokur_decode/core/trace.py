@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import aggregate
+from .logit_stats import LogitStats
 from .signals import OUTPUTS
 from .steps import DEFAULT_DELIMITER, step_index
 
@@ -120,9 +121,11 @@ class Alternatives:
     per row and step (when a tokenizer was given).
 
     Example:
-        >>> alt = Alternatives.of_logprobs(torch.log(torch.tensor([[[0.1, 0.6, 0.3]]])), k=2)
-        >>> alt.ids.tolist(), [round(p, 2) for p in alt.probs[0, 0].tolist()]
-        ([[[1, 2]]], [0.6, 0.3])
+        >>> from tokur_decode.core.logit_stats import read_logits
+        >>> read = read_logits(torch.log(torch.tensor([[0.1, 0.6, 0.3]])), top=2)
+        >>> alt = Alternatives.of_stats(read, 2)
+        >>> alt.ids.tolist(), [round(p, 2) for p in alt.probs[0].tolist()]
+        ([[1, 2]], [0.6, 0.3])
     """
 
     ids: torch.Tensor
@@ -130,10 +133,10 @@ class Alternatives:
     tokens: list[list[list[str]]] | None = None
 
     @classmethod
-    def of_logprobs(cls, logprobs: torch.Tensor, k: int) -> Alternatives:
-        """The top ``k`` of log-probabilities ``[..., V]`` (on their device)."""
-        values, ids = logprobs.topk(k, dim=-1)
-        return cls(ids, values.exp())
+    def of_stats(cls, stats: LogitStats, k: int) -> Alternatives:
+        """The top ``k`` of one step's read of the logits (read with ``top >= k``; on
+        their device)."""
+        return cls(stats.top_ids[..., :k], stats.top_logprobs[..., :k].exp())
 
     @property
     def k(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from ..core.logit_stats import LogitStats, read_logits
 from ..core.recording import check_alternatives
 from ..core.signals import (
     CHOSEN_SIGNALS,
@@ -14,10 +15,10 @@ from ..core.signals import (
     REGISTRY,
     SAMPLE_SIGNALS,
     SignalSpec,
+    Workspace,
     bayesian_terms,
-    chosen_from_logprobs,
+    chosen_signals,
     implicit_reward,
-    log_probs,
     logit_signals,
     parse_signals,
 )
@@ -145,6 +146,7 @@ class UncertaintyMonitor(LogitsProcessor):
         self.output_names = self.spec.output_names + (
             SAMPLE_SIGNALS["tokur"] if self._tokur else ()
         )
+        self._workspace = Workspace()  # the kept logits, reused from step to step
         self.reset()
 
     def reset(self) -> None:
@@ -155,7 +157,7 @@ class UncertaintyMonitor(LogitsProcessor):
 
     def _clear_pending(self) -> None:
         """Forget what the previous step left for the next one."""
-        self._last_logprobs: torch.Tensor | None = None
+        self._last_read: LogitStats | None = None
         self._last_bayes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_forward = -1
 
@@ -175,16 +177,19 @@ class UncertaintyMonitor(LogitsProcessor):
         if step > 0 and self._deferred_names:
             buf.write(step - 1, self._deferred(input_ids[:, -1]))
         values: dict[str, torch.Tensor] = {}
+        keep = bool(self._chosen)  # their token is known at the next step
         if self._step_spec is not None:
-            values, logprobs = self._step_spec.compute(scores)
-        elif self._chosen or self.alternatives:
-            logprobs = log_probs(scores)
-        if self._chosen:
-            self._last_logprobs = logprobs
+            values, read = self._step_spec.compute(
+                scores, top=self.alternatives, keep=keep, workspace=self._workspace
+            )
+        elif keep or self.alternatives:
+            read = read_logits(scores, top=self.alternatives, keep=keep, workspace=self._workspace)
+        if keep:
+            self._last_read = read
         if self._tokur:
             values = {**values, **self._tokur_step(batch)}
         if self.alternatives:
-            alt = Alternatives.of_logprobs(logprobs, self.alternatives)
+            alt = Alternatives.of_stats(read, self.alternatives)
             columns = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
             values |= dict(zip(self._alt_names, columns.unbind(-1), strict=True))
         if values:
@@ -215,8 +220,8 @@ class UncertaintyMonitor(LogitsProcessor):
         decoding controller forks rows (see :mod:`tokur_decode.hf.controller`)."""
         self._buffer.select_rows(index)
         self._clock.batch_size = len(index)
-        if self._last_logprobs is not None:
-            self._last_logprobs = self._last_logprobs.index_select(0, index)
+        if self._last_read is not None:
+            self._last_read = self._last_read.select_rows(index)
         if self._last_bayes is not None:
             self._last_bayes = tuple(t.index_select(0, index) for t in self._last_bayes)
 
@@ -237,9 +242,7 @@ class UncertaintyMonitor(LogitsProcessor):
 
     def _deferred(self, emitted: torch.Tensor) -> dict[str, torch.Tensor]:
         """Values of the previous step that need its emitted tokens ``[B]``."""
-        values = (
-            chosen_from_logprobs(self._last_logprobs, emitted, self._chosen) if self._chosen else {}
-        )
+        values = chosen_signals(self._last_read, emitted, self._chosen) if self._chosen else {}
         if self._tokur:
             values["tokur_reward"] = implicit_reward(*self._last_bayes, emitted)
         return values

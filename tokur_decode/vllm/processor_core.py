@@ -19,22 +19,23 @@ Bookkeeping (vLLM's persistent batch reorders rows under the processor):
 * The values that need the emitted token (the chosen-token signals, TokUR's implicit
   reward) of step ``t`` are completed at step ``t + 1`` (or when the request finishes or
   leaves the batch) from the live ``output_ids``: each settings group keeps a reference
-  to its last step's log-probabilities (the tensors the signal pass and the TokUR pass
-  made anyway; nothing is copied) and each slot its row and step there, so the
-  completion is one gather per row, done before the group's next signal pass reuses
-  that memory.
+  to its last step's read of the logits (a copy the signal pass writes while it reads
+  them, and the TokUR pass's log-probabilities) and each slot its row and step there,
+  so the completion is one gather per row, done before the group's next signal pass
+  reuses that memory.
 
 Per step, the opted-in rows are processed in one vectorised pass per settings group
 (requests with equal signal parameters, trigger and action; usually one group): the
-group's rows (a view when they are contiguous, else one ``index_select``), one fused
-signal pass in the group's :class:`~tokur_decode.core.signals.Workspace` (no ``[rows, V]``
-allocation: on CPU each fresh one page-faults), one scatter into the slot buffers, one
+group's rows (a view when they are contiguous, else one ``index_select``), one read of
+them (:func:`~tokur_decode.core.logit_stats.read_logits`: compiled, two sweeps; its kept
+copy in the group's :class:`~tokur_decode.core.logit_stats.Workspace`, so no ``[rows,
+V]`` allocation: on CPU each fresh one page-faults), one scatter into the slot buffers, one
 trigger update, one ``index_copy_`` of the edited rows. The only per-row Python is
 reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
 the host. A batch where no request opted in returns at once.
 
 A request with ``tokur_alternatives = k`` also gets each step's top-``k`` tokens (one
-``topk`` of the group's log-probabilities) in a separate ``[slots, steps, 2 x 20]``
+the signal pass's top-``k``, widened to ``k``) in a separate ``[slots, steps, 2 x 20]``
 record, allocated when the first such request arrives.
 
 Finished requests' traces wait, bounded (:attr:`ProcessorCore.max_finished`,
@@ -54,6 +55,7 @@ import torch
 
 from ..core.events import BLOCKED, OVERRIDDEN, Fire
 from ..core.logit_edits import adaptive_temperature, force_eos, force_token, token_logits, veto
+from ..core.logit_stats import LogitStats
 from ..core.policy import TriggerState
 from ..core.recording import MAX_ALTERNATIVES
 from ..core.signals import (
@@ -62,10 +64,11 @@ from ..core.signals import (
     SignalSpec,
     Workspace,
     bayesian_terms,
-    chosen_from_logprobs,
+    chosen_signals,
     implicit_reward,
     logit_signals,
     wants_samples,
+    warm_up,
 )
 from ..core.trace import Alternatives
 from . import internals
@@ -183,10 +186,10 @@ class ProcessorCore:
         self._slots = 0
         self._cap = 0
         self._record = torch.zeros(0, 0, len(KEYS), device=self.device)
-        # Values that need the emitted token: each group's last log-probabilities
-        # [rows, V] and TokUR's (lp [rows, M, V], log p_bar [rows, 1, V]) (by group key),
+        # Values that need the emitted token: each group's last read of the logits (its
+        # kept copy [rows, V]) and TokUR's (lp [rows, M, V], log p_bar [rows, 1, V]) (by group key),
         # each slot's row and step there (-1: nothing pending).
-        self._last_lp: dict[tuple, torch.Tensor] = {}
+        self._last_read: dict[tuple, LogitStats] = {}
         self._last_bayes: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._workspaces: dict[tuple, Workspace] = {}  # per group key: no [rows, V] allocations
         self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -199,6 +202,7 @@ class ProcessorCore:
         self._columns: dict[tuple[str, ...], torch.Tensor] = {}  # record columns, on device
         self._tokur = link_of(vllm_config)  # shared with a TokUR model (tokur_engine_args)
         self._grow_slots(max(8, vllm_config.scheduler_config.max_num_seqs))
+        warm_up(self.vocab, self.device)  # compiled as the engine starts, not at a request
 
     # ------------------------------------------------------------------ requests
 
@@ -247,7 +251,7 @@ class ProcessorCore:
         """``req`` left the batch for a while (preempted, not scheduled): it keeps its
         slot; its pending chosen-token values are completed now, from its live output
         list or from ``n`` / ``last`` (see :meth:`complete_from`), since the kept
-        log-probabilities move on."""
+        logits move on."""
         if n is None:
             self._complete(req)
         else:
@@ -264,7 +268,7 @@ class ProcessorCore:
 
     def _complete(self, req: TrackedRequest) -> None:
         """Write the request's pending chosen-token values (its last step's) from the
-        kept log-probabilities and its last output token."""
+        kept logits and its last output token."""
         if req.outputs:
             n, last = self.tensor([len(req.outputs)]), self.tensor([req.outputs[-1]])
             self.complete_from(req, n, last)
@@ -339,7 +343,7 @@ class ProcessorCore:
             by_key.setdefault(req.settings.group_key, []).append((row, req))
         self.groups = [self._group(members) for members in by_key.values()]
         self._publish_tokur(list(by_key.values()))
-        self._last_lp = {k: v for k, v in self._last_lp.items() if k in by_key}
+        self._last_read = {k: v for k, v in self._last_read.items() if k in by_key}
         self._last_bayes = {k: v for k, v in self._last_bayes.items() if k in by_key}
         self._workspaces = {k: self._workspaces.get(k) or Workspace() for k in by_key}
 
@@ -479,18 +483,21 @@ class ProcessorCore:
         key = g.settings.group_key
         if g.eos is not None:
             self._settle_stops(g.slots, pos, last, g.eos)
-        if g.chosen:  # before the signal pass reuses the kept log-probabilities' memory
+        if g.chosen:  # before the signal pass reuses the kept logits' memory
             self._write_deferred(key, g.chosen, g.slots, pos, last)
-        values, lp = g.spec.compute(z, workspace=self._workspaces[key])
+        alternatives = g.settings.recording.alternatives
+        values, read = g.spec.compute(
+            z, top=alternatives, keep=bool(g.chosen), workspace=self._workspaces[key]
+        )
         if g.tokur is not None:
             values |= self._tokur_values(g, key)
-        if g.settings.recording.alternatives:
-            self._record_alternatives(g, lp, pos)
+        if alternatives:
+            self._record_alternatives(g, read, pos)
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
         if g.chosen:  # this step's, completed at the next one
-            self._last_lp[key] = lp
+            self._last_read[key] = read
             self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
             self._lp_pos.index_copy_(0, g.slots, pos)
 
@@ -546,13 +553,13 @@ class ProcessorCore:
         self._record.index_put_((slots[:, None], pos[:, None], cols[None, :]), facts)
         return edited
 
-    def _record_alternatives(self, g: Group, lp: torch.Tensor, pos: torch.Tensor) -> None:
+    def _record_alternatives(self, g: Group, read: LogitStats, pos: torch.Tensor) -> None:
         """Each row's top-``k`` tokens and probabilities at its step ``pos``."""
         if self._alts is None:
             self._alts = torch.zeros(
                 self._slots, self._cap, 2 * MAX_ALTERNATIVES, device=self.device
             )
-        alt = Alternatives.of_logprobs(lp, g.settings.recording.alternatives)
+        alt = Alternatives.of_stats(read, g.settings.recording.alternatives)
         values = torch.cat([alt.ids.to(alt.probs.dtype), alt.probs], dim=-1).float()
         self._alts.index_put_((g.slots[:, None], pos[:, None], g.alt_cols[None, :]), values)
 
@@ -582,10 +589,11 @@ class ProcessorCore:
         tokens, ``last``: their last one), where the kept log-probabilities hold it."""
         values: dict[str, torch.Tensor] = {}
         chosen = tuple(n for n in names if n != "tokur_reward")
-        prev = self._last_lp.get(key)
+        prev = self._last_read.get(key)
         row = self._lp_row.index_select(0, slots)
         if chosen and prev is not None:
-            values |= chosen_from_logprobs(prev, last, chosen, rows=row.clamp(max=len(prev) - 1))
+            rows = row.clamp(max=len(prev.shift) - 1)
+            values |= chosen_signals(prev, last, chosen, rows=rows)
         if "tokur_reward" in names and key in self._last_bayes:
             bayes = self._last_bayes[key]
             if bayes is None:  # no TokUR model: NaN, as the step's other TokUR values
