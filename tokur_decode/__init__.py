@@ -35,6 +35,7 @@ _LAZY = {
     "perturbed": "tokur_decode.hf",
     "generate": "tokur_decode.hf",
     "load_default": "tokur_decode.models",
+    "parse_response": "tokur_decode.core.packing",
 }
 #: Public modules (the signal functions, the response-level aggregates).
 _MODULES = {

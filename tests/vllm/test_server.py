@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -364,3 +367,126 @@ def test_scale_from_the_command_line_against_the_server(server, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sum(w["requests"] for w in _stats(server)) == before  # resumed: nothing sent
+
+
+def test_the_openai_client_reads_each_tokens_signals_in_logprobs_content(server):
+    """The official client, logprobs asked, signals opted in through ``extra_body``: each
+    ``logprobs.content[j]`` carries token j's signals (equal to the choice's trace), the
+    top log-probabilities come from the recorded alternatives (vLLM's were not asked
+    for) and the trace has its response-level summary; streamed, the trace chunk has
+    the same trace."""
+    openai = pytest.importorskip("openai")
+    from tokur_decode import parse_response
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY)
+    xargs = {"tokur_signals": "entropy,logtoku", "tokur_alternatives": 3}
+    kwargs = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": True,
+        "extra_body": {"vllm_xargs": xargs},
+    }
+    answer = client.chat.completions.create(**kwargs)
+    (trace,) = parse_response(answer)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == len(trace["token_ids"]) == 12
+    names = {"entropy", "logtoku_aleatoric", "logtoku_epistemic", "logtoku_unreliability"}
+    alt = trace["alternatives"]
+    for j, entry in enumerate(content):
+        signals = entry.model_extra["tokur"]
+        assert set(signals) == names
+        assert all(signals[k] == trace["signals"][k][j] for k in names)
+        assert [t.token for t in entry.top_logprobs] == alt["tokens"][j]
+        # greedy: vLLM's log-probability of the token is our most probable alternative's
+        assert entry.logprob == pytest.approx(math.log(alt["probs"][j][0]), abs=1e-3)
+    summary = trace["summary"]
+    assert summary["n_tokens"] == 12
+    assert summary["mean_entropy"] == pytest.approx(sum(trace["signals"]["entropy"]) / 12)
+
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    (streamed,) = parse_response(chunks[-1])  # the trace chunk before [DONE]
+    assert streamed["token_ids"] == trace["token_ids"]
+    assert streamed["signals"] == trace["signals"] and streamed["summary"] == summary
+
+
+def test_a_packed_trace_is_the_json_one_to_float16_and_smaller(server):
+    from tokur_decode import parse_response
+
+    xargs = {"tokur_signals": "all", "tokur_alternatives": 2}
+    body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 24, "temperature": 0}
+    status, plain = post(server, "/v1/completions", {**body, "logprobs": 1, "vllm_xargs": xargs})
+    assert status == 200
+    xargs_packed = {**xargs, "tokur_format": "packed"}
+    status, packed = post(server, "/v1/completions", {**body, "vllm_xargs": xargs_packed})
+    assert status == 200
+    sent = packed["choices"][0]["tokur"]
+    assert sent["format"] == "packed" and isinstance(sent["signals"]["entropy"], str)
+    (want,), (got,) = parse_response(plain), parse_response(packed)
+    assert got["token_ids"] == want["token_ids"] and got["tokens"] == want["tokens"]
+    assert set(got["signals"]) == set(want["signals"])
+    for name, values in want["signals"].items():
+        assert got["signals"][name] == np.asarray(values, np.float16).astype(float).tolist()
+    assert got["alternatives"]["ids"] == want["alternatives"]["ids"]
+    assert got["summary"] == want["summary"]  # computed before packing
+    assert len(json.dumps(sent)) < len(json.dumps(plain["choices"][0]["tokur"])) / 2
+    # the completion's own log-probabilities carry each token's signals too
+    per_token = plain["choices"][0]["logprobs"]["tokur"]
+    assert [t["entropy"] for t in per_token] == want["signals"]["entropy"]
+
+
+def _metric(base: str, name: str, **labels) -> float:
+    """One sample of the server's ``/metrics`` (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_exactly_the_opted_in_requests(server):
+    """Three opted-in requests (one stopped by its trigger) and two that do not opt in:
+    ``/metrics`` (no API key, as vLLM's) shows exactly three more traced responses,
+    their entropy scores, the stop and the tokens."""
+    model = {"model_name": MODEL}
+    counted = {
+        "requests": ("tokur:requests_total", model),
+        "scores": ("tokur:response_score_count", {**model, "score": "mean_entropy"}),
+        "stops": ("tokur:actions_total", {**model, "action": "stop", "outcome": "taken"}),
+        "tokens": ("tokur:tokens_total", model),
+        "bytes": ("tokur:trace_bytes_total", model),
+    }
+    before = {k: _metric(server, name, **labels) for k, (name, labels) in counted.items()}
+    body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 16, "temperature": 0}
+    chat = {  # the request of the first test here, which its trigger stops
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "vllm_xargs": tv.uncertainty_args(
+            signals=["entropy", "logtoku"], strategy="logtoku-abstain"
+        ),
+    }
+    sent = [
+        ("/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy"}}),
+        ("/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy,deepconf"}}),
+        ("/v1/chat/completions", chat),
+    ]
+    tokens = stops = 0
+    for path, request in sent:
+        status, answer = post(server, path, request)
+        assert status == 200
+        trace = answer["choices"][0]["tokur"]
+        tokens += len(trace["token_ids"])
+        stops += sum(e["action"] == "stop" and "blocked" not in e for e in trace["events"])
+    for _ in range(2):  # control: not opted in, not counted
+        assert post(server, "/v1/completions", body)[0] == 200
+    after = {k: _metric(server, name, **labels) for k, (name, labels) in counted.items()}
+    delta = {k: after[k] - before[k] for k in counted}
+    assert delta["requests"] == 3 and delta["scores"] == 3 and delta["tokens"] == tokens
+    assert delta["stops"] == stops == 1 and delta["bytes"] > 0

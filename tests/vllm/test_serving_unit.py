@@ -222,3 +222,116 @@ def test_engine_ids_follow_vllms_request_ids():
         "cmpl-b-1": 3,
     }
     assert engine_ids("/v1/completions", {"prompt": [1, 2, 3]}, "b") == {"cmpl-b-0": 0}
+
+
+def test_each_tokens_signals_go_beside_its_logprobs_and_alternatives_fill_the_top():
+    from tokur_decode.vllm.openai_shape import add_to_logprobs
+
+    trace = {
+        "token_ids": [5, 6],
+        "tokens": ["a", "b"],
+        "signals": {"entropy": [0.5, 1.5]},
+        "alternatives": {
+            "ids": [[5, 9], [6, 9]],
+            "probs": [[0.75, 0.0], [0.5, 0.25]],
+            "tokens": [["a", "z"], ["b", "z"]],
+        },
+    }
+    entry = {"token": "a", "logprob": -0.3, "bytes": [97], "top_logprobs": []}
+    chat = {"logprobs": {"content": [dict(entry), {**entry, "token": "b"}]}}
+    add_to_logprobs(chat, trace, fill_top=True)
+    first, second = chat["logprobs"]["content"]
+    assert first["tokur"] == {"entropy": 0.5} and second["tokur"] == {"entropy": 1.5}
+    assert [t["token"] for t in second["top_logprobs"]] == ["b", "z"]
+    assert second["top_logprobs"][1]["logprob"] == pytest.approx(-1.3862944)
+    assert first["top_logprobs"][1]["logprob"] == -9999.0  # probability 0, as vLLM writes it
+    asked = {"logprobs": {"content": [{**entry, "top_logprobs": [{"token": "q"}]}]}}
+    add_to_logprobs(asked, trace, fill_top=True)  # vLLM's own top: kept
+    assert asked["logprobs"]["content"][0]["top_logprobs"] == [{"token": "q"}]
+    legacy = {"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-0.3, -0.7]}}
+    add_to_logprobs(legacy, trace, fill_top=False)
+    assert legacy["logprobs"]["tokur"] == [{"entropy": 0.5}, {"entropy": 1.5}]
+    plain = {"text": "ab", "logprobs": None}  # control: no log-probabilities asked
+    add_to_logprobs(plain, trace, fill_top=True)
+    assert plain == {"text": "ab", "logprobs": None}
+
+
+def test_the_summary_is_the_trace_summary_of_the_response():
+    import torch
+
+    from tokur_decode.core.trace import Trace
+    from tokur_decode.vllm.openai_shape import summary_of
+
+    signals = {"max_prob": [0.5, 0.9, 0.2], "logtoku_unreliability": [0.1, 0.3, 0.2]}
+    got = summary_of({"token_ids": [1, 2, 3], "signals": signals})
+    want = Trace(
+        signals={k: torch.tensor([v]) for k, v in signals.items()},
+        token_ids=torch.tensor([[1, 2, 3]]),
+        lengths=torch.tensor([3]),
+    ).summary()[0]
+    assert got == want and got["n_tokens"] == 3 and "logtoku_topk_mean" in got
+    assert summary_of({"token_ids": [], "signals": {"max_prob": []}}) == {"n_tokens": 0}
+
+
+def test_metrics_count_one_response_its_scores_actions_and_bytes():
+    from prometheus_client import REGISTRY
+
+    from tokur_decode.core.events import OVERRIDDEN
+    from tokur_decode.vllm.metrics import record_response
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, {"model_name": "unit", **labels}) or 0.0
+
+    before = (
+        value("tokur:requests_total"),
+        value("tokur:response_score_count", score="mean_entropy"),
+        value("tokur:actions_total", action="stop", outcome="overridden"),
+        value("tokur:trace_bytes_total"),
+        value("tokur:tokens_total"),
+    )
+    trace = {
+        "token_ids": [1, 2],
+        "signals": {"entropy": [0.5, 1.0]},
+        "events": [{"action": "stop", "blocked": OVERRIDDEN}],
+    }
+    record_response("unit", trace, {"n_tokens": 2, "mean_entropy": 0.75, "x": float("nan")}, 123)
+    after = (
+        value("tokur:requests_total"),
+        value("tokur:response_score_count", score="mean_entropy"),
+        value("tokur:actions_total", action="stop", outcome="overridden"),
+        value("tokur:trace_bytes_total"),
+        value("tokur:tokens_total"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 123, 2]
+    assert value("tokur:response_score_count", score="x") == 0  # NaN: not observed
+    assert value("tokur:tokur_tokens_total") == 0  # no TokUR samples in this trace
+
+
+def test_the_grafana_dashboard_reads_only_the_families_we_export():
+    import re
+    from pathlib import Path
+
+    from tokur_decode.vllm.metrics import FAMILIES
+
+    dash = json.loads((Path(__file__).parents[2] / "docs" / "grafana-tokur.json").read_text())
+    assert dash["uid"] and dash["schemaVersion"] >= 36 and dash["panels"]
+    names = {t["name"] for t in dash["templating"]["list"]}
+    assert {"datasource", "model_name", "score"} <= names
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [t["definition"] for t in dash["templating"]["list"] if "definition" in t]
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    used = {m for e in exprs for m in re.findall(r"tokur:[a-z_]+", e)}
+    assert used and all(any(m == f + s for f in FAMILIES for s in suffixes) for m in used), used - {
+        f + s for f in FAMILIES for s in suffixes
+    }
+    for p in dash["panels"]:
+        assert {"x", "y", "w", "h"} <= set(p["gridPos"]) and p["targets"], p["title"]
+        assert all(t["refId"] and "$model_name" in t["expr"] for t in p["targets"]), p["title"]
+
+
+def test_the_served_format_is_checked_at_the_entry():
+    from tokur_decode.vllm.args import parse_settings
+
+    assert parse_settings({"tokur_signals": "entropy", "tokur_format": "packed"}) is not None
+    with pytest.raises(ValueError, match=r"tokur_format: one of \['json', 'packed'\], got 'xml'"):
+        parse_settings({"tokur_signals": "entropy", "tokur_format": "xml"})

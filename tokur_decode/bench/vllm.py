@@ -128,7 +128,8 @@ def vllm_overhead(
     rounds: int = 5,
     **engine_kwargs,
 ) -> VllmBenchResult:
-    """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines.
+    """Run the benchmark (see the module doc); ``engine_kwargs`` go to both engines (give
+    ``dtype``: the plain engine's default is vLLM's, ours float32 on a CPU).
 
     Example:
         >>> r = vllm_overhead(prompts=64, max_tokens=32)        # doctest: +SKIP

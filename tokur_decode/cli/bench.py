@@ -67,6 +67,23 @@ def _signals_options(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def _serving_options(p) -> None:
+    p.add_argument("--base-url", required=True, help="a running tokur-decode serve")
+    p.add_argument("--api-key", default=None, help="its --api-key")
+    p.add_argument("--model", default=None, help="the served model (default: its only one)")
+    p.add_argument(
+        "--concurrency",
+        type=integers_from(1, MAX_BATCH),
+        default=[1, 16, 64],
+        help="comma-separated client concurrencies (default 1,16,64)",
+    )
+    int_options(
+        p,
+        ("--requests", 64, "requests per case and concurrency"),
+        ("--max-tokens", 64, "tokens per request"),
+    )
+
+
 def _tokur_options(p) -> None:
     model_args(p)
     _batch_sizes(p, "1")
@@ -93,6 +110,7 @@ def _vllm_options(p) -> None:
         ("--max-tokens", 64, "tokens per request"),
         ("--rounds", 5, "timed rounds"),
     )
+    p.add_argument("--dtype", default="bfloat16", help="both engines' dtype")
 
 
 def _vllm_tokur_options(p) -> None:
@@ -326,13 +344,51 @@ def _cmd_bench_signals(args) -> int:
     return 0
 
 
+def _cmd_bench_serving(args) -> int:
+    import httpx
+
+    from ..bench.serving import serving_cost
+
+    model = args.model
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if model is None:
+        listed = httpx.get(f"{args.base_url}/v1/models", headers=headers, timeout=60)
+        listed.raise_for_status()
+        model = listed.json()["data"][0]["id"]
+    timings = serving_cost(
+        args.base_url,
+        model,
+        api_key=args.api_key,
+        concurrency=tuple(args.concurrency),
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+    )
+    if args.json:
+        print(json.dumps([vars(t) for t in timings]))
+        return 0
+    plain = {t.concurrency: t.tokens_per_s for t in timings if t.case == "plain"}
+    print(f"Serving, {args.requests} requests x {args.max_tokens} tokens per case")
+    print(f"{'concurrency':>11} {'case':<28} {'tokens/s':>9} {'x plain':>8} {'bytes/response':>15}")
+    for t in timings:
+        ratio = t.tokens_per_s / plain[t.concurrency]
+        print(
+            f"{t.concurrency:>11} {t.case:<28} {t.tokens_per_s:>9.1f} {ratio:>8.3f} "
+            f"{t.bytes_per_response:>15.0f}"
+        )
+    return 0
+
+
 def _cmd_bench_vllm(args) -> int:
     from dataclasses import asdict
 
     from ..bench.vllm import vllm_overhead
 
     r = vllm_overhead(
-        args.model, prompts=args.prompts, max_tokens=args.max_tokens, rounds=args.rounds
+        args.model,
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+        dtype=args.dtype,
     )
     ratios = {
         "attached_ratio": r.attached_ratio,
@@ -343,7 +399,10 @@ def _cmd_bench_vllm(args) -> int:
     if args.json:
         print(json.dumps({**asdict(r), **ratios}, indent=2))
         return 0
-    print(f"vLLM, {r.prompts} prompts x {r.max_tokens} tokens, median of {r.rounds} rounds")
+    print(
+        f"vLLM ({args.dtype}), {r.prompts} prompts x {r.max_tokens} tokens, median of "
+        f"{r.rounds} rounds"
+    )
     rows = [
         ("plain engine", "plain", r.plain_tps, 1.0),
         ("attached, none opted in", "attached", r.attached_tps, r.attached_ratio),
@@ -489,6 +548,14 @@ _BENCHES = {
         "TokUR cost at the same batch. Starts not timed.",
         _vllm_tokur_options,
         _cmd_bench_vllm_tokur,
+    ),
+    "serving": (
+        "a server's cost of traces: bytes per response and tokens/s, JSON vs packed",
+        "Against a running tokur-decode serve: completions of --max-tokens tokens (greedy, "
+        "ignore_eos), at each concurrency, for plain requests, vLLM's logprobs=5, JSON "
+        "traces and packed traces of every signal; tokens/s and bytes per response.",
+        _serving_options,
+        _cmd_bench_serving,
     ),
     "calibration": (
         "calibrated abstention over repeated splits of an eval run: is the guarantee kept?",

@@ -31,6 +31,9 @@ one ``tokur_`` key; others are untouched.
                            engine's own choice); the trigger watches from the next step.
                            An id beyond the vocabulary is logged by the engine and not
                            forced (the vocabulary is unknown where requests are checked)
+``tokur_format``           how a server sends the trace: ``"json"`` (lists) or
+                           ``"packed"`` (float16 / int32 in base64:
+                           :mod:`tokur_decode.core.packing`; nothing offline)
 =========================  ==============================================================
 
 A ``deepconf-online`` strategy becomes, inside one request, "stop when the window
@@ -62,6 +65,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
+from ..core.packing import FORMATS
 from ..core.policy import Trigger
 from ..core.recording import Recording
 from ..core.signals import (
@@ -97,6 +101,7 @@ _KEYS = frozenset(
         "trigger",
         "sigma",
         "branch_token",
+        "format",
         *_TRIGGER_KEYS,
         *SPEC_PARAMS,
         *Recording.names(),
@@ -263,6 +268,9 @@ def _parse(items: tuple) -> RequestSettings:
         raise ValueError(f"{PREFIX}sigma: a number >= 0, got {sigma!r}")
 
     recording = Recording.from_flat(args, PREFIX)
+    served_format = args.get(f"{PREFIX}format", "json")
+    if served_format not in FORMATS:  # how a server encodes the trace (nothing offline)
+        raise ValueError(f"{PREFIX}format: one of {list(FORMATS)}, got {served_format!r}")
     branch_token = args.get(f"{PREFIX}branch_token")
     if branch_token is not None and (
         isinstance(branch_token, bool) or not isinstance(branch_token, int) or branch_token < -1

@@ -43,6 +43,10 @@ import logging
 import uuid
 from collections.abc import Mapping
 
+from ..core.packing import pack_trace
+from .metrics import record_response
+from .openai_shape import add_to_logprobs, summary_of
+
 __all__ = [
     "PLUGINS",
     "TraceEndpoints",
@@ -197,7 +201,7 @@ class TraceMiddleware:
         base = f"tokur-{uuid.uuid4().hex}"
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"]
         scope = {**scope, "headers": [*headers, (b"x-request-id", base.encode())]}
-        exchange = _Exchange(self.plugin, engine_ids(path, request, base), send)
+        exchange = _Exchange(self.plugin, engine_ids(path, request, base), send, request)
         try:
             await self.app(scope, replay, exchange.send)
         finally:
@@ -210,8 +214,12 @@ class _Exchange:
     added at the end) or passed through (a stream, traces in a chunk before
     ``[DONE]``)."""
 
-    def __init__(self, plugin: TraceEndpoints, ids: dict[str, int], send) -> None:
+    def __init__(self, plugin: TraceEndpoints, ids: dict[str, int], send, request: dict) -> None:
         self.plugin, self.ids, self._send = plugin, ids, send
+        self.packed = request["vllm_xargs"].get("tokur_format") == "packed"
+        # the client asked for log-probabilities but not for vLLM's top ones: the
+        # trace's alternatives (when recorded) fill them
+        self.fill_top = bool(request.get("logprobs")) and not request.get("top_logprobs")
         self.done = False
         self._start: dict | None = None
         self._stream = False
@@ -253,7 +261,10 @@ class _Exchange:
             return
         traces, error = await self._take()
         for choice in answer.get("choices", []):
-            choice["tokur"] = traces.get(choice.get("index", 0))
+            trace = traces.get(choice.get("index", 0))
+            if trace is not None:
+                add_to_logprobs(choice, trace, fill_top=self.fill_top)
+            choice["tokur"] = self._served(trace, answer.get("model"))
         if error:
             answer["tokur_error"] = error
         body = json.dumps(answer).encode()
@@ -285,13 +296,24 @@ class _Exchange:
         traces, error = await self._take()
         chat = self._meta.get("object", "").startswith("chat")
         empty = {"delta": {}} if chat else {"text": ""}
+        model = self._meta.get("model")
         choices = [
-            {"index": i, **empty, "finish_reason": None, "tokur": trace}
+            {"index": i, **empty, "finish_reason": None, "tokur": self._served(trace, model)}
             for i, trace in sorted(traces.items())
         ]
         chunk = {**self._meta, "choices": choices, **({"tokur_error": error} if error else {})}
         await self._pass(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         self.done = True
+
+    def _served(self, trace: dict | None, model: str | None) -> dict | None:
+        """A choice's trace as sent: with its response-level scores, packed if asked,
+        counted in the metrics."""
+        if trace is None:
+            return None
+        trace = {**trace, "summary": summary_of(trace)}
+        served = pack_trace(trace) if self.packed else trace
+        record_response(str(model), trace, trace["summary"], len(json.dumps(served)))
+        return served
 
     async def _take(self) -> tuple[dict[int, dict], str | None]:
         """The traces, or none and why: the generated answer goes out either way."""
