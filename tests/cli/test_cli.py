@@ -132,6 +132,8 @@ def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
         (["scale", "--data", "d", "--out", "o", "--repeats", "0"], "--repeats: an integer from 1"),
         (["eval", "--data", "d", "--out", "o", "--bootstrap", "0"], "--bootstrap: an integer"),
         (["eval", "--data", "d", "--out", "o", "--tokur-seeds", ""], "--tokur-seeds: comma-sep"),
+        # a negative list is the flag's value (argparse alone says "expected one argument")
+        (["eval", "--data", "d", "--out", "o", "--tokur-seeds", "-1,2"], "from 0 to 4294967295"),
         (["score", "--data", "d", "--out", "o", "--bootstrap", "0"], "--bootstrap: an integer"),
         (["serve", "--dry-run", "--kv-cache-gib", "0"], "--kv-cache-gib: a finite number > 0"),
     ],

@@ -282,26 +282,23 @@ def test_metrics_count_one_response_its_scores_actions_and_bytes():
     def value(name, **labels):
         return REGISTRY.get_sample_value(name, {"model_name": "unit", **labels}) or 0.0
 
-    before = (
-        value("tokur:requests_total"),
-        value("tokur:response_score_count", score="mean_entropy"),
-        value("tokur:actions_total", action="stop", outcome="overridden"),
-        value("tokur:trace_bytes_total"),
-        value("tokur:tokens_total"),
-    )
+    def counts():
+        return (
+            value("tokur:requests_total"),
+            value("tokur:response_score_count", score="mean_entropy"),
+            value("tokur:actions_total", action="stop", outcome="overridden"),
+            value("tokur:trace_bytes_total"),
+            value("tokur:tokens_total"),
+        )
+
+    before = counts()
     trace = {
         "token_ids": [1, 2],
         "signals": {"entropy": [0.5, 1.0]},
         "events": [{"action": "stop", "blocked": OVERRIDDEN}],
     }
     record_response("unit", trace, {"n_tokens": 2, "mean_entropy": 0.75, "x": float("nan")}, 123)
-    after = (
-        value("tokur:requests_total"),
-        value("tokur:response_score_count", score="mean_entropy"),
-        value("tokur:actions_total", action="stop", outcome="overridden"),
-        value("tokur:trace_bytes_total"),
-        value("tokur:tokens_total"),
-    )
+    after = counts()
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 123, 2]
     assert value("tokur:response_score_count", score="x") == 0  # NaN: not observed
     assert value("tokur:tokur_tokens_total") == 0  # no TokUR samples in this trace

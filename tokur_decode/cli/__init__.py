@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -43,13 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_LIST = re.compile(r"-\d[\d.]*(,-?[\d.]+)+")
+
+
+def _negative_values_attached(argv: Sequence[str] | None) -> list[str]:
+    """``--flag -1,2`` as ``--flag=-1,2``: argparse reads a value that starts with ``-``
+    and is not one number as a flag ("expected one argument"); attached, the flag's own
+    check names the bad value.
+
+    Example:
+        >>> _negative_values_attached(["eval", "--tokur-seeds", "-1,2", "--limit", "-3"])
+        ['eval', '--tokur-seeds=-1,2', '--limit', '-3']
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    for arg in args:
+        if (
+            out
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and _NEGATIVE_LIST.fullmatch(arg)
+        ):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tokur-decode`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
     parser = build_parser()
     try:  # a refused flag: argparse's message (naming it) and status 2, returned
-        args, rest = parser.parse_known_args(argv)
+        args, rest = parser.parse_known_args(_negative_values_attached(argv))
         if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as exc:
