@@ -36,7 +36,7 @@ Example:
     >>> stats = read_logits(torch.tensor([[0.0, 0.0, float("-inf")]]), top=2)
     >>> stats.top_logprobs.exp()
     tensor([[0.5000, 0.5000]])
-    >>> stats.entropy()
+    >>> stats.log_s0 - stats.mean_d  # the entropy: log 2
     tensor([0.6931])
 """
 
@@ -274,10 +274,6 @@ class LogitStats:
         """``[..., k]`` log-probabilities of :attr:`top_ids`."""
         # (z - m) - log S0, not z - (m + log S0): m + log S0 rounds at m's magnitude
         return (self.top_logits - self.shift.unsqueeze(-1)) - self.log_s0.unsqueeze(-1)
-
-    def entropy(self) -> torch.Tensor:
-        """``H = -sum p log p`` (masked entries add 0)."""
-        return self.log_s0 - self.mean_d
 
     def logprob_of(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``log p`` of ``token_ids`` ``[...]`` (unfloored), one per row; ``rows`` ``[T]``
