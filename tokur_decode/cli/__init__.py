@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if _starts_vllm(args) and args.command != "serve":
+        # vLLM's INFO lines (about 65 per run) are not this command's output; its warnings
+        # and errors stay. VLLM_LOGGING_LEVEL=INFO brings them back; serve keeps vLLM's.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     log = EngineLog() if _starts_vllm(args) else contextlib.nullcontext()
     try:
         with log:
