@@ -409,6 +409,54 @@ def test_the_openai_client_reads_each_tokens_signals_in_logprobs_content(server)
     (streamed,) = parse_response(chunks[-1])  # the trace chunk before [DONE]
     assert streamed["token_ids"] == trace["token_ids"]
     assert streamed["signals"] == trace["signals"] and streamed["summary"] == summary
+    # ... and each token's signals came in its own chunk, as it was streamed
+    per_chunk = [
+        entry.model_extra["tokur"]
+        for chunk in chunks[:-1]
+        for choice in chunk.choices
+        if choice.logprobs is not None
+        for entry in choice.logprobs.content
+    ]
+    assert len(per_chunk) == 12
+    assert all(
+        values == {k: streamed["signals"][k][j] for k in names}
+        for j, values in enumerate(per_chunk)
+    )
+
+
+def test_streamed_chunks_carry_their_tokens_signals_and_the_late_ones_next(server):
+    """Raw SSE, logprobs asked: each token's entropy in its chunk; its chosen-token
+    probability (known one step later) in the next chunk's ``tokur_late``; both equal
+    the trace chunk's values."""
+    xargs = {"tokur_signals": "entropy,chosen_prob"}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 10,
+        "temperature": 0,
+        "logprobs": True,
+        "vllm_xargs": xargs,
+    }
+    events = stream(server, "/v1/chat/completions", body)
+    assert events[-1] == "[DONE]"
+    *chunks, last = events[:-1]
+    trace = last["choices"][0]["tokur"]
+    entropy, chosen = {}, {}
+    step = 0
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            late = choice.get("tokur_late")
+            if late is not None:
+                chosen[late["step"]] = late["chosen_prob"]
+            for entry in (choice.get("logprobs") or {}).get("content") or []:
+                entropy[step] = entry["tokur"]["entropy"]
+                if "chosen_prob" in entry["tokur"]:
+                    chosen[step] = entry["tokur"]["chosen_prob"]
+                step += 1
+    assert step == len(trace["token_ids"]) == 10
+    assert [entropy[j] for j in range(10)] == trace["signals"]["entropy"]
+    assert set(chosen) >= set(range(9))  # the last token's: in the trace chunk at least
+    assert all(chosen[j] == trace["signals"]["chosen_prob"][j] for j in chosen)
 
 
 def test_a_packed_trace_is_the_json_one_to_float16_and_smaller(server):

@@ -75,10 +75,10 @@ class FakePlugin:
         self.dropped.append(ids)
 
 
-def _run(app, body: dict, path="/v1/completions", leave_after=None):
+def _run(app, body: dict, path="/v1/completions", leave_after=None, plugin=None):
     """Drive ``TraceMiddleware(app)`` with one request; what it sent, the plugin and
     the scope the app saw."""
-    plugin, sent, seen = FakePlugin(), [], {}
+    plugin, sent, seen = plugin or FakePlugin(), [], {}
 
     async def inner(scope, receive, send):
         seen["scope"] = scope
@@ -332,3 +332,79 @@ def test_the_served_format_is_checked_at_the_entry():
     assert parse_settings({"tokur_signals": "entropy", "tokur_format": "packed"}) is not None
     with pytest.raises(ValueError, match=r"tokur_format: one of \['json', 'packed'\], got 'xml'"):
         parse_settings({"tokur_signals": "entropy", "tokur_format": "xml"})
+
+
+class PeekingEngine:
+    """An engine whose record grows by two steps per read (``tokur_peek``): entropy
+    (known at its step) and chosen_prob (known one step later)."""
+
+    ENTROPY = [0.1, 0.2, 0.3, 0.4]
+    CHOSEN = [0.9, 0.8, 0.7, 0.6]
+
+    def __init__(self) -> None:
+        self.steps, self.asked = 0, []
+        self.engine_core = object()  # an engine in the server's process (rpc_all)
+
+    async def collective_rpc(self, method, args=()):
+        assert method == "tokur_peek"
+        (starts,) = args
+        self.asked.append(dict(starts))
+        self.steps += 2
+        (rid,) = starts
+        start = starts[rid]
+        item = {
+            "request_id": rid,
+            "index": 0,
+            "start": start,
+            "final": self.steps - 1,
+            "signals": {
+                "entropy": self.ENTROPY[start : self.steps],
+                "chosen_prob": self.CHOSEN[start : self.steps],
+            },
+        }
+        return [[item]]
+
+
+def test_streamed_tokens_carry_their_signals_and_the_late_ones_follow():
+    """Chat, logprobs asked, two chunks of two tokens: each entry gets its final values;
+    the chosen-token value of a chunk's last token comes in the next chunk."""
+
+    def chunk(tokens):
+        content = [{"token": t, "logprob": -0.1, "bytes": [], "top_logprobs": []} for t in tokens]
+        delta = {
+            "index": 0,
+            "delta": {"content": "".join(tokens)},
+            "logprobs": {"content": content},
+        }
+        return (
+            b"data: "
+            + json.dumps(
+                {"id": "chatcmpl-a", "object": "chat.completion.chunk", "choices": [delta]}
+            ).encode()
+            + b"\n\n"
+        )
+
+    pieces = [chunk(["a", "b"]), chunk(["c", "d"]), b"data: [DONE]\n\n"]
+    plugin = FakePlugin()
+    plugin.engine = PeekingEngine()
+    body = {"messages": [], "logprobs": True, **XARGS}
+    sent, _, _ = _run(_stream_app(pieces), body, path="/v1/chat/completions", plugin=plugin)
+    text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    events = [e.removeprefix(b"data: ") for e in text.split(b"\n\n") if e]
+    first, second = json.loads(events[0]), json.loads(events[1])
+    got = [e["tokur"] for e in first["choices"][0]["logprobs"]["content"]]
+    assert got == [{"entropy": 0.1, "chosen_prob": 0.9}, {"entropy": 0.2}]
+    assert second["choices"][0]["tokur_late"] == {"step": 1, "chosen_prob": 0.8}
+    got = [e["tokur"] for e in second["choices"][0]["logprobs"]["content"]]
+    assert got == [{"entropy": 0.3, "chosen_prob": 0.7}, {"entropy": 0.4}]
+    rid = next(iter(plugin.engine.asked[0]))
+    assert plugin.engine.asked == [{rid: 0}, {rid: 1}]  # from the owed step on
+    assert events[-1] == b"[DONE]" and "tokur" in json.loads(events[-2])["choices"][0]
+
+
+def test_a_stream_without_logprobs_is_not_read_per_chunk():
+    plugin = FakePlugin()
+    plugin.engine = PeekingEngine()
+    events = b'data: {"id": "cmpl-a", "choices": [{"index": 0, "text": "x"}]}\n\ndata: [DONE]\n\n'
+    _run(_stream_app([events]), {"prompt": "q", **XARGS}, plugin=plugin)
+    assert plugin.engine.asked == []  # control: no logprobs asked, no per-chunk read

@@ -86,6 +86,10 @@ class MRV2Slots:
                 self._end(req, slot)
         return self.core.collect(request_ids)
 
+    def peek(self, starts: dict[str, int]) -> list[dict]:
+        """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.peek`."""
+        return self.core.peek(starts)
+
     def add_request(self, slot: int, sampling_params) -> bool:
         old = self._by_slot.pop(slot, None)
         if old is not None:

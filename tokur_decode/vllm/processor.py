@@ -70,6 +70,10 @@ class UncertaintyProcessor(*internals.processor_bases()):
         """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.collect`."""
         return self.batch.collect(request_ids)
 
+    def peek(self, starts: dict[str, int]) -> list[dict]:
+        """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.peek`."""
+        return self.batch.peek(starts)
+
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         """The step: ``ctx`` is MRV2's ``LogitsContext`` (V1 passes none)."""
         return self.batch.apply(logits, ctx)

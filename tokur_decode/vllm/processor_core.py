@@ -194,6 +194,7 @@ class ProcessorCore:
         self._workspaces: dict[tuple, Workspace] = {}  # per group key: no [rows, V] allocations
         self._lp_row = torch.zeros(0, dtype=torch.long, device=self.device)
         self._lp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._steps = torch.zeros(0, dtype=torch.long, device=self.device)  # recorded per slot
         self._triggers: dict[tuple, _TriggerSlots] = {}
         self._finished: OrderedDict[str, dict] = OrderedDict()
         self._requests = 0  # opted-in requests seen (a counter for operators)
@@ -303,6 +304,7 @@ class ProcessorCore:
             self._grow_slots(2 * self._slots)
         slot = self._free.pop()
         self._lp_pos[slot] = -1
+        self._steps[slot] = 0
         if settings.trigger is not None:
             trig = self._trigger(settings)
             mask = torch.zeros(self._slots, dtype=torch.bool, device=self.device)
@@ -320,6 +322,7 @@ class ProcessorCore:
         self._record = torch.nn.functional.pad(self._record, pad)
         self._lp_row = torch.nn.functional.pad(self._lp_row, (0, slots - old))
         self._lp_pos = torch.nn.functional.pad(self._lp_pos, (0, slots - old), value=-1)
+        self._steps = torch.nn.functional.pad(self._steps, (0, slots - old))
         if self._alts is not None:
             self._alts = torch.nn.functional.pad(self._alts, pad)
         index = torch.arange(slots, device=self.device).clamp(max=max(old - 1, 0))
@@ -457,6 +460,34 @@ class ProcessorCore:
                 )
         return out
 
+    def peek(self, starts: dict[str, int]) -> list[dict]:
+        """What is recorded so far of the live or finished requests whose caller-side id
+        is in ``starts``, from step ``starts[id]`` on, without forgetting anything (a
+        server streaming them asks between steps). Each item: ``request_id``, ``index``,
+        ``start``, ``signals`` (the asked-for outputs, one value per step from ``start``
+        to the tokens generated so far) and ``final``: the steps up to which the
+        outputs that need the emitted token (chosen-token, TokUR's reward) are complete
+        (the last step's are written at the next one, or when the request ends)."""
+        wanted = set(starts)
+        out = []
+        with torch.inference_mode():
+            for req in self._by_params.values():
+                if req.req_id is None:
+                    continue
+                external, index = internals.external_id(req.req_id, wanted)
+                if external in wanted:
+                    n = int(self._steps[req.slot])  # read between steps: no step waits
+                    record = self._record[req.slot, :n]
+                    item = _peeked(record, req.settings, starts[external], n - 1)
+                    out.append({**item, "request_id": external, "index": index})
+            for rid, entry in self._finished.items():
+                external, index = internals.external_id(rid, wanted)
+                if external in wanted:
+                    n = len(entry["token_ids"])
+                    item = _peeked(entry["record"], entry["settings"], starts[external], n)
+                    out.append({**item, "request_id": external, "index": index})
+        return out
+
     def stats(self) -> dict[str, int]:
         """Opted-in requests seen, tracked now, and finished traces waiting."""
         return {
@@ -496,6 +527,7 @@ class ProcessorCore:
 
         stacked = torch.stack([values[k] for k in g.names], dim=-1)
         self._record.index_put_((g.slots[:, None], pos[:, None], g.cols[None, :]), stacked)
+        self._steps.index_copy_(0, g.slots, pos + 1)  # what a streaming server may read
         if g.chosen:  # this step's, completed at the next one
             self._last_read[key] = read
             self._lp_row.index_copy_(0, g.slots, torch.arange(len(g.outputs), device=self.device))
@@ -637,6 +669,14 @@ def _deferred_outputs(signals) -> tuple[str, ...]:
     """The outputs of ``signals`` that need the step's emitted token."""
     chosen = tuple(s for s in signals if s in CHOSEN_SIGNALS)
     return chosen + (("tokur_reward",) if wants_samples(signals) else ())
+
+
+def _peeked(record: torch.Tensor, settings: RequestSettings, start: int, final: int) -> dict:
+    """Steps ``start`` on of a request's record as plain values (see
+    :meth:`ProcessorCore.peek`)."""
+    part = record[start:].float().cpu()
+    signals = {k: part[:, _COL[k]].tolist() for k in settings.output_names}
+    return {"start": start, "signals": signals, "final": max(final, start)}
 
 
 def _to_python(entry: dict) -> dict:

@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Mapping
 
 from ..core.packing import pack_trace
+from ..core.signals import OUTPUTS
 from .metrics import record_response
 from .openai_shape import add_to_logprobs, summary_of
 
@@ -220,6 +221,7 @@ class _Exchange:
         # the client asked for log-probabilities but not for vLLM's top ones: the
         # trace's alternatives (when recorded) fill them
         self.fill_top = bool(request.get("logprobs")) and not request.get("top_logprobs")
+        self.streamed = StreamedSignals(plugin, ids) if request.get("logprobs") else None
         self.done = False
         self._start: dict | None = None
         self._stream = False
@@ -283,9 +285,12 @@ class _Exchange:
             data = event.removeprefix(b"data: ")
             if data.strip() == b"[DONE]":
                 await self._send_traces()
-            elif not self._meta and data.startswith(b"{"):
-                first = json.loads(data)
-                self._meta = {k: first[k] for k in _CHUNK_META if k in first}
+            elif data.startswith(b"{"):
+                chunk = json.loads(data)
+                if not self._meta:
+                    self._meta = {k: chunk[k] for k in _CHUNK_META if k in chunk}
+                if self.streamed is not None and await self.streamed.add_to(chunk):
+                    event = b"data: " + json.dumps(chunk).encode()
             await self._pass(event + b"\n\n")
         if not more:
             if not self.done:
@@ -325,6 +330,98 @@ class _Exchange:
 
     async def _pass(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+class StreamedSignals:
+    """Each streamed token's signals in its chunk, beside its log-probability, for a
+    streamed request that asked for ``logprobs`` (the shapes:
+    :mod:`tokur_decode.vllm.openai_shape`).
+
+    Per chunk that carries tokens, one read of what the engine has recorded so far
+    (``tokur_peek``, between engine steps, forgetting nothing). A token's step-time
+    signals are final when it is streamed; those that need the emitted token
+    (``chosen_prob``, ``chosen_logprob``, ``tokur_reward``) are written at the next step,
+    so the last token of a chunk gets them in the next chunk of its choice, as
+    ``"tokur_late": {"step": j, name: value, ...}`` (and every value is in the trace
+    chunk before ``[DONE]``).
+    """
+
+    def __init__(self, plugin: TraceEndpoints, ids: dict[str, int]) -> None:
+        self.plugin, self.ids = plugin, ids
+        self.sent: dict[int, int] = {}  # choice -> tokens streamed
+        self.late: dict[int, int] = {}  # choice -> the step whose late values are owed
+
+    async def add_to(self, chunk: dict) -> bool:
+        """Put the signals of the tokens ``chunk`` carries into it; whether it changed."""
+        counts = {c.get("index", 0): _token_count(c) for c in chunk.get("choices", [])}
+        counts = {i: n for i, n in counts.items() if n or i in self.late}
+        if not counts:
+            return False
+        starts: dict[str, int] = {}
+        for i in counts:
+            rid, first = self._request_of(i), self.late.get(i, self.sent.get(i, 0))
+            starts[rid] = min(starts.get(rid, first), first)
+        try:
+            found = await rpc_all(self.plugin.engine, "tokur_peek", (starts,))
+        except Exception:  # the engine's side failed: the chunk goes out as it is
+            logger.debug("tokur_traces: could not read %s", starts, exc_info=True)
+            return False
+        recorded = {
+            self.ids[item["request_id"]] + item["index"]: item
+            for item in (t for worker in found for t in worker)
+        }
+        for choice in chunk.get("choices", []):
+            i = choice.get("index", 0)
+            if i in counts and i in recorded:
+                self._fill(choice, counts[i], recorded[i])
+        return True
+
+    def _request_of(self, choice: int) -> str:
+        """The engine request of a choice (its prompt's: choices ``first ..`` on)."""
+        return max((r for r, first in self.ids.items() if first <= choice), key=self.ids.get)
+
+    def _fill(self, choice: dict, count: int, item: dict) -> None:
+        i = choice.get("index", 0)
+        first = self.sent.get(i, 0)
+        if i in self.late:
+            step = self.late.pop(i)
+            choice["tokur_late"] = {"step": step, **_recorded(item, step, late=True)}
+        if not count:  # a chunk that only ends the choice: the owed values alone
+            return
+        per_token = [_recorded(item, first + j, late=False) for j in range(count)]
+        logprobs = choice["logprobs"]
+        if isinstance(logprobs.get("content"), list):  # chat
+            for entry, values in zip(logprobs["content"], per_token, strict=True):
+                entry["tokur"] = values
+        else:  # completion: parallel lists
+            logprobs["tokur"] = per_token
+        self.sent[i] = first + count
+        if any(OUTPUTS[k].needs_token for k in item["signals"]):
+            self.late[i] = first + count - 1
+
+
+def _recorded(item: dict, step: int, *, late: bool) -> dict[str, float]:
+    """Step ``step``'s values in a peeked ``item``: the complete ones, or (``late``) only
+    those that needed the emitted token."""
+    out = {}
+    for name, values in item["signals"].items():
+        deferred = OUTPUTS[name].needs_token
+        if (late and not deferred) or (deferred and step >= item["final"]):
+            continue
+        if 0 <= step - item["start"] < len(values):
+            out[name] = values[step - item["start"]]
+    return out
+
+
+def _token_count(choice: dict) -> int:
+    """How many tokens' log-probabilities a streamed choice carries."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return 0
+    entries = logprobs.get("content")
+    if not isinstance(entries, list):
+        entries = logprobs.get("tokens")
+    return len(entries) if isinstance(entries, list) else 0
 
 
 async def _read_body(receive) -> tuple[bytes, bool]:

@@ -45,6 +45,10 @@ class V1Batch:
         """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.collect`."""
         return self.core.collect(request_ids)
 
+    def peek(self, starts: dict[str, int]) -> list[dict]:
+        """See :meth:`~tokur_decode.vllm.processor_core.ProcessorCore.peek`."""
+        return self.core.peek(starts)
+
     def update_state(self, batch_update) -> None:
         if batch_update is None:
             return

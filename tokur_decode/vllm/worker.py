@@ -12,6 +12,8 @@ for you):
   rows before the forward; traces are kept only once bound.
 * ``tokur_collect(request_ids)`` returns the finished traces (plain Python values) and
   forgets them.
+* ``tokur_peek(starts)`` returns what is recorded so far of live requests (a streaming
+  server's per-chunk read), forgetting nothing.
 * ``tokur_stats()`` counts the opted-in requests seen, those tracked now and the
   finished traces waiting to be collected, and says whether the worker has TokUR's
   model (what the server's ``GET /v1/tokur/stats`` shows).
@@ -45,6 +47,11 @@ class TraceExtension:
     def tokur_collect(self, request_ids: list[str] | None = None) -> list[dict]:
         """Finished traces whose vLLM request id is in ``request_ids`` (all if None)."""
         return [t for proc in self._tokur_processors() for t in proc.collect(request_ids)]
+
+    def tokur_peek(self, starts: dict[str, int]) -> list[dict]:
+        """What is recorded so far of the requests in ``starts`` (vLLM request id ->
+        first step wanted), forgetting nothing: a streaming server's per-chunk read."""
+        return [t for proc in self._tokur_processors() for t in proc.peek(starts)]
 
     def tokur_stats(self) -> dict:
         """``{"requests", "tracked", "unread"}`` (see ``ProcessorCore.stats``) summed
