@@ -34,8 +34,8 @@ trigger update, one ``index_copy_`` of the edited rows. The only per-row Python 
 reading the lengths of the live ``output_ids`` lists. Nothing reads device values on
 the host. A batch where no request opted in returns at once.
 
-A request with ``tokur_alternatives = k`` also gets each step's top-``k`` tokens (one
-the signal pass's top-``k``, widened to ``k``) in a separate ``[slots, steps, 2 x 20]``
+A request with ``tokur_alternatives = k`` also gets each step's top-``k`` tokens (from
+the signal pass's top-k, which reads at least ``k``) in a separate ``[slots, steps, 2 x 20]``
 record, allocated when the first such request arrives.
 
 Finished requests' traces wait, bounded (:attr:`ProcessorCore.max_finished`,

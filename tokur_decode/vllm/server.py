@@ -285,8 +285,8 @@ class _Exchange:
             data = event.removeprefix(b"data: ")
             if data.strip() == b"[DONE]":
                 await self._send_traces()
-            elif data.startswith(b"{"):
-                chunk = json.loads(data)
+            elif data.startswith(b"{") and (not self._meta or self.streamed is not None):
+                chunk = json.loads(data)  # (other chunks pass unparsed)
                 if not self._meta:
                     self._meta = {k: chunk[k] for k in _CHUNK_META if k in chunk}
                 if self.streamed is not None and await self.streamed.add_to(chunk):
