@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -61,6 +62,7 @@ __all__ = [
     "compiles",
     "compute_dtype",
     "log_tiny",
+    "logprobs",
     "read_logits",
     "row_fields",
     "rows_of",
@@ -81,6 +83,12 @@ TWO_STAGE_MIN_VOCAB = 64 * CHUNK
 def log_tiny(dtype: torch.dtype) -> float:
     """``log`` of the smallest normal number: below it a probability is zero."""
     return math.log(torch.finfo(dtype).tiny)
+
+
+def logprobs(z: torch.Tensor, shift: torch.Tensor, log_s0: torch.Tensor) -> torch.Tensor:
+    """``log p`` of sanitised logits ``z`` from a read's ``m`` and ``log S0`` (broadcast):
+    ``(z - m) - log S0``, not ``z - (m + log S0)``, which rounds at ``m``'s magnitude."""
+    return (z - shift) - log_s0
 
 
 def sanitized(x: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,8 +280,7 @@ class LogitStats:
     @property
     def top_logprobs(self) -> torch.Tensor:
         """``[..., k]`` log-probabilities of :attr:`top_ids`."""
-        # (z - m) - log S0, not z - (m + log S0): m + log S0 rounds at m's magnitude
-        return (self.top_logits - self.shift.unsqueeze(-1)) - self.log_s0.unsqueeze(-1)
+        return logprobs(self.top_logits, self.shift.unsqueeze(-1), self.log_s0.unsqueeze(-1))
 
     def logprob_of(self, token_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``log p`` of ``token_ids`` ``[...]`` (unfloored), one per row; ``rows`` ``[T]``
@@ -285,7 +292,7 @@ class LogitStats:
         else:
             z = self.logits[rows, ids]
             empty, shift, log_s0 = self.empty[rows], self.shift[rows], self.log_s0[rows]
-        return (sanitized(z.to(shift.dtype), empty) - shift) - log_s0
+        return logprobs(sanitized(z.to(shift.dtype), empty), shift, log_s0)
 
     @classmethod
     def of_rows(
@@ -315,22 +322,10 @@ class LogitStats:
 
     def select_rows(self, index: torch.Tensor) -> LogitStats:
         """The statistics of rows ``index`` (``[B']`` of a 2-D read)."""
-        return LogitStats(*(t.index_select(0, index) for t in _fields(self)))
-
-
-def _fields(stats: LogitStats) -> tuple[torch.Tensor, ...]:
-    return (
-        stats.empty,
-        stats.shift,
-        stats.log_s0,
-        stats.mean_d,
-        stats.second_d,
-        stats.n_finite,
-        stats.sum_finite,
-        stats.top_logits,
-        stats.top_ids,
-        stats.logits,
-    )
+        rows = {
+            f.name: getattr(self, f.name).index_select(0, index) for f in dataclasses.fields(self)
+        }
+        return LogitStats(**rows)
 
 
 def read_logits(

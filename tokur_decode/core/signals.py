@@ -63,6 +63,7 @@ from tokur_decode.core.logit_stats import (
     Workspace,
     compute_dtype,
     log_tiny,
+    logprobs,
     row_fields,
     rows_of,
     sanitized,
@@ -466,7 +467,7 @@ def step_outputs(
     fields = row_fields(x, kept, top)
     _, moments, d_sum, top_z, _ = fields
     m, log_s0, mean_d, second_d, n = moments.unbind(-1)
-    top_lp = (top_z - m.unsqueeze(-1)) - log_s0.unsqueeze(-1)  # not z - (m + log S0): rounding
+    top_lp = logprobs(top_z, m.unsqueeze(-1), log_s0.unsqueeze(-1))
     shift = d_sum / n + m if shifted else None  # the row's mean finite logit
     aleatoric, epistemic = _logtoku_from_top(top_z[..., :logtoku_k], logtoku_k, shift)
     values = {

@@ -674,16 +674,21 @@ def _deferred_outputs(signals) -> tuple[str, ...]:
 def _peeked(record: torch.Tensor, settings: RequestSettings, start: int, final: int) -> dict:
     """Steps ``start`` on of a request's record as plain values (see
     :meth:`ProcessorCore.peek`)."""
-    part = record[start:].float().cpu()
-    signals = {k: part[:, _COL[k]].tolist() for k in settings.output_names}
+    signals = _signal_lists(record[start:], settings)
     return {"start": start, "signals": signals, "final": max(final, start)}
+
+
+def _signal_lists(record: torch.Tensor, settings: RequestSettings) -> dict[str, list[float]]:
+    """The outputs the request asked for, one list of per-step values each."""
+    part = record.float().cpu()
+    return {k: part[:, _COL[k]].tolist() for k in settings.output_names}
 
 
 def _to_python(entry: dict) -> dict:
     """A finished record as plain Python values (signals the request asked for, events)."""
     settings: RequestSettings = entry["settings"]
     record = entry["record"].float().cpu()
-    signals = {k: record[:, _COL[k]].tolist() for k in settings.output_names}
+    signals = _signal_lists(record, settings)
     events = []
     if settings.trigger is not None:
         t = settings.trigger
