@@ -39,6 +39,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
 QUESTION = "Who won the 1937 Tour de France?"
 MODEL = str(default_model_path())
+#: A greedy chat request whose LogTokU trigger stops it.
+STOPPED_CHAT = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": QUESTION}],
+    "max_tokens": 48,
+    "temperature": 0,
+    "vllm_xargs": tv.uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +97,8 @@ def _stats(base: str) -> list[dict]:
 def test_chat_response_carries_the_trace_of_the_in_process_engine(server, engine):
     """A stop strategy over the chat route, greedy: the response's trace (signals,
     tokens, the stop event) is the in-process engine's, and it is handed out once."""
-    xargs = tv.uncertainty_args(signals=["entropy", "logtoku"], strategy="logtoku-abstain")
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 48,
-        "temperature": 0,
-        "return_token_ids": True,
-        "vllm_xargs": xargs,
-    }
+    body = {**STOPPED_CHAT, "return_token_ids": True}
+    xargs = body["vllm_xargs"]
     status, answer = post(server, "/v1/chat/completions", body)
     assert status == 200
     (choice,) = answer["choices"]
@@ -511,15 +512,7 @@ def test_metrics_count_exactly_the_opted_in_requests(server):
     }
     before = {k: _metric(server, name, **labels) for k, (name, labels) in counted.items()}
     body = {"model": MODEL, "prompt": QUESTION, "max_tokens": 16, "temperature": 0}
-    chat = {  # the request of the first test here, which its trigger stops
-        "model": MODEL,
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 48,
-        "temperature": 0,
-        "vllm_xargs": tv.uncertainty_args(
-            signals=["entropy", "logtoku"], strategy="logtoku-abstain"
-        ),
-    }
+    chat = STOPPED_CHAT  # its trigger stops it (the first test here)
     sent = [
         ("/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy"}}),
         ("/v1/completions", {**body, "vllm_xargs": {"tokur_signals": "entropy,deepconf"}}),
