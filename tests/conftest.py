@@ -67,6 +67,8 @@ def vllm_engine(build, kv_cache_gib: int | None = 1, **env):
     ``build`` asks for, ``kv_cache_memory_bytes``), this worker's core
     (:func:`worker_core`) and ``env`` in the environment while it lives, shut down and
     the environment restored after."""
+    from tokur_decode.vllm.client import shutdown
+
     kv = None if kv_cache_gib is None else str(kv_cache_gib)
     env = {"VLLM_CPU_KVCACHE_SPACE": kv, **worker_core(), **env}  # None: unset
     saved = {key: os.environ.get(key) for key in env}
@@ -76,7 +78,7 @@ def vllm_engine(build, kv_cache_gib: int | None = 1, **env):
         try:
             yield llm
         finally:
-            llm.llm_engine.engine_core.shutdown()
+            shutdown(llm)
             del llm
             gc.collect()
     finally:

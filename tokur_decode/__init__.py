@@ -36,6 +36,7 @@ _LAZY = {
     "generate": "tokur_decode.hf",
     "load_default": "tokur_decode.models",
     "parse_response": "tokur_decode.core.packing",
+    "RemoteBackend": "tokur_decode.vllm.remote",  # needs no vLLM installed
 }
 #: Public modules (the signal functions, the response-level aggregates).
 _MODULES = {

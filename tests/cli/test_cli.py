@@ -202,7 +202,7 @@ def test_an_unreachable_server_is_one_line(capsys):
     (it was an 84-line traceback)."""
     import socket
 
-    pytest.importorskip("vllm")  # the server backend lives in tokur_decode.vllm
+    pytest.importorskip("httpx")  # the server backend needs httpx (not vLLM)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there

@@ -74,6 +74,9 @@ def test_generate_starts_a_bounded_tokur_engine_and_prints_only_json(memory_held
     # (it started under held memory, where vLLM's default reservation fails: bounded)
     info = [line for line in proc.stderr.splitlines() if re.search(r"(^|\) )INFO ", line)]
     assert info == [], info[:5]  # vLLM's INFO lines are not the command's output
+    # the engine stopped in time, not killed ("force killing remaining processes") nor
+    # seen dying by vLLM's monitor ("engine core exited unexpectedly")
+    assert "force killing" not in proc.stderr and "unexpectedly" not in proc.stderr
 
 
 def test_vllms_info_log_comes_back_when_asked_for():

@@ -302,6 +302,40 @@ def test_eval_over_the_server_equals_the_in_process_engine(server, engine, tmp_p
     assert remote_backend.describe()["backend"] == "openai"
 
 
+def test_a_machine_without_vllm_evaluates_over_the_server(server, tmp_path):
+    """The client needs no vLLM: ``eval --backend openai`` in a process where ``import
+    vllm`` fails (as where it is not installed) scores every item over HTTP. In the same
+    process an engine-side name says it needs vLLM, and no vLLM module was loaded (the
+    controls: vLLM really was out of reach)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "no-vllm"
+    argv = ["eval", "--backend", "openai", "--base-url", server, "--api-key", API_KEY]
+    argv += ["--data", "tasks:arithmetic", "--limit", "2", "--max-new-tokens", "8"]
+    argv += ["--signals", "entropy", "--bootstrap", "20", "--no-progress", "--out", str(out)]
+    code = (
+        "import sys\n"
+        "sys.modules['vllm'] = None  # import vllm fails, as where it is not installed\n"
+        "import tokur_decode.vllm as tv\n"
+        "try:\n"
+        "    tv.llm\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "from tokur_decode.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print('loaded:', [m for m in sys.modules if m.startswith('vllm.')])\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: tokur_decode.vllm.llm needs vLLM: pip install" in proc.stdout
+    assert "loaded: []" in proc.stdout
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    assert all(math.isfinite(r["scores"]["mean_entropy"]) for r in records)
+
+
 def test_data_parallel_tokur_traces_from_both_engines_then_a_clean_stop(tmp_path):
     """Two TokUR engines behind one server (``--data-parallel-size 2 --tokur``, vLLM's
     internal load balancing): every request's trace comes back whichever engine served

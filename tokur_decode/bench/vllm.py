@@ -139,7 +139,7 @@ def vllm_overhead(
     from vllm import LLM, SamplingParams
 
     from ..vllm.args import uncertainty_args
-    from ..vllm.client import llm
+    from ..vllm.client import llm, shutdown
 
     if model is None:
         from ..models import default_model_path
@@ -163,7 +163,7 @@ def vllm_overhead(
     runs_tps = timed_rounds(runs, texts, rounds, max_tokens, traces_on=ours)
     tps = {name: statistics.median(values) for name, values in runs_tps.items()}
     for engine in (plain, ours):
-        engine.llm_engine.engine_core.shutdown()
+        shutdown(engine)
     return VllmBenchResult(
         prompts,
         max_tokens,

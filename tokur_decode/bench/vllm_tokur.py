@@ -88,7 +88,7 @@ def tokur_overhead(
     """
     from vllm import LLM
 
-    from ..vllm.client import llm
+    from ..vllm.client import llm, shutdown
     from ..vllm.tokur import tokur_engine_args
 
     if model is None:
@@ -140,5 +140,5 @@ def tokur_overhead(
                 on_batch(result, batch)
     finally:
         for engine in engines.values():
-            engine.llm_engine.engine_core.shutdown()
+            shutdown(engine)
     return result

