@@ -140,7 +140,10 @@ def test_bad_arguments_exit_with_a_clear_error(capsys, embedded):
 )
 def test_sizes_are_bounded_when_parsed(argv, message, capsys):
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1  # argparse's usage block (19 lines) is not
+    assert err.strip().endswith("--help lists the options)")  # printed, the way to it is
 
 
 def test_console_script_help_documents_the_options():

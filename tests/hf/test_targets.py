@@ -64,6 +64,15 @@ def test_the_noise_lands_on_the_q_and_v_slices_only(tmp_path):
     assert (copies[:, 96:] - clean[:, 96:]).abs().max() > 1e-3  # v moved
 
 
+def test_a_rank_beyond_the_models_projections_is_refused_naming_the_bound():
+    """``--tokur-rank 100000000`` on a model whose smallest target has 32 rows: the bound
+    comes from the model, and the message says it (and which setting)."""
+    model = tiny_phi3()
+    with pytest.raises(ValueError, match=r"tokur: rank at most 32 for this model .* got 33$"):
+        find_targets(model, PerturbationConfig(rank=33))
+    assert len(find_targets(model, PerturbationConfig(rank=32))) > 0  # the bound itself is fine
+
+
 def test_a_projection_stored_in_an_unknown_integer_format_is_refused_by_name():
     model = tiny_model("llama", vocab_size=256)
     q = model.model.layers[0].self_attn.q_proj

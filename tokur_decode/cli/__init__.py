@@ -27,8 +27,17 @@ from .engine_log import EngineLog, start_failure
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (and its subcommands') refusing in one line: the error and where
+    the options are listed, without the usage block (19 lines for ``generate``) that
+    argparse prints in front of it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokur-decode",
         description="Uncertainty-guided decoding: measure token-level uncertainty while an LLM "
         "generates, and act on it.",

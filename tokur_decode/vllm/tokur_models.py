@@ -123,7 +123,10 @@ class PerturbedMixin:
         for name, weight in w.items():
             limit = min(weight.shape)
             if self.tokur.rank > limit:
-                raise ValueError(f"rank must be <= min(d_out, d_in) = {limit} of {name}")
+                raise ValueError(
+                    f"tokur: rank at most {limit} for this model (min(d_out, d_in) of "
+                    f"{name}), got {self.tokur.rank}"
+                )
         bases = bases_for(w, self.tokur.rank, self.tokur.direction, self._cache_dir)
         dtype = fused[0].dtype
         self._bases = [bases[name].to(fused[0].device, dtype) for name, _, _ in self._targets]
