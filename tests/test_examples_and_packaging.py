@@ -49,6 +49,30 @@ print('ok')
     assert proc.stdout.strip() == "ok"
 
 
+def test_the_server_client_imports_without_vllm():
+    """A client of a server needs no vLLM: ``tokur_decode.RemoteBackend`` and the request
+    settings import where ``import vllm`` fails; an engine-side name says what to
+    install (the control: in the same process vLLM really is out of reach)."""
+    code = """
+import sys
+sys.modules['vllm'] = None  # import vllm fails, as where it is not installed
+import tokur_decode
+import tokur_decode.vllm as tv
+print(tokur_decode.RemoteBackend.__name__, tv.uncertainty_args(['entropy']))
+for attempt in ('tv.llm', 'import vllm'):
+    try:
+        exec(attempt)
+    except ImportError as e:
+        print(attempt, 'refused:', e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "RemoteBackend {'tokur_signals': 'entropy'}"
+    assert lines[1].startswith("tv.llm refused: tokur_decode.vllm.llm needs vLLM: pip install")
+    assert lines[2].startswith("import vllm refused:")
+
+
 def test_overhead_benchmark_reports_ratios_against_same_run_baseline():
     from transformers import PreTrainedTokenizerFast
 
