@@ -333,7 +333,7 @@ def test_a_machine_without_vllm_evaluates_over_the_server(server, tmp_path):
     assert "loaded: []" in proc.stdout
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2
-    assert all(math.isfinite(r["scores"]["mean_entropy"]) for r in records)
+    assert all(math.isfinite(r["scores"]["entropy:mean"]) and r["response"] for r in records)
 
 
 def test_data_parallel_tokur_traces_from_both_engines_then_a_clean_stop(tmp_path):
