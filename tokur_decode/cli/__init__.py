@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import bench, calibrate, experiments, generate, score, serve, strategies
 from .common import load, model_args
@@ -32,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
     the options are listed, without the usage block (19 lines for ``generate``) that
     argparse prints in front of it."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
