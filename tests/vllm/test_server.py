@@ -6,8 +6,9 @@ dev mode, an API key), beside the session's in-process engine with the same sett
 back in the responses (streaming or not, ``n > 1``) and equal the in-process engine's;
 bad requests get HTTP 400 and the server keeps serving; 256 concurrent requests each get
 their own trace; a client that leaves mid-stream leaves nothing behind; ``eval
---backend openai`` equals ``--backend vllm``. A last test starts a data-parallel TokUR
-server (two engines), which leaves its port and no process behind when it stops.
+--backend openai`` equals ``--backend vllm`` and runs where vLLM cannot be imported. A last
+test starts a data-parallel TokUR server (two engines), which leaves its port and no
+process behind when it stops.
 """
 
 from __future__ import annotations
